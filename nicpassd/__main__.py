@@ -1,0 +1,5 @@
+import sys
+
+from nicpassd.daemon import main
+
+sys.exit(main())

@@ -1,0 +1,167 @@
+"""nicpassd: wiring. Arguments, logging, the host (real or simulated), engine, bus, signals, sd_notify."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+from nicpassd import __version__
+from nicpassd.engine.config import ConfigError, load_config
+from nicpassd.engine.engine import Engine
+from nicpassd.engine.leases import LeaseTable
+from nicpassd.engine.store import StateStore, StateStoreError
+from nicpassd.host.events import on_loop
+from nicpassd.host.host import Host
+from nicpassd.host.writer import SysfsWriter
+from nicpassd.paths import ROOT_ENV, HostPaths
+from nicpassd.service_manager import Notifier, setup_logging
+
+log = logging.getLogger("nicpassd")
+EXIT_CONFIG = 78  # EX_CONFIG: systemd shows it as a configuration problem
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="nicpassd", description="NIC passthrough daemon")
+    parser.add_argument("--version", action="version", version=f"nicpassd {__version__}")
+    parser.add_argument("--simulate", nargs="?", const="", metavar="TOPOLOGY",
+                        help="run against a simulated kernel (built-in default host, or a topology file)")
+    parser.add_argument("--root", type=Path, default=None,
+                        help=f"root directory for every path (default: ${ROOT_ENV} or /); with --simulate an "
+                             "existing DIR keeps its etc/ and var/lib/ (a simulated reboot)")
+    parser.add_argument("--bus-address", default=os.environ.get("DBUS_SYSTEM_BUS_ADDRESS"),
+                        help="D-Bus address of the system bus (default: $DBUS_SYSTEM_BUS_ADDRESS or the system bus)")
+    parser.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--record-topology", metavar="FILE",
+                        help="read this host's sysfs (under --root) into a topology file ('-' for stdout) and exit")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.record_topology:
+        from nicpassd.sim.recorder import record_to
+
+        return record_to(HostPaths(args.root or Path(os.environ.get(ROOT_ENV, "/"))), args.record_topology)
+    try:
+        return asyncio.run(run(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+async def run(args: argparse.Namespace) -> int:
+    temporary_root = None
+    root = args.root or Path(os.environ.get(ROOT_ENV, "/"))
+    if args.simulate is not None and args.root is None:
+        temporary_root = Path(tempfile.mkdtemp(prefix="nicpassd-sim-"))
+        root = temporary_root
+    paths = HostPaths(root)
+    try:
+        config = load_config(paths.config_file)
+    except ConfigError as exc:
+        print(f"nicpassd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(args.log_level or config.daemon.log_level)
+    try:
+        return await serve(args, paths, config)
+    finally:
+        if temporary_root is not None:
+            shutil.rmtree(temporary_root, ignore_errors=True)
+
+
+async def serve(args, paths: HostPaths, config) -> int:
+    from dbus_fast import NameFlag, RequestNameReply
+
+    from nicpassd.transport.bus import NicpassBus
+    from nicpassd.transport.caller import record_caller
+    from nicpassd.transport.polkit import Authorizer
+    from nicpassd.transport.service import BUS_NAME, MANAGER_PATH, export_service
+
+    loop = asyncio.get_running_loop()
+    notifier = Notifier()
+    kernel = None
+    if args.simulate is not None:
+        from nicpassd.sim.kernel import SimKernel
+        from nicpassd.sim.topology import TopologyError, load_topology
+
+        try:
+            topology = load_topology(args.simulate or None)
+        except TopologyError as exc:
+            log.error("%s", exc)
+            return EXIT_CONFIG
+        shutil.rmtree(paths.runtime_dir, ignore_errors=True)  # a simulated boot: /run is empty
+        kernel = SimKernel(paths, topology)
+        writer = kernel
+        log.info("simulating %s under %s", topology.description or "a host", paths.root)
+    else:
+        writer = SysfsWriter()
+    host = Host(paths, writer, write_timeout=config.daemon.write_timeout)
+    try:
+        store = StateStore(paths.state_dir)
+    except StateStoreError as exc:
+        log.error("%s", exc)
+        return EXIT_CONFIG
+    engine = Engine(host, config, store, LeaseTable(paths.runtime_dir))
+    engine.refresh()
+
+    if kernel is not None:
+        kernel.subscribe(on_loop(loop, engine.on_uevent))
+        events = None
+    else:
+        from nicpassd.host.udev import UdevEvents
+
+        events = UdevEvents(loop, engine.on_uevent)
+
+    bus = await NicpassBus(bus_address=args.bus_address, object_manager_path=MANAGER_PATH).connect()
+    bus.add_message_handler(record_caller)
+    export_service(bus, engine, Authorizer(bus))
+    reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+    if reply != RequestNameReply.PRIMARY_OWNER:
+        log.error("cannot own %s on the bus (%s): is another nicpassd running?", BUS_NAME, reply)
+        bus.disconnect()
+        return 1
+
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(engine, paths))
+    functions = len(engine.views)
+    log.info("nicpassd %s ready: %d PCI functions, %d protected", __version__, functions, len(engine.protected.entries))
+    notifier.ready(f"managing {functions} PCI functions")
+    watchdog = notifier.start_watchdog(loop)
+
+    disconnected = asyncio.ensure_future(bus.wait_for_disconnect())
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({disconnected, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    notifier.stopping()
+    if watchdog is not None:
+        watchdog.cancel()
+    if events is not None:
+        events.close()
+    if disconnected.done():
+        log.error("lost the D-Bus connection; exiting so systemd restarts us")
+        return 1
+    disconnected.cancel()
+    bus.disconnect()
+    log.info("nicpassd stopped")
+    return 0
+
+
+def _reload(engine: Engine, paths: HostPaths) -> None:
+    try:
+        engine.config = load_config(paths.config_file)
+    except ConfigError as exc:
+        log.error("reload failed, keeping the previous configuration: %s", exc)
+        return
+    log.info("configuration reloaded")
+    engine.refresh()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""What the engine shows of each device: one flat, comparable view per PCI function."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+from nicpassd.engine.guard import ProtectedSet
+from nicpassd.engine.store import DeviceDesire, StateStore, identity_of
+from nicpassd.errors import InvalidArgument, NotFound
+from nicpassd.host.model import HostSnapshot, PciFunction
+
+FULL_ADDRESS = re.compile(r"^[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$")
+SHORT_ADDRESS = re.compile(r"^[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$")
+
+
+@dataclass(frozen=True)
+class DeviceView:
+    address: str
+    vendor_id: str
+    device_id: str
+    subsystem_vendor_id: str
+    subsystem_device_id: str
+    class_code: str
+    is_network: bool
+    driver: str
+    iommu_group: int
+    interfaces: tuple[str, ...]
+    physical_function: str
+    total_vfs: int
+    num_vfs: int
+    protected: bool
+    protection_reasons: tuple[str, ...]
+    leased_to: str
+    persisted: bool
+    desired_driver: str
+    desired_vfs: int  # -1 when no VF count is persisted
+    drift: str
+
+    def changed_fields(self, other: "DeviceView") -> dict[str, object]:
+        mine, theirs = asdict(self), asdict(other)
+        return {key: value for key, value in theirs.items() if mine[key] != value}
+
+
+def label(function: PciFunction) -> str:
+    if function.interfaces:
+        return f"{function.address} ({', '.join(function.interfaces)})"
+    return function.address
+
+
+def resolve_device(snapshot: HostSnapshot, argument: str) -> str:
+    """A full or short PCI address, or a current interface name, to a known PCI address."""
+    text = argument.strip()
+    if FULL_ADDRESS.match(text) or SHORT_ADDRESS.match(text):
+        address = text.lower() if len(text) > 7 else f"0000:{text.lower()}"
+        if address not in snapshot.functions:
+            raise NotFound(f"no NIC function at {address}", "list the devices with `nicpassctl list`")
+        return address
+    link = snapshot.links.get(text)
+    if link is not None:
+        if link.device and link.device in snapshot.functions:
+            return link.device
+        lowers = f"; it sits on {', '.join(link.lowers)}" if link.lowers else ""
+        raise InvalidArgument(f"{text} is a {link.kind} interface, not a PCI function{lowers}",
+                              "name a physical interface or a PCI address")
+    raise InvalidArgument(
+        f"{argument!r} is neither a PCI address (0000:3b:00.0 or 3b:00.0) nor a current network interface",
+        "list the devices with `nicpassctl list`",
+    )
+
+
+def _desired_driver(function: PciFunction, store: StateStore) -> tuple[DeviceDesire | None, str]:
+    desire = store.get(function.address)
+    if desire is not None and desire.driver:
+        return desire, desire.driver
+    if function.physfn:
+        parent = store.get(function.physfn)
+        if parent is not None and parent.vf_driver:
+            return desire, parent.vf_driver
+    return desire, ""
+
+
+def _drift(function: PciFunction, snapshot: HostSnapshot, desire: DeviceDesire | None,
+           desired_driver: str) -> str:
+    problems = []
+    if desire is not None:
+        changed = desire.identity.mismatch(identity_of(function, snapshot))
+        if changed:
+            return f"identity changed since it was persisted ({changed})"
+        if desire.num_vfs is not None and desire.num_vfs != function.num_vfs:
+            problems.append(f"{desire.num_vfs} VFs persisted, {function.num_vfs} present")
+    if desired_driver and function.driver != desired_driver:
+        problems.append(f"persisted on {desired_driver}, bound to {function.driver or 'no driver'}")
+    return "; ".join(problems)
+
+
+def build_views(snapshot: HostSnapshot, protected: ProtectedSet, store: StateStore,
+                leases: dict[str, str]) -> dict[str, DeviceView]:
+    views: dict[str, DeviceView] = {}
+    for address, function in snapshot.functions.items():
+        desire, desired_driver = _desired_driver(function, store)
+        views[address] = DeviceView(
+            address=address,
+            vendor_id=function.vendor_id,
+            device_id=function.device_id,
+            subsystem_vendor_id=function.subsystem_vendor_id,
+            subsystem_device_id=function.subsystem_device_id,
+            class_code=function.class_code,
+            is_network=function.is_network,
+            driver=function.driver,
+            iommu_group=function.iommu_group,
+            interfaces=function.interfaces,
+            physical_function=function.physfn,
+            total_vfs=function.total_vfs,
+            num_vfs=function.num_vfs,
+            protected=address in protected,
+            protection_reasons=protected.reasons(address),
+            leased_to=leases.get(address, ""),
+            persisted=desire is not None,
+            desired_driver=desired_driver,
+            desired_vfs=desire.num_vfs if desire is not None and desire.num_vfs is not None else -1,
+            drift=_drift(function, snapshot, desire, desired_driver),
+        )
+    return views

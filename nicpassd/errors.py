@@ -1,0 +1,60 @@
+"""Typed errors of the engine.
+
+The transport maps each class to ``org.nicpass.NicPass1.Error.<name>``; the CLI maps the D-Bus
+name to an exit code. The engine never imports D-Bus: the names live here as plain strings.
+"""
+
+from __future__ import annotations
+
+
+class NicpassError(Exception):
+    """Base class. ``name`` is the stable error name of the external contract."""
+
+    name = "Failed"
+
+    def __init__(self, message: str, remedy: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.remedy = remedy
+
+    def __str__(self) -> str:
+        if self.remedy:
+            return f"{self.message}; {self.remedy}"
+        return self.message
+
+
+class InvalidArgument(NicpassError):
+    name = "InvalidArgument"
+
+
+class NotFound(NicpassError):
+    name = "NotFound"
+
+
+class Protected(NicpassError):
+    name = "Protected"
+
+
+class Busy(NicpassError):
+    name = "Busy"
+
+
+class NotSupported(NicpassError):
+    name = "NotSupported"
+
+
+class KernelError(NicpassError):
+    name = "KernelError"
+
+
+class Timeout(NicpassError):
+    name = "Timeout"
+
+
+class IdentityChanged(NicpassError):
+    name = "IdentityChanged"
+
+
+ALL_ERRORS: tuple[type[NicpassError], ...] = (
+    InvalidArgument, NotFound, Protected, Busy, NotSupported, KernelError, Timeout, IdentityChanged,
+)

@@ -1,0 +1,89 @@
+"""systemd integration: sd_notify (READY, WATCHDOG, STOPPING, STATUS) and journald logging.
+
+systemd-python does the work when installed; the daemon still runs (with stderr logging and a
+plain-socket notify) where it is not, e.g. a developer's checkout without libsystemd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import sys
+
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+
+
+def _notify(message: str) -> None:
+    try:
+        from systemd import daemon
+
+        daemon.notify(message)
+        return
+    except ImportError:
+        pass
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        sock.sendto(message.encode(), address)
+
+
+class Notifier:
+    def ready(self, status: str) -> None:
+        _notify(f"READY=1\nSTATUS={status}")
+
+    def status(self, status: str) -> None:
+        _notify(f"STATUS={status}")
+
+    def stopping(self) -> None:
+        _notify("STOPPING=1")
+
+    def start_watchdog(self, loop: asyncio.AbstractEventLoop) -> asyncio.Task | None:
+        """Ping at half the interval systemd asked for; only while the event loop is alive."""
+        usec = os.environ.get("WATCHDOG_USEC")
+        pid = os.environ.get("WATCHDOG_PID")
+        if not usec or (pid and pid != str(os.getpid())):
+            return None
+        interval = int(usec) / 2_000_000
+
+        async def ping() -> None:
+            while True:
+                _notify("WATCHDOG=1")
+                await asyncio.sleep(interval)
+
+        return loop.create_task(ping())
+
+
+class _StructuredFields(logging.Filter):
+    """Turns ``extra={"device": ...}`` into journal fields (NICPASSD_DEVICE=...)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key in ("device", "vm_uuid", "action"):
+            value = getattr(record, key, None)
+            if value is not None:
+                setattr(record, f"NICPASSD_{key.upper()}", value)
+        return True
+
+
+def setup_logging(level: str) -> None:
+    root = logging.getLogger()
+    root.setLevel(level.upper())
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler: logging.Handler | None = None
+    if os.path.exists(JOURNAL_SOCKET) and not sys.stderr.isatty():
+        try:
+            from systemd.journal import JournalHandler
+
+            handler = JournalHandler(SYSLOG_IDENTIFIER="nicpassd")
+            handler.addFilter(_StructuredFields())
+        except ImportError:
+            handler = None
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s nicpassd[%(process)d] %(levelname)s %(message)s"))
+    root.addHandler(handler)

@@ -1,0 +1,593 @@
+"""A simulated Linux kernel: a sysfs-shaped tree plus the kernel's behaviour at the write boundary.
+
+The tree is plain files and symlinks laid out like the real ``/sys`` (and ``/proc/net``), so the
+host model reads it with exactly the code that reads a real host. Writes go through
+``SimKernel.write`` (the simulator's ``KernelWriter``), which applies the rules of
+``drivers/pci/iov.c`` and the PCI driver core — 0→N only, ``EBUSY``/``ERANGE``/``ENOENT``/
+``ENODEV``, ``driver_override`` and ``drivers_probe`` semantics, VFs appearing with ``virtfnN``/
+``physfn`` links and their own IOMMU groups — and emits the uevents the kernel would.
+
+Faults can be armed for tests: a hung write, fewer VFs than asked, a bind that silently fails, a
+write that fails with an errno.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import os
+import shutil
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nicpassd.host.events import UEvent, UEventCallback
+from nicpassd.paths import HostPaths
+from nicpassd.sim.topology import Function, Topology
+
+log = logging.getLogger(__name__)
+
+ALWAYS_AVAILABLE_DRIVERS = ("pci-stub",)
+LOADABLE_MODULES = {"vfio-pci": "vfio-pci", "vfio_pci": "vfio-pci", "pci-stub": "pci-stub"}
+PCI_ROOT = "devices/pci0000:00"
+
+
+def _oserror(code: int, detail: str) -> OSError:
+    return OSError(code, f"{os.strerror(code)}: {detail}")
+
+
+def _parse_address(address: str) -> tuple[int, int, int]:
+    domain, bus, devfn = address.split(":")
+    slot, fn = devfn.split(".")
+    return int(domain, 16), int(bus, 16), (int(slot, 16) << 3) | int(fn, 16)
+
+
+def vf_address(pf: str, offset: int, stride: int, index: int) -> str:
+    """The routing-ID arithmetic of the SR-IOV capability (First VF Offset, VF Stride)."""
+    domain, bus, devfn = _parse_address(pf)
+    rid = (bus << 8 | devfn) + offset + stride * index
+    bus, devfn = rid >> 8, rid & 0xFF
+    return f"{domain:04x}:{bus:02x}:{devfn >> 3:02x}.{devfn & 7:x}"
+
+
+@dataclass
+class SimDevice:
+    spec: Function
+    driver: str = ""
+    override: str = ""
+    group: int = -1
+    netdev: str = ""
+    numvfs: int = 0
+    autoprobe: bool = True
+    physfn: str = ""
+    vf_index: int = -1
+
+
+@dataclass
+class Faults:
+    """Faults armed by tests. Each is consumed when it fires (``times`` counts down)."""
+
+    hang_seconds: dict[tuple[str, str], tuple[float, int]] = field(default_factory=dict)
+    short_vfs: dict[str, int] = field(default_factory=dict)  # PF -> VFs actually enabled
+    silent_bind_failure: dict[str, int] = field(default_factory=dict)  # device -> times
+    write_errors: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
+
+
+class SimKernel:
+    """Builds the tree under ``paths.root`` and serves writes like the kernel."""
+
+    def __init__(self, paths: HostPaths, topology: Topology) -> None:
+        self.paths = paths
+        self.topology = topology
+        self.faults = Faults()
+        self._lock = threading.RLock()
+        self._subscribers: list[UEventCallback] = []
+        self._devices: dict[str, SimDevice] = {}
+        self._drivers: set[str] = set(ALWAYS_AVAILABLE_DRIVERS)
+        self._next_group = 0
+        self._ifindex = 1
+        self._build()
+
+    # ----------------------------------------------------------------- events
+    def subscribe(self, callback: UEventCallback) -> None:
+        self._subscribers.append(callback)
+
+    def _emit(self, action: str, subsystem: str, name: str, driver: str = "") -> None:
+        event = UEvent(action, subsystem, name, driver)
+        for callback in list(self._subscribers):
+            callback(event)
+
+    # ------------------------------------------------------------------ build
+    def _build(self) -> None:
+        root = self.paths.root
+        for top in ("sys", "proc"):
+            shutil.rmtree(root / top, ignore_errors=True)
+        sysfs = self.paths.sys
+        for sub in (PCI_ROOT, "devices/virtual/net", "bus/pci/devices", "bus/pci/drivers",
+                    "kernel/iommu_groups", "class/net", "class/iommu", "module"):
+            (sysfs / sub).mkdir(parents=True, exist_ok=True)
+        self.paths.drivers_probe.write_text("")
+        self.paths.proc_net.mkdir(parents=True, exist_ok=True)
+        self.paths.proc_cmdline.write_text(self.topology.cmdline + "\n")
+        if self.topology.iommu:
+            (sysfs / "devices/virtual/iommu/dmar0").mkdir(parents=True)
+            (sysfs / "class/iommu/dmar0").symlink_to("../../devices/virtual/iommu/dmar0")
+        fixed = [fn.iommu_group for fn in self.topology.functions if fn.iommu_group is not None]
+        self._next_group = max(fixed, default=-1) + 1
+        for fn in self.topology.functions:
+            if fn.driver:
+                self._add_driver(fn.driver)
+        for fn in self.topology.functions:
+            group = fn.iommu_group if fn.iommu_group is not None else self._allocate_group()
+            device = SimDevice(spec=fn, group=group if self.topology.iommu else -1)
+            self._add_pci_device(device, emit=False)
+            if fn.bound and fn.driver:
+                self._attach_driver(device, fn.driver, emit=False)
+        for link in self.topology.links:
+            self._add_virtual_link(link.name, link.kind, link.mac, link.lowers)
+        self._write_routes()
+
+    def _allocate_group(self) -> int:
+        group = self._next_group
+        self._next_group += 1
+        return group
+
+    def _add_driver(self, name: str) -> None:
+        if name in self._drivers and (self.paths.pci_drivers / name).exists():
+            return
+        self._drivers.add(name)
+        directory = self.paths.pci_drivers / name
+        directory.mkdir(parents=True, exist_ok=True)
+        for attr in ("bind", "unbind", "new_id", "remove_id"):
+            (directory / attr).write_text("")
+
+    def _device_dir(self, address: str) -> Path:
+        return self.paths.sys / PCI_ROOT / address
+
+    def _add_pci_device(self, device: SimDevice, *, emit: bool) -> None:
+        spec, address = device.spec, device.spec.address
+        directory = self._device_dir(address)
+        directory.mkdir(parents=True)
+        attrs = {
+            "vendor": f"0x{spec.vendor}", "device": f"0x{spec.device}",
+            "subsystem_vendor": f"0x{spec.subsystem_vendor}",
+            "subsystem_device": f"0x{spec.subsystem_device}",
+            "class": f"0x{spec.class_code}", "driver_override": "(null)", "numa_node": "0",
+            "reset": "", "remove": "",
+        }
+        if spec.sriov_totalvfs:
+            attrs.update({
+                "sriov_totalvfs": str(spec.sriov_totalvfs), "sriov_numvfs": "0",
+                "sriov_drivers_autoprobe": "1", "sriov_offset": str(spec.vf_offset),
+                "sriov_stride": str(spec.vf_stride), "sriov_vf_device": spec.vf_device,
+            })
+        for name, value in attrs.items():
+            (directory / name).write_text(value + "\n")
+        (directory / "config").write_bytes(_config_space(spec))
+        (self.paths.pci_devices / address).symlink_to(f"../../../{PCI_ROOT}/{address}")
+        if device.group >= 0:
+            group_dir = self.paths.iommu_groups / str(device.group) / "devices"
+            group_dir.mkdir(parents=True, exist_ok=True)
+            (group_dir / address).symlink_to(f"../../../../{PCI_ROOT}/{address}")
+            (directory / "iommu_group").symlink_to(f"../../../kernel/iommu_groups/{device.group}")
+            (directory / "iommu").symlink_to("../../virtual/iommu/dmar0")
+        self._devices[address] = device
+        if emit:
+            self._emit("add", "pci", address)
+
+    def _remove_pci_device(self, device: SimDevice) -> None:
+        address = device.spec.address
+        if device.driver:
+            self._detach_driver(device)
+        if device.numvfs:
+            self._disable_vfs(device)
+        (self.paths.pci_devices / address).unlink()
+        if device.group >= 0:
+            (self.paths.iommu_groups / str(device.group) / "devices" / address).unlink()
+            group_dir = self.paths.iommu_groups / str(device.group)
+            if not any((group_dir / "devices").iterdir()):
+                shutil.rmtree(group_dir)
+        shutil.rmtree(self._device_dir(address))
+        del self._devices[address]
+        self._emit("remove", "pci", address)
+
+    # --------------------------------------------------------------- netdevs
+    def _netdev_name(self, device: SimDevice) -> str:
+        if device.physfn:
+            pf = self._devices[device.physfn]
+            base = pf.spec.netdev or "vf" + device.physfn.replace(":", "").replace(".", "")
+            return f"{base}v{device.vf_index}"
+        return device.spec.netdev
+
+    def _add_netdev(self, device: SimDevice) -> None:
+        name = self._netdev_name(device)
+        if not name:
+            return
+        address = device.spec.address
+        net_dir = self._device_dir(address) / "net" / name
+        net_dir.mkdir(parents=True)
+        if device.physfn:
+            mac, assign_type = _vf_mac(address), "1"  # VF drivers pick a random MAC
+        else:
+            mac, assign_type = device.spec.mac or _vf_mac(address), "0"
+        self._net_attrs(net_dir, mac, assign_type, carrier=device.spec.carrier)
+        (net_dir / "uevent").write_text(f"INTERFACE={name}\n")
+        (net_dir / "device").symlink_to(f"../../../{address}")
+        (self.paths.class_net / name).symlink_to(f"../../{PCI_ROOT}/{address}/net/{name}")
+        device.netdev = name
+        self._relink_uppers(name)
+        self._emit("add", "net", name)
+
+    def _remove_netdev(self, device: SimDevice) -> None:
+        if not device.netdev:
+            return
+        name = device.netdev
+        (self.paths.class_net / name).unlink()
+        shutil.rmtree(self._device_dir(device.spec.address) / "net")
+        device.netdev = ""
+        for link in self.topology.links:  # the upper keeps existing, its lower link goes
+            lower = self.paths.sys / "devices/virtual/net" / link.name / f"lower_{name}"
+            if lower.is_symlink():
+                lower.unlink()
+        self._emit("remove", "net", name)
+
+    def _net_attrs(self, net_dir: Path, mac: str, assign_type: str, *, carrier: bool) -> None:
+        values = {
+            "address": mac, "addr_assign_type": assign_type, "ifindex": str(self._ifindex),
+            "operstate": "up" if carrier else "down", "carrier": "1" if carrier else "0",
+            "type": "1", "mtu": "1500",
+        }
+        self._ifindex += 1
+        for attr, value in values.items():
+            (net_dir / attr).write_text(value + "\n")
+
+    def _add_virtual_link(self, name: str, kind: str, mac: str, lowers: tuple[str, ...]) -> None:
+        net_dir = self.paths.sys / "devices/virtual/net" / name
+        net_dir.mkdir(parents=True)
+        self._net_attrs(net_dir, mac or "02:00:00:00:00:01", "3", carrier=True)
+        (net_dir / "uevent").write_text(f"DEVTYPE={kind}\nINTERFACE={name}\n")
+        if kind == "bridge":
+            (net_dir / "bridge").mkdir()
+        if kind == "bond":
+            (net_dir / "bonding").mkdir()
+            (net_dir / "bonding" / "slaves").write_text(" ".join(lowers) + "\n")
+        (self.paths.class_net / name).symlink_to(f"../../devices/virtual/net/{name}")
+        self._relink_uppers(name)
+
+    def _relink_uppers(self, name: str) -> None:
+        """(Re)create lower_/upper_ links between ``name`` and the virtual links stacked on it."""
+        for link in self.topology.links:
+            upper_dir = self.paths.class_net / link.name
+            if not upper_dir.exists():
+                continue
+            for lower in link.lowers:
+                if name not in (lower, link.name):
+                    continue
+                lower_dir = self.paths.class_net / lower
+                if not lower_dir.exists():
+                    continue
+                lower_link = upper_dir.resolve() / f"lower_{lower}"
+                if not lower_link.is_symlink():
+                    lower_link.symlink_to(os.path.relpath(lower_dir.resolve(), upper_dir.resolve()))
+                upper_link = lower_dir.resolve() / f"upper_{link.name}"
+                if not upper_link.is_symlink():
+                    upper_link.symlink_to(os.path.relpath(upper_dir.resolve(), lower_dir.resolve()))
+
+    # ---------------------------------------------------------------- routes
+    def _write_routes(self) -> None:
+        v4, v6 = ["Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT"], []
+        for route in self.topology.routes:
+            net = ipaddress.ip_network(route.prefix)
+            if route.family == 4:
+                gateway = ipaddress.IPv4Address(route.gateway or "0.0.0.0")
+                flags = 0x1 | (0x2 if route.gateway else 0)
+                v4.append("\t".join([
+                    route.dev, _le_hex(net.network_address), _le_hex(gateway), f"{flags:04X}", "0", "0",
+                    str(route.metric), _le_hex(net.netmask), "0", "0", "0"]))
+            else:
+                gateway6 = ipaddress.IPv6Address(route.gateway or "::")
+                flags = 0x1 | (0x2 if route.gateway else 0)
+                v6.append(" ".join([
+                    net.network_address.packed.hex(), f"{net.prefixlen:02x}", "0" * 32, "00",
+                    gateway6.packed.hex(), f"{route.metric:08x}", "00000001", "00000000",
+                    f"{flags:08x}", f"{route.dev:>8}"]))
+        (self.paths.proc_net / "route").write_text("\n".join(v4) + "\n")
+        (self.paths.proc_net / "ipv6_route").write_text("".join(line + "\n" for line in v6))
+
+    def set_routes(self, routes: list) -> None:
+        """Replace the routing table (the simulated netlink) and announce it."""
+        with self._lock:
+            self.topology = self.topology.model_copy(update={"routes": tuple(routes)})
+            self._write_routes()
+        self._emit("change", "route", "")
+
+    # --------------------------------------------------------------- drivers
+    def _attach_driver(self, device: SimDevice, driver: str, *, emit: bool = True) -> None:
+        address = device.spec.address
+        (self.paths.pci_drivers / driver / address).symlink_to(f"../../../../{PCI_ROOT}/{address}")
+        (self._device_dir(address) / "driver").symlink_to(f"../../../bus/pci/drivers/{driver}")
+        device.driver = driver
+        if emit:
+            self._emit("bind", "pci", address, driver)
+        if driver == self._host_driver(device) and driver not in ("vfio-pci", "pci-stub"):
+            self._add_netdev(device) if emit else self._add_netdev_quiet(device)
+
+    def _add_netdev_quiet(self, device: SimDevice) -> None:
+        subscribers, self._subscribers = self._subscribers, []
+        try:
+            self._add_netdev(device)
+        finally:
+            self._subscribers = subscribers
+
+    def _detach_driver(self, device: SimDevice) -> None:
+        address, driver = device.spec.address, device.driver
+        self._remove_netdev(device)
+        (self.paths.pci_drivers / driver / address).unlink()
+        (self._device_dir(address) / "driver").unlink()
+        device.driver = ""
+        self._emit("unbind", "pci", address, driver)
+
+    def _host_driver(self, device: SimDevice) -> str:
+        if device.physfn:
+            return self._devices[device.physfn].spec.vf_driver
+        return device.spec.driver
+
+    def _driver_matches(self, device: SimDevice, driver: str) -> bool:
+        """pci_bus_match(): driver_override wins; otherwise the driver's ID table."""
+        if device.override:
+            return device.override == driver
+        return driver == self._host_driver(device)
+
+    def _probe(self, device: SimDevice) -> None:
+        """__device_attach(): try every loaded driver; binding nothing is not an error."""
+        if device.driver:
+            return
+        if self._consume(self.faults.silent_bind_failure, device.spec.address):
+            return
+        for driver in sorted(self._drivers):
+            if self._driver_matches(device, driver):
+                self._attach_driver(device, driver)
+                return
+
+    # ------------------------------------------------------------------ SR-IOV
+    def _enable_vfs(self, pf: SimDevice, count: int) -> None:
+        enabled = min(count, self.faults.short_vfs.pop(pf.spec.address, count))
+        if enabled < count:
+            log.warning("%s: %d VFs requested; only %d enabled", pf.spec.address, count, enabled)
+        spec = pf.spec
+        if spec.vf_driver:
+            self._add_driver(spec.vf_driver)
+        for index in range(enabled):
+            address = vf_address(spec.address, spec.vf_offset, spec.vf_stride, index)
+            if address in self._devices:
+                raise _oserror(errno.EEXIST, f"VF address {address} already in use")
+            vf_spec = Function(
+                address=address, vendor=spec.vendor, device=spec.vf_device,
+                subsystem_vendor=spec.subsystem_vendor, subsystem_device=spec.subsystem_device,
+                **{"class": spec.class_code}, driver=spec.vf_driver, carrier=spec.carrier,
+            )
+            group = self._allocate_group() if pf.group >= 0 else -1
+            vf = SimDevice(spec=vf_spec, group=group, physfn=spec.address, vf_index=index)
+            self._add_pci_device(vf, emit=True)
+            vf_dir = self._device_dir(address)
+            (vf_dir / "physfn").symlink_to(f"../{spec.address}")
+            (self._device_dir(spec.address) / f"virtfn{index}").symlink_to(f"../{address}")
+            if pf.autoprobe:
+                self._probe(vf)
+        pf.numvfs = enabled
+        self._set_attr(spec.address, "sriov_numvfs", str(enabled))
+        self._emit("change", "pci", spec.address)
+
+    def _disable_vfs(self, pf: SimDevice) -> None:
+        for index in reversed(range(pf.numvfs)):
+            link = self._device_dir(pf.spec.address) / f"virtfn{index}"
+            vf = self._devices[os.readlink(link).removeprefix("../")]
+            link.unlink()
+            self._remove_pci_device(vf)
+        pf.numvfs = 0
+        self._set_attr(pf.spec.address, "sriov_numvfs", "0")
+        self._emit("change", "pci", pf.spec.address)
+
+    def _set_attr(self, address: str, attr: str, value: str) -> None:
+        (self._device_dir(address) / attr).write_text(value + "\n")
+
+    # ------------------------------------------------------------ write boundary
+    def load_module(self, name: str) -> None:
+        driver = LOADABLE_MODULES.get(name)
+        if driver is None:
+            raise _oserror(errno.ENOENT, f"module {name} not found in directory /lib/modules")
+        with self._lock:
+            self._add_driver(driver)
+
+    def write(self, path: Path, data: str) -> None:
+        """Serve one write(2) to a sysfs attribute, like the kernel would."""
+        resolved = path.resolve()
+        try:
+            relative = resolved.relative_to(self.paths.sys.resolve())
+        except ValueError:
+            raise _oserror(errno.EACCES, f"{path} is not a sysfs attribute") from None
+        parts = relative.parts
+        target = self._target_of(parts)
+        self._maybe_hang(target, parts[-1])
+        self._maybe_fail(target, parts[-1])
+        with self._lock:
+            if parts[:3] == ("bus", "pci", "drivers_probe"):
+                return self._write_probe(data)
+            if parts[:3] == ("bus", "pci", "drivers") and len(parts) == 5:
+                return self._write_driver_attr(parts[3], parts[4], data)
+            if parts[:2] == tuple(PCI_ROOT.split("/")) and len(parts) == 4:
+                return self._write_device_attr(parts[2], parts[3], data)
+        if not resolved.exists():
+            raise _oserror(errno.ENOENT, str(path))
+        raise _oserror(errno.EACCES, f"{parts[-1]} is read-only")
+
+    def _target_of(self, parts: tuple[str, ...]) -> str:
+        if parts[:2] == tuple(PCI_ROOT.split("/")) and len(parts) == 4:
+            return parts[2]
+        return "*"
+
+    def _maybe_hang(self, target: str, attr: str) -> None:
+        for key in ((target, attr), ("*", attr)):
+            with self._lock:
+                entry = self.faults.hang_seconds.get(key)
+                if entry is None:
+                    continue
+                seconds, times = entry
+                if times <= 1:
+                    del self.faults.hang_seconds[key]
+                else:
+                    self.faults.hang_seconds[key] = (seconds, times - 1)
+            # A hung driver: the write sleeps, then fails without changing anything.
+            threading.Event().wait(seconds)
+            raise _oserror(errno.EINTR, f"{attr} write interrupted after hanging {seconds:g} s")
+
+    def _maybe_fail(self, target: str, attr: str) -> None:
+        with self._lock:
+            for key in ((target, attr), ("*", attr)):
+                entry = self.faults.write_errors.get(key)
+                if entry is None:
+                    continue
+                code, times = entry
+                if times <= 1:
+                    del self.faults.write_errors[key]
+                else:
+                    self.faults.write_errors[key] = (code, times - 1)
+                raise _oserror(code, f"injected failure of {attr}")
+
+    @staticmethod
+    def _consume(table: dict[str, int], key: str) -> bool:
+        times = table.get(key, 0)
+        if times <= 0:
+            return False
+        if times == 1:
+            del table[key]
+        else:
+            table[key] = times - 1
+        return True
+
+    def _device(self, address: str) -> SimDevice:
+        device = self._devices.get(address.strip())
+        if device is None:
+            raise _oserror(errno.ENODEV, f"no such device {address.strip()!r}")
+        return device
+
+    def _write_probe(self, data: str) -> None:
+        self._probe(self._device(data))
+
+    def _write_driver_attr(self, driver: str, attr: str, data: str) -> None:
+        if driver not in self._drivers:
+            raise _oserror(errno.ENOENT, f"driver {driver}")
+        device = self._device(data)
+        if attr == "unbind":
+            if device.driver != driver:
+                raise _oserror(errno.ENODEV, f"{device.spec.address} is not bound to {driver}")
+            self._detach_driver(device)
+        elif attr == "bind":
+            if device.driver:
+                raise _oserror(errno.EBUSY, f"{device.spec.address} is bound to {device.driver}")
+            if not self._driver_matches(device, driver):
+                raise _oserror(errno.ENODEV, f"{driver} does not match {device.spec.address}")
+            self._attach_driver(device, driver)
+        else:
+            raise _oserror(errno.EINVAL, f"{attr} is not simulated")
+
+    def _write_device_attr(self, address: str, attr: str, data: str) -> None:
+        device = self._device(address)
+        if attr == "driver_override":
+            value = data.strip()
+            if len(value) >= 4096:
+                raise _oserror(errno.EINVAL, "override too long")
+            device.override = value
+            self._set_attr(address, attr, value or "(null)")
+        elif attr == "sriov_numvfs":
+            self._write_numvfs(device, data)
+        elif attr == "sriov_drivers_autoprobe":
+            value = data.strip()
+            if value not in ("0", "1", "y", "n", "Y", "N"):
+                raise _oserror(errno.EINVAL, f"{value!r} is not a boolean")
+            device.autoprobe = value in ("1", "y", "Y")
+            self._set_attr(address, attr, "1" if device.autoprobe else "0")
+        else:
+            raise _oserror(errno.EACCES, f"{attr} is read-only")
+
+    def _write_numvfs(self, pf: SimDevice, data: str) -> None:
+        """sriov_numvfs_store() in drivers/pci/iov.c."""
+        if not pf.spec.sriov_totalvfs:
+            raise _oserror(errno.EACCES, "sriov_numvfs is not an attribute of this device")
+        try:
+            count = int(data.strip(), 0)
+        except ValueError:
+            raise _oserror(errno.EINVAL, f"{data.strip()!r} is not a number") from None
+        if count < 0 or count > pf.spec.sriov_totalvfs:
+            raise _oserror(errno.ERANGE, f"{count} is above sriov_totalvfs {pf.spec.sriov_totalvfs}")
+        if count == pf.numvfs:
+            return
+        if pf.driver != pf.spec.driver or not pf.spec.sriov_configure:
+            raise _oserror(errno.ENOENT, "Driver does not support SRIOV configuration via sysfs")
+        if count == 0:
+            self._disable_vfs(pf)
+            return
+        if pf.numvfs:
+            raise _oserror(errno.EBUSY, f"{pf.numvfs} VFs already enabled. Disable before enabling {count} VFs")
+        self._enable_vfs(pf, count)
+
+    # ------------------------------------------------------------ test helpers
+    def hang_write(self, attr: str, seconds: float, *, device: str = "*", times: int = 1) -> None:
+        with self._lock:
+            self.faults.hang_seconds[(device, attr)] = (seconds, times)
+
+    def fail_write(self, attr: str, code: int, *, device: str = "*", times: int = 1) -> None:
+        with self._lock:
+            self.faults.write_errors[(device, attr)] = (code, times)
+
+    def enable_fewer_vfs(self, pf: str, enabled: int) -> None:
+        with self._lock:
+            self.faults.short_vfs[pf] = enabled
+
+    def fail_binds_silently(self, device: str, times: int = 1) -> None:
+        with self._lock:
+            self.faults.silent_bind_failure[device] = times
+
+    def unplug(self, address: str) -> None:
+        """Surprise removal of a function (and its VFs), as PCIe hotplug would do."""
+        with self._lock:
+            self._remove_pci_device(self._device(address))
+
+    def plug(self, function: Function) -> None:
+        """Hot-add a function; it is probed like a device found at boot."""
+        with self._lock:
+            if function.driver:
+                self._add_driver(function.driver)
+            group = function.iommu_group if function.iommu_group is not None else self._allocate_group()
+            device = SimDevice(spec=function, group=group if self.topology.iommu else -1)
+            self._add_pci_device(device, emit=True)
+            self._probe(device)
+
+    def devices(self) -> list[str]:
+        with self._lock:
+            return sorted(self._devices)
+
+
+def _le_hex(address: ipaddress.IPv4Address) -> str:
+    return address.packed[::-1].hex().upper()
+
+
+def _vf_mac(address: str) -> str:
+    digits = address.replace(":", "").replace(".", "")[-8:].rjust(8, "0")
+    return "02:" + ":".join(digits[i:i + 2] for i in range(0, 8, 2)) + ":01"
+
+
+def _config_space(spec: Function) -> bytes:
+    """4 KiB of config space carrying the IDs and, when the device has one, a DSN capability."""
+    config = bytearray(4096)
+    config[0:2] = int(spec.vendor, 16).to_bytes(2, "little")
+    config[2:4] = int(spec.device, 16).to_bytes(2, "little")
+    config[0x2C:0x2E] = int(spec.subsystem_vendor, 16).to_bytes(2, "little")
+    config[0x2E:0x30] = int(spec.subsystem_device, 16).to_bytes(2, "little")
+    if spec.serial:
+        # Extended capability at 0x100: ID 0x0003 (Device Serial Number), version 1, next 0.
+        config[0x100:0x104] = (0x0003 | (1 << 16)).to_bytes(4, "little")
+        serial = int(spec.serial.replace("-", ""), 16)
+        config[0x104:0x10C] = serial.to_bytes(8, "little")
+    return bytes(config)

@@ -1,0 +1,206 @@
+"""The topology file: a declarative description of a host's PCI functions and network stack.
+
+It is the input of the simulated kernel and the output of the recorder. TOML or JSON (by file
+extension); the schema is validated by pydantic so a typo is reported with its location.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+FORMAT_VERSION = 1
+PCI_ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-1][0-9a-f]\.[0-7]$")
+HEX4 = re.compile(r"^[0-9a-f]{4}$")
+
+
+class TopologyError(ValueError):
+    pass
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Function(_Strict):
+    """One PCI function as the kernel would present it at boot."""
+
+    address: str
+    vendor: str
+    device: str
+    subsystem_vendor: str = "0000"
+    subsystem_device: str = "0000"
+    class_code: str = Field("020000", alias="class")
+    driver: str = ""  # the host driver the kernel probes for this function ("" = none matches)
+    bound: bool = True  # whether that driver is bound at boot
+    iommu_group: int | None = None  # None: a group of its own
+    netdev: str = ""  # interface name while bound to a network driver
+    mac: str = ""  # permanent MAC of netdev
+    serial: str = ""  # PCIe device serial number, "" when the device has none
+    carrier: bool = True
+    sriov_totalvfs: int = 0
+    vf_device: str = ""
+    vf_driver: str = ""
+    vf_offset: int = 1
+    vf_stride: int = 1
+    sriov_configure: bool = True  # driver implements sriov_configure (else ENOENT on writes)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        value = value.lower()
+        if not PCI_ADDRESS.match(value):
+            raise ValueError(f"{value!r} is not a full PCI address like 0000:3b:00.0")
+        return value
+
+    @field_validator("vendor", "device", "subsystem_vendor", "subsystem_device")
+    @classmethod
+    def _hex4(cls, value: str) -> str:
+        value = value.lower().removeprefix("0x")
+        if not HEX4.match(value):
+            raise ValueError(f"{value!r} is not a 4-digit hex id")
+        return value
+
+    @field_validator("vf_device")
+    @classmethod
+    def _vf_hex4(cls, value: str) -> str:
+        value = value.lower().removeprefix("0x")
+        if value and not HEX4.match(value):
+            raise ValueError(f"{value!r} is not a 4-digit hex id")
+        return value
+
+    @field_validator("class_code")
+    @classmethod
+    def _class(cls, value: str) -> str:
+        value = value.lower().removeprefix("0x")
+        if not re.fullmatch(r"[0-9a-f]{6}", value):
+            raise ValueError(f"{value!r} is not a 6-digit PCI class code like 020000")
+        return value
+
+    @model_validator(mode="after")
+    def _sriov(self) -> "Function":
+        if self.sriov_totalvfs and not self.vf_device:
+            raise ValueError(f"{self.address}: sriov_totalvfs needs vf_device")
+        if self.sriov_totalvfs < 0 or self.vf_stride < 1 or self.vf_offset < 1:
+            raise ValueError(f"{self.address}: sriov_totalvfs, vf_offset and vf_stride must be positive")
+        return self
+
+    @property
+    def is_network(self) -> bool:
+        return self.class_code.startswith("02")
+
+
+class Link(_Strict):
+    """A virtual network interface stacked on other interfaces."""
+
+    name: str
+    kind: Literal["bond", "bridge", "vlan", "macvlan", "team", "dummy"]
+    lowers: tuple[str, ...] = ()
+    vlan_id: int | None = None
+    mac: str = ""
+
+
+class Address(_Strict):
+    dev: str
+    address: str
+
+    @field_validator("address")
+    @classmethod
+    def _addr(cls, value: str) -> str:
+        ipaddress.ip_interface(value)
+        return value
+
+
+class Route(_Strict):
+    dev: str
+    dst: str = "default"  # "default" means 0.0.0.0/0 or ::/0 per family
+    gateway: str = ""
+    family: Literal[4, 6] | None = None
+    metric: int = 0
+
+    @model_validator(mode="after")
+    def _family(self) -> "Route":
+        family = self.family
+        if self.dst != "default":
+            family_from_dst = ipaddress.ip_network(self.dst, strict=False).version
+            if family and family != family_from_dst:
+                raise ValueError(f"route {self.dst}: family {family} does not match")
+            family = family_from_dst
+        elif self.gateway:
+            family = family or ipaddress.ip_address(self.gateway).version
+        object.__setattr__(self, "family", family or 4)
+        return self
+
+    @property
+    def prefix(self) -> str:
+        if self.dst == "default":
+            return "0.0.0.0/0" if self.family == 4 else "::/0"
+        return str(ipaddress.ip_network(self.dst, strict=False))
+
+
+class Topology(_Strict):
+    format: int = FORMAT_VERSION
+    description: str = ""
+    iommu: bool = True
+    cmdline: str = "BOOT_IMAGE=/vmlinuz root=/dev/sda2 ro intel_iommu=on iommu=pt"
+    functions: tuple[Function, ...] = ()
+    links: tuple[Link, ...] = ()
+    addresses: tuple[Address, ...] = ()
+    routes: tuple[Route, ...] = ()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Topology":
+        if self.format != FORMAT_VERSION:
+            raise ValueError(f"topology format {self.format} is not supported (expected {FORMAT_VERSION})")
+        seen: set[str] = set()
+        for fn in self.functions:
+            if fn.address in seen:
+                raise ValueError(f"function {fn.address} is listed twice")
+            seen.add(fn.address)
+        names = [fn.netdev for fn in self.functions if fn.netdev] + [link.name for link in self.links]
+        duplicates = {name for name in names if names.count(name) > 1}
+        if duplicates:
+            raise ValueError(f"interface names used twice: {', '.join(sorted(duplicates))}")
+        known = set(names)
+        for link in self.links:
+            for lower in link.lowers:
+                if lower not in known:
+                    raise ValueError(f"link {link.name}: lower device {lower!r} is not defined")
+        for item in (*self.addresses, *self.routes):
+            if item.dev not in known:
+                raise ValueError(f"{item.dev!r} in addresses/routes is not a defined interface")
+        return self
+
+
+def parse_topology(text: str, *, source: str = "<topology>", json_format: bool = False) -> Topology:
+    try:
+        data = json.loads(text) if json_format else tomllib.loads(text)
+        return Topology.model_validate(data)
+    except (ValidationError, ValueError, tomllib.TOMLDecodeError) as exc:
+        raise TopologyError(f"{source}: {exc}") from exc
+
+
+def load_topology(path: Path | str | None = None) -> Topology:
+    """Load a topology file, or the built-in default host when ``path`` is None."""
+    if path is None:
+        text = resources.files(__package__).joinpath("default-host.toml").read_text()
+        return parse_topology(text, source="built-in default host")
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise TopologyError(f"cannot read topology file {path}: {exc.strerror}") from exc
+    return parse_topology(text, source=str(path), json_format=path.suffix == ".json")
+
+
+def dump_topology_json(topology: Topology) -> str:
+    return topology.model_dump_json(indent=2, by_alias=True, exclude_defaults=True)

@@ -1,0 +1,91 @@
+"""The system bus connection, with two fixes to dbus-fast.
+
+1. EAGAIN: when a write meets a full socket buffer, dbus-fast tears the whole connection down
+   (test-infrastructure.md). Here EAGAIN means "0 bytes sent, retry when writable".
+2. ObjectManager signals: dbus-fast emits InterfacesAdded/Removed from the object's own path; the
+   D-Bus spec (and every ObjectManager client) expects them from the manager's path.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from dbus_fast import Message
+from dbus_fast.aio import MessageBus
+from dbus_fast.aio.message_bus import _MessageWriter
+from dbus_fast.constants import BusType
+
+OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
+
+
+class _PatientWriter(_MessageWriter):
+    def write_callback(self, remove_writer: bool = True) -> None:
+        sock = self.sock
+        try:
+            while True:
+                if self.buf is None:
+                    if not self.messages:
+                        if remove_writer:
+                            self.loop.remove_writer(self.fd)
+                        return
+                    buf, unix_fds, fut = self.messages.popleft()
+                    self.unix_fds, self.buf, self.offset, self.fut = unix_fds, memoryview(buf), 0, fut
+                try:
+                    if self.unix_fds and self.negotiate_unix_fd:
+                        ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fd_array(self.unix_fds))]
+                        self.offset += sock.sendmsg([self.buf[self.offset:]], ancdata)
+                        self.unix_fds = None
+                    else:
+                        self.offset += sock.send(self.buf[self.offset:])
+                except BlockingIOError:
+                    self.loop.add_writer(self.fd, self.write_callback)
+                    return
+                if self.offset < len(self.buf):
+                    self.loop.add_writer(self.fd, self.write_callback)
+                    return
+                self.buf = None
+                if self.fut is not None and not self.fut.done():
+                    self.fut.set_result(None)
+        except Exception as exc:  # a real socket error: the connection is gone
+            if self.fut is not None and not self.fut.done():
+                if self.bus._user_disconnect:
+                    self.fut.set_result(None)
+                else:
+                    self.fut.set_exception(exc)
+            self.bus._finalize(exc)
+
+
+def _fd_array(fds: list[int]):
+    import array
+
+    return array.array("i", fds)
+
+
+class NicpassBus(MessageBus):
+    def __init__(self, *, bus_address: str | None = None, object_manager_path: str = "/") -> None:
+        super().__init__(bus_address=bus_address, bus_type=BusType.SYSTEM)
+        self.object_manager_path = object_manager_path
+
+    async def connect(self) -> "NicpassBus":
+        await super().connect()
+        self._writer.__class__ = _PatientWriter
+        return self
+
+    def _emit_interface_added(self, path, interface) -> None:
+        if self._disconnected or path == self.object_manager_path:
+            return
+        from dbus_fast.service import ServiceInterface
+
+        def send(iface, result, _user_data, error) -> None:
+            self.send(Message.new_signal(
+                path=self.object_manager_path, interface=OBJECT_MANAGER, member="InterfacesAdded",
+                signature="oa{sa{sv}}", body=[path, {iface.name: result or {}}]))
+
+        ServiceInterface._get_all_property_values(interface, send)
+
+    def _emit_interface_removed(self, path, removed_interfaces) -> None:
+        if self._disconnected or path == self.object_manager_path:
+            return
+        self.send(Message.new_signal(
+            path=self.object_manager_path, interface=OBJECT_MANAGER, member="InterfacesRemoved",
+            signature="oas", body=[path, removed_interfaces]))

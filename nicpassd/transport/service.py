@@ -1,0 +1,319 @@
+"""The D-Bus face of the engine: the Manager object, one object per device, ObjectManager signals.
+
+This module only translates: arguments in, engine calls, typed errors out. Annotations are the
+D-Bus signatures dbus-fast reads, so this module must not use ``from __future__ import annotations``.
+"""
+
+import functools
+import logging
+
+from dbus_fast import Variant
+from dbus_fast.errors import DBusError
+from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, method, signal
+
+from nicpassd import __version__
+from nicpassd.engine.engine import Engine, InventoryDelta
+from nicpassd.engine.leases import Lease
+from nicpassd.engine.views import DeviceView
+from nicpassd.errors import InvalidArgument, NicpassError
+from nicpassd.transport.caller import caller
+from nicpassd.transport.polkit import Authorizer
+
+log = logging.getLogger(__name__)
+
+BUS_NAME = "org.nicpass.NicPass1"
+MANAGER_PATH = "/org/nicpass/NicPass1"
+MANAGER_IFACE = "org.nicpass.NicPass1.Manager"
+DEVICE_IFACE = "org.nicpass.NicPass1.Device"
+ERROR_PREFIX = "org.nicpass.NicPass1.Error."
+ACTION_MANAGE = "org.nicpass.NicPass1.manage"
+ACTION_LEASE = "org.nicpass.NicPass1.lease"
+
+
+def device_path(address: str) -> str:
+    return f"{MANAGER_PATH}/devices/{address.replace(':', '_').replace('.', '_')}"
+
+
+def dbus_errors(fn):
+    """Engine errors become typed D-Bus errors; anything unexpected is logged, never leaked."""
+    @functools.wraps(fn)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await fn(*args, **kwargs)
+        except DBusError:
+            raise
+        except NicpassError as exc:
+            log.info("%s refused: %s", fn.__name__, exc)
+            raise DBusError(ERROR_PREFIX + exc.name, str(exc)) from None
+        except Exception:
+            log.exception("%s failed unexpectedly", fn.__name__)
+            raise DBusError("org.freedesktop.DBus.Error.Failed",
+                            f"{fn.__name__} failed unexpectedly; see the nicpassd journal") from None
+    return wrapper
+
+
+def _option(options: dict, name: str, kind: type, default):
+    variant = options.get(name)
+    if variant is None:
+        return default
+    value = variant.value if isinstance(variant, Variant) else variant
+    if not isinstance(value, kind):
+        raise InvalidArgument(f"option {name!r} must be of type {kind.__name__}")
+    return value
+
+
+def _known_options(options: dict, allowed: tuple[str, ...]) -> None:
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise InvalidArgument(f"unknown option(s) {', '.join(unknown)}; accepted: {', '.join(allowed) or 'none'}")
+
+
+PROPERTY_NAMES = {
+    "address": "Address", "vendor_id": "VendorId", "device_id": "DeviceId",
+    "subsystem_vendor_id": "SubsystemVendorId", "subsystem_device_id": "SubsystemDeviceId",
+    "class_code": "ClassCode", "is_network": "IsNetwork", "driver": "Driver", "iommu_group": "IommuGroup",
+    "interfaces": "Interfaces", "physical_function": "PhysicalFunction", "total_vfs": "TotalVfs",
+    "num_vfs": "NumVfs", "protected": "Protected", "protection_reasons": "ProtectionReasons",
+    "leased_to": "LeasedTo", "persisted": "Persisted", "desired_driver": "DesiredDriver",
+    "desired_vfs": "DesiredVfs", "drift": "Drift",
+}
+PROPERTY_SIGNATURES = {
+    "is_network": "b", "iommu_group": "i", "interfaces": "as", "total_vfs": "u", "num_vfs": "u",
+    "protected": "b", "protection_reasons": "as", "persisted": "b", "desired_vfs": "i",
+}
+
+
+def _dbus_value(field: str, value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+class DeviceInterface(ServiceInterface):
+    def __init__(self, view: DeviceView) -> None:
+        super().__init__(DEVICE_IFACE)
+        self.view = view
+
+    def update(self, view: DeviceView, changed: dict[str, object]) -> None:
+        self.view = view
+        payload = {PROPERTY_NAMES[name]: _dbus_value(name, value) for name, value in changed.items()
+                   if name in PROPERTY_NAMES}
+        if payload:
+            self.emit_properties_changed(payload)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Address(self) -> "s":
+        return self.view.address
+
+    @dbus_property(access=PropertyAccess.READ)
+    def VendorId(self) -> "s":
+        return self.view.vendor_id
+
+    @dbus_property(access=PropertyAccess.READ)
+    def DeviceId(self) -> "s":
+        return self.view.device_id
+
+    @dbus_property(access=PropertyAccess.READ)
+    def SubsystemVendorId(self) -> "s":
+        return self.view.subsystem_vendor_id
+
+    @dbus_property(access=PropertyAccess.READ)
+    def SubsystemDeviceId(self) -> "s":
+        return self.view.subsystem_device_id
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ClassCode(self) -> "s":
+        return self.view.class_code
+
+    @dbus_property(access=PropertyAccess.READ)
+    def IsNetwork(self) -> "b":
+        return self.view.is_network
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Driver(self) -> "s":
+        return self.view.driver
+
+    @dbus_property(access=PropertyAccess.READ)
+    def IommuGroup(self) -> "i":
+        return self.view.iommu_group
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Interfaces(self) -> "as":
+        return list(self.view.interfaces)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def PhysicalFunction(self) -> "s":
+        return self.view.physical_function
+
+    @dbus_property(access=PropertyAccess.READ)
+    def TotalVfs(self) -> "u":
+        return self.view.total_vfs
+
+    @dbus_property(access=PropertyAccess.READ)
+    def NumVfs(self) -> "u":
+        return self.view.num_vfs
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Protected(self) -> "b":
+        return self.view.protected
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ProtectionReasons(self) -> "as":
+        return list(self.view.protection_reasons)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def LeasedTo(self) -> "s":
+        return self.view.leased_to
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Persisted(self) -> "b":
+        return self.view.persisted
+
+    @dbus_property(access=PropertyAccess.READ)
+    def DesiredDriver(self) -> "s":
+        return self.view.desired_driver
+
+    @dbus_property(access=PropertyAccess.READ)
+    def DesiredVfs(self) -> "i":
+        return self.view.desired_vfs
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Drift(self) -> "s":
+        return self.view.drift
+
+
+class ManagerInterface(ServiceInterface):
+    def __init__(self, engine: Engine, authorizer: Authorizer) -> None:
+        super().__init__(MANAGER_IFACE)
+        self.engine = engine
+        self.authorizer = authorizer
+
+    async def _authorize(self, action: str) -> None:
+        sender, interactive = caller()
+        await self.authorizer.require(sender, action, interactive=interactive)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Version(self) -> "s":
+        return __version__
+
+    @method()
+    @dbus_errors
+    async def SetVfCount(self, device: "s", count: "u", options: "a{sv}"):
+        _known_options(options, ("persist", "driver"))
+        persist = _option(options, "persist", bool, True)
+        driver = _option(options, "driver", str, "")
+        await self._authorize(ACTION_MANAGE)
+        await self.engine.set_vf_count(device, count, persist=persist, driver=driver)
+
+    @method()
+    @dbus_errors
+    async def Bind(self, device: "s", driver: "s", options: "a{sv}"):
+        _known_options(options, ("persist",))
+        persist = _option(options, "persist", bool, True)
+        await self._authorize(ACTION_MANAGE)
+        await self.engine.bind(device, driver, persist=persist)
+
+    @method()
+    @dbus_errors
+    async def Unbind(self, device: "s", options: "a{sv}"):
+        _known_options(options, ("persist",))
+        persist = _option(options, "persist", bool, True)
+        await self._authorize(ACTION_MANAGE)
+        await self.engine.unbind(device, persist=persist)
+
+    @method()
+    @dbus_errors
+    async def Forget(self, device: "s", options: "a{sv}"):
+        _known_options(options, ("restore",))
+        restore = _option(options, "restore", bool, False)
+        await self._authorize(ACTION_MANAGE)
+        await self.engine.forget(device, restore=restore)
+
+    @method()
+    @dbus_errors
+    async def Prepare(self, vm_name: "s", vm_uuid: "s", devices: "as", options: "a{sv}") -> "s":
+        _known_options(options, ())
+        await self._authorize(ACTION_LEASE)
+        lease = await self.engine.prepare(vm_name, vm_uuid, list(devices))
+        return lease.lease_id
+
+    @method()
+    @dbus_errors
+    async def Release(self, vm_uuid: "s", options: "a{sv}"):
+        _known_options(options, ())
+        await self._authorize(ACTION_LEASE)
+        await self.engine.release(vm_uuid)
+
+    @method()
+    @dbus_errors
+    async def Check(self) -> "a(ssss)":
+        return [[f.id, f.level, f.message, f.remedy] for f in self.engine.check()]
+
+    @method()
+    @dbus_errors
+    async def Explain(self, device: "s") -> "a{sv}":
+        info = self.engine.explain(device)
+        return {
+            "address": Variant("s", info["address"]), "allowed": Variant("b", info["allowed"]),
+            "verdict": Variant("s", info["verdict"]), "protected": Variant("b", info["protected"]),
+            "reasons": Variant("as", info["reasons"]), "iommu_group": Variant("i", info["iommu_group"]),
+            "group_members": Variant("a(ss)", [list(m) for m in info["group_members"]]),
+            "group_viable": Variant("b", info["group_viable"]), "leased_to": Variant("s", info["leased_to"]),
+            "persisted": Variant("b", info["persisted"]), "desired_driver": Variant("s", info["desired_driver"]),
+            "driver": Variant("s", info["driver"]), "interfaces": Variant("as", info["interfaces"]),
+            "drift": Variant("s", info["drift"]),
+        }
+
+    @method()
+    @dbus_errors
+    async def GetProtected(self) -> "a(sas)":
+        return [[entry.address, list(entry.reasons)]
+                for entry in sorted(self.engine.protected.entries.values(), key=lambda e: e.address)]
+
+    @method()
+    @dbus_errors
+    async def ListLeases(self) -> "aa{sv}":
+        return [{
+            "lease_id": Variant("s", lease.lease_id), "vm_name": Variant("s", lease.vm_name),
+            "vm_uuid": Variant("s", lease.vm_uuid), "state": Variant("s", lease.state),
+            "devices": Variant("as", list(lease.devices)), "expires": Variant("t", int(lease.expires)),
+            "pid": Variant("u", lease.pid),
+        } for lease in self.engine.leases.leases.values()]
+
+    @signal()
+    def LeaseChanged(self, lease_id: str, vm_uuid: str, state: str) -> "sss":
+        return [lease_id, vm_uuid, state]
+
+
+class DeviceExporter:
+    """Keeps one exported object per device in step with the engine's inventory."""
+
+    def __init__(self, bus, engine: Engine) -> None:
+        self.bus = bus
+        self.objects: dict[str, DeviceInterface] = {}
+        for view in engine.views.values():
+            self._add(view)
+        engine.inventory_listeners.append(self.apply)
+
+    def _add(self, view: DeviceView) -> None:
+        interface = DeviceInterface(view)
+        self.objects[view.address] = interface
+        self.bus.export(device_path(view.address), interface)
+
+    def apply(self, delta: InventoryDelta) -> None:
+        for address in delta.removed:
+            interface = self.objects.pop(address, None)
+            if interface is not None:
+                self.bus.unexport(device_path(address), interface)
+        for view in delta.added:
+            self._add(view)
+        for view, changed in delta.changed:
+            interface = self.objects.get(view.address)
+            if interface is not None:
+                interface.update(view, changed)
+
+
+def export_service(bus, engine: Engine, authorizer: Authorizer) -> ManagerInterface:
+    manager = ManagerInterface(engine, authorizer)
+    bus.export(MANAGER_PATH, manager)
+    DeviceExporter(bus, engine)
+    engine.lease_listeners.append(lambda lease, state: manager.LeaseChanged(lease.lease_id, lease.vm_uuid, state))
+    return manager
