@@ -76,12 +76,7 @@ async def run(args: argparse.Namespace) -> int:
 
 
 async def serve(args, paths: HostPaths, config) -> int:
-    from dbus_fast import NameFlag, RequestNameReply
-
-    from nicpassd.transport.bus import NicpassBus
-    from nicpassd.transport.caller import record_caller
-    from nicpassd.transport.polkit import Authorizer
-    from nicpassd.transport.service import BUS_NAME, MANAGER_PATH, export_service
+    from nicpassd.transport.service import ServiceError, start_service
 
     loop = asyncio.get_running_loop()
     notifier = Notifier()
@@ -118,13 +113,10 @@ async def serve(args, paths: HostPaths, config) -> int:
 
         events = UdevEvents(loop, engine.on_uevent)
 
-    bus = await NicpassBus(bus_address=args.bus_address, object_manager_path=MANAGER_PATH).connect()
-    bus.add_message_handler(record_caller)
-    export_service(bus, engine, Authorizer(bus))
-    reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
-    if reply != RequestNameReply.PRIMARY_OWNER:
-        log.error("cannot own %s on the bus (%s): is another nicpassd running?", BUS_NAME, reply)
-        bus.disconnect()
+    try:
+        bus = await start_service(engine, args.bus_address)
+    except ServiceError as exc:
+        log.error("%s", exc)
         return 1
 
     stop = asyncio.Event()

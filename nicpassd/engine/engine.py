@@ -18,7 +18,7 @@ from nicpassd.engine.guard import ProtectedSet, compute_protected, refuse_if_pro
 from nicpassd.engine.leases import Lease, LeaseTable
 from nicpassd.engine.store import DeviceDesire, StateStore, identity_of
 from nicpassd.engine.views import DeviceView, build_views, label, resolve_device
-from nicpassd.errors import Busy, InvalidArgument, KernelError, NicpassError, NotSupported
+from nicpassd.errors import Busy, InvalidArgument, KernelError, NicpassError, NotFound, NotSupported, Protected
 from nicpassd.host.events import UEvent
 from nicpassd.host.host import Host
 from nicpassd.host.model import HostSnapshot, PciFunction
@@ -93,6 +93,13 @@ class Engine:
     def resolve(self, device: str) -> str:
         return resolve_device(self.snapshot, device)
 
+    def _present(self, address: str) -> PciFunction:
+        """The function in the fresh snapshot; it may have gone since the request was resolved."""
+        function = self.snapshot.functions.get(address)
+        if function is None:
+            raise NotFound(f"{address} is no longer present", "list the devices with `nicpassctl list`")
+        return function
+
     def _function(self, address: str) -> PciFunction:
         function = self.host.function(address)
         if function is None:
@@ -126,8 +133,7 @@ class Engine:
         async with self._lock:
             self.refresh()
             refuse_if_protected(self.protected, address, f"change the VF count of {self._label(address)}")
-            self._refuse_if_leased([address, *self.snapshot.functions[address].virtfns],
-                                   "change the VFs of")
+            self._refuse_if_leased([address, *self._present(address).virtfns], "change the VFs of")
             await self._apply_vf_count(address, count, driver)
             if persist:
                 self._persist(address, num_vfs=count, vf_driver=driver if count else "")
@@ -200,7 +206,7 @@ class Engine:
                                   "use \"vfio-pci\", or \"\" for the device's host driver")
         async with self._lock:
             self.refresh()
-            function = self.snapshot.functions[address]
+            function = self._present(address)
             target = driver or "its host driver"
             refuse_if_protected(self.protected, address, f"bind {self._label(address)} to {target}")
             self._refuse_if_leased([address], "rebind")
@@ -311,6 +317,12 @@ class Engine:
                 refuse_if_protected(self.protected, address, f"hand {self._label(address)} to VM {vm_name}")
             self._refuse_if_leased(addresses, "lease", allow_vm=vm_uuid)
             for address in addresses:
+                function = self._present(address)
+                if function.num_vfs:
+                    self._refuse_if_leased(list(function.virtfns), "hand the PF of", allow_vm=vm_uuid)
+                    raise InvalidArgument(
+                        f"{self._label(address)} has {function.num_vfs} VFs; passing the PF through would orphan them",
+                        f"pass a VF instead, or remove the VFs first with `nicpassctl vfs {address} 0`")
                 self._require_viable_group(address, set(addresses))
             done: list[tuple[str, PciFunction]] = []
             try:
@@ -340,7 +352,7 @@ class Engine:
                 blockers.append(f"{label(function)} on {function.driver}")
         if blockers:
             group = self.snapshot.functions[address].iommu_group
-            raise Busy(f"IOMMU group {group} of {self._label(address)} is not viable: {', '.join(blockers)}",
+            raise Protected(f"IOMMU group {group} of {self._label(address)} is not viable: {', '.join(blockers)}",
                        "pass the whole group to the VM, or move the card to a slot with its own group")
 
     async def release(self, vm_uuid: str) -> list[Lease]:
@@ -407,8 +419,9 @@ class Engine:
             "vfio-pci.ids": "vfio-pci.ids= captures every device of those IDs, possibly the management NIC",
         }
         for word in words:
-            key = word.split("=", 1)[0]
-            if key in risky:
+            key = word.split("=", 1)[0].replace("-", "_")  # the kernel treats - and _ alike
+            key = next((name for name in risky if name.replace("-", "_") == key), "")
+            if key:
                 findings.append(Finding(f"cmdline-{key}", "warn", f"kernel command line has {word}: {risky[key]}",
                                         f"remove {key} from the kernel command line"))
         default_routes = [route for route in snapshot.routes if route.is_default]

@@ -102,6 +102,15 @@ def read_function(paths: HostPaths, address: str) -> PciFunction | None:
     )
 
 
+def _pci_ancestor(device: Path) -> str:
+    """The PCI function a non-PCI parent (virtioN under a virtio-pci function) sits on, or ""."""
+    try:
+        parent = device.resolve().parent
+    except OSError:
+        return ""
+    return parent.name if _link_name(parent / "subsystem") == "pci" else ""
+
+
 def read_groups(paths: HostPaths) -> dict[int, tuple[str, ...]]:
     groups: dict[int, tuple[str, ...]] = {}
     root = paths.iommu_groups
@@ -139,8 +148,8 @@ def read_links(paths: HostPaths) -> dict[str, NetLink]:
         net_dir = root / name
         entries = os.listdir(net_dir) if net_dir.is_dir() else []
         device = _link_name(net_dir / "device") if "device" in entries else ""
-        if device and not (net_dir / "device" / "vendor").exists():
-            device = ""  # a non-PCI parent (virtio bus, USB): not ours to manage
+        if device and _link_name(net_dir / "device" / "subsystem") != "pci":
+            device = _pci_ancestor(net_dir / "device")  # virtio-net: the netdev hangs off virtioN
         links[name] = NetLink(
             name=name,
             kind=_link_kind(net_dir, device),

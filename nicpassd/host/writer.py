@@ -72,13 +72,19 @@ async def run_blocking(fn: Callable[[], T], *, timeout: float, what: str) -> T:
         else:
             future.set_result(result)  # type: ignore[arg-type]
 
+    def hand_back(result: T | None, error: BaseException | None) -> None:
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop closed while the write hung (daemon shutdown)
+            log.warning("%s finished after the daemon stopped waiting for it", what)
+
     def worker() -> None:
         try:
             result = fn()
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
-            loop.call_soon_threadsafe(settle, None, exc)
+            hand_back(None, exc)
         else:
-            loop.call_soon_threadsafe(settle, result, None)
+            hand_back(result, None)
 
     threading.Thread(target=worker, name=f"kernel-write: {what}", daemon=True).start()
     try:

@@ -113,6 +113,8 @@ class SimKernel:
         if self.topology.iommu:
             (sysfs / "devices/virtual/iommu/dmar0").mkdir(parents=True)
             (sysfs / "class/iommu/dmar0").symlink_to("../../devices/virtual/iommu/dmar0")
+        for driver in ALWAYS_AVAILABLE_DRIVERS:
+            self._add_driver(driver)
         fixed = [fn.iommu_group for fn in self.topology.functions if fn.iommu_group is not None]
         self._next_group = max(fixed, default=-1) + 1
         for fn in self.topology.functions:
@@ -165,6 +167,7 @@ class SimKernel:
         for name, value in attrs.items():
             (directory / name).write_text(value + "\n")
         (directory / "config").write_bytes(_config_space(spec))
+        (directory / "subsystem").symlink_to("../../../bus/pci")
         (self.paths.pci_devices / address).symlink_to(f"../../../{PCI_ROOT}/{address}")
         if device.group >= 0:
             group_dir = self.paths.iommu_groups / str(device.group) / "devices"
@@ -408,7 +411,9 @@ class SimKernel:
         except ValueError:
             raise _oserror(errno.EACCES, f"{path} is not a sysfs attribute") from None
         parts = relative.parts
-        target = self._target_of(parts)
+        if data == "" and resolved.exists():
+            return  # sysfs_kf_write() never calls the store method for a 0-byte write
+        target = self._target_of(parts, data)
         self._maybe_hang(target, parts[-1])
         self._maybe_fail(target, parts[-1])
         with self._lock:
@@ -422,9 +427,12 @@ class SimKernel:
             raise _oserror(errno.ENOENT, str(path))
         raise _oserror(errno.EACCES, f"{parts[-1]} is read-only")
 
-    def _target_of(self, parts: tuple[str, ...]) -> str:
+    def _target_of(self, parts: tuple[str, ...], data: str) -> str:
+        """The device a write is about, so that device-scoped faults can match it."""
         if parts[:2] == tuple(PCI_ROOT.split("/")) and len(parts) == 4:
             return parts[2]
+        if parts[:3] == ("bus", "pci", "drivers_probe") or (parts[:3] == ("bus", "pci", "drivers") and len(parts) == 5):
+            return data.strip()
         return "*"
 
     def _maybe_hang(self, target: str, attr: str) -> None:
@@ -514,8 +522,10 @@ class SimKernel:
     def _write_numvfs(self, pf: SimDevice, data: str) -> None:
         """sriov_numvfs_store() in drivers/pci/iov.c."""
         if not pf.spec.sriov_totalvfs:
-            raise _oserror(errno.EACCES, "sriov_numvfs is not an attribute of this device")
+            raise _oserror(errno.ENOENT, "sriov_numvfs is not an attribute of this device")
         try:
+            if data.strip().startswith("-"):
+                raise ValueError  # kstrtou16() takes no sign
             count = int(data.strip(), 0)
         except ValueError:
             raise _oserror(errno.EINVAL, f"{data.strip()!r} is not a number") from None

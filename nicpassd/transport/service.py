@@ -317,3 +317,24 @@ def export_service(bus, engine: Engine, authorizer: Authorizer) -> ManagerInterf
     DeviceExporter(bus, engine)
     engine.lease_listeners.append(lambda lease, state: manager.LeaseChanged(lease.lease_id, lease.vm_uuid, state))
     return manager
+
+
+class ServiceError(RuntimeError):
+    pass
+
+
+async def start_service(engine: Engine, bus_address: str | None = None):
+    """Connect to the (system) bus, export the engine, own the well-known name."""
+    from dbus_fast import NameFlag, RequestNameReply
+
+    from nicpassd.transport.bus import NicpassBus
+    from nicpassd.transport.caller import record_caller
+
+    bus = await NicpassBus(bus_address=bus_address, object_manager_path=MANAGER_PATH).connect()
+    bus.add_message_handler(record_caller)
+    export_service(bus, engine, Authorizer(bus))
+    reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+    if reply != RequestNameReply.PRIMARY_OWNER:
+        bus.disconnect()
+        raise ServiceError(f"cannot own {BUS_NAME} on the bus ({reply.name}): is another nicpassd running?")
+    return bus
