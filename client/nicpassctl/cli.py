@@ -1,0 +1,179 @@
+"""nicpassctl: a thin, stateless command-line client of nicpassd (D-Bus only).
+
+Parses arguments, makes the D-Bus calls of one command and prints the result: a table for
+people, JSON with ``--json``. Failures are one sentence on stderr and an exit code from
+:class:`~nicpassctl.exitcodes.ExitCode`. Heavy imports (asyncio, dbus-fast) happen only after
+the command line has parsed, so ``--help``, ``--version`` and usage errors stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Callable, Sequence
+
+from .exitcodes import ExitCode
+
+EPILOG = """\
+exit codes: 0 success, 1 failed, 2 usage or invalid argument, 3 refused by the guard,
+4 busy (leased), 5 not authorized, 6 nicpassd not reachable, 7 not found.
+DEVICE is a PCI address (0000:3b:00.0 or 3b:00.0) or a network interface name."""
+
+
+def client_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("nicpassd")
+    except Exception:  # not installed as a distribution (e.g. run from a source tree)
+        return "unknown"
+
+
+class _VersionAction(argparse.Action):
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"nicpassctl {client_version()}")
+        parser.exit(0)
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"COUNT must be a non-negative integer, not {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"COUNT must be a non-negative integer, not {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1e6:
+        raise argparse.ArgumentTypeError(f"--timeout must be a positive number of seconds, not {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nicpassctl",
+        description="Control nicpassd: safe NIC PCI passthrough to virtual machines.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action=_VersionAction, help="print the client version and exit")
+    parser.add_argument("--json", action="store_true", default=False, help="print JSON for scripts")
+    parser.add_argument("--bus-address", metavar="ADDR", default=None,
+                        help="D-Bus address of the system bus (default: $DBUS_SYSTEM_BUS_ADDRESS or the "
+                             "standard socket)")
+    parser.add_argument("--timeout", metavar="SECONDS", type=_seconds, default=None,
+                        help="how long to wait for nicpassd (default: 25 s for queries, 300 s for changes)")
+    parser.add_argument("--no-ask-password", dest="interactive", action="store_false", default=True,
+                        help="do not let polkit ask for a password for changes")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        # --json is accepted after the command too; SUPPRESS keeps the global value otherwise
+        p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON for scripts")
+        return p
+
+    p = command("list", "list network functions (VFs under their PF)")
+    p.add_argument("--all", action="store_true", help="also list IOMMU group mates that are not NICs")
+    p = command("show", "one device in full, with why it may or may not be passed through")
+    p.add_argument("device", metavar="DEVICE")
+    command("check", "preflight checks of the host, with remedies (exit 1 if any fails)")
+    p = command("vfs", "set the number of SR-IOV VFs of a PF (0 removes them)")
+    p.add_argument("device", metavar="DEVICE")
+    p.add_argument("count", metavar="COUNT", type=_count)
+    p.add_argument("--runtime", action="store_true", help="change it now only; do not persist")
+    p.add_argument("--vfio", action="store_true", help="bind the new VFs to vfio-pci")
+    p = command("bind", "bind functions to a driver (default vfio-pci)")
+    p.add_argument("device", metavar="DEVICE", nargs="+")
+    p.add_argument("--driver", default="vfio-pci",
+                   help='driver to bind to (default vfio-pci; "" means the host driver)')
+    p.add_argument("--runtime", action="store_true", help="bind now only; do not persist")
+    p = command("unbind", "give functions back to their host driver (and forget the persisted binding)")
+    p.add_argument("device", metavar="DEVICE", nargs="+")
+    p.add_argument("--runtime", action="store_true", help="keep the persisted binding")
+    p = command("forget", "drop the persisted desired state of a device")
+    p.add_argument("device", metavar="DEVICE")
+    p.add_argument("--restore", action="store_true", help="also give it back to its host driver now")
+    command("guard", "the protected set (never handed to a VM) with reasons")
+    command("leases", "current leases of devices to VMs")
+    p = command("prepare", "lease devices to a VM about to start (what the hooks do)")
+    p.add_argument("vm_name", metavar="VM_NAME")
+    p.add_argument("vm_uuid", metavar="VM_UUID")
+    p.add_argument("device", metavar="DEVICE", nargs="+")
+    p = command("release", "end the leases of a VM that stopped (what the hooks do)")
+    p.add_argument("vm_uuid", metavar="VM_UUID")
+    command("monitor", "print device and lease events until interrupted")
+    command("version", "client and daemon versions")
+    return parser
+
+
+ClientFactory = Callable[[argparse.Namespace], Any]
+
+
+def _default_client(args: argparse.Namespace):
+    from .connection import Client
+
+    return Client(bus_address=args.bus_address, timeout=args.timeout, interactive=args.interactive)
+
+
+def _report(sentence: str) -> None:
+    print(f"nicpassctl: {sentence}", file=sys.stderr, flush=True)
+
+
+async def run(args: argparse.Namespace, client_factory: ClientFactory | None = None) -> int:
+    """Connect, run the command, map any failure to (sentence on stderr, exit code)."""
+    from .commands import COMMANDS, action_for
+    from .errors import CliError, from_exception
+
+    client = (client_factory or _default_client)(args)
+    try:
+        await client.connect()
+    except Exception as exc:  # noqa: BLE001 - every connection failure is reported the same way
+        if type(exc).__name__ == "InvalidAddressError" and args.bus_address:
+            err = CliError(ExitCode.USAGE, f"invalid --bus-address {args.bus_address!r}: {exc}")
+        else:
+            err = from_exception(exc)
+        _report(err.sentence)
+        return int(err.code)
+    try:
+        return int(await COMMANDS[args.command](client, args))
+    except Exception as exc:  # noqa: BLE001 - mapped to one sentence; unknown ones become exit 1
+        err = from_exception(exc, action_for(args))
+        _report(err.sentence)
+        return int(err.code)
+    finally:
+        try:
+            await client.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def main(argv: Sequence[str] | None = None, client_factory: ClientFactory | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage error (2), --help/--version (0)
+        return int(exc.code or 0) if isinstance(exc.code, int) or exc.code is None else ExitCode.USAGE
+    import asyncio
+
+    try:
+        return asyncio.run(run(args, client_factory))
+    except KeyboardInterrupt:
+        _report("interrupted")
+        return 130
+    except BrokenPipeError:
+        return ExitCode.OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,343 @@
+"""One coroutine per command: ``async def cmd_x(client, args) -> ExitCode``.
+
+``client`` is a :class:`nicpassctl.connection.Client` (or anything with the same ``call``-style
+methods returning plain data), ``args`` the argparse namespace. Output goes to stdout; failures
+are raised as :class:`~nicpassctl.errors.CliError` / ``DaemonError`` and reported by ``main``,
+except for multi-device commands, which report each failure themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import signal
+import sys
+import time
+from typing import Any
+
+from . import render
+from .errors import Action, CliError, DaemonError, from_exception
+from .exitcodes import ExitCode
+from .names import (
+    BUS_NAME,
+    DEVICE_IFACE,
+    DEVICES_PREFIX,
+    LEASE,
+    MANAGE,
+    MANAGER_IFACE,
+    MANAGER_PATH,
+    OM_IFACE,
+    PROPS_IFACE,
+)
+
+
+def out(text: str) -> None:
+    print(text, flush=True)
+
+
+def warn(sentence: str) -> None:
+    print(f"nicpassctl: {sentence}", file=sys.stderr, flush=True)
+
+
+def device_path(address: str) -> str:
+    return DEVICES_PREFIX + address.replace(":", "_").replace(".", "_")
+
+
+def action_for(args: Any) -> Action:
+    """What to name in a 'not authorized to ...' sentence for this command line."""
+    cmd = args.command
+    dev = getattr(args, "device", None)
+    if isinstance(dev, list):
+        dev = " ".join(dev)
+    verbs = {
+        "vfs": (f"change the VF count of {dev}", MANAGE),
+        "bind": (f"bind {dev} to {getattr(args, 'driver', '') or 'its host driver'}", MANAGE),
+        "unbind": (f"give {dev} back to its host driver", MANAGE),
+        "forget": (f"forget the persisted state of {dev}", MANAGE),
+        "prepare": (f"prepare devices for VM {getattr(args, 'vm_name', '')}", LEASE),
+        "release": (f"release the devices of VM {getattr(args, 'vm_uuid', '')}", LEASE),
+        "list": ("list devices", None),
+        "show": (f"show {dev}", None),
+        "check": ("run the preflight check", None),
+        "guard": ("read the protected set", None),
+        "leases": ("list leases", None),
+        "monitor": ("monitor nicpassd", None),
+        "version": ("read the nicpassd version", None),
+    }
+    verb, polkit = verbs.get(cmd, ("talk to nicpassd", None))
+    return Action(verb, polkit)
+
+
+def emit_json(value: Any) -> None:
+    out(render.dumps(value))
+
+
+# ---------------------------------------------------------------- reads
+
+async def fetch_devices(client) -> list[dict[str, Any]]:
+    objects = await client.managed_objects()
+    devices = []
+    for path, ifaces in objects.items():
+        props = ifaces.get(DEVICE_IFACE)
+        if props is None:
+            continue
+        props = dict(props)
+        props.setdefault("Address", render.address_from_path(path))
+        devices.append(props)
+    return devices
+
+
+async def cmd_list(client, args) -> ExitCode:
+    devices = await fetch_devices(client)
+    if args.json:
+        emit_json(render.list_json(devices, args.all))
+    else:
+        out(render.list_text(devices, args.all))
+    return ExitCode.OK
+
+
+async def cmd_show(client, args) -> ExitCode:
+    (explain,) = await client.manager("Explain", "s", [args.device])
+    address = explain.get("address") or args.device
+    try:
+        props = await client.get_all(device_path(address), DEVICE_IFACE)
+    except DaemonError as err:
+        if not err.name.startswith("org.freedesktop.DBus.Error.Unknown"):
+            raise
+        props = None  # no device object for it (e.g. not exported): Explain alone
+    if args.json:
+        emit_json(render.show_json(props, explain))
+    else:
+        out(render.show_text(props, explain))
+    return ExitCode.OK
+
+
+async def cmd_check(client, args) -> ExitCode:
+    (findings,) = await client.manager("Check")
+    if args.json:
+        emit_json(render.check_json(findings))
+    else:
+        out(render.check_text(findings))
+    return ExitCode.FAILED if render.check_failed(findings) else ExitCode.OK
+
+
+async def cmd_guard(client, args) -> ExitCode:
+    (protected,) = await client.manager("GetProtected")
+    if args.json:
+        emit_json(render.guard_json(protected))
+    else:
+        out(render.guard_text(protected))
+    return ExitCode.OK
+
+
+async def cmd_leases(client, args) -> ExitCode:
+    (leases,) = await client.manager("ListLeases")
+    if args.json:
+        emit_json(render.leases_json(leases))
+    else:
+        out(render.leases_text(leases))
+    return ExitCode.OK
+
+
+async def cmd_version(client, args) -> ExitCode:
+    from .cli import client_version
+
+    daemon = await client.get(MANAGER_PATH, MANAGER_IFACE, "Version")
+    if args.json:
+        emit_json({"client": client_version(), "daemon": daemon})
+    else:
+        out(f"nicpassctl {client_version()}\nnicpassd {daemon}")
+    return ExitCode.OK
+
+
+# ---------------------------------------------------------------- changes
+
+async def cmd_vfs(client, args) -> ExitCode:
+    options: dict[str, Any] = {"persist": not args.runtime}
+    if args.vfio:
+        options["driver"] = "vfio-pci"
+    await client.manager("SetVfCount", "sua{sv}", [args.device, args.count], options=options, mutate=True)
+    if args.json:
+        emit_json({"device": args.device, "count": args.count, "persist": not args.runtime,
+                   "driver": options.get("driver")})
+    else:
+        where = " on vfio-pci" if args.vfio else ""
+        how = "persisted" if not args.runtime else "runtime only"
+        out(f"{args.device}: {args.count} VFs{where} ({how})")
+    return ExitCode.OK
+
+
+def _names(sentence: str, device: str) -> bool:
+    """Does the daemon's sentence already name the device as the user wrote it?"""
+    return re.search(rf"(?<![\w:.-]){re.escape(device)}(?![\w:-]|\.\w)", sentence) is not None
+
+
+async def _each(client, args, call, success) -> ExitCode:
+    """Run ``call(device)`` for every device; report each failure; exit with the first one's code."""
+    results, first = [], ExitCode.OK
+    for device in args.device:
+        try:
+            await call(device)
+        except (CliError, DaemonError) as exc:
+            err = from_exception(exc, action_for(argparse.Namespace(**{**vars(args), "device": device})))
+            if err.code == ExitCode.DAEMON_UNREACHABLE:
+                raise err from None  # nothing else will work either: one sentence, no partial output
+            sentence = err.sentence if _names(err.sentence, device) else f"{device}: {err.sentence}"
+            warn(sentence)
+            first = first or err.code
+            results.append({"device": device, "ok": False, "exit_code": int(err.code),
+                            "error": getattr(exc, "name", None), "message": sentence})
+            continue
+        text, record = success(device)
+        results.append({"device": device, "ok": True, **record})
+        if not args.json:
+            out(text)
+    if args.json:
+        emit_json(results)
+    return first
+
+
+async def cmd_bind(client, args) -> ExitCode:
+    persist = not args.runtime
+
+    async def call(device):
+        await client.manager("Bind", "ssa{sv}", [device, args.driver], options={"persist": persist}, mutate=True)
+
+    def success(device):
+        target = args.driver or "its host driver"
+        how = "persisted" if persist else "runtime only"
+        return f"{device}: bound to {target} ({how})", {"driver": args.driver, "persist": persist}
+
+    return await _each(client, args, call, success)
+
+
+async def cmd_unbind(client, args) -> ExitCode:
+    persist = not args.runtime
+
+    async def call(device):
+        await client.manager("Unbind", "sa{sv}", [device], options={"persist": persist}, mutate=True)
+
+    def success(device):
+        how = "persisted binding forgotten" if persist else "runtime only, persisted binding kept"
+        return f"{device}: given back to its host driver ({how})", {"persist": persist}
+
+    return await _each(client, args, call, success)
+
+
+async def cmd_forget(client, args) -> ExitCode:
+    await client.manager("Forget", "sa{sv}", [args.device], options={"restore": args.restore}, mutate=True)
+    if args.json:
+        emit_json({"device": args.device, "restore": args.restore})
+    else:
+        tail = " and given back to its host driver" if args.restore else ""
+        out(f"{args.device}: persisted state forgotten{tail}")
+    return ExitCode.OK
+
+
+async def cmd_prepare(client, args) -> ExitCode:
+    (lease_id,) = await client.manager("Prepare", "ssasa{sv}", [args.vm_name, args.vm_uuid, args.device],
+                                       options={}, mutate=True)
+    if args.json:
+        emit_json({"lease_id": lease_id, "vm_name": args.vm_name, "vm_uuid": args.vm_uuid,
+                   "devices": args.device})
+    else:
+        out(lease_id)
+    return ExitCode.OK
+
+
+async def cmd_release(client, args) -> ExitCode:
+    await client.manager("Release", "sa{sv}", [args.vm_uuid], options={}, mutate=True)
+    if args.json:
+        emit_json({"vm_uuid": args.vm_uuid, "released": True})
+    else:
+        out(f"{args.vm_uuid}: leases released")
+    return ExitCode.OK
+
+
+# ---------------------------------------------------------------- monitor
+
+MONITOR_RULES = [
+    f"type='signal',sender='{BUS_NAME}',interface='{PROPS_IFACE}',member='PropertiesChanged',"
+    f"path_namespace='{MANAGER_PATH}'",
+    # path_namespace, not path: dbus-fast's export() emits InterfacesAdded/Removed from the object's
+    # own path rather than the ObjectManager's; accept both.
+    f"type='signal',sender='{BUS_NAME}',interface='{OM_IFACE}',path_namespace='{MANAGER_PATH}'",
+    f"type='signal',sender='{BUS_NAME}',interface='{MANAGER_IFACE}',member='LeaseChanged'",
+    "type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
+    f"member='NameOwnerChanged',arg0='{BUS_NAME}'",
+]
+
+
+def _where(path: str) -> dict[str, Any]:
+    if path.startswith(DEVICES_PREFIX):
+        return {"address": render.address_from_path(path), "path": path}
+    return {"address": None, "path": path}
+
+
+def signal_to_event(path: str, interface: str, member: str, body: list[Any]) -> dict[str, Any] | None:
+    """A received signal → a monitor event dict (None for signals that are not ours)."""
+    now = time.time()
+    if interface == PROPS_IFACE and member == "PropertiesChanged" and path.startswith(MANAGER_PATH):
+        iface, changed, invalidated = body
+        return {"time": now, "event": "changed", **_where(path), "interface": iface,
+                "properties": changed, "invalidated": list(invalidated)}
+    if interface == OM_IFACE and member == "InterfacesAdded":
+        obj, ifaces = body
+        return {"time": now, "event": "added", **_where(obj), "interfaces": sorted(ifaces)}
+    if interface == OM_IFACE and member == "InterfacesRemoved":
+        obj, ifaces = body
+        return {"time": now, "event": "removed", **_where(obj), "interfaces": list(ifaces)}
+    if interface == MANAGER_IFACE and member == "LeaseChanged":
+        lease_id, vm_uuid, state = body
+        return {"time": now, "event": "lease", "lease_id": lease_id, "vm_uuid": vm_uuid, "state": state}
+    if interface == "org.freedesktop.DBus" and member == "NameOwnerChanged" and body and body[0] == BUS_NAME:
+        _, old, new = body
+        if new and not old:
+            return {"time": now, "event": "daemon-started", "owner": new}
+        if old and not new:
+            return {"time": now, "event": "daemon-stopped", "owner": old}
+        return None
+    return None
+
+
+async def cmd_monitor(client, args) -> ExitCode:
+    await client.get(MANAGER_PATH, MANAGER_IFACE, "Version")  # is the daemon there at all? (else exit 6)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    def handler(sender, path, interface, member, body) -> None:
+        try:
+            event = signal_to_event(path, interface, member, body)
+        except (ValueError, TypeError):
+            return  # malformed body: not one of ours
+        if event is None or stop.is_set():
+            return
+        try:
+            out(render.event_json(event) if args.json else render.event_text(event))
+        except BrokenPipeError:
+            stop.set()
+
+    try:
+        await client.subscribe(MONITOR_RULES, handler)
+        gone = asyncio.ensure_future(client.wait_for_disconnect())
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([gone, stopped], return_when=asyncio.FIRST_COMPLETED)
+        for task in (gone, stopped):
+            task.cancel()
+        if not stop.is_set():
+            raise CliError(ExitCode.DAEMON_UNREACHABLE,
+                           "lost the connection to the system bus; check that dbus is running and monitor again")
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    return ExitCode.OK
+
+
+COMMANDS = {
+    "list": cmd_list, "show": cmd_show, "check": cmd_check, "vfs": cmd_vfs, "bind": cmd_bind,
+    "unbind": cmd_unbind, "forget": cmd_forget, "guard": cmd_guard, "leases": cmd_leases,
+    "prepare": cmd_prepare, "release": cmd_release, "monitor": cmd_monitor, "version": cmd_version,
+}

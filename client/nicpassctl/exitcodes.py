@@ -1,0 +1,14 @@
+"""Exit codes of nicpassctl (the contract in spec/interface.md)."""
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    FAILED = 1
+    USAGE = 2
+    PROTECTED = 3
+    BUSY = 4
+    NOT_AUTHORIZED = 5
+    DAEMON_UNREACHABLE = 6
+    NOT_FOUND = 7

@@ -1,0 +1,11 @@
+"""D-Bus names fixed by the contract (spec/interface.md)."""
+
+BUS_NAME = "org.nicpass.NicPass1"
+MANAGER_PATH = "/org/nicpass/NicPass1"
+MANAGER_IFACE = "org.nicpass.NicPass1.Manager"
+DEVICE_IFACE = "org.nicpass.NicPass1.Device"
+DEVICES_PREFIX = MANAGER_PATH + "/devices/"
+PROPS_IFACE = "org.freedesktop.DBus.Properties"
+OM_IFACE = "org.freedesktop.DBus.ObjectManager"
+MANAGE = "org.nicpass.NicPass1.manage"
+LEASE = "org.nicpass.NicPass1.lease"

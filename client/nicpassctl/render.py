@@ -1,0 +1,359 @@
+"""Turn plain data (as returned by nicpassd, Variants already unwrapped) into text or JSON.
+
+Nothing here talks to the bus: every function takes dicts/lists and returns a string or a
+JSON-able value, so it is testable without a daemon.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import Any, Iterable
+
+_SNAKE_RE = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+
+# Device properties in the order a person wants to read them (extras follow, sorted).
+DEVICE_ORDER = [
+    "Address", "Interfaces", "Driver", "DesiredDriver", "Persisted", "Drift", "VendorId", "DeviceId",
+    "SubsystemVendorId", "SubsystemDeviceId", "ClassCode", "IsNetwork", "IommuGroup",
+    "PhysicalFunction", "TotalVfs", "NumVfs", "DesiredVfs", "Protected", "ProtectionReasons", "LeasedTo",
+]
+EXPLAIN_ORDER = [
+    "address", "verdict", "allowed", "protected", "reasons", "driver", "desired_driver", "persisted",
+    "interfaces", "iommu_group", "group_viable", "group_members", "leased_to",
+]
+
+
+def snake(name: str) -> str:
+    """``SubsystemVendorId`` → ``subsystem_vendor_id``."""
+    return _SNAKE_RE.sub("_", name).lower()
+
+
+def address_from_path(path: str) -> str:
+    """``/org/nicpass/NicPass1/devices/0000_3b_00_0`` → ``0000:3b:00.0``."""
+    seg = path.rsplit("/", 1)[-1]
+    parts = seg.split("_")
+    if len(parts) == 4:
+        return f"{parts[0]}:{parts[1]}:{parts[2]}.{parts[3]}"
+    return seg
+
+
+def dumps(value: Any, *, compact: bool = False) -> str:
+    if compact:
+        return json.dumps(value, sort_keys=False, separators=(",", ":"))
+    return json.dumps(value, indent=2, sort_keys=False)
+
+
+# ---------------------------------------------------------------- small formatters
+
+def _hex(value: str) -> str:
+    value = str(value or "")
+    return value[2:] if value.lower().startswith("0x") else value
+
+
+def _yn(value: Any) -> str:
+    return "yes" if value else "no"
+
+
+def fmt_value(value: Any) -> str:
+    """One value for a human: bools yes/no, lists comma-joined, empty → '-'."""
+    if isinstance(value, bool):
+        return _yn(value)
+    if isinstance(value, (list, tuple)):
+        items = [fmt_value(v) if not isinstance(v, (list, tuple)) else " ".join(map(str, v)) for v in value]
+        return ", ".join(items) if items else "-"
+    if value is None or value == "":
+        return "-"
+    return str(value)
+
+
+def _addr_key(address: str) -> tuple:
+    """Sort PCI addresses numerically (falls back to text for anything else)."""
+    parts = re.split(r"[:.]", address)
+    try:
+        return (0, tuple(int(p, 16) for p in parts))
+    except ValueError:
+        return (1, address)
+
+
+def table(headers: list[str], rows: Iterable[list[Any]]) -> str:
+    """Left-aligned columns; a cell may hold several lines (continued on the next rows)."""
+    rows = [[str(c) for c in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in rows:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], *(len(line) for line in cell.split("\n")))
+    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    for row in rows:
+        cells = [c.split("\n") for c in row]
+        for k in range(max(len(c) for c in cells)):
+            line = "  ".join((c[k] if k < len(c) else "").ljust(w) for c, w in zip(cells, widths, strict=True))
+            out.append(line.rstrip())
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------- list
+
+def is_network(props: dict[str, Any]) -> bool:
+    return bool(props.get("IsNetwork", True))
+
+
+def select_devices(devices: Iterable[dict[str, Any]], show_all: bool = False) -> list[dict[str, Any]]:
+    """Network functions only (unless ``show_all``), sorted by address."""
+    chosen = [d for d in devices if show_all or is_network(d)]
+    return sorted(chosen, key=lambda d: _addr_key(str(d.get("Address", ""))))
+
+
+def device_record(props: dict[str, Any]) -> dict[str, Any]:
+    """Every property, snake_case keys (the JSON shape of one device)."""
+    known = [k for k in DEVICE_ORDER if k in props]
+    extra = sorted(k for k in props if k not in DEVICE_ORDER)
+    return {snake(k): props[k] for k in known + extra}
+
+
+def list_json(devices: Iterable[dict[str, Any]], show_all: bool = False) -> list[dict[str, Any]]:
+    return [device_record(d) for d in select_devices(devices, show_all)]
+
+
+def role(props: dict[str, Any]) -> str:
+    if props.get("PhysicalFunction"):
+        return "VF"
+    if int(props.get("TotalVfs", 0) or 0) > 0:
+        return "PF"
+    return "-"
+
+
+def persisted_cell(props: dict[str, Any]) -> str:
+    """What is persisted for it: ``vfs=N`` and/or the desired driver (a VF's comes from its PF)."""
+    parts = []
+    desired_vfs = props.get("DesiredVfs", -1)  # i: -1 when no VF count is persisted
+    if isinstance(desired_vfs, int) and not isinstance(desired_vfs, bool) and desired_vfs >= 0:
+        parts.append(f"vfs={desired_vfs}")
+    if props.get("DesiredDriver"):
+        parts.append(str(props["DesiredDriver"]))
+    cell = ",".join(parts) or ("yes" if props.get("Persisted") else "-")
+    return cell + ("*" if props.get("Drift") else "")
+
+
+def _list_row(props: dict[str, Any], indent: str) -> list[str]:
+    group = props.get("IommuGroup", -1)
+    leased = str(props.get("LeasedTo") or "")
+    vfs = f"{props.get('NumVfs', 0)}/{props.get('TotalVfs', 0)}" if role(props) == "PF" else "-"
+    vendor = _hex(props.get("VendorId", ""))
+    device = _hex(props.get("DeviceId", ""))
+    return [
+        indent + str(props.get("Address", "?")),
+        ",".join(props.get("Interfaces") or []) or "-",
+        props.get("Driver") or "-",
+        f"{vendor}:{device}" if vendor or device else "-",
+        "-" if group is None or int(group) < 0 else str(group),
+        role(props),
+        vfs,
+        _yn(props.get("Protected")),
+        leased[:8] if leased else "-",
+        persisted_cell(props),
+    ]
+
+
+LIST_HEADERS = ["ADDRESS", "IFACE", "DRIVER", "VENDOR:DEVICE", "GROUP", "ROLE", "VFS", "PROT", "LEASED",
+                "PERSISTED"]
+
+
+def list_text(devices: Iterable[dict[str, Any]], show_all: bool = False) -> str:
+    """The ``list`` table: PFs and plain functions by address, each PF's VFs indented under it."""
+    chosen = select_devices(devices, show_all)
+    if not chosen:
+        return "No network functions found." if not show_all else "No PCI functions found."
+    addresses = {d.get("Address") for d in chosen}
+    children: dict[str, list[dict[str, Any]]] = {}
+    top = []
+    for d in chosen:
+        pf = d.get("PhysicalFunction")
+        if pf and pf in addresses:
+            children.setdefault(pf, []).append(d)
+        else:
+            top.append(d)
+    rows = []
+    for d in top:
+        rows.append(_list_row(d, ""))
+        for vf in children.get(d.get("Address"), []):
+            rows.append(_list_row(vf, "  "))
+    out = table(LIST_HEADERS, rows)
+    drift = [d for d in chosen if d.get("Drift")]
+    if drift:
+        out += "\n\n" + "\n".join(f"* {d.get('Address')}: {d['Drift']}" for d in drift)
+    return out
+
+
+# ---------------------------------------------------------------- show
+
+def explain_record(explain: dict[str, Any]) -> dict[str, Any]:
+    """The JSON shape of Explain: group_members as objects, everything else as sent."""
+    out = {}
+    for key in [k for k in EXPLAIN_ORDER if k in explain] + sorted(k for k in explain if k not in EXPLAIN_ORDER):
+        value = explain[key]
+        if key == "group_members":
+            value = [{"address": m[0], "driver": m[1]} for m in value]
+        out[key] = value
+    return out
+
+
+def show_json(props: dict[str, Any] | None, explain: dict[str, Any]) -> dict[str, Any]:
+    return {"device": device_record(props) if props is not None else None, "explain": explain_record(explain)}
+
+
+def _block(title: str, pairs: list[tuple[str, str]]) -> list[str]:
+    lines = [title]
+    width = max((len(k) for k, _ in pairs), default=0)
+    for key, value in pairs:
+        sub = value.split("\n")
+        lines.append(f"  {key.ljust(width)}  {sub[0]}")
+        lines.extend(f"  {'':{width}}  {s}" for s in sub[1:])
+    return lines
+
+
+def _label(snake_key: str) -> str:
+    return snake_key.replace("_", " ")
+
+
+def show_text(props: dict[str, Any] | None, explain: dict[str, Any]) -> str:
+    address = explain.get("address") or (props or {}).get("Address", "?")
+    verdict = explain.get("verdict") or (
+        "may be handed to a VM" if explain.get("allowed") else "may not be handed to a VM")
+    lines = [verdict if verdict.startswith(str(address)) else f"{address}: {verdict}"]
+    if props is not None:
+        pairs = []
+        for key, value in device_record(props).items():
+            if key in ("iommu_group", "desired_vfs") and isinstance(value, int) and value < 0:
+                value = "-"
+            elif key in ("vendor_id", "device_id", "subsystem_vendor_id", "subsystem_device_id"):
+                value = _hex(value)
+            pairs.append((_label(key), "\n".join(value) if key == "protection_reasons" and value
+                          else fmt_value(value)))
+        lines += [""] + _block("Device", pairs)
+    pairs = []
+    for key, value in explain_record(explain).items():
+        if key in ("address", "verdict"):
+            continue
+        if key == "group_members":
+            text = "\n".join(f"{m['address']} ({m['driver'] or 'no driver'})" for m in value) or "-"
+        elif key == "reasons":
+            text = "\n".join(value) if value else "-"
+        elif key == "iommu_group" and isinstance(value, int) and value < 0:
+            text = "-"
+        else:
+            text = fmt_value(value)
+        pairs.append((_label(key), text))
+    lines += [""] + _block("Explain", pairs)
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- check, guard, leases
+
+def check_json(findings: Iterable[list[Any]]) -> list[dict[str, str]]:
+    return [{"id": f[0], "level": f[1], "message": f[2], "remedy": f[3]} for f in findings]
+
+
+def check_failed(findings: Iterable[list[Any]]) -> bool:
+    return any(f[1] == "fail" for f in findings)
+
+
+def check_text(findings: list[list[Any]]) -> str:
+    if not findings:
+        return "No findings."
+    width = max(len(f[0]) for f in findings)
+    lines = []
+    for fid, level, message, remedy in findings:
+        lines.append(f"[{level:^4}] {fid.ljust(width)}  {message}")
+        if remedy and level != "ok":
+            lines.append(f"       {'':{width}}  remedy: {remedy}")
+    counts = {lvl: sum(1 for f in findings if f[1] == lvl) for lvl in ("ok", "warn", "fail")}
+    lines.append("")
+    lines.append(f"{counts['ok']} ok, {counts['warn']} warning(s), {counts['fail']} failure(s)")
+    return "\n".join(lines)
+
+
+def guard_json(protected: Iterable[list[Any]]) -> list[dict[str, Any]]:
+    items = sorted(protected, key=lambda p: _addr_key(p[0]))
+    return [{"address": addr, "reasons": list(reasons)} for addr, reasons in items]
+
+
+def guard_text(protected: list[list[Any]]) -> str:
+    if not protected:
+        return "No device is protected."
+    rows = [[p["address"], "\n".join(p["reasons"]) or "-"] for p in guard_json(protected)]
+    return table(["ADDRESS", "REASONS"], rows)
+
+
+def _when(seconds: Any) -> str:
+    if not seconds:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(int(seconds)))
+
+
+def leases_json(leases: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [dict(lease) for lease in leases]
+
+
+def leases_text(leases: list[dict[str, Any]]) -> str:
+    if not leases:
+        return "No leases."
+    rows = [
+        [
+            lease.get("lease_id", "?"),
+            lease.get("vm_name") or "-",
+            lease.get("vm_uuid") or "-",
+            lease.get("state", "?"),
+            "\n".join(lease.get("devices") or []) or "-",
+            _when(lease.get("expires")),
+            str(lease.get("pid") or "-"),
+        ]
+        for lease in leases
+    ]
+    return table(["LEASE", "VM", "UUID", "STATE", "DEVICES", "EXPIRES", "PID"], rows)
+
+
+# ---------------------------------------------------------------- monitor
+
+def clock(now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    return time.strftime("%H:%M:%S", time.localtime(now)) + f".{int(now * 1000) % 1000:03d}"
+
+
+def _event_value(value: Any) -> str:
+    """Compact, but unambiguous: text with spaces or quotes (or empty) is JSON-quoted."""
+    if isinstance(value, bool):
+        return _yn(value)
+    if isinstance(value, (list, tuple)):
+        value = ",".join(map(str, value))
+    text = str(value)
+    if text == "" or any(c.isspace() or c in "\"'=" for c in text):
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def event_text(event: dict[str, Any]) -> str:
+    """One line per monitor event (``event`` as built by the monitor command)."""
+    kind = event["event"]
+    head = f"{clock(event.get('time'))} {kind}"
+    if kind == "changed":
+        changes = " ".join(f"{k}={_event_value(v)}" for k, v in event.get("properties", {}).items())
+        changes += "".join(f" {k}=?" for k in event.get("invalidated", []))
+        return f"{head} {event.get('address') or event.get('path')} {changes}".rstrip()
+    if kind in ("added", "removed"):
+        return f"{head} {event.get('address') or event.get('path')}"
+    if kind == "lease":
+        return f"{head} {event['lease_id']} {event['vm_uuid']} {event['state']}"
+    if kind in ("daemon-started", "daemon-stopped"):
+        return f"{clock(event.get('time'))} daemon {kind.split('-')[1]}"
+    return f"{head} {event}"
+
+
+def event_json(event: dict[str, Any]) -> str:
+    out = dict(event)
+    if "properties" in out:
+        out["properties"] = {snake(k): v for k, v in out["properties"].items()}
+    if "invalidated" in out:
+        out["invalidated"] = [snake(k) for k in out["invalidated"]]
+    return dumps(out, compact=True)

@@ -1,0 +1,504 @@
+"""Every command end to end through ``cli.main`` with the real ``Client`` over a fake bus.
+
+The fake bus answers the exact Messages the client builds (they are marshalled, so body and
+signature must agree), which pins the wire contract: members, signatures, options, flags.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+
+import pytest
+from dbus_fast import Message, MessageFlag, Variant
+from nicpassctl import cli
+from nicpassctl.connection import Client
+
+NP = "org.nicpass.NicPass1.Error."
+FD = "org.freedesktop.DBus.Error."
+DEV_IFACE = "org.nicpass.NicPass1.Device"
+
+_SIGS = {"IommuGroup": "i", "TotalVfs": "u", "NumVfs": "u"}
+
+
+def props_variants(props: dict) -> dict:
+    out = {}
+    for key, value in props.items():
+        if isinstance(value, bool):
+            out[key] = Variant("b", value)
+        elif isinstance(value, int):
+            out[key] = Variant(_SIGS.get(key, "u"), value)
+        elif isinstance(value, list):
+            out[key] = Variant("as", value)
+        else:
+            out[key] = Variant("s", value)
+    return out
+
+
+def device(address, **kw):
+    props = {
+        "Address": address, "VendorId": "8086", "DeviceId": "1572", "SubsystemVendorId": "8086",
+        "SubsystemDeviceId": "0000", "Driver": "i40e", "IommuGroup": 30, "Interfaces": [],
+        "PhysicalFunction": "", "TotalVfs": 0, "NumVfs": 0, "Protected": False, "ProtectionReasons": [],
+        "LeasedTo": "", "Persisted": False, "DesiredDriver": "", "IsNetwork": True, "ClassCode": "0x020000",
+        "Drift": "",
+    }
+    props.update(kw)
+    return props
+
+
+def path_of(address):
+    return "/org/nicpass/NicPass1/devices/" + address.replace(":", "_").replace(".", "_")
+
+
+DEVICES = [
+    device("0000:3b:00.0", Interfaces=["enp59s0f0"], TotalVfs=8, NumVfs=1),
+    device("0000:3b:02.0", PhysicalFunction="0000:3b:00.0", Driver="vfio-pci", IommuGroup=40,
+           LeasedTo="6f1c2d3e-0000-0000-0000-000000000001"),
+    device("0000:00:14.0", IsNetwork=False, Driver="xhci_hcd"),
+]
+
+EXPLAIN = {
+    "address": Variant("s", "0000:3b:00.0"), "allowed": Variant("b", True),
+    "verdict": Variant("s", "0000:3b:00.0 may be handed to a VM."), "protected": Variant("b", False),
+    "reasons": Variant("as", []), "iommu_group": Variant("i", 30),
+    "group_members": Variant("a(ss)", [["0000:3b:00.0", "i40e"]]), "group_viable": Variant("b", True),
+    "leased_to": Variant("s", ""), "persisted": Variant("b", False), "desired_driver": Variant("s", ""),
+    "driver": Variant("s", "i40e"), "interfaces": Variant("as", ["enp59s0f0"]),
+}
+
+
+class DaemonErr(Exception):
+    def __init__(self, name, text):
+        self.name, self.text = name, text
+
+
+class FakeBus:
+    """Answers method calls through ``responder(msg) -> (signature, body)`` or raises DaemonErr."""
+
+    def __init__(self, responder):
+        self.responder = responder
+        self.sent: list[Message] = []
+        self.handlers = []
+        self.disconnected = asyncio.get_running_loop().create_future()
+
+    async def call(self, msg: Message) -> Message:
+        msg.serial = len(self.sent) + 1
+        msg._marshall(False)  # body must match signature, as on a real bus
+        self.sent.append(msg)
+        try:
+            result = self.responder(msg, self)
+            if asyncio.iscoroutine(result):
+                result = await result
+        except DaemonErr as err:
+            return Message.new_error(msg, err.name, err.text)
+        signature, body = result
+        return Message.new_method_return(msg, signature, body)
+
+    def add_message_handler(self, handler):
+        self.handlers.append(handler)
+
+    def emit(self, msg: Message):
+        for handler in self.handlers:
+            handler(msg)
+
+    async def wait_for_disconnect(self):
+        await self.disconnected
+
+    def disconnect(self):
+        pass
+
+
+def default_responder(msg: Message, bus: FakeBus):
+    member = msg.member
+    if member == "GetManagedObjects":
+        objects = {path_of(d["Address"]): {DEV_IFACE: props_variants(d),
+                                           "org.freedesktop.DBus.Properties": {}} for d in DEVICES}
+        objects["/org/nicpass/NicPass1"] = {"org.nicpass.NicPass1.Manager": {}}
+        return "a{oa{sa{sv}}}", [objects]
+    if member == "Explain":
+        return "a{sv}", [EXPLAIN]
+    if member == "GetAll":
+        for d in DEVICES:
+            if msg.path == path_of(d["Address"]):
+                return "a{sv}", [props_variants(d)]
+        raise DaemonErr(FD + "UnknownObject", f"Unknown object '{msg.path}'.")
+    if member == "Get":
+        return "v", [Variant("s", "0.1.0")]
+    if member == "Check":
+        return "a(ssss)", [[["iommu", "ok", "IOMMU is on.", ""],
+                            ["vfio", "warn", "vfio-pci not loaded.", "run modprobe vfio-pci."]]]
+    if member == "GetProtected":
+        return "a(sas)", [[["0000:01:00.0", ["carries the default route"]]]]
+    if member == "ListLeases":
+        return "aa{sv}", [[{"lease_id": Variant("s", "l-1"), "vm_name": Variant("s", "web"),
+                            "vm_uuid": Variant("s", "u-1"), "state": Variant("s", "active"),
+                            "devices": Variant("as", ["0000:3b:02.0"]), "expires": Variant("t", 0),
+                            "pid": Variant("u", 99)}]]
+    if member == "Prepare":
+        return "s", ["lease-42"]
+    if member == "AddMatch":
+        return "", []
+    return "", []
+
+
+class Harness:
+    def __init__(self, responder=default_responder):
+        self.responder = responder
+        self.bus: FakeBus | None = None
+
+    def factory(self, args):
+        harness = self
+        client = Client(bus_address=args.bus_address, timeout=args.timeout, interactive=args.interactive)
+
+        async def connect():
+            harness.bus = client._bus = FakeBus(harness.responder)
+            return client
+
+        client.connect = connect
+        return client
+
+    def run(self, *argv):
+        return cli.main(list(argv), client_factory=self.factory)
+
+    @property
+    def calls(self):
+        return [m for m in self.bus.sent if m.member != "AddMatch"]
+
+
+@pytest.fixture
+def h():
+    return Harness()
+
+
+def fail_with(name, text, member=None):
+    def responder(msg, bus):
+        if member is None or msg.member == member:
+            raise DaemonErr(name, text)
+        return default_responder(msg, bus)
+    return responder
+
+
+def unwrap_opts(options):
+    return {k: v.value for k, v in options.items()}
+
+
+# ---------------------------------------------------------------- reads
+
+def test_list(h, capsys):
+    assert h.run("list") == 0
+    out = capsys.readouterr().out
+    assert "0000:3b:00.0" in out and "  0000:3b:02.0" in out and "0000:00:14.0" not in out
+    assert [m.member for m in h.calls] == ["GetManagedObjects"]
+    m = h.calls[0]
+    assert (m.destination, m.path, m.interface) == ("org.nicpass.NicPass1", "/org/nicpass/NicPass1",
+                                                    "org.freedesktop.DBus.ObjectManager")
+    assert m.flags == MessageFlag.NONE  # reads never ask polkit
+
+
+def test_list_json_all(h, capsys):
+    assert h.run("--json", "list", "--all") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [d["address"] for d in doc] == ["0000:00:14.0", "0000:3b:00.0", "0000:3b:02.0"]
+    assert doc[1]["interfaces"] == ["enp59s0f0"] and doc[1]["iommu_group"] == 30
+    assert doc[2]["leased_to"].startswith("6f1c2d3e")
+
+
+def test_show(h, capsys):
+    assert h.run("show", "enp59s0f0") == 0
+    out = capsys.readouterr().out
+    assert out.startswith("0000:3b:00.0 may be handed to a VM.")
+    explain, get_all = h.calls
+    assert (explain.member, explain.signature, explain.body) == ("Explain", "s", ["enp59s0f0"])
+    assert (get_all.path, get_all.body) == ("/org/nicpass/NicPass1/devices/0000_3b_00_0",
+                                            ["org.nicpass.NicPass1.Device"])
+
+
+def test_show_json(h, capsys):
+    assert h.run("show", "--json", "3b:00.0") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["device"]["address"] == "0000:3b:00.0"
+    assert doc["explain"]["group_members"] == [{"address": "0000:3b:00.0", "driver": "i40e"}]
+    assert doc["explain"]["allowed"] is True
+
+
+def test_show_without_device_object(capsys):
+    def responder(msg, bus):
+        if msg.member == "Explain":
+            return "a{sv}", [{**EXPLAIN, "address": Variant("s", "0000:99:00.0")}]
+        return default_responder(msg, bus)
+
+    assert Harness(responder).run("--json", "show", "0000:99:00.0") == 0
+    assert json.loads(capsys.readouterr().out)["device"] is None
+
+
+def test_show_not_found(capsys):
+    h = Harness(fail_with(NP + "NotFound", "No PCI function matches 'eth9'; give an address or interface name."))
+    assert h.run("show", "eth9") == 7
+    cap = capsys.readouterr()
+    assert cap.out == ""
+    assert cap.err == "nicpassctl: No PCI function matches 'eth9'; give an address or interface name.\n"
+
+
+def test_show_invalid_argument(capsys):
+    h = Harness(fail_with(NP + "InvalidArgument", "'x y' is not a PCI address or interface name."))
+    assert h.run("show", "x y") == 2
+
+
+def test_check_exit_codes(h, capsys):
+    assert h.run("check") == 0
+    assert "remedy: run modprobe vfio-pci." in capsys.readouterr().out
+
+    def failing(msg, bus):
+        return "a(ssss)", [[["iommu", "fail", "No IOMMU.", "enable intel_iommu=on."]]]
+
+    assert Harness(failing).run("--json", "check") == 1
+    assert json.loads(capsys.readouterr().out) == [
+        {"id": "iommu", "level": "fail", "message": "No IOMMU.", "remedy": "enable intel_iommu=on."}]
+
+
+def test_guard_and_leases(h, capsys):
+    assert h.run("guard") == 0
+    assert "carries the default route" in capsys.readouterr().out
+    assert h.run("--json", "leases") == 0
+    assert json.loads(capsys.readouterr().out) == [
+        {"lease_id": "l-1", "vm_name": "web", "vm_uuid": "u-1", "state": "active",
+         "devices": ["0000:3b:02.0"], "expires": 0, "pid": 99}]
+
+
+def test_version(h, capsys):
+    assert h.run("--json", "version") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["daemon"] == "0.1.0" and "client" in doc
+    (m,) = h.calls
+    assert (m.interface, m.member, m.body) == ("org.freedesktop.DBus.Properties", "Get",
+                                               ["org.nicpass.NicPass1.Manager", "Version"])
+
+
+# ---------------------------------------------------------------- changes
+
+def test_vfs(h, capsys):
+    assert h.run("vfs", "enp59s0f0", "4") == 0
+    (m,) = h.calls
+    assert (m.member, m.signature) == ("SetVfCount", "sua{sv}")
+    assert m.body[:2] == ["enp59s0f0", 4] and unwrap_opts(m.body[2]) == {"persist": True}
+    assert m.body[2]["persist"].signature == "b"
+    assert m.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION
+    assert capsys.readouterr().out == "enp59s0f0: 4 VFs (persisted)\n"
+
+
+def test_vfs_runtime_vfio(h, capsys):
+    assert h.run("--no-ask-password", "vfs", "--runtime", "--vfio", "3b:00.0", "0") == 0
+    (m,) = h.calls
+    assert unwrap_opts(m.body[2]) == {"persist": False, "driver": "vfio-pci"}
+    assert m.body[2]["driver"].signature == "s"
+    assert not m.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION
+
+
+@pytest.mark.parametrize(
+    "name, code",
+    [("Protected", 3), ("Busy", 4), ("NotSupported", 1), ("InvalidArgument", 2), ("NotFound", 7),
+     ("KernelError", 1), ("Timeout", 1), ("IdentityChanged", 1)],
+)
+def test_vfs_errors(name, code, capsys):
+    text = f"0000:3b:00.0 cannot do that ({name}); do something else."
+    assert Harness(fail_with(NP + name, text)).run("vfs", "0000:3b:00.0", "4") == code
+    cap = capsys.readouterr()
+    assert cap.out == "" and cap.err == f"nicpassctl: {text}\n"
+
+
+def test_vfs_access_denied(capsys):
+    h = Harness(fail_with(FD + "AccessDenied", "Not authorized."))
+    assert h.run("vfs", "0000:3b:00.0", "4") == 5
+    assert capsys.readouterr().err == (
+        "nicpassctl: not authorized to change the VF count of 0000:3b:00.0; run as root or ask an "
+        "administrator to grant org.nicpass.NicPass1.manage\n")
+
+
+def test_bind_each_device_and_first_failure_code(capsys):
+    def responder(msg, bus):
+        dev = msg.body[0]
+        if dev == "b":
+            raise DaemonErr(NP + "Busy", "0000:3b:02.1 is leased to VM web; stop the VM first.")
+        if dev == "c":
+            raise DaemonErr(NP + "Protected", "c is protected.")
+        return "", []
+
+    h = Harness(responder)
+    assert h.run("bind", "a", "b", "c", "d") == 4
+    assert [(m.member, m.signature, m.body[:2]) for m in h.calls] == [
+        ("Bind", "ssa{sv}", [d, "vfio-pci"]) for d in "abcd"]
+    assert all(unwrap_opts(m.body[2]) == {"persist": True} for m in h.calls)
+    cap = capsys.readouterr()
+    assert cap.out == "a: bound to vfio-pci (persisted)\nd: bound to vfio-pci (persisted)\n"
+    assert cap.err == ("nicpassctl: b: 0000:3b:02.1 is leased to VM web; stop the VM first.\n"
+                       "nicpassctl: c is protected.\n")
+
+
+def test_bind_json_results(capsys):
+    h = Harness(fail_with(NP + "Protected", "0000:01:00.0 is protected: it carries the default route."))
+    assert h.run("--json", "bind", "--runtime", "--driver", "", "0000:01:00.0") == 3
+    cap = capsys.readouterr()
+    (m,) = h.calls
+    assert m.body[1] == "" and unwrap_opts(m.body[2]) == {"persist": False}
+    assert json.loads(cap.out) == [{
+        "device": "0000:01:00.0", "ok": False, "exit_code": 3, "error": NP + "Protected",
+        "message": "0000:01:00.0 is protected: it carries the default route."}]
+    assert cap.err == "nicpassctl: 0000:01:00.0 is protected: it carries the default route.\n"
+
+
+def test_bind_success_json(h, capsys):
+    assert h.run("bind", "--json", "x") == 0
+    assert json.loads(capsys.readouterr().out) == [
+        {"device": "x", "ok": True, "driver": "vfio-pci", "persist": True}]
+
+
+def test_bind_access_denied_names_device(capsys):
+    assert Harness(fail_with(FD + "AccessDenied", "")).run("bind", "3b:02.0") == 5
+    assert "not authorized to bind 3b:02.0 to vfio-pci; " in capsys.readouterr().err
+
+
+def test_unbind(h, capsys):
+    assert h.run("unbind", "a", "--runtime") == 0
+    (m,) = h.calls
+    assert (m.member, m.signature, m.body[0]) == ("Unbind", "sa{sv}", "a")
+    assert unwrap_opts(m.body[1]) == {"persist": False}
+    assert m.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION
+    assert "given back to its host driver" in capsys.readouterr().out
+    assert h.run("unbind", "a") == 0
+    assert unwrap_opts(h.calls[0].body[1]) == {"persist": True}
+
+
+def test_forget(h, capsys):
+    assert h.run("forget", "--restore", "a") == 0
+    (m,) = h.calls
+    assert (m.member, m.signature, m.body[0], unwrap_opts(m.body[1])) == ("Forget", "sa{sv}", "a",
+                                                                          {"restore": True})
+    assert capsys.readouterr().out == "a: persisted state forgotten and given back to its host driver\n"
+
+
+def test_prepare_and_release(h, capsys):
+    assert h.run("prepare", "web", "u-1", "a", "b") == 0
+    (m,) = h.calls
+    assert (m.member, m.signature, m.body[:3]) == ("Prepare", "ssasa{sv}", ["web", "u-1", ["a", "b"]])
+    assert capsys.readouterr().out == "lease-42\n"
+    assert h.run("--json", "release", "u-1") == 0
+    (m,) = h.calls
+    assert (m.member, m.signature, m.body[0]) == ("Release", "sa{sv}", "u-1")
+    assert json.loads(capsys.readouterr().out) == {"vm_uuid": "u-1", "released": True}
+
+
+def test_prepare_access_denied_names_lease_action(capsys):
+    assert Harness(fail_with(FD + "AccessDenied", "")).run("prepare", "web", "u", "a") == 5
+    assert "grant org.nicpass.NicPass1.lease" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the daemon is gone / slow
+
+@pytest.mark.parametrize("cmd", [["list"], ["show", "x"], ["vfs", "x", "1"], ["bind", "x", "y"], ["monitor"],
+                                 ["check"], ["guard"], ["leases"], ["release", "u"], ["version"]])
+def test_daemon_not_on_bus(cmd, capsys):
+    h = Harness(fail_with(FD + "ServiceUnknown", "The name org.nicpass.NicPass1 was not provided by any "
+                                                 ".service files"))
+    assert h.run(*cmd) == 6
+    cap = capsys.readouterr()
+    assert cap.out == ""
+    assert cap.err == ("nicpassctl: nicpassd is not running on the system bus; "
+                       "start it with `systemctl start nicpassd`\n")
+    if cmd[0] == "bind":
+        assert len(h.calls) == 1  # no point trying the next device
+
+
+def test_no_bus_socket(capsys):
+    rc = cli.main(["--bus-address", "unix:path=/nonexistent/nicpassctl-test.sock", "list"])
+    assert rc == 6
+    cap = capsys.readouterr()
+    assert cap.out == "" and cap.err.startswith("nicpassctl: nicpassd is not running on the system bus")
+    assert cap.err.count("\n") == 1
+
+
+def test_bad_bus_address_is_usage(capsys):
+    assert cli.main(["--bus-address", "bogus", "list"]) == 2
+    assert "invalid --bus-address" in capsys.readouterr().err
+
+
+def test_client_timeout(capsys):
+    async def slow(msg, bus):
+        await asyncio.sleep(5)
+
+    assert Harness(slow).run("--timeout", "0.05", "vfs", "x", "2") == 1
+    err = capsys.readouterr().err
+    assert "did not answer within 0.05 seconds" in err and "may still complete" in err
+
+
+def test_no_reply(capsys):
+    h = Harness(fail_with(FD + "NoReply", "Message recipient disconnected from message bus without replying"))
+    assert h.run("list") == 1
+    assert "nicpassd did not answer" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- monitor
+
+def _signals():
+    dev = "/org/nicpass/NicPass1/devices/0000_3b_00_0"
+    return [
+        Message.new_signal(dev, "org.freedesktop.DBus.Properties", "PropertiesChanged", "sa{sv}as",
+                           [DEV_IFACE, {"NumVfs": Variant("u", 4), "Driver": Variant("s", "i40e")}, []]),
+        Message.new_signal("/org/nicpass/NicPass1", "org.freedesktop.DBus.ObjectManager", "InterfacesAdded",
+                           "oa{sa{sv}}", ["/org/nicpass/NicPass1/devices/0000_3b_02_0",
+                                          {DEV_IFACE: {"Address": Variant("s", "0000:3b:02.0")}}]),
+        Message.new_signal("/org/nicpass/NicPass1", "org.freedesktop.DBus.ObjectManager", "InterfacesRemoved",
+                           "oas", ["/org/nicpass/NicPass1/devices/0000_3b_02_0", [DEV_IFACE]]),
+        Message.new_signal("/org/nicpass/NicPass1", "org.nicpass.NicPass1.Manager", "LeaseChanged", "sss",
+                           ["l-1", "u-1", "active"]),
+        Message.new_signal("/org/freedesktop/DBus", "org.freedesktop.DBus", "NameOwnerChanged", "sss",
+                           ["org.nicpass.NicPass1", ":1.7", ""]),
+        Message.new_signal("/org/freedesktop/DBus", "org.freedesktop.DBus", "NameOwnerChanged", "sss",
+                           ["org.nicpass.NicPass1", "", ":1.9"]),
+        Message.new_signal("/org/freedesktop/DBus", "org.freedesktop.DBus", "NameAcquired", "s", [":1.3"]),
+    ]
+
+
+def _monitor_responder(then):
+    matches = []
+
+    def responder(msg, bus):
+        if msg.member == "AddMatch":
+            matches.append(msg.body[0])
+            if len(matches) == 4:
+                loop = asyncio.get_running_loop()
+                for sig in _signals():
+                    loop.call_soon(bus.emit, sig)
+                loop.call_soon(then, bus)
+            return "", []
+        return default_responder(msg, bus)
+
+    return responder, matches
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_monitor_text_until_signal(capsys, signum):
+    responder, matches = _monitor_responder(lambda bus: os.kill(os.getpid(), signum))
+    assert Harness(responder).run("monitor") == 0
+    lines = [line.split(" ", 1)[1] for line in capsys.readouterr().out.splitlines()]
+    assert lines == ["changed 0000:3b:00.0 NumVfs=4 Driver=i40e", "added 0000:3b:02.0", "removed 0000:3b:02.0",
+                     "lease l-1 u-1 active", "daemon stopped", "daemon started"]
+    assert all("sender='org.nicpass.NicPass1'" in m or "NameOwnerChanged" in m for m in matches)
+    assert any("path_namespace='/org/nicpass/NicPass1'" in m for m in matches)
+
+
+def test_monitor_json(capsys):
+    responder, _ = _monitor_responder(lambda bus: os.kill(os.getpid(), signal.SIGINT))
+    assert Harness(responder).run("--json", "monitor") == 0
+    docs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [d["event"] for d in docs] == ["changed", "added", "removed", "lease", "daemon-stopped",
+                                          "daemon-started"]
+    assert docs[0]["address"] == "0000:3b:00.0" and docs[0]["properties"] == {"num_vfs": 4, "driver": "i40e"}
+
+
+def test_monitor_bus_lost(capsys):
+    responder, _ = _monitor_responder(lambda bus: bus.disconnected.set_result(None))
+    assert Harness(responder).run("monitor") == 6
+    assert "lost the connection to the system bus" in capsys.readouterr().err
