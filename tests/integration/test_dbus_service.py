@@ -1,0 +1,197 @@
+"""The D-Bus API through a real dbus-daemon enforcing the shipped policy, polkit asked per action."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import socket
+import os
+
+from dbus_fast import Message, MessageType, Variant
+
+from nicpassd.transport.service import BUS_NAME, DEVICE_IFACE, MANAGER_IFACE, MANAGER_PATH, device_path
+from support.unprivileged import busctl_async
+
+SPEC_PROPERTIES = {
+    "Address": "s", "VendorId": "s", "DeviceId": "s", "SubsystemVendorId": "s", "SubsystemDeviceId": "s",
+    "Driver": "s", "IommuGroup": "i", "Interfaces": "as", "PhysicalFunction": "s", "TotalVfs": "u",
+    "NumVfs": "u", "Protected": "b", "ProtectionReasons": "as", "LeasedTo": "s", "Persisted": "b",
+    "DesiredDriver": "s",
+}
+
+
+async def call(bus, member: str, signature: str = "", body: list | None = None, *,
+               path: str = MANAGER_PATH, interface: str = MANAGER_IFACE) -> Message:
+    return await bus.call(Message(destination=BUS_NAME, path=path, interface=interface, member=member,
+                                  signature=signature, body=body or []))
+
+
+async def managed_objects(bus) -> dict:
+    reply = await call(bus, "GetManagedObjects", interface="org.freedesktop.DBus.ObjectManager")
+    assert reply.message_type == MessageType.METHOD_RETURN, reply.body
+    return reply.body[0]
+
+
+def sysfs(service, address: str, attr: str) -> str:
+    return (service.paths.pci_device(address) / attr).read_text().strip()
+
+
+def driver_of(service, address: str) -> str:
+    link = service.paths.pci_device(address) / "driver"
+    return os.path.basename(os.readlink(link)) if link.is_symlink() else ""
+
+
+async def test_managed_objects_carry_every_spec_property(service, client):
+    objects = await managed_objects(client)
+    assert set(objects) == {device_path(a) for a in service.kernel.devices() if a != "0000:00:17.0"}
+    for path, interfaces in objects.items():
+        properties = interfaces[DEVICE_IFACE]
+        for name, signature in SPEC_PROPERTIES.items():
+            assert properties[name].signature == signature, (path, name)
+    pf = objects[device_path("0000:3b:00.0")][DEVICE_IFACE]
+    assert (pf["Driver"].value, pf["TotalVfs"].value, pf["Interfaces"].value) == ("i40e", 64, ["enp59s0f0"])
+    mgmt = objects[device_path("0000:01:00.0")][DEVICE_IFACE]
+    assert mgmt["Protected"].value is True
+    assert any("br0 → bond0 → eno1" in reason for reason in mgmt["ProtectionReasons"].value)
+
+
+async def test_set_vf_count_creates_vf_objects_and_signals(service, client):
+    added, changed = [], []
+
+    def on_message(message: Message) -> None:
+        if message.member == "InterfacesAdded":
+            added.append((message.path, message.body[0]))
+        elif message.member == "PropertiesChanged" and message.path == device_path("0000:3b:00.0"):
+            changed.append(message.body[1])
+
+    client.add_message_handler(on_message)
+    for rule in (f"type='signal',sender='{BUS_NAME}',interface='org.freedesktop.DBus.ObjectManager'",
+                 f"type='signal',sender='{BUS_NAME}',interface='org.freedesktop.DBus.Properties'"):
+        await client.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                                  interface="org.freedesktop.DBus", member="AddMatch", signature="s", body=[rule]))
+
+    reply = await call(client, "SetVfCount", "sua{sv}", ["enp59s0f0", 4, {}])
+    assert reply.message_type == MessageType.METHOD_RETURN, reply.body
+    assert sysfs(service, "0000:3b:00.0", "sriov_numvfs") == "4"
+    for _ in range(100):
+        if len(added) >= 4 and changed:
+            break
+        await asyncio.sleep(0.01)
+    vf_paths = {path for _, path in added}
+    assert {device_path(f"0000:3b:02.{i}") for i in range(4)} <= vf_paths
+    assert all(path == MANAGER_PATH for path, _ in added)  # ObjectManager signals come from the manager
+    assert any(change.get("NumVfs") == Variant("u", 4) for change in changed)
+    objects = await managed_objects(client)
+    vf = objects[device_path("0000:3b:02.0")][DEVICE_IFACE]
+    assert vf["PhysicalFunction"].value == "0000:3b:00.0"
+    assert vf["IommuGroup"].value not in (-1, objects[device_path("0000:3b:00.0")][DEVICE_IFACE]["IommuGroup"].value)
+
+
+async def test_bind_vf_to_vfio_is_verified_and_persisted(service, client):
+    assert (await call(client, "SetVfCount", "sua{sv}", ["3b:00.0", 2, {}])).message_type == MessageType.METHOD_RETURN
+    reply = await call(client, "Bind", "ssa{sv}", ["0000:3b:02.1", "vfio-pci", {}])
+    assert reply.message_type == MessageType.METHOD_RETURN, reply.body
+    assert driver_of(service, "0000:3b:02.1") == "vfio-pci"
+    assert sysfs(service, "0000:3b:02.1", "driver_override") == "vfio-pci"
+    prop = await call(client, "Get", "ss", [DEVICE_IFACE, "DesiredDriver"], path=device_path("0000:3b:02.1"),
+                      interface="org.freedesktop.DBus.Properties")
+    assert prop.body[0].value == "vfio-pci"
+
+
+async def test_errors_are_typed(service, client):
+    cases = [
+        ("SetVfCount", "sua{sv}", ["3b:00.0", 65, {}], "InvalidArgument"),
+        ("SetVfCount", "sua{sv}", ["af:00.0", 2, {}], "NotSupported"),
+        ("SetVfCount", "sua{sv}", ["eno1", 2, {}], "Protected"),
+        ("Bind", "ssa{sv}", ["eno2", "vfio-pci", {}], "Protected"),
+        ("Bind", "ssa{sv}", ["0000:99:00.0", "vfio-pci", {}], "NotFound"),
+        ("Bind", "ssa{sv}", ["not-a-device", "vfio-pci", {}], "InvalidArgument"),
+        ("Bind", "ssa{sv}", ["3b:00.1", "vfio-pci", {"persist": Variant("s", "yes")}], "InvalidArgument"),
+        ("Bind", "ssa{sv}", ["3b:00.1", "vfio-pci", {"bogus": Variant("b", True)}], "InvalidArgument"),
+        ("Explain", "s", ["bond0"], "InvalidArgument"),
+    ]
+    for member, signature, body, error in cases:
+        reply = await call(client, member, signature, body)
+        assert reply.message_type == MessageType.ERROR, (member, body)
+        assert reply.error_name == f"org.nicpass.NicPass1.Error.{error}", (member, body, reply.body)
+        assert reply.body and len(reply.body[0]) > 20  # a sentence, not a bare code
+    assert sysfs(service, "0000:3b:00.0", "sriov_numvfs") == "0"
+    assert driver_of(service, "0000:01:00.1") == "igb"
+
+
+async def test_kernel_fault_reaches_the_caller_typed_with_state_restored(service, client):
+    service.kernel.fail_binds_silently("0000:5e:00.0")
+    reply = await call(client, "Bind", "ssa{sv}", ["5e:00.0", "vfio-pci", {}])
+    assert reply.error_name == "org.nicpass.NicPass1.Error.KernelError"
+    assert "restored mlx5_core" in reply.body[0]
+    assert driver_of(service, "0000:5e:00.0") == "mlx5_core"
+    assert sysfs(service, "0000:5e:00.0", "driver_override") == "(null)"
+
+
+async def test_polkit_is_asked_per_action(service, client, polkit):
+    await call(client, "SetVfCount", "sua{sv}", ["3b:00.0", 1, {}])
+    await call(client, "Prepare", "ssasa{sv}", ["vm1", "uuid-1", ["3b:02.0"], {}])
+    await call(client, "Release", "sa{sv}", ["uuid-1", {}])
+    await call(client, "GetProtected")
+    actions = [check[0] for check in polkit.checks()]
+    assert actions == ["org.nicpass.NicPass1.manage", "org.nicpass.NicPass1.lease", "org.nicpass.NicPass1.lease"]
+
+
+async def test_polkit_denial_is_access_denied_and_changes_nothing(service, client, polkit):
+    polkit.set_allowed_uids([])  # even root is refused by this polkit
+    reply = await call(client, "SetVfCount", "sua{sv}", ["3b:00.0", 2, {}])
+    assert reply.error_name == "org.freedesktop.DBus.Error.AccessDenied"
+    assert sysfs(service, "0000:3b:00.0", "sriov_numvfs") == "0"
+
+
+MUTATIONS = [
+    ("SetVfCount", "sua{sv}", "3b:00.0", "2", "0"),
+    ("Bind", "ssa{sv}", "3b:00.1", "vfio-pci", "0"),
+    ("Unbind", "sa{sv}", "3b:00.1", "0"),
+    ("Forget", "sa{sv}", "3b:00.1", "0"),
+    ("Prepare", "ssasa{sv}", "vm", "uuid-x", "1", "3b:00.1", "0"),
+    ("Release", "sa{sv}", "uuid-x", "0"),
+]
+READS = [
+    ("Check", ""), ("Explain", "s", "3b:00.0"), ("GetProtected", ""), ("ListLeases", ""),
+]
+
+
+async def test_nobody_is_denied_every_mutation_but_may_read(service, polkit):
+    for member, signature, *args in MUTATIONS:
+        result = await busctl_async(service.address, "call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE, member,
+                                    signature, *args, nobody=True)
+        assert result.returncode != 0, member
+        assert "Access denied" in result.stderr or "not authorized" in result.stderr, (member, result.stderr)
+    assert sysfs(service, "0000:3b:00.0", "sriov_numvfs") == "0"
+    assert driver_of(service, "0000:3b:00.1") == "i40e"
+    for member, signature, *args in READS:
+        argv = ["call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE, member, *([signature, *args] if signature else [])]
+        result = await busctl_async(service.address, *argv, nobody=True)
+        assert result.returncode == 0, (member, result.stderr)
+    result = await busctl_async(service.address, "get-property", BUS_NAME, device_path("0000:3b:00.0"),
+                                DEVICE_IFACE, "NumVfs", nobody=True)
+    assert result.stdout.strip() == "u 0"
+    result = await busctl_async(service.address, "call", BUS_NAME, MANAGER_PATH,
+                                "org.freedesktop.DBus.ObjectManager", "GetManagedObjects", nobody=True)
+    assert result.returncode == 0 and "0000:3b:00.0" in result.stdout
+    uids = {check[1] for check in polkit.checks()}
+    assert uids == {65534}
+
+
+async def test_a_burst_that_fills_the_socket_does_not_kill_the_connection(service, client):
+    """dbus-fast tore a connection down when a write met a full socket buffer (EAGAIN).
+
+    The daemon's connection queues 4,000 signals of 2 kB in one loop tick, as a VF storm's
+    PropertiesChanged burst would, into a socket buffer shrunk to 4 kB so that the burst meets a
+    full buffer for certain; then the daemon must still answer.
+    """
+    service.bus._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    padding = "x" * 2000
+    sends = [service.bus.send(Message.new_signal(MANAGER_PATH, "org.nicpass.Test", "Burst", "s", [padding]))
+             for _ in range(4000)]
+    await asyncio.gather(*sends)
+    assert service.bus.connected
+    reply = await call(client, "GetProtected")
+    assert reply.message_type == MessageType.METHOD_RETURN
+    assert service.bus.connected and client.connected

@@ -1,0 +1,226 @@
+"""The host model: reading a sysfs/procfs tree into a snapshot, and writing with timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import threading
+import time
+
+import pytest
+
+from nicpassd.errors import KernelError, Timeout
+from nicpassd.host import sysfs
+from nicpassd.host.host import Host
+from nicpassd.host.model import Route
+from nicpassd.host.writer import run_blocking, write_attribute
+
+MGMT = ("0000:01:00.0", "0000:01:00.1")
+
+
+def join_hung_writes() -> None:
+    for thread in threading.enumerate():
+        if thread.name.startswith("kernel-write"):
+            thread.join(2)
+
+
+def write(sim, relative: str, data: str) -> None:
+    sim.kernel.write(sim.paths.sys / relative, data)
+
+
+# ------------------------------------------------------------------------------- reader
+def test_snapshot_inventories_nics_and_their_group_mates_only(ksim):
+    snapshot = ksim.snapshot()
+    assert set(snapshot.functions) == {
+        *MGMT, "0000:3b:00.0", "0000:3b:00.1", "0000:5e:00.0",
+        "0000:af:00.0", "0000:af:00.1",  # the USB controller sharing group 40 is inventoried
+    }
+    assert "0000:00:17.0" not in snapshot.functions  # SATA, in a group of its own
+    assert snapshot.functions["0000:af:00.1"].class_code == "0c0330"
+
+
+def test_snapshot_reads_function_attributes(ksim):
+    pf = ksim.snapshot().functions["0000:3b:00.0"]
+    assert (pf.vendor_id, pf.device_id, pf.subsystem_vendor_id, pf.subsystem_device_id) == ("8086", "1572", "8086", "0006")
+    assert (pf.driver, pf.driver_override, pf.interfaces) == ("i40e", "", ("enp59s0f0",))
+    assert (pf.sriov_capable, pf.total_vfs, pf.num_vfs, pf.autoprobe) == (True, 64, 0, True)
+    assert ksim.snapshot().functions["0000:af:00.0"].sriov_capable is False
+
+
+def test_snapshot_reads_iommu_groups(ksim):
+    snapshot = ksim.snapshot()
+    assert snapshot.groups[14] == MGMT
+    assert snapshot.groups[40] == ("0000:af:00.0", "0000:af:00.1")
+    assert snapshot.groups[5] == ("0000:00:17.0",)
+    assert snapshot.group_members("0000:af:00.0") == ("0000:af:00.0", "0000:af:00.1")
+    assert snapshot.functions["0000:01:00.1"].iommu_group == 14
+
+
+def test_snapshot_reads_links_with_kinds_lowers_and_uppers(ksim):
+    links = ksim.snapshot().links
+    assert (links["eno1"].kind, links["eno1"].device, links["eno1"].uppers) == ("physical", "0000:01:00.0", ("bond0",))
+    assert (links["bond0"].kind, links["bond0"].lowers, links["bond0"].uppers) == ("bond", ("eno1", "eno2"), ("br0",))
+    assert (links["br0"].kind, links["br0"].lowers, links["br0"].device) == ("bridge", ("bond0",), "")
+    assert links["enp59s0f0"].mac == "3c:fd:fe:a0:00:00"
+
+
+def test_snapshot_reads_routes_of_both_families(ksim):
+    assert set(ksim.snapshot().routes) == {
+        Route(4, "0.0.0.0/0", "br0", "192.0.2.1"),
+        Route(4, "192.0.2.0/24", "br0", ""),
+        Route(6, "::/0", "br0", "fe80::1"),
+    }
+
+
+def test_routes_are_parsed_from_the_kernel_proc_formats(ksim):
+    # Lines as a real kernel prints them (little-endian hex IPv4, padded device names in IPv6).
+    (ksim.paths.proc_net / "route").write_text(
+        "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n"
+        "eth0\t00000000\t0102A8C0\t0003\t0\t0\t100\t00000000\t0\t0\t0\n"
+        "eth0\t0002A8C0\t00000000\t0001\t0\t0\t100\t00FFFFFF\t0\t0\t0\n")
+    (ksim.paths.proc_net / "ipv6_route").write_text(
+        "00000000000000000000000000000000 00 00000000000000000000000000000000 00 "
+        "fe800000000000000000000000000001 00000400 00000001 00000000 00000003     eth0\n"
+        "20010db8000000000000000000000000 40 00000000000000000000000000000000 00 "
+        "00000000000000000000000000000000 00000100 00000001 00000000 00000001     eth0\n"
+        "00000000000000000000000000000001 80 00000000000000000000000000000000 00 "
+        "00000000000000000000000000000000 00000000 00000002 00000000 80200001       lo\n")
+    assert sysfs.read_routes(ksim.paths) == (
+        Route(4, "0.0.0.0/0", "eth0", "192.168.2.1"),
+        Route(4, "192.168.2.0/24", "eth0", ""),
+        Route(6, "::/0", "eth0", "fe80::1"),
+        Route(6, "2001:db8::/64", "eth0", ""),
+    )
+
+
+def test_permanent_mac_only_for_addr_assign_type_zero(ksim):
+    write(ksim, "bus/pci/devices/0000:3b:00.0/sriov_numvfs", "1")
+    functions = ksim.snapshot().functions
+    assert functions["0000:01:00.0"].permanent_mac == "ac:1f:6b:10:00:01"
+    vf = functions["0000:3b:02.0"]
+    assert vf.interfaces == ("enp59s0f0v0",) and vf.permanent_mac == ""  # addr_assign_type 1
+    assert functions["0000:af:00.1"].permanent_mac == ""  # no netdev
+
+
+def test_vfs_and_their_pf_are_linked_in_the_snapshot(ksim):
+    write(ksim, "bus/pci/devices/0000:3b:00.0/sriov_numvfs", "2")
+    functions = ksim.snapshot().functions
+    assert functions["0000:3b:00.0"].virtfns == ("0000:3b:02.0", "0000:3b:02.1")
+    assert functions["0000:3b:00.0"].num_vfs == 2
+    assert functions["0000:3b:02.1"].physfn == "0000:3b:00.0" and functions["0000:3b:02.1"].is_vf
+
+
+def test_dsn_serial_is_parsed_from_config_space(ksim):
+    functions = ksim.snapshot().functions
+    assert functions["0000:3b:00.0"].serial == "3c-fd-fe-ff-ff-a0-00-00"
+    assert functions["0000:af:00.0"].serial == ""
+
+
+def test_dsn_serial_is_found_behind_other_extended_capabilities(tmp_path):
+    config = bytearray(4096)
+    config[0x100:0x104] = (0x0001 | (1 << 16) | (0x150 << 20)).to_bytes(4, "little")  # AER -> 0x150
+    config[0x150:0x154] = (0x0003 | (1 << 16)).to_bytes(4, "little")  # DSN, last
+    config[0x154:0x15C] = (0x0011223344556677).to_bytes(8, "little")
+    (tmp_path / "config").write_bytes(bytes(config))
+    assert sysfs.read_serial(tmp_path / "config") == "00-11-22-33-44-55-66-77"
+    (tmp_path / "short").write_bytes(bytes(64))  # unprivileged readers see 64 bytes only
+    assert sysfs.read_serial(tmp_path / "short") == ""
+
+
+def test_snapshot_reads_iommu_cmdline_and_loaded_drivers(ksim):
+    snapshot = ksim.snapshot()
+    assert snapshot.iommu_present is True
+    assert "intel_iommu=on" in snapshot.cmdline.split()
+    assert {"i40e", "e1000e", "igb", "xhci_hcd"} <= snapshot.loaded_drivers
+    assert "vfio-pci" not in snapshot.loaded_drivers
+
+
+def test_snapshot_without_iommu(make_kernel, ksim):
+    sim = make_kernel(ksim.kernel.topology.model_copy(update={"iommu": False}))
+    snapshot = sim.snapshot()
+    assert snapshot.iommu_present is False and snapshot.groups == {}
+    assert snapshot.functions["0000:af:00.0"].iommu_group == -1
+    assert "0000:af:00.1" not in snapshot.functions  # no group, so not a group mate
+
+
+# ------------------------------------------------------------------------------- writer
+async def test_run_blocking_times_out_without_blocking_the_loop():
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    task = asyncio.create_task(ticker())
+    release = threading.Event()
+    started = time.monotonic()
+    try:
+        with pytest.raises(Timeout, match="did not complete within 0.1 s"):
+            await run_blocking(lambda: release.wait(2), timeout=0.1, what="a hung write")
+    finally:
+        elapsed = time.monotonic() - started
+        release.set()
+        join_hung_writes()
+        task.cancel()
+    assert elapsed < 0.5
+    assert ticks >= 4  # the loop kept running other coroutines while the write hung
+
+
+async def test_run_blocking_returns_the_result_and_raises_the_error():
+    assert await run_blocking(lambda: 42, timeout=1, what="x") == 42
+    with pytest.raises(OSError):
+        await run_blocking(lambda: (_ for _ in ()).throw(OSError(errno.EIO, "boom")), timeout=1, what="x")
+
+
+def test_a_write_finishing_after_its_loop_closed_is_silent():
+    """A hung write outliving the daemon's loop must not crash its worker thread."""
+    failures: list[BaseException] = []
+    previous_hook = threading.excepthook
+    threading.excepthook = lambda args: failures.append(args.exc_value)
+    release = threading.Event()
+    try:
+        async def main():
+            with pytest.raises(Timeout):
+                await run_blocking(lambda: release.wait(2), timeout=0.05, what="a hung write")
+
+        asyncio.run(main())  # the loop is closed when this returns
+        release.set()
+        for thread in threading.enumerate():
+            if thread.name.startswith("kernel-write: a hung write"):
+                thread.join(2)
+    finally:
+        threading.excepthook = previous_hook
+    assert failures == []
+
+
+async def test_write_attribute_turns_oserror_into_kernel_error_with_errno(ksim):
+    path = ksim.paths.pci_device("0000:3b:00.0") / "sriov_numvfs"
+    with pytest.raises(KernelError, match=r"ERANGE"):
+        await write_attribute(ksim.kernel, path, "65", timeout=1)
+
+
+async def test_host_write_times_out_on_a_hung_kernel_write(ksim):
+    host = Host(ksim.paths, ksim.kernel, write_timeout=0.05)
+    ksim.kernel.hang_write("sriov_numvfs", 0.3)
+    with pytest.raises(Timeout):
+        await host.set_num_vfs("0000:3b:00.0", 2)
+    assert ksim.numvfs("0000:3b:00.0") == 0
+    join_hung_writes()  # before this test's loop closes
+    assert ksim.numvfs("0000:3b:00.0") == 0
+
+
+async def test_host_clears_the_override_with_a_newline(ksim):
+    host = Host(ksim.paths, ksim.writer)
+    await host.set_driver_override("0000:af:00.0", "vfio-pci")
+    await host.set_driver_override("0000:af:00.0", "")
+    assert ksim.writer.writes == [
+        ("0000:af:00.0", "driver_override", "vfio-pci\n"), ("0000:af:00.0", "driver_override", "\n")]
+    assert ksim.override("0000:af:00.0") == ""
+
+
+async def test_host_load_module_failure_is_kernel_error(ksim):
+    host = Host(ksim.paths, ksim.kernel)
+    with pytest.raises(KernelError, match="nosuchmodule"):
+        await host.load_module("nosuchmodule")
