@@ -1,0 +1,143 @@
+"""nicpassctl against a real `nicpassd --simulate` process on the private bus: the issue's acceptance
+list, asserted on exit codes, JSON and what the simulated kernel shows."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from support.daemon import SimulatedDaemon
+
+SPEC_FIELDS = {
+    "address", "vendor_id", "device_id", "subsystem_vendor_id", "subsystem_device_id", "driver",
+    "iommu_group", "interfaces", "physical_function", "total_vfs", "num_vfs", "protected",
+    "protection_reasons", "leased_to", "persisted", "desired_driver",
+}
+
+
+@pytest.fixture
+def daemon(private_bus, polkit, tmp_path):
+    with SimulatedDaemon(private_bus, tmp_path / "host") as process:
+        yield process
+
+
+def nicpassctl(bus, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=bus.address)
+    return subprocess.run([sys.executable, "-m", "nicpassctl", *args], capture_output=True, text=True,
+                          env=env, timeout=60, stdin=subprocess.DEVNULL)
+
+
+def sysfs(daemon, address: str, attr: str) -> str:
+    return (daemon.root / "sys/bus/pci/devices" / address / attr).read_text().strip()
+
+
+def driver(daemon, address: str) -> str:
+    link = daemon.root / "sys/bus/pci/devices" / address / "driver"
+    return os.path.basename(os.readlink(link)) if link.is_symlink() else ""
+
+
+def listing(bus) -> dict[str, dict]:
+    result = nicpassctl(bus, "--json", "list")
+    assert result.returncode == 0, result.stderr
+    return {entry["address"]: entry for entry in json.loads(result.stdout)}
+
+
+def test_json_list_shows_every_function_with_the_spec_fields(private_bus, daemon):
+    devices = listing(private_bus)
+    assert set(devices) == {"0000:01:00.0", "0000:01:00.1", "0000:3b:00.0", "0000:3b:00.1", "0000:5e:00.0",
+                            "0000:af:00.0"}
+    for entry in devices.values():
+        assert SPEC_FIELDS <= set(entry), SPEC_FIELDS - set(entry)
+    assert devices["0000:3b:00.0"]["total_vfs"] == 64 and devices["0000:3b:00.0"]["interfaces"] == ["enp59s0f0"]
+    assert devices["0000:01:00.0"]["protected"] is True
+    everything = json.loads(nicpassctl(private_bus, "--json", "list", "--all").stdout)
+    assert "0000:af:00.1" in {entry["address"] for entry in everything}  # the USB group mate
+
+
+def test_vfs_then_fewer_vfs_then_over_total(private_bus, daemon):
+    result = nicpassctl(private_bus, "vfs", "0000:3b:00.0", "4")
+    assert result.returncode == 0, result.stderr
+    assert sysfs(daemon, "0000:3b:00.0", "sriov_numvfs") == "4"
+    devices = listing(private_bus)
+    vfs = sorted(a for a, e in devices.items() if e["physical_function"] == "0000:3b:00.0")
+    assert len(vfs) == 4
+    groups = {devices[vf]["iommu_group"] for vf in vfs}
+    assert len(groups) == 4 and devices["0000:3b:00.0"]["iommu_group"] not in groups
+
+    result = nicpassctl(private_bus, "vfs", "enp59s0f0", "2")  # the kernel needs 0 first: nicpassd does it
+    assert result.returncode == 0, result.stderr
+    assert sysfs(daemon, "0000:3b:00.0", "sriov_numvfs") == "2"
+
+    result = nicpassctl(private_bus, "vfs", "3b:00.0", "65")
+    assert result.returncode == 2
+    assert "at most 64" in result.stderr and result.stdout == ""
+    assert sysfs(daemon, "0000:3b:00.0", "sriov_numvfs") == "2"
+
+
+def test_bind_vf_lands_on_vfio_and_management_nic_is_refused(private_bus, daemon):
+    assert nicpassctl(private_bus, "vfs", "3b:00.0", "1").returncode == 0
+    result = nicpassctl(private_bus, "bind", "0000:3b:02.0")
+    assert result.returncode == 0, result.stderr
+    assert driver(daemon, "0000:3b:02.0") == "vfio-pci"
+    assert sysfs(daemon, "0000:3b:02.0", "driver_override") == "vfio-pci"
+
+    for device in ("eno1", "0000:01:00.0", "eno2"):
+        result = nicpassctl(private_bus, "bind", device, "--driver", "vfio-pci")
+        assert result.returncode == 3, (device, result.stderr)
+        assert "default route" in result.stderr and "br0 → bond0" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert driver(daemon, "0000:01:00.0") == "igb" and driver(daemon, "0000:01:00.1") == "igb"
+
+
+def test_exit_codes_for_each_kind_of_failure(private_bus, daemon):
+    cases = [
+        (("bind", "0000:99:00.0"), 7),
+        (("bind", "bond0"), 2),
+        (("vfs", "af:00.0", "2"), 1),  # NotSupported: not a PF
+        (("vfs", "3b:00.0", "many"), 2),
+        (("frobnicate",), 2),
+    ]
+    for argv, code in cases:
+        result = nicpassctl(private_bus, *argv)
+        assert result.returncode == code, (argv, result.returncode, result.stderr)
+        assert result.stderr.strip(), argv
+
+
+def test_unbind_gives_back_and_forgets(private_bus, daemon):
+    assert nicpassctl(private_bus, "bind", "af:00.0").returncode == 0
+    assert listing(private_bus)["0000:af:00.0"]["desired_driver"] == "vfio-pci"
+    result = nicpassctl(private_bus, "unbind", "af:00.0")
+    assert result.returncode == 0, result.stderr
+    assert driver(daemon, "0000:af:00.0") == "e1000e"
+    assert sysfs(daemon, "0000:af:00.0", "driver_override") == "(null)"
+    entry = listing(private_bus)["0000:af:00.0"]
+    assert (entry["persisted"], entry["desired_driver"]) == (False, "")
+
+
+def test_show_check_and_guard(private_bus, daemon):
+    shown = nicpassctl(private_bus, "--json", "show", "af:00.0")
+    assert shown.returncode == 0, shown.stderr
+    explain = json.loads(shown.stdout)["explain"]
+    assert explain["group_viable"] is False
+    assert {"address": "0000:af:00.1", "driver": "xhci_hcd"} in explain["group_members"]
+    guard = nicpassctl(private_bus, "guard")
+    assert guard.returncode == 0 and "0000:01:00.0" in guard.stdout and "bond0" in guard.stdout
+    check = nicpassctl(private_bus, "--json", "check")
+    assert check.returncode == 0, check.stdout
+    assert {finding["id"] for finding in json.loads(check.stdout)} >= {"iommu", "management"}
+
+
+def test_persisted_binding_shows_drift_after_a_simulated_reboot(private_bus, polkit, tmp_path):
+    root = tmp_path / "host"
+    with SimulatedDaemon(private_bus, root):
+        assert nicpassctl(private_bus, "bind", "af:00.0").returncode == 0
+        assert nicpassctl(private_bus, "bind", "5e:00.0", "--runtime").returncode == 0
+    with SimulatedDaemon(private_bus, root) as rebooted:
+        devices = listing(private_bus)
+        assert devices["0000:af:00.0"]["persisted"] is True
+        assert devices["0000:5e:00.0"]["persisted"] is False  # --runtime left no trace
+        assert driver(rebooted, "0000:5e:00.0") == "mlx5_core"
