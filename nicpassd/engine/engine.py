@@ -135,6 +135,8 @@ class Engine:
             refuse_if_protected(self.protected, address, f"change the VF count of {self._label(address)}")
             self._refuse_if_leased([address, *self._present(address).virtfns], "change the VFs of")
             await self._apply_vf_count(address, count, driver)
+            log.info("%s now has %d VFs%s%s", self._label(address), count, f" on {driver}" if driver else "",
+                     "" if persist else " (runtime only)", extra={"device": address, "action": "vfs"})
             if persist:
                 self._persist(address, num_vfs=count, vf_driver=driver if count else "")
             self.refresh()
@@ -214,6 +216,8 @@ class Engine:
                 raise InvalidArgument(f"{self._label(address)} has {function.num_vfs} VFs; unbinding its PF driver would orphan them",
                                       f"remove them first with `nicpassctl vfs {address} 0`")
             await self._bind_verified(address, driver)
+            log.info("%s bound to %s%s", self._label(address), driver or "its host driver",
+                     "" if persist else " (runtime only)", extra={"device": address, "action": "bind"})
             if persist:
                 if driver in PASSTHROUGH_DRIVERS:
                     self._persist(address, driver=driver)
