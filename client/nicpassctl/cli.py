@@ -93,23 +93,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("count", metavar="COUNT", type=_count)
     p.add_argument("--runtime", action="store_true", help="change it now only; do not persist")
     p.add_argument("--vfio", action="store_true", help="bind the new VFs to vfio-pci")
+    p.add_argument("--force", action="store_true",
+                   help="override a guard protection that is not on the management path (asks for "
+                        "org.nicpass.NicPass1.force; logged)")
     p = command("bind", "bind functions to a driver (default vfio-pci)")
     p.add_argument("device", metavar="DEVICE", nargs="+")
     p.add_argument("--driver", default="vfio-pci",
                    help='driver to bind to (default vfio-pci; "" means the host driver)')
     p.add_argument("--runtime", action="store_true", help="bind now only; do not persist")
+    p.add_argument("--force", action="store_true",
+                   help="override a guard protection that is not on the management path (asks for "
+                        "org.nicpass.NicPass1.force; logged)")
+    p.add_argument("--group", action="store_true",
+                   help="bind the device's IOMMU group mates too (refused if any is protected)")
     p = command("unbind", "give functions back to their host driver (and forget the persisted binding)")
     p.add_argument("device", metavar="DEVICE", nargs="+")
     p.add_argument("--runtime", action="store_true", help="keep the persisted binding")
     p = command("forget", "drop the persisted desired state of a device")
     p.add_argument("device", metavar="DEVICE")
     p.add_argument("--restore", action="store_true", help="also give it back to its host driver now")
+    command("reconcile", "apply the persisted desired state now; lists each step and what was not applied "
+                         "(exit 1 if anything was not)")
     command("guard", "the protected set (never handed to a VM) with reasons")
     command("leases", "current leases of devices to VMs")
     p = command("prepare", "lease devices to a VM about to start (what the hooks do)")
     p.add_argument("vm_name", metavar="VM_NAME")
     p.add_argument("vm_uuid", metavar="VM_UUID")
     p.add_argument("device", metavar="DEVICE", nargs="+")
+    p = command("activate", "tie a VM's lease to the running VM (what the hooks do once it started)")
+    p.add_argument("vm_uuid", metavar="VM_UUID")
+    p.add_argument("--pid", type=_count, default=0,
+                   help="the VM's QEMU process: its exit then ends the lease even without a release")
     p = command("release", "end the leases of a VM that stopped (what the hooks do)")
     p.add_argument("vm_uuid", metavar="VM_UUID")
     command("monitor", "print device and lease events until interrupted")

@@ -55,8 +55,10 @@ def action_for(args: Any) -> Action:
         "bind": (f"bind {dev} to {getattr(args, 'driver', '') or 'its host driver'}", MANAGE),
         "unbind": (f"give {dev} back to its host driver", MANAGE),
         "forget": (f"forget the persisted state of {dev}", MANAGE),
+        "reconcile": ("apply the persisted desired state", MANAGE),
         "prepare": (f"prepare devices for VM {getattr(args, 'vm_name', '')}", LEASE),
         "release": (f"release the devices of VM {getattr(args, 'vm_uuid', '')}", LEASE),
+        "activate": (f"activate the lease of VM {getattr(args, 'vm_uuid', '')}", LEASE),
         "list": ("list devices", None),
         "show": (f"show {dev}", None),
         "check": ("run the preflight check", None),
@@ -122,6 +124,15 @@ async def cmd_check(client, args) -> ExitCode:
     return ExitCode.FAILED if render.check_failed(findings) else ExitCode.OK
 
 
+async def cmd_reconcile(client, args) -> ExitCode:
+    (rows,) = await client.manager("Reconcile", mutate=True)
+    if args.json:
+        emit_json(render.reconcile_json(rows))
+    else:
+        out(render.reconcile_text(rows))
+    return ExitCode.FAILED if render.reconcile_failed(rows) else ExitCode.OK
+
+
 async def cmd_guard(client, args) -> ExitCode:
     (protected,) = await client.manager("GetProtected")
     if args.json:
@@ -157,6 +168,8 @@ async def cmd_vfs(client, args) -> ExitCode:
     options: dict[str, Any] = {"persist": not args.runtime}
     if args.vfio:
         options["driver"] = "vfio-pci"
+    if getattr(args, "force", False):
+        options["force"] = True
     await client.manager("SetVfCount", "sua{sv}", [args.device, args.count], options=options, mutate=True)
     if args.json:
         emit_json({"device": args.device, "count": args.count, "persist": not args.runtime,
@@ -200,9 +213,13 @@ async def _each(client, args, call, success) -> ExitCode:
 
 async def cmd_bind(client, args) -> ExitCode:
     persist = not args.runtime
+    options: dict[str, Any] = {"persist": persist}
+    for flag in ("force", "group"):
+        if getattr(args, flag, False):
+            options[flag] = True
 
     async def call(device):
-        await client.manager("Bind", "ssa{sv}", [device, args.driver], options={"persist": persist}, mutate=True)
+        await client.manager("Bind", "ssa{sv}", [device, args.driver], options=options, mutate=True)
 
     def success(device):
         target = args.driver or "its host driver"
@@ -243,6 +260,16 @@ async def cmd_prepare(client, args) -> ExitCode:
                    "devices": args.device})
     else:
         out(lease_id)
+    return ExitCode.OK
+
+
+async def cmd_activate(client, args) -> ExitCode:
+    await client.manager("Activate", "sa{sv}", [args.vm_uuid], options={"pid": args.pid} if args.pid else {},
+                         mutate=True)
+    if args.json:
+        emit_json({"vm_uuid": args.vm_uuid, "active": True, "pid": args.pid})
+    else:
+        out(f"{args.vm_uuid}: lease active" + (f", tied to process {args.pid}" if args.pid else ""))
     return ExitCode.OK
 
 
@@ -338,6 +365,6 @@ async def cmd_monitor(client, args) -> ExitCode:
 
 COMMANDS = {
     "list": cmd_list, "show": cmd_show, "check": cmd_check, "vfs": cmd_vfs, "bind": cmd_bind,
-    "unbind": cmd_unbind, "forget": cmd_forget, "guard": cmd_guard, "leases": cmd_leases,
-    "prepare": cmd_prepare, "release": cmd_release, "monitor": cmd_monitor, "version": cmd_version,
+    "unbind": cmd_unbind, "forget": cmd_forget, "reconcile": cmd_reconcile, "guard": cmd_guard, "leases": cmd_leases,
+    "prepare": cmd_prepare, "activate": cmd_activate, "release": cmd_release, "monitor": cmd_monitor, "version": cmd_version,
 }

@@ -1,19 +1,50 @@
 """The guard: which PCI functions the host cannot give away, and why.
 
-The protected set is a pure function of a host snapshot and the configuration. It starts from the
-management path (interfaces with a default route, configured interfaces and prefixes), walks down
-through bridges, bonds, VLANs and macvlans to the PCI functions underneath, then adds the PF of
-every protected VF and every member of a protected function's IOMMU group.
+The protected set is a pure function of a host snapshot and the configuration, recomputed on every
+route, address, link or device event (``Engine.refresh``). It is built from:
+
+- the management path: interfaces carrying a default route (IPv4, IPv6), a route into or toward a
+  configured management prefix, or an address inside one; configured management interfaces; and,
+  when no other way in is left, the last interface with a carrier and a routable address;
+- resolved downward through bridges, bonds, teams, VLANs and macvlans (any depth) to the PCI
+  functions underneath;
+- the storage controller(s) under the root file system and configured never-touch devices;
+- closed over: the PF of a protected VF, every non-bridge member of a protected function's IOMMU
+  group.
+
+Every entry carries its reasons, each with the chain of links that led to it. Entries on the
+management path itself (and never-touch, root storage) are never overridable, not even with
+``force``; entries derived by the closure (a PF of a protected VF that is not itself on the
+management path, an IOMMU group mate) may be overridden by an authorized ``force``.
+
+The one check every mutation passes: ``ProtectedSet.check(address, action, force=...)`` (also
+``refuse_if_protected``), raising ``Protected`` with the reasons.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import re
 from dataclasses import dataclass, field
 
 from nicpassd.engine.config import GuardSettings
 from nicpassd.errors import Protected
-from nicpassd.host.model import HostSnapshot
+from nicpassd.host.model import HostSnapshot, IfAddress, Route
+
+# Kinds of reasons. Those in MANAGEMENT can never be overridden.
+DEFAULT_ROUTE = "default-route"
+MANAGEMENT_PREFIX = "management-prefix"
+MANAGEMENT_INTERFACE = "management-interface"
+LAST_WAY_IN = "last-way-in"
+NEVER_TOUCH = "never-touch"
+ROOT_STORAGE = "root-storage"
+PF_OF_VF = "pf-of-protected-vf"
+PF_OF_MANAGEMENT_VF = "pf-of-management-vf"
+IOMMU_GROUP = "iommu-group"
+MANAGEMENT = frozenset({DEFAULT_ROUTE, MANAGEMENT_PREFIX, MANAGEMENT_INTERFACE, LAST_WAY_IN, NEVER_TOUCH,
+                        ROOT_STORAGE, PF_OF_MANAGEMENT_VF})
+PCI_ADDRESS = re.compile(r"^(?:[0-9a-f]{4}:)?[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 
 
 @dataclass(frozen=True)
@@ -21,11 +52,18 @@ class Protection:
     address: str
     reasons: tuple[str, ...]
     management: bool  # on the management path itself (never overridable)
+    kinds: frozenset[str] = frozenset()
+    present: bool = True  # an inventoried function (False: e.g. a root disk controller in a group of its own)
+
+    @property
+    def overridable(self) -> bool:
+        return not self.management
 
 
 @dataclass
 class ProtectedSet:
     entries: dict[str, Protection] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()  # configuration that matched nothing, for `Check`
 
     def __contains__(self, address: str) -> bool:
         return address in self.entries
@@ -34,26 +72,54 @@ class ProtectedSet:
         entry = self.entries.get(address)
         return entry.reasons if entry else ()
 
+    def check(self, address: str, action: str, *, force: bool = False) -> Protection | None:
+        """The guard's verdict on ``action`` (e.g. "bind 0000:01:00.0 (eno1) to vfio-pci").
+
+        Returns None when ``address`` is not protected, the entry when ``force`` overrides it
+        (the caller must log that, with who asked); raises ``Protected`` otherwise.
+        """
+        entry = self.entries.get(address)
+        if entry is None:
+            return None
+        if entry.overridable:
+            if force:
+                return entry
+            raise Protected(f"refusing to {action}: it is protected ({'; '.join(entry.reasons)})",
+                            "choose another device, or override with force (`--force`) if you are sure")
+        raise Protected(f"refusing to {action}{' even with force' if force else ''}: it is protected "
+                        f"({'; '.join(entry.reasons)})",
+                        "choose a device off the host's management path, or change the host's network first")
+
+
+def refuse_if_protected(protected: ProtectedSet, address: str, action: str, *, force: bool = False) -> Protection | None:
+    """``ProtectedSet.check``: raises ``Protected`` unless ``address`` is free (or ``force`` overrides it)."""
+    return protected.check(address, action, force=force)
+
 
 class _Builder:
     def __init__(self, snapshot: HostSnapshot) -> None:
         self.snapshot = snapshot
         self.reasons: dict[str, list[str]] = {}
-        self.management: set[str] = set()
+        self.kinds: dict[str, set[str]] = {}
+        self.notes: list[str] = []
 
-    def add(self, address: str, reason: str, *, management: bool = False) -> bool:
+    def add(self, address: str, reason: str, kind: str) -> bool:
+        """Record a reason; True when it is new (so the closure walks on from it)."""
         reasons = self.reasons.setdefault(address, [])
-        if management:
-            self.management.add(address)
+        self.kinds.setdefault(address, set()).add(kind)
         if reason in reasons:
             return False
         reasons.append(reason)
         return True
 
-    def protect_interface(self, name: str, why: str) -> None:
+    def management(self, address: str) -> bool:
+        return bool(self.kinds.get(address, set()) & MANAGEMENT)
+
+    def protect_interface(self, name: str, why: str, kind: str) -> bool:
         """Walk from an interface down its lower devices to the PCI functions underneath."""
         stack = [(name, [name])]
         seen: set[str] = set()
+        found = False
         while stack:
             current, chain = stack.pop()
             if current in seen:
@@ -63,69 +129,177 @@ class _Builder:
             if link is None:
                 continue
             if link.device:
-                self.add(link.device, f"{why}: {' → '.join(chain)}", management=True)
-            for lower in link.lowers:
+                self.add(link.device, f"{why}: {' → '.join(chain)}", kind)
+                found = True
+            for lower in reversed(link.lowers):
                 stack.append((lower, [*chain, lower]))
+        return found
 
 
-def _route_reason(route) -> str:
-    family = "IPv4" if route.family == 4 else "IPv6"
+@functools.lru_cache(maxsize=16384)
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """Parsed once: a refresh sees the same addresses again and again (1,000 parses cost ~5 ms)."""
+    return ipaddress.ip_address(text)
+
+
+def _reaches_host(address: IfAddress) -> bool:
+    """``IfAddress.reaches_host`` with the parse cached: not loopback, not link-local."""
+    ip = _ip(address.ip)
+    return address.scope < 253 and not (ip.is_loopback or ip.is_link_local)
+
+
+def _family(version: int) -> str:
+    return "IPv4" if version == 4 else "IPv6"
+
+
+def _route_text(route: Route) -> str:
     via = f" via {route.gateway}" if route.gateway else ""
-    return f"{family} default route {route.prefix}{via}"
+    if route.is_default:
+        return f"{_family(route.family)} default route {route.prefix}{via}"
+    return f"route {route.prefix}{via}"
 
 
 def compute_protected(snapshot: HostSnapshot, settings: GuardSettings) -> ProtectedSet:
     builder = _Builder(snapshot)
     for route in snapshot.routes:
         if route.is_default:
-            builder.protect_interface(route.dev, _route_reason(route))
-    prefixes = [ipaddress.ip_network(prefix) for prefix in settings.management_prefixes]
-    for route in snapshot.routes:
-        network = ipaddress.ip_network(route.prefix)
-        for prefix in prefixes:
-            if network.version == prefix.version and network.overlaps(prefix):
-                builder.protect_interface(route.dev, f"route {route.prefix} in management prefix {prefix}")
+            builder.protect_interface(route.dev, _route_text(route), DEFAULT_ROUTE)
+    _management_prefixes(builder, settings)
     for name in settings.management_interfaces:
-        builder.protect_interface(name, "configured management interface")
+        if not builder.protect_interface(name, "configured management interface", MANAGEMENT_INTERFACE):
+            if name not in snapshot.links:
+                builder.notes.append(f"configured management interface {name} does not exist")
+            else:
+                builder.notes.append(f"configured management interface {name} has no PCI function beneath it")
     for item in settings.never_touch:
+        matched = False
         for function in snapshot.functions.values():
             if item.lower() in (function.address, function.address[5:], f"{function.vendor_id}:{function.device_id}"):
-                builder.add(function.address, f"configured never_touch ({item})", management=True)
+                builder.add(function.address, f"configured never_touch ({item})", NEVER_TOUCH)
+                matched = True
+        if not matched and PCI_ADDRESS.match(item.lower()):
+            absent = item.lower() if len(item) > 7 else f"0000:{item.lower()}"  # reported, though not inventoried
+            builder.add(absent, f"configured never_touch ({item})", NEVER_TOUCH)
+    for storage in snapshot.root_storage:
+        builder.add(storage.address, f"storage of the root file system: {' → '.join(storage.chain)} → {storage.address}",
+                    ROOT_STORAGE)
+    _last_way_in(builder)
     _close_over_pf_and_groups(builder)
     return ProtectedSet({
-        address: Protection(address, tuple(reasons), address in builder.management)
+        address: Protection(address, tuple(reasons), builder.management(address), frozenset(builder.kinds[address]),
+                            address in snapshot.functions)
         for address, reasons in builder.reasons.items()
-    })
+    }, tuple(builder.notes))
+
+
+def _management_prefixes(builder: _Builder, settings: GuardSettings) -> None:
+    """Routes inside a management prefix, the most specific routes that carry traffic to it, and
+    addresses inside it."""
+    snapshot = builder.snapshot
+    routes = [(route, ipaddress.ip_network(route.prefix)) for route in snapshot.routes]
+    for text in settings.management_prefixes:
+        prefix = ipaddress.ip_network(text)
+        inside = [(route, net) for route, net in routes if net.version == prefix.version and net.subnet_of(prefix)]
+        for route, _net in inside:
+            builder.protect_interface(route.dev, f"{_route_text(route)} in management prefix {prefix}", MANAGEMENT_PREFIX)
+        covering = [(route, net) for route, net in routes
+                    if net.version == prefix.version and prefix.subnet_of(net) and net != prefix]
+        if covering:
+            longest = max(net.prefixlen for _route, net in covering)
+            for route, net in covering:
+                if net.prefixlen == longest:
+                    builder.protect_interface(route.dev, f"{_route_text(route)} carries management prefix {prefix}",
+                                              MANAGEMENT_PREFIX)
+        for address in snapshot.addresses:
+            if address.family == prefix.version and _ip(address.ip) in prefix:
+                builder.protect_interface(address.dev, f"address {address.address} in management prefix {prefix}",
+                                          MANAGEMENT_PREFIX)
+
+
+def _last_way_in(builder: _Builder) -> None:
+    """A host must keep a way in: when every interface that has a carrier and a routable address
+    depends on the same PCI function(s), those are protected, default route or not.
+
+    ``critical(I)`` is the set of functions whose loss takes interface I down: a physical
+    interface depends on its function, a bond or bridge on what all its live lowers share, a VLAN
+    or macvlan on its lower. A function is the last way in when every way in depends on it.
+    """
+    snapshot = builder.snapshot
+    links = snapshot.links
+    memo: dict[str, frozenset[str] | None] = {}
+
+    def critical(name: str, seen: frozenset[str] = frozenset()) -> frozenset[str] | None:
+        if name in memo:
+            return memo[name]
+        link = links.get(name)
+        result: frozenset[str] | None = None
+        if link is not None and name not in seen:
+            if link.device:
+                result = frozenset([link.device]) if link.carrier else None
+            else:
+                alive = [c for c in (critical(lower, seen | {name}) for lower in link.lowers) if c is not None]
+                result = frozenset.intersection(*alive) if alive else None
+        memo[name] = result
+        return result
+
+    addressed: dict[str, list[str]] = {}
+    for address in snapshot.addresses:
+        if _reaches_host(address):
+            addressed.setdefault(address.dev, []).append(address.address)
+    ways = {}
+    for name in sorted(addressed):
+        link = links.get(name)
+        if link is None or not link.carrier:
+            continue
+        needs = critical(name)
+        if needs is not None:
+            ways[name] = needs
+    if not ways:
+        return
+    last = frozenset.intersection(*ways.values())
+    for address in sorted(last):
+        for way in ways:
+            chain = _chain_to(snapshot, way, address)
+            reason = (f"last way into the host (no other interface has a carrier and an address): "
+                      f"{way} {', '.join(addressed[way])}: {' → '.join(chain)}")
+            builder.add(address, reason, LAST_WAY_IN)
+
+
+def _chain_to(snapshot: HostSnapshot, top: str, address: str) -> list[str]:
+    stack = [(top, [top])]
+    while stack:
+        name, chain = stack.pop()
+        link = snapshot.links.get(name)
+        if link is None:
+            continue
+        if link.device == address:
+            return chain
+        stack.extend((lower, [*chain, lower]) for lower in link.lowers if lower not in chain)
+    return [top]
 
 
 def _close_over_pf_and_groups(builder: _Builder) -> None:
     snapshot = builder.snapshot
+    group_of = {member: number for number, members in snapshot.groups.items() for member in members}
     pending = list(builder.reasons)
     while pending:
         address = pending.pop()
         function = snapshot.functions.get(address)
-        if function is None:
-            continue
-        if function.physfn:
-            if builder.add(function.physfn, f"PF of protected VF {address} (changing its VFs resets them)"):
+        if function is not None and function.physfn:
+            # A PF carries its VFs: changing its VF count or driver resets the protected VF, so it
+            # is on the management path exactly when that VF is.
+            # (Every management reason is in before the closure starts, so a VF's status is final.)
+            kind = PF_OF_MANAGEMENT_VF if builder.management(address) else PF_OF_VF
+            if builder.add(function.physfn, f"PF of protected VF {address} (changing its VFs resets them)", kind):
                 pending.append(function.physfn)
-        for mate in snapshot.group_members(address):
+        group = function.iommu_group if function is not None else group_of.get(address, -1)
+        if group < 0 or builder.kinds[address] == {IOMMU_GROUP}:
+            continue  # protected only as a mate: whoever protected it covered the whole group
+        for mate in snapshot.groups.get(group, ()):
             if mate == address:
                 continue
             mate_function = snapshot.functions.get(mate)
             if mate_function is not None and mate_function.is_bridge:
                 continue
-            reason = f"shares IOMMU group {function.iommu_group} with protected {address}"
-            if builder.add(mate, reason):
+            if builder.add(mate, f"shares IOMMU group {group} with protected {address}", IOMMU_GROUP):
                 pending.append(mate)
-
-
-def refuse_if_protected(protected: ProtectedSet, address: str, action: str) -> None:
-    """``action`` names the refused request, e.g. "bind 0000:01:00.0 (eno1) to vfio-pci"."""
-    entry = protected.entries.get(address)
-    if entry is None:
-        return
-    raise Protected(
-        f"refusing to {action}: it is protected ({'; '.join(entry.reasons)})",
-        "choose a device off the host's management path, or change the host's network first",
-    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 
 
@@ -63,11 +64,41 @@ class Route:
 
 
 @dataclass(frozen=True)
+class IfAddress:
+    """An address configured on an interface (``ip addr``): ``address`` in interface form."""
+
+    family: int
+    address: str  # "192.0.2.10/24", "2001:db8::10/64"
+    dev: str
+    scope: int = 0  # RT_SCOPE_*: 0 universe, 200 site, 253 link, 254 host
+
+    @property
+    def ip(self) -> str:
+        return self.address.split("/", 1)[0]
+
+    @property
+    def reaches_host(self) -> bool:
+        """Could another machine reach the host on it? Not loopback, not link-local."""
+        ip = ipaddress.ip_address(self.ip)
+        return self.scope < 253 and not (ip.is_loopback or ip.is_link_local)
+
+
+@dataclass(frozen=True)
+class RootStorage:
+    """A PCI function the root file system lives on (through partitions, dm, md)."""
+
+    address: str
+    chain: tuple[str, ...]  # "/ on /dev/sda2", "sda2", "sda", ... down to the function
+
+
+@dataclass(frozen=True)
 class HostSnapshot:
     functions: dict[str, PciFunction] = field(default_factory=dict)
     groups: dict[int, tuple[str, ...]] = field(default_factory=dict)
     links: dict[str, NetLink] = field(default_factory=dict)
     routes: tuple[Route, ...] = ()
+    addresses: tuple[IfAddress, ...] = ()
+    root_storage: tuple[RootStorage, ...] = ()
     iommu_present: bool = False
     cmdline: str = ""
     loaded_drivers: frozenset[str] = frozenset()

@@ -6,12 +6,17 @@ with one (they decide whether the group is viable) and the PF of every VF.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import logging
 import os
+import re
 from pathlib import Path
 
-from nicpassd.host.model import HostSnapshot, NetLink, PciFunction, Route
+from nicpassd.host.model import HostSnapshot, IfAddress, NetLink, PciFunction, RootStorage, Route
 from nicpassd.paths import HostPaths
+
+log = logging.getLogger(__name__)
 
 DSN_CAPABILITY = 0x0003
 
@@ -42,10 +47,10 @@ def _hex_id(path: Path) -> str:
     return _read(path).lower().removeprefix("0x").rjust(4, "0")
 
 
-def read_serial(config: Path) -> str:
+def read_serial(config: Path | str) -> str:
     """The PCIe Device Serial Number from extended config space, "" when absent or unreadable."""
     try:
-        with config.open("rb") as handle:
+        with open(config, "rb", buffering=0) as handle:
             data = handle.read(4096)
     except OSError:
         return ""
@@ -62,43 +67,86 @@ def read_serial(config: Path) -> str:
     return ""
 
 
+def _read_str(path: str, default: str = "") -> str:
+    """``_read`` for a string path with plain os calls: read_function runs once per function on
+    every refresh (1,000+ functions on a host with many VFs), where pathlib costs 5x the syscalls."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return default
+    try:
+        return os.read(fd, 65536).decode().strip()
+    except (OSError, UnicodeDecodeError):
+        return default
+    finally:
+        os.close(fd)
+
+
+def _int_or(text: str, default: int = 0) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        return default
+
+
+def _readlink_name(path: str) -> str:
+    try:
+        return os.path.basename(os.readlink(path))
+    except OSError:
+        return ""
+
+
+@functools.lru_cache(maxsize=8)
+def _devices_root(paths: HostPaths) -> str:
+    return os.fspath(paths.pci_devices)
+
+
 def read_function(paths: HostPaths, address: str) -> PciFunction | None:
-    base = paths.pci_device(address)
-    if not base.exists():
+    base = f"{_devices_root(paths)}/{address}"
+    try:
+        entries = os.listdir(base)
+    except OSError:  # gone (or a dangling link while the kernel removes it)
         return None
-    group_link = base / "iommu_group"
-    net_dir = base / "net"
-    interfaces = tuple(sorted(os.listdir(net_dir))) if net_dir.is_dir() else ()
-    virtfns = sorted(
-        (entry for entry in os.listdir(base) if entry.startswith("virtfn")),
-        key=lambda name: int(name.removeprefix("virtfn")),
-    )
-    sriov_capable = (base / "sriov_totalvfs").exists()
-    override = _read(base / "driver_override")
+    present = set(entries)
+    interfaces: tuple[str, ...] = ()
+    if "net" in present:
+        try:
+            interfaces = tuple(sorted(os.listdir(f"{base}/net")))
+        except OSError:
+            interfaces = ()
+    virtfns = sorted((entry for entry in entries if entry.startswith("virtfn")),
+                     key=lambda name: int(name.removeprefix("virtfn")))
+    sriov_capable = "sriov_totalvfs" in present
+    override = _read_str(f"{base}/driver_override")
     permanent_mac = ""
     for name in interfaces:
-        if _read(base / "net" / name / "addr_assign_type") == "0":
-            permanent_mac = _read(base / "net" / name / "address")
+        if _read_str(f"{base}/net/{name}/addr_assign_type") == "0":
+            permanent_mac = _read_str(f"{base}/net/{name}/address")
             break
+    group = _readlink_name(f"{base}/iommu_group") if "iommu_group" in present else ""
+
+    def hex_id(attr: str) -> str:
+        return _read_str(f"{base}/{attr}").lower().removeprefix("0x").rjust(4, "0")
+
     return PciFunction(
         address=address,
-        vendor_id=_hex_id(base / "vendor"),
-        device_id=_hex_id(base / "device"),
-        subsystem_vendor_id=_hex_id(base / "subsystem_vendor"),
-        subsystem_device_id=_hex_id(base / "subsystem_device"),
-        class_code=_read(base / "class").lower().removeprefix("0x").rjust(6, "0"),
-        driver=_link_name(base / "driver"),
+        vendor_id=hex_id("vendor"),
+        device_id=hex_id("device"),
+        subsystem_vendor_id=hex_id("subsystem_vendor"),
+        subsystem_device_id=hex_id("subsystem_device"),
+        class_code=_read_str(f"{base}/class").lower().removeprefix("0x").rjust(6, "0"),
+        driver=_readlink_name(f"{base}/driver") if "driver" in present else "",
         driver_override="" if override == "(null)" else override,
-        iommu_group=int(_link_name(group_link)) if group_link.is_symlink() else -1,
+        iommu_group=int(group) if group.isdigit() else -1,
         interfaces=interfaces,
-        physfn=_link_name(base / "physfn"),
-        virtfns=tuple(_link_name(base / name) for name in virtfns),
-        total_vfs=_read_int(base / "sriov_totalvfs"),
-        num_vfs=_read_int(base / "sriov_numvfs"),
+        physfn=_readlink_name(f"{base}/physfn") if "physfn" in present else "",
+        virtfns=tuple(_readlink_name(f"{base}/{name}") for name in virtfns),
+        total_vfs=_int_or(_read_str(f"{base}/sriov_totalvfs")) if sriov_capable else 0,
+        num_vfs=_int_or(_read_str(f"{base}/sriov_numvfs")) if "sriov_numvfs" in present else 0,
         sriov_capable=sriov_capable,
-        autoprobe=_read(base / "sriov_drivers_autoprobe", "1") != "0",
+        autoprobe=_read_str(f"{base}/sriov_drivers_autoprobe", "1") != "0",
         permanent_mac=permanent_mac,
-        serial=read_serial(base / "config"),
+        serial=read_serial(f"{base}/config") if "config" in present else "",
     )
 
 
@@ -139,26 +187,35 @@ def _link_kind(net_dir: Path, device: str) -> str:
     return "virtual"
 
 
+def read_link(paths: HostPaths, name: str) -> NetLink | None:
+    """One interface of /sys/class/net, None when it does not exist (read_links reads them all)."""
+    net_dir = paths.class_net / name
+    if not net_dir.exists():
+        return None
+    entries = os.listdir(net_dir) if net_dir.is_dir() else []
+    device = _link_name(net_dir / "device") if "device" in entries else ""
+    if device and _link_name(net_dir / "device" / "subsystem") != "pci":
+        device = _pci_ancestor(net_dir / "device")  # virtio-net: the netdev hangs off virtioN
+    return NetLink(
+        name=name,
+        kind=_link_kind(net_dir, device),
+        device=device,
+        lowers=tuple(sorted(e.removeprefix("lower_") for e in entries if e.startswith("lower_"))),
+        uppers=tuple(sorted(e.removeprefix("upper_") for e in entries if e.startswith("upper_"))),
+        mac=_read(net_dir / "address"),
+        carrier=_read(net_dir / "carrier") == "1",
+    )
+
+
 def read_links(paths: HostPaths) -> dict[str, NetLink]:
     links: dict[str, NetLink] = {}
     root = paths.class_net
     if not root.is_dir():
         return links
     for name in os.listdir(root):
-        net_dir = root / name
-        entries = os.listdir(net_dir) if net_dir.is_dir() else []
-        device = _link_name(net_dir / "device") if "device" in entries else ""
-        if device and _link_name(net_dir / "device" / "subsystem") != "pci":
-            device = _pci_ancestor(net_dir / "device")  # virtio-net: the netdev hangs off virtioN
-        links[name] = NetLink(
-            name=name,
-            kind=_link_kind(net_dir, device),
-            device=device,
-            lowers=tuple(sorted(e.removeprefix("lower_") for e in entries if e.startswith("lower_"))),
-            uppers=tuple(sorted(e.removeprefix("upper_") for e in entries if e.startswith("upper_"))),
-            mac=_read(net_dir / "address"),
-            carrier=_read(net_dir / "carrier") == "1",
-        )
+        link = read_link(paths, name)
+        if link is not None:
+            links[name] = link
     return links
 
 
@@ -187,6 +244,107 @@ def read_routes(paths: HostPaths) -> tuple[Route, ...]:
         gw = ipaddress.IPv6Address(bytes.fromhex(fields[4]))
         routes.append(Route(6, str(network), fields[9], "" if int(gw) == 0 else str(gw)))
     return tuple(routes)
+
+
+# /proc/net/if_inet6 prints ipv6_addr_scope() (0x10 loopback, 0x20 link, 0x40 site): as RT_SCOPE_*.
+IPV6_SCOPES = {0x10: 254, 0x20: 253, 0x40: 200}
+IFA_F_DADFAILED = 0x08
+
+
+def read_ipv6_addresses(paths: HostPaths) -> list[IfAddress]:
+    found = []
+    for line in _read(paths.proc_net / "if_inet6").splitlines():
+        fields = line.split()
+        if len(fields) != 6 or int(fields[4], 16) & IFA_F_DADFAILED:
+            continue
+        address = ipaddress.IPv6Address(bytes.fromhex(fields[0]))
+        scope = IPV6_SCOPES.get(int(fields[3], 16) & 0xF0, 0)
+        found.append(IfAddress(6, f"{address}/{int(fields[2], 16)}", fields[5], scope))
+    return found
+
+
+def read_addresses(paths: HostPaths, source=None) -> tuple[IfAddress, ...]:
+    """IPv6 from /proc/net/if_inet6, IPv4 from rtnetlink (``netlink.address_source_for``)."""
+    from nicpassd.host import netlink
+
+    source = source if source is not None else netlink.address_source_for(paths)
+    try:
+        ipv4 = source.addresses(4)
+    except OSError as exc:
+        log.warning("cannot read the IPv4 addresses over netlink: %s", exc)
+        ipv4 = []
+    return (*ipv4, *read_ipv6_addresses(paths))
+
+
+PCI_PART = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
+
+
+def _root_mount(paths: HostPaths) -> tuple[str, str] | None:
+    """(major:minor, source) of the file system mounted on / (the topmost), from mountinfo."""
+    found = None
+    for line in _read(paths.under("/proc/self/mountinfo")).splitlines():
+        head, _, tail = line.partition(" - ")
+        fields, rest = head.split(), tail.split()
+        if len(fields) >= 5 and fields[4] == "/" and len(rest) >= 2:
+            found = (fields[2], rest[1])
+    if found is None:
+        for line in _read(paths.under("/proc/mounts")).splitlines():
+            fields = line.split()
+            if len(fields) >= 2 and fields[1] == "/":
+                found = ("", fields[0])
+    return found
+
+
+def _block_dir(paths: HostPaths, devnum: str, source: str) -> Path | None:
+    by_number = paths.under(f"/sys/dev/block/{devnum}") if devnum and not devnum.startswith("0:") else None
+    if by_number is not None and by_number.exists():
+        return by_number
+    name = os.path.basename(source)
+    if not (paths.under("/sys/class/block") / name).exists() and source.startswith("/dev/"):
+        name = _link_name(paths.under(source)) or name  # /dev/mapper/root -> ../dm-0
+    candidate = paths.under("/sys/class/block") / name
+    return candidate if candidate.exists() else None
+
+
+def _pci_of(real: Path) -> str:
+    """The deepest PCI function in a resolved /sys/devices path, or ""."""
+    return next((part for part in reversed(real.parts) if PCI_PART.match(part)), "")
+
+
+def _walk_block(paths: HostPaths, block: Path, chain: list[str], found: dict[str, RootStorage], depth: int = 0) -> None:
+    try:
+        real = block.resolve()
+    except OSError:
+        return
+    chain = [*chain, real.name]
+    if (real / "partition").exists():
+        chain.append(real.parent.name)
+    slaves = sorted(os.listdir(real / "slaves")) if (real / "slaves").is_dir() else []
+    if slaves and depth < 8:  # dm (LVM, LUKS), md RAID: every member device counts
+        for slave in slaves:
+            _walk_block(paths, paths.under("/sys/class/block") / slave, chain, found, depth + 1)
+        return
+    candidates = [real]
+    if "nvme-subsystem" in real.parts:  # native NVMe multipath: the controllers of the subsystem
+        candidates = [entry.resolve() for entry in real.parent.iterdir() if re.fullmatch(r"nvme\d+", entry.name)]
+    for path in candidates:
+        address = _pci_of(path)
+        if address and address not in found:
+            found[address] = RootStorage(address, tuple(chain))
+
+
+def read_root_storage(paths: HostPaths) -> tuple[RootStorage, ...]:
+    """The PCI functions under the root file system: / → block device → its device → PCI."""
+    mount = _root_mount(paths)
+    if mount is None:
+        return ()
+    devnum, source = mount
+    block = _block_dir(paths, devnum, source)
+    if block is None:
+        return ()  # overlay, tmpfs, nfs, zfs...: no local block device to protect
+    found: dict[str, RootStorage] = {}
+    _walk_block(paths, block, [f"/ on {source}"], found)
+    return tuple(found.values())
 
 
 def read_snapshot(paths: HostPaths) -> HostSnapshot:
@@ -218,6 +376,8 @@ def read_snapshot(paths: HostPaths) -> HostSnapshot:
         groups=groups,
         links=read_links(paths),
         routes=read_routes(paths),
+        addresses=read_addresses(paths),
+        root_storage=read_root_storage(paths),
         iommu_present=class_iommu.is_dir() and any(class_iommu.iterdir()),
         cmdline=_read(paths.proc_cmdline),
         loaded_drivers=loaded,

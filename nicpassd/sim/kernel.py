@@ -21,10 +21,13 @@ import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Sequence
 
+from nicpassd.host import netlink
 from nicpassd.host.events import UEvent, UEventCallback
+from nicpassd.host.model import IfAddress
 from nicpassd.paths import HostPaths
-from nicpassd.sim.topology import Function, Topology
+from nicpassd.sim.topology import Function, Topology, root_disk
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +80,14 @@ class Faults:
 class SimKernel:
     """Builds the tree under ``paths.root`` and serves writes like the kernel."""
 
-    def __init__(self, paths: HostPaths, topology: Topology) -> None:
+    def __init__(self, paths: HostPaths, topology: Topology, *,
+                 rules: Sequence[Callable[["SimKernel", str], None]] = ()) -> None:
         self.paths = paths
         self.topology = topology
+        # udev rules run on a PCI "add", before the kernel probes a driver (the udev helper of
+        # packaging/udev/ sets driver_override there): ``rule(kernel, address)``, at boot, on
+        # plug, for new VFs. ``nicpassd.early_binding.udev_rule`` is that helper.
+        self.rules = list(rules)
         self.faults = Faults()
         self._lock = threading.RLock()
         self._subscribers: list[UEventCallback] = []
@@ -124,11 +132,18 @@ class SimKernel:
             group = fn.iommu_group if fn.iommu_group is not None else self._allocate_group()
             device = SimDevice(spec=fn, group=group if self.topology.iommu else -1)
             self._add_pci_device(device, emit=False)
-            if fn.bound and fn.driver:
+            self._run_rules(device)
+            if device.driver:
+                pass  # a udev rule set driver_override and probed it
+            elif device.override:  # only that driver may bind (if it is loaded)
+                if device.override in self._drivers and fn.bound:
+                    self._attach_driver(device, device.override, emit=False)
+            elif fn.bound and fn.driver:
                 self._attach_driver(device, fn.driver, emit=False)
         for link in self.topology.links:
             self._add_virtual_link(link.name, link.kind, link.mac, link.lowers)
         self._write_routes()
+        self._write_block_devices()
 
     def _allocate_group(self) -> int:
         group = self._next_group
@@ -220,6 +235,7 @@ class SimKernel:
         (self.paths.class_net / name).symlink_to(f"../../{PCI_ROOT}/{address}/net/{name}")
         device.netdev = name
         self._relink_uppers(name)
+        self._write_routes()
         self._emit("add", "net", name)
 
     def _remove_netdev(self, device: SimDevice) -> None:
@@ -233,6 +249,7 @@ class SimKernel:
             lower = self.paths.sys / "devices/virtual/net" / link.name / f"lower_{name}"
             if lower.is_symlink():
                 lower.unlink()
+        self._write_routes()
         self._emit("remove", "net", name)
 
     def _net_attrs(self, net_dir: Path, mac: str, assign_type: str, *, carrier: bool) -> None:
@@ -280,7 +297,10 @@ class SimKernel:
     # ---------------------------------------------------------------- routes
     def _write_routes(self) -> None:
         v4, v6 = ["Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT"], []
+        self._write_addresses()
         for route in self.topology.routes:
+            if not (self.paths.class_net / route.dev).exists():
+                continue  # the kernel drops the routes of an interface that goes away
             net = ipaddress.ip_network(route.prefix)
             if route.family == 4:
                 gateway = ipaddress.IPv4Address(route.gateway or "0.0.0.0")
@@ -304,6 +324,79 @@ class SimKernel:
             self.topology = self.topology.model_copy(update={"routes": tuple(routes)})
             self._write_routes()
         self._emit("change", "route", "")
+
+    def set_addresses(self, addresses: list) -> None:
+        """Replace every interface address (``sim.topology.Address``) and announce it, as
+        RTM_NEWADDR/RTM_DELADDR would."""
+        with self._lock:
+            self.topology = self.topology.model_copy(update={"addresses": tuple(addresses)})
+            self._write_addresses()
+        self._emit("change", "route", "")
+
+    def set_carrier(self, name: str, carrier: bool) -> None:
+        """A cable pulled or plugged on interface ``name`` (RTM_NEWLINK)."""
+        with self._lock:
+            net_dir = self.paths.class_net / name
+            if not net_dir.exists():
+                raise _oserror(errno.ENODEV, f"no interface {name}")
+            (net_dir / "carrier").write_text("1\n" if carrier else "0\n")
+            (net_dir / "operstate").write_text("up\n" if carrier else "down\n")
+        self._emit("change", "route", name)
+
+    def _write_addresses(self) -> None:
+        """/proc/net/if_inet6 (IPv6) and the RTM_GETADDR dump answer (both families) of the
+        interfaces that exist now: the kernel forgets the addresses of an interface that goes."""
+        inet6, dump = [], []
+        for item in self.topology.addresses:
+            net_dir = self.paths.class_net / item.dev
+            if not net_dir.exists():
+                continue
+            interface = ipaddress.ip_interface(item.address)
+            index = int((net_dir / "ifindex").read_text())
+            scope = 253 if interface.ip.is_link_local else 254 if interface.ip.is_loopback else 0
+            dump.append((IfAddress(interface.version, str(interface), item.dev, scope), index))
+            if interface.version == 6:
+                code = {253: 0x20, 254: 0x10}.get(scope, 0)
+                inet6.append(f"{interface.ip.packed.hex()} {index:02x} {interface.network.prefixlen:02x} "
+                             f"{code:02x} 80 {item.dev:>8}")
+        (self.paths.proc_net / "if_inet6").write_text("".join(line + "\n" for line in inet6))
+        self.paths.under(netlink.SIM_DUMP).write_bytes(netlink.encode_dump(dump))
+
+    def _write_block_devices(self) -> None:
+        """The disks of storage functions under /sys/class/block, and / mounted from ``root``."""
+        block, by_number = self.paths.sys / "class/block", self.paths.sys / "dev/block"
+        block.mkdir(parents=True, exist_ok=True)
+        by_number.mkdir(parents=True, exist_ok=True)
+        major, disks = 8, [(fn, disk) for fn in self.topology.functions for disk in fn.disks]
+        for number, (fn, disk) in enumerate(disks):
+            parent = "nvme/nvme0" if disk.startswith("nvme") else f"ata{number + 1}/host{number}/block"
+            directory = self._device_dir(fn.address) / parent / disk
+            directory.mkdir(parents=True)
+            minor = number * 16
+            (directory / "dev").write_text(f"{major}:{minor}\n")
+            (block / disk).symlink_to(os.path.relpath(directory, block))
+            (by_number / f"{major}:{minor}").symlink_to(os.path.relpath(directory, by_number))
+        found = root_disk(self.topology)
+        if found is None:
+            return
+        fn, disk, partition = found
+        directory = next(path for path in self._device_dir(fn.address).rglob(disk) if path.is_dir())
+        devnum = (directory / "dev").read_text().strip()
+        name = disk
+        if partition:
+            name = f"{disk}{'p' if disk[-1].isdigit() else ''}{partition}"
+            part = directory / name
+            part.mkdir()
+            (part / "partition").write_text(f"{partition}\n")
+            devnum = f"{major}:{int(devnum.split(':')[1]) + partition}"
+            (part / "dev").write_text(devnum + "\n")
+            (block / name).symlink_to(os.path.relpath(part, block))
+            (by_number / devnum).symlink_to(os.path.relpath(part, by_number))
+        self_dir = self.paths.under("/proc/self")
+        self_dir.mkdir(parents=True, exist_ok=True)
+        (self_dir / "mountinfo").write_text(
+            f"22 1 {devnum} / / rw,relatime shared:1 - ext4 /dev/{name} rw,errors=remount-ro\n"
+            "23 22 0:21 / /proc rw,nosuid,nodev,noexec,relatime shared:12 - proc proc rw\n")
 
     # --------------------------------------------------------------- drivers
     def _attach_driver(self, device: SimDevice, driver: str, *, emit: bool = True) -> None:
@@ -376,6 +469,7 @@ class SimKernel:
             vf_dir = self._device_dir(address)
             (vf_dir / "physfn").symlink_to(f"../{spec.address}")
             (self._device_dir(spec.address) / f"virtfn{index}").symlink_to(f"../{address}")
+            self._run_rules(vf)
             if pf.autoprobe:
                 self._probe(vf)
         pf.numvfs = enabled
@@ -572,7 +666,16 @@ class SimKernel:
             group = function.iommu_group if function.iommu_group is not None else self._allocate_group()
             device = SimDevice(spec=function, group=group if self.topology.iommu else -1)
             self._add_pci_device(device, emit=True)
+            self._run_rules(device)
             self._probe(device)
+
+    def _run_rules(self, device: SimDevice) -> None:
+        """udev processing the "add" before the driver probe; a failing RUN program is logged."""
+        for rule in self.rules:
+            try:
+                rule(self, device.spec.address)
+            except Exception as exc:  # noqa: BLE001 - udev logs a failed RUN+= and goes on
+                log.warning("udev rule for %s failed: %s", device.spec.address, exc)
 
     def devices(self) -> list[str]:
         with self._lock:

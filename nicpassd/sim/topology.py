@@ -51,6 +51,7 @@ class Function(_Strict):
     vf_offset: int = 1
     vf_stride: int = 1
     sriov_configure: bool = True  # driver implements sriov_configure (else ENOENT on writes)
+    disks: tuple[str, ...] = ()  # block devices behind this (storage) function: "sda", "nvme0n1"
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -156,9 +157,12 @@ class Topology(_Strict):
     links: tuple[Link, ...] = ()
     addresses: tuple[Address, ...] = ()
     routes: tuple[Route, ...] = ()
+    root: str = ""  # block device mounted on /: a disk of some function or its partition ("sda2")
 
     @model_validator(mode="after")
     def _consistent(self) -> "Topology":
+        if self.root and root_disk(self) is None:
+            raise ValueError(f"root {self.root!r} is neither a disk of a function nor a partition of one")
         if self.format != FORMAT_VERSION:
             raise ValueError(f"topology format {self.format} is not supported (expected {FORMAT_VERSION})")
         seen: set[str] = set()
@@ -179,6 +183,19 @@ class Topology(_Strict):
             if item.dev not in known:
                 raise ValueError(f"{item.dev!r} in addresses/routes is not a defined interface")
         return self
+
+
+def root_disk(topology: "Topology") -> tuple[Function, str, int] | None:
+    """(function, disk, partition number or 0) of ``topology.root``."""
+    name = topology.root.removeprefix("/dev/")
+    for fn in topology.functions:
+        for disk in fn.disks:
+            if name == disk:
+                return fn, disk, 0
+            tail = name.removeprefix(disk).removeprefix("p")
+            if name.startswith(disk) and tail.isdigit():
+                return fn, disk, int(tail)
+    return None
 
 
 def parse_topology(text: str, *, source: str = "<topology>", json_format: bool = False) -> Topology:
