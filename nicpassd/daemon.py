@@ -38,6 +38,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--bus-address", default=os.environ.get("DBUS_SYSTEM_BUS_ADDRESS"),
                         help="D-Bus address of the system bus (default: $DBUS_SYSTEM_BUS_ADDRESS or the system bus)")
     parser.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--keep-kernel", action="store_true",
+                        help="with --simulate and --root: run the simulated kernel as a process of its own that "
+                             "outlives the daemon (started if none serves DIR yet, else attached to), so that "
+                             "restarting the daemon — or killing it — is not a reboot")
     parser.add_argument("--record-topology", metavar="FILE",
                         help="read this host's sysfs (under --root) into a topology file ('-' for stdout) and exit")
     return parser.parse_args(argv)
@@ -82,7 +86,6 @@ async def serve(args, paths: HostPaths, config) -> int:
     notifier = Notifier()
     kernel = None
     if args.simulate is not None:
-        from nicpassd.sim.kernel import SimKernel
         from nicpassd.sim.topology import TopologyError, load_topology
 
         try:
@@ -90,9 +93,7 @@ async def serve(args, paths: HostPaths, config) -> int:
         except TopologyError as exc:
             log.error("%s", exc)
             return EXIT_CONFIG
-        shutil.rmtree(paths.runtime_dir, ignore_errors=True)  # a simulated boot: /run is empty
-        kernel = SimKernel(paths, topology)
-        writer = kernel
+        kernel = writer = _simulated_kernel(args, paths, topology)
         log.info("simulating %s under %s", topology.description or "a host", paths.root)
     else:
         writer = SysfsWriter()
@@ -111,7 +112,14 @@ async def serve(args, paths: HostPaths, config) -> int:
     else:
         from nicpassd.host.udev import UdevEvents
 
+        from nicpassd.host.netlink import RtnlEvents
+
         events = UdevEvents(loop, engine.on_uevent)
+        # Routes, addresses and links move the protected set: netlink pushes each change.
+        routing = RtnlEvents(loop, engine.on_uevent)
+
+    await _apply_desired_state(engine)  # before owning the name: VMs started after us find their NICs
+    engine.leasing.start()  # leases survive a restart: re-arm expiry timer and QEMU pidfds (after recovery)
 
     try:
         bus = await start_service(engine, args.bus_address)
@@ -132,10 +140,12 @@ async def serve(args, paths: HostPaths, config) -> int:
     stopped = asyncio.ensure_future(stop.wait())
     await asyncio.wait({disconnected, stopped}, return_when=asyncio.FIRST_COMPLETED)
     notifier.stopping()
+    engine.leasing.close()
     if watchdog is not None:
         watchdog.cancel()
     if events is not None:
         events.close()
+        routing.close()
     if disconnected.done():
         log.error("lost the D-Bus connection; exiting so systemd restarts us")
         return 1
@@ -143,6 +153,46 @@ async def serve(args, paths: HostPaths, config) -> int:
     bus.disconnect()
     log.info("nicpassd stopped")
     return 0
+
+
+def _simulated_kernel(args, paths: HostPaths, topology):
+    """The simulated kernel: in-process (each daemon start is a boot: the tree is rebuilt, /run is
+    emptied), or with --keep-kernel a kernel_server process that outlives the daemon (a daemon
+    start is a boot only when that process had to be started). Either runs the early-binding
+    udev helper on "add", as a host with packaging/udev installed does."""
+    from nicpassd.early_binding import udev_rule
+    from nicpassd.sim import kernel_server
+    from nicpassd.sim.kernel import SimKernel
+
+    if args.keep_kernel:
+        if args.root is None:
+            raise SystemExit("nicpassd: --keep-kernel needs --root DIR (where the kernel keeps running)")
+        if not kernel_server.alive(paths):
+            shutil.rmtree(paths.runtime_dir, ignore_errors=True)  # a simulated boot: /run is empty
+            pid = kernel_server.spawn(paths, args.simulate or None)
+            log.info("started the simulated kernel (pid %d) for %s", pid, paths.root)
+        else:
+            log.info("attached to the running simulated kernel of %s (a daemon restart, not a boot)", paths.root)
+        return kernel_server.RemoteKernel(paths)
+    shutil.rmtree(paths.runtime_dir, ignore_errors=True)  # a simulated boot: /run is empty
+    return SimKernel(paths, topology, rules=(udev_rule,))
+
+
+async def _apply_desired_state(engine: Engine) -> None:
+    """At start: roll back what a crash interrupted (undo journal), then the boot reconcile; from
+    then on the engine reconciles on uevents and after API calls."""
+    from nicpassd.engine.reconcile import recover
+
+    engine.refresh()  # after subscribing to events: nothing that happens from here is missed
+    for line in await recover(engine):
+        log.warning("undo journal: %s", line)
+    engine.reconciler.auto = True
+    outcomes = await engine.reconciler.run(explicit=False)
+    await engine.reconciler.idle()  # the follow-up run its uevents queued: inventory and views current
+    failed = [o for o in outcomes if o.action in ("vfs", "bind") and o.result != "ok"]
+    applied = [o for o in outcomes if o.action in ("vfs", "bind", "follow") and o.result.startswith("ok")]
+    if applied or failed:
+        log.info("boot reconcile: %d step(s) applied, %d failed", len(applied), len(failed))
 
 
 def _reload(engine: Engine, paths: HostPaths) -> None:

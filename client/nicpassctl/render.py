@@ -251,6 +251,23 @@ def show_text(props: dict[str, Any] | None, explain: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------- check, guard, leases
 
+def reconcile_json(rows: Iterable[list[Any]]) -> list[dict[str, str]]:
+    return [{"address": r[0], "action": r[1], "result": r[2]} for r in rows]
+
+
+def reconcile_failed(rows: Iterable[list[Any]]) -> bool:
+    """Anything not applied, except devices deliberately left alone (``skipped: ...``)."""
+    return any(not (r[2].startswith("ok") or r[2].startswith("skipped")) for r in rows)
+
+
+def reconcile_text(rows: list[list[Any]]) -> str:
+    if not rows:
+        return "Nothing to do: every device is in its persisted state."
+    body = table(["ADDRESS", "ACTION", "RESULT"], [[r[0], r[1], r[2]] for r in rows])
+    done = sum(1 for r in rows if r[2].startswith("ok"))
+    return f"{body}\n\n{done} step(s) applied, {len(rows) - done} not applied"
+
+
 def check_json(findings: Iterable[list[Any]]) -> list[dict[str, str]]:
     return [{"id": f[0], "level": f[1], "message": f[2], "remedy": f[3]} for f in findings]
 

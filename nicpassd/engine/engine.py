@@ -8,26 +8,33 @@ the previous state when anything fails.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from nicpassd.engine.config import Config
-from nicpassd.engine.guard import ProtectedSet, compute_protected, refuse_if_protected
+from nicpassd.engine.guard import ProtectedSet, compute_protected
 from nicpassd.engine.leases import Lease, LeaseTable
-from nicpassd.engine.store import DeviceDesire, StateStore, identity_of
+from nicpassd.engine.journal import Journal, journaled, journaled_step
+from nicpassd.engine.reconcile import Reconciler
+from nicpassd.engine.store import DeviceDesire, RuntimeHolds, StateStore, identity_of
 from nicpassd.engine.views import DeviceView, build_views, label, resolve_device
-from nicpassd.errors import Busy, InvalidArgument, KernelError, NicpassError, NotFound, NotSupported, Protected
+from nicpassd.errors import Busy, InvalidArgument, KernelError, NicpassError, NotFound, NotSupported, Protected, Timeout
 from nicpassd.host.events import UEvent
 from nicpassd.host.host import Host
+from nicpassd.host.inventory import Inventory
+from nicpassd.host.writer import describe_oserror
 from nicpassd.host.model import HostSnapshot, PciFunction
 
 log = logging.getLogger(__name__)
 
 VFIO = "vfio-pci"
 PASSTHROUGH_DRIVERS = ("vfio-pci", "pci-stub")
-RESERVATION_SECONDS = 120.0
 
 
 @dataclass
@@ -61,14 +68,35 @@ class Engine:
         self.lease_listeners: list[Callable[[Lease, str], None]] = []
         self._lock = asyncio.Lock()
         self._refresh_pending = False
+        # Persistence, boot/hotplug reconcile, undo journal (reconcile.py, journal.py, store.py).
+        self.inventory = Inventory(host.paths, host.snapshot)  # incremental re-reads on uevents
+        self.journal = Journal(host.paths.runtime_dir)
+        self.journal_depth = 0
+        self.holds = RuntimeHolds(host.paths.runtime_dir)  # devices changed with --runtime
+        self.reconciler = Reconciler(self)  # .auto = True in the daemon
+        self._pci_root = os.fspath(host.paths.pci_devices)
+        from nicpassd.engine.leasing import LeaseKeeper  # imports this module
+
+        self.leasing = LeaseKeeper(self)
 
     # ------------------------------------------------------------ inventory
     def refresh(self) -> InventoryDelta:
         """Re-read the kernel's view, recompute the guard and the views, announce differences."""
         self._refresh_pending = False
-        self.snapshot = self.host.snapshot()
+        self.snapshot = self.inventory.full()
+        return self._publish()
+
+    def refresh_changed(self) -> InventoryDelta:
+        """``refresh``, re-reading only what uevents (or ``inventory.mark``) said changed."""
+        self._refresh_pending = False
+        self.snapshot = self.inventory.update()
+        return self._publish()
+
+    def _publish(self) -> InventoryDelta:
+        """Recompute the guard and the views of ``self.snapshot``; announce the differences."""
         self.protected = compute_protected(self.snapshot, self.config.guard)
-        views = build_views(self.snapshot, self.protected, self.store, self.leases.holder())
+        views = build_views(self.snapshot, self.protected, self.store, self.leases.holder(),
+                            notes=self.reconciler.notes)
         delta = InventoryDelta()
         for address, view in views.items():
             old = self.views.get(address)
@@ -84,11 +112,38 @@ class Engine:
         return delta
 
     def on_uevent(self, event: UEvent) -> None:
-        """Coalesce a burst of events into one refresh on the next loop iteration."""
+        """Coalesce a burst of events into one refresh on the next loop iteration (re-reading only
+        what the events name), then one reconcile run if any event was relevant to it."""
+        self.inventory.note(event)
+        self.reconciler.note(event)
         if self._refresh_pending:
             return
         self._refresh_pending = True
-        asyncio.get_running_loop().call_soon(self.refresh)
+        asyncio.get_running_loop().call_soon(self._after_events)
+
+    def _after_events(self) -> None:
+        if self.reconciler.auto and self._lock.locked():
+            # A change is being applied: its own events would cost a refresh per trickle of them.
+            # The reconcile run queued behind it takes them all in at once, under the lock.
+            self.reconciler.poke()
+            return
+        if self._refresh_pending:
+            self.refresh_changed()
+        self.reconciler.events_settled()
+
+    async def reconcile(self) -> list[tuple[str, str, str]]:
+        """Bring every device to its persisted desired state now: (address, action, result)."""
+        outcomes = await self.reconciler.run(explicit=True)
+        return [(o.address, o.action, o.result) for o in outcomes]
+
+    def _commit(self, address: str, persist: bool, **changes: object) -> None:
+        """After an API change: persist it, or hold the device as changed at runtime."""
+        if persist:
+            self._persist(address, **changes)
+            self.holds.release(address)
+            self.reconciler.forget_failures(address)
+        else:
+            self.holds.hold(address, "runtime")
 
     def resolve(self, device: str) -> str:
         return resolve_device(self.snapshot, device)
@@ -119,7 +174,8 @@ class Engine:
                            "stop that VM first (its lease ends when it stops)")
 
     # -------------------------------------------------------------- VF count
-    async def set_vf_count(self, device: str, count: int, *, persist: bool = True, driver: str = "") -> None:
+    async def set_vf_count(self, device: str, count: int, *, persist: bool = True, driver: str = "",
+                           force: bool = False, caller: str = "") -> None:
         address = self.resolve(device)
         function = self.snapshot.functions[address]
         if not function.sriov_capable:
@@ -132,15 +188,16 @@ class Engine:
             raise InvalidArgument(f"VF driver {driver!r} is not supported; use \"vfio-pci\" or leave it empty")
         async with self._lock:
             self.refresh()
-            refuse_if_protected(self.protected, address, f"change the VF count of {self._label(address)}")
+            self.guard_check(address, f"change the VF count of {self._label(address)}", force=force, caller=caller)
             self._refuse_if_leased([address, *self._present(address).virtfns], "change the VFs of")
             await self._apply_vf_count(address, count, driver)
             log.info("%s now has %d VFs%s%s", self._label(address), count, f" on {driver}" if driver else "",
                      "" if persist else " (runtime only)", extra={"device": address, "action": "vfs"})
-            if persist:
-                self._persist(address, num_vfs=count, vf_driver=driver if count else "")
+            self._commit(address, persist, num_vfs=count, vf_driver=driver if count else "")
             self.refresh()
+        self.reconciler.poke()
 
+    @journaled_step("vf-count")
     async def _apply_vf_count(self, address: str, count: int, driver: str) -> None:
         before = self._function(address)
         previous_drivers = [self._function(vf).driver for vf in before.virtfns]
@@ -148,7 +205,7 @@ class Engine:
         try:
             if before.num_vfs != count:
                 if driver == VFIO:
-                    await self.host.load_module("vfio-pci")
+                    await self._load_module_once("vfio-pci")
                 if count and before.autoprobe != want_autoprobe:
                     await self.host.set_autoprobe(address, want_autoprobe)
                 if before.num_vfs:
@@ -157,8 +214,14 @@ class Engine:
                     await self.host.set_num_vfs(address, count)
                     await self._verify_vf_count(address, count)
             if driver == VFIO:
-                for vf in self._function(address).virtfns:
-                    await self._bind_verified(vf, VFIO)
+                await self._bind_many_verified(list(self._function(address).virtfns), VFIO)
+            elif count and before.num_vfs != count:
+                # New VFs for the host driver: the early-binding udev rule may have put a persisted
+                # vfio-pci override on them as they appeared (a --runtime change of a persisted PF).
+                claimed = [vf for vf in self._function(address).virtfns
+                           if self._binding_of(vf).driver_override in PASSTHROUGH_DRIVERS]
+                if claimed:
+                    await self._bind_many_verified(claimed, "")
         except NicpassError as exc:
             note = await self._restore_vfs(address, before, previous_drivers)
             if note:
@@ -201,7 +264,11 @@ class Engine:
         return f"{self._label(address)} was restored to {before.num_vfs} VFs"
 
     # ---------------------------------------------------------------- binding
-    async def bind(self, device: str, driver: str, *, persist: bool = True) -> None:
+    async def bind(self, device: str, driver: str, *, persist: bool = True, force: bool = False,
+                   group: bool = False, caller: str = "") -> None:
+        """Bind (``driver`` "" = back to the host driver). ``group`` does the same to every
+        non-bridge IOMMU group mate, none of which may be protected (``force`` does not extend to
+        mates); ``force`` overrides a guard entry that is not on the management path."""
         address = self.resolve(device)
         if driver not in ("", VFIO, "pci-stub") and driver not in self.snapshot.loaded_drivers:
             raise InvalidArgument(f"driver {driver!r} is not a loaded PCI driver",
@@ -210,12 +277,31 @@ class Engine:
             self.refresh()
             function = self._present(address)
             target = driver or "its host driver"
-            refuse_if_protected(self.protected, address, f"bind {self._label(address)} to {target}")
-            self._refuse_if_leased([address], "rebind")
-            if function.num_vfs and driver in PASSTHROUGH_DRIVERS:
-                raise InvalidArgument(f"{self._label(address)} has {function.num_vfs} VFs; unbinding its PF driver would orphan them",
-                                      f"remove them first with `nicpassctl vfs {address} 0`")
-            await self._bind_verified(address, driver)
+            action = f"bind {self._label(address)} to {target}"
+            self.guard_check(address, action, force=force, caller=caller)
+            targets = [address, *(self.group_mates(address, action) if group else ())]
+            self._refuse_if_leased(targets, "rebind")
+            if driver not in PASSTHROUGH_DRIVERS:
+                self._refuse_if_mate_leased(address, target)
+            for each in targets:
+                present = self._present(each)
+                if present.num_vfs and driver in PASSTHROUGH_DRIVERS:
+                    raise InvalidArgument(f"{self._label(each)} has {present.num_vfs} VFs; unbinding its PF driver would orphan them",
+                                          f"remove them first with `nicpassctl vfs {each} 0`")
+            done: list[tuple[str, PciFunction]] = []
+            try:
+                for each in targets:
+                    before = self._function(each)
+                    await self._bind_verified(each, driver)
+                    done.append((each, before))
+            except NicpassError as exc:
+                for each, before in reversed(done):
+                    exc.message += f"; {each}: {await self._restore_binding(each, before)}"
+                raise
+            for mate in targets[1:]:
+                log.info("%s bound to %s with the IOMMU group of %s", self._label(mate), target, address)
+                if persist:
+                    self._persist(mate, driver=driver if driver in PASSTHROUGH_DRIVERS else "")
             log.info("%s bound to %s%s", self._label(address), driver or "its host driver",
                      "" if persist else " (runtime only)", extra={"device": address, "action": "bind"})
             if persist:
@@ -223,7 +309,14 @@ class Engine:
                     self._persist(address, driver=driver)
                 else:
                     self._persist(address, driver="")
+            for each in targets:  # a persisted change ends a runtime one; a runtime one holds the device
+                if persist:
+                    self.holds.release(each)
+                    self.reconciler.forget_failures(each)
+                else:
+                    self.holds.hold(each, "runtime")
             self.refresh()
+        self.reconciler.poke()
 
     async def unbind(self, device: str, *, persist: bool = True) -> None:
         """Give the device back to its host driver; forget the persisted binding too."""
@@ -235,8 +328,11 @@ class Engine:
             await self.bind(address, "", persist=False)
         async with self._lock:
             self.store.remove(address)
+            self.holds.release(address)
+            self.reconciler.forget_failures(address)
             self.refresh()
 
+    @journaled_step("bind")
     async def _bind_verified(self, address: str, driver: str, *, restore_on_failure: bool = True) -> None:
         """driver_override, unbind, drivers_probe, then verify (kernel rules §8).
 
@@ -261,6 +357,154 @@ class Engine:
             if restore_on_failure:
                 exc.message += f"; {await self._restore_binding(address, before)}"
             raise
+
+    async def _bind_many_verified(self, addresses: list[str], driver: str) -> None:
+        """``_bind_verified`` for many functions (a PF's VFs): raises the first failure, after
+        restoring every function that failed."""
+        errors = await self._bind_batch(addresses, driver)
+        if errors:
+            address, error = next(iter(errors.items()))
+            more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+            error.message += more
+            raise error
+
+    async def _bind_batch(self, addresses: list[str], driver: str) -> dict[str, NicpassError]:
+        """The bind sequence of kernel rules §8 for many functions at once: all driver_overrides,
+        then the unbinds, then the drivers_probes — each phase one worker thread with the write
+        timeout — then one verification pass. Returns the failures ({} = all bound), each
+        restored to its previous driver. One journal entry covers the batch."""
+        if len(addresses) == 1:
+            try:
+                await self._bind_verified(addresses[0], driver)
+                return {}
+            except NicpassError as exc:
+                return {addresses[0]: exc}
+        befores = {address: self._binding_of(address) for address in addresses}
+        async with journaled(self, "bind", addresses, target={"driver": driver}, before=befores):
+            return await self._bind_batch_journaled(befores, driver)
+
+    async def _bind_batch_journaled(self, befores: dict[str, PciFunction], driver: str) -> dict[str, NicpassError]:
+        override = driver if driver in PASSTHROUGH_DRIVERS else ""
+        todo = [address for address, before in befores.items()
+                if not (before.driver and self._satisfies(before.driver, driver) and before.driver_override == override)]
+        errors: dict[str, NicpassError] = {}
+        if not todo:
+            return errors
+        if driver == VFIO:
+            await self._load_module_once("vfio-pci")
+        root, drivers, probe = self._pci_root, os.fspath(self.host.paths.pci_drivers), self.host.paths.drivers_probe
+        writes = [(a, Path(f"{root}/{a}/driver_override"), override + "\n") for a in todo]
+        writes += [(a, Path(f"{drivers}/{befores[a].driver}/unbind"), a) for a in todo
+                   if befores[a].driver and not self._satisfies(befores[a].driver, driver)]
+        writes += [(a, probe, a) for a in todo]
+        try:
+            failed = await self._write_batch(writes)
+        except NicpassError as exc:  # Timeout: every function of the batch is in doubt
+            failed = {}
+            for address in todo:
+                errors[address] = type(exc)(exc.message, exc.remedy)
+        for address, (path, data, error) in failed.items():
+            errors[address] = KernelError(f"the kernel refused writing {data.strip() or 'an empty line'!r} "
+                                          f"to {path.name} of {address}: {describe_oserror(error)}")
+        pending = [a for a in todo if a not in errors]
+
+        def all_bound() -> bool:
+            pending[:] = [a for a in pending if not self._satisfies(self._driver_of(a), driver)]
+            return not pending
+
+        deadline = time.monotonic() + self.config.daemon.bind_verify_timeout
+        interval = 0.002
+        while not all_bound() and time.monotonic() < deadline:
+            await asyncio.sleep(interval)
+            interval = min(interval * 2, 0.1)
+        wanted = driver or "its host driver"
+        for address in pending:
+            found = self._driver_of(address) or "no driver"
+            errors[address] = KernelError(f"{address} did not bind to {wanted}: the kernel shows {found} after "
+                                          "drivers_probe", "check the kernel log (journalctl -k) for the probe failure")
+        for address, error in errors.items():
+            error.message += f"; {await self._restore_binding(address, befores[address])}"
+        return errors
+
+    async def _load_module_once(self, name: str) -> None:
+        """modprobe only when the driver is not registered yet (each modprobe is a process)."""
+        if not (self.host.paths.pci_drivers / name).is_dir():
+            await self.host.load_module(name)
+
+    async def _write_batch(self, writes: list[tuple[str, object, str]]) -> dict[str, tuple[object, str, OSError]]:
+        """Many sysfs writes ``(address, path, data)`` in order, in one worker thread (one thread
+        start instead of one per write). A function whose write fails gets no further write.
+        Each write still has the write timeout: ``Timeout`` when the thread makes no progress for
+        that long (a hung write is left pending, as ``run_blocking`` does). Returns the failures."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+        future.add_done_callback(lambda done: done.cancelled() or done.exception())
+        done_count = [0]
+        writer = self.host.writer
+
+        def settle(result, error) -> None:
+            if not future.done():
+                future.set_exception(error) if error is not None else future.set_result(result)
+
+        # A simulated kernel runs Python in this thread: it hands the batch's uevents over when the
+        # batch returns rather than waking the loop (and taking the GIL) after every write.
+        operation = getattr(writer, "operation", contextlib.nullcontext)
+
+        def work() -> None:
+            failed: dict[str, tuple[object, str, OSError]] = {}
+            try:
+                with operation():
+                    for address, path, data in writes:
+                        if address not in failed:
+                            try:
+                                writer.write(path, data)
+                            except OSError as exc:
+                                failed[address] = (path, data, exc)
+                        done_count[0] += 1
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+                result, error = None, exc
+            else:
+                result, error = failed, None
+            try:
+                loop.call_soon_threadsafe(settle, result, error)
+            except RuntimeError:
+                log.warning("a batch of kernel writes finished after the daemon stopped waiting for it")
+
+        threading.Thread(target=work, name=f"kernel-write: {len(writes)} writes", daemon=True).start()
+        seen = -1
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.shield(future), self.host.write_timeout)
+            except TimeoutError:
+                if done_count[0] == seen:
+                    address, path, data = writes[min(seen, len(writes) - 1)]
+                    log.error("writing %r to %s of %s did not complete within %.1f s; left pending",
+                              data.strip(), getattr(path, "name", path), address, self.host.write_timeout)
+                    raise Timeout(f"writing {data.strip() or 'an empty line'!r} to {getattr(path, 'name', path)} of "
+                                  f"{address} did not complete within {self.host.write_timeout:g} s "
+                                  "(the driver may be stuck)",
+                                  "check the kernel log (journalctl -k) and retry once the device recovers") from None
+                seen = done_count[0]
+
+    def _binding_of(self, address: str) -> PciFunction:
+        """Only what binding and restoring a binding need (driver, driver_override), read cheaply."""
+        try:
+            fd = os.open(f"{self._pci_root}/{address}/driver_override", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                override = os.read(fd, 4096).decode().strip()
+            finally:
+                os.close(fd)
+        except OSError:
+            raise KernelError(f"{address} disappeared from the kernel while being changed") from None
+        return PciFunction(address, "", "", "", "", "", driver=self._driver_of(address),
+                           driver_override="" if override == "(null)" else override)
+
+    def _driver_of(self, address: str) -> str:
+        """Just the driver link: the cheap read of a verification loop."""
+        try:
+            return os.path.basename(os.readlink(f"{self._pci_root}/{address}/driver"))
+        except OSError:
+            return ""
 
     @staticmethod
     def _satisfies(current: str, wanted: str) -> bool:
@@ -295,6 +539,44 @@ class Engine:
             return f"the previous driver {before.driver or 'none'} could not be restored (now {restored or 'none'})"
         return f"restored {before.driver or 'no driver'}"
 
+    # ------------------------------------------------------------------ guard
+    def guard_check(self, address: str, action: str, *, force: bool = False, caller: str = "") -> None:
+        """The one guard check of every mutation (and of persisted desires applied at boot or
+        hotplug, which pass no ``force``). Uses the protected set of the last ``refresh()``:
+        callers refresh under the mutation lock first. Raises ``Protected``; a ``force`` that
+        overrides an entry is logged at warning level with the caller."""
+        overridden = self.protected.check(address, action, force=force)
+        if overridden is not None:
+            log.warning("guard overridden with force by %s: %s although it is protected (%s)",
+                        caller or "an unknown caller", action, "; ".join(overridden.reasons))
+
+    def group_mates(self, address: str, action: str) -> list[str]:
+        """The non-bridge IOMMU group mates to take along with ``address`` (option ``group``).
+        Refused (``Protected``) if any is protected, with or without force: nicpassd never takes
+        a device the host needs along with a group, and never binds mates unasked."""
+        mates = []
+        for mate in self.snapshot.group_members(address):
+            function = self.snapshot.functions.get(mate)
+            if mate == address or function is None or function.is_bridge:
+                continue
+            entry = self.protected.entries.get(mate)
+            if entry is not None:
+                group = self.snapshot.functions[address].iommu_group
+                raise Protected(f"refusing to {action} with its IOMMU group {group}: member {self._label(mate)} is "
+                                f"protected ({'; '.join(entry.reasons)})",
+                                "move the card to a slot with its own IOMMU group")
+            mates.append(mate)
+        return mates
+
+    def _refuse_if_mate_leased(self, address: str, target: str) -> None:
+        """A host driver on a group mate of a device in a VM would take DMA ownership of its group."""
+        holder = self.leases.holder()
+        for mate in self.snapshot.group_members(address):
+            if mate != address and holder.get(mate):
+                group = self.snapshot.functions[address].iommu_group
+                raise Busy(f"cannot bind {self._label(address)} to {target}: it shares IOMMU group {group} with "
+                           f"{self._label(mate)}, leased to VM {holder[mate]}", "stop that VM first")
+
     # ------------------------------------------------------------ persistence
     def _persist(self, address: str, **changes: object) -> None:
         function = self.host.function(address) or self.snapshot.functions[address]
@@ -309,72 +591,15 @@ class Engine:
             self.store.put(desire)
 
     # ----------------------------------------------------------------- leases
-    async def prepare(self, vm_name: str, vm_uuid: str, devices: list[str]) -> Lease:
-        if not vm_uuid:
-            raise InvalidArgument("a VM uuid is required")
-        if not devices:
-            raise InvalidArgument("no devices given to prepare")
-        addresses = [self.resolve(device) for device in devices]
-        async with self._lock:
-            self.refresh()
-            for address in addresses:
-                refuse_if_protected(self.protected, address, f"hand {self._label(address)} to VM {vm_name}")
-            self._refuse_if_leased(addresses, "lease", allow_vm=vm_uuid)
-            for address in addresses:
-                function = self._present(address)
-                if function.num_vfs:
-                    self._refuse_if_leased(list(function.virtfns), "hand the PF of", allow_vm=vm_uuid)
-                    raise InvalidArgument(
-                        f"{self._label(address)} has {function.num_vfs} VFs; passing the PF through would orphan them",
-                        f"pass a VF instead, or remove the VFs first with `nicpassctl vfs {address} 0`")
-                self._require_viable_group(address, set(addresses))
-            done: list[tuple[str, PciFunction]] = []
-            try:
-                for address in addresses:
-                    before = self._function(address)
-                    await self._bind_verified(address, VFIO)
-                    done.append((address, before))
-            except NicpassError as exc:
-                for address, before in reversed(done):
-                    await self._restore_binding(address, before)
-                exc.message += "; no device was leased"
-                raise
-            for lease in self.leases.of_vm(vm_uuid):
-                self.leases.drop(lease.lease_id)
-            lease = self.leases.add(vm_name, vm_uuid, addresses, expires=time.time() + RESERVATION_SECONDS)
-            self.refresh()
-        self._announce_lease(lease, lease.state)
-        return lease
+    # Prepare/Activate/Release and the reclaiming of stale leases live in leasing.py.
+    async def prepare(self, vm_name: str, vm_uuid: str, devices: list[str], **options) -> Lease | None:
+        return await self.leasing.prepare(vm_name, vm_uuid, devices, **options)
 
-    def _require_viable_group(self, address: str, leasing: set[str]) -> None:
-        blockers = []
-        for mate in self.snapshot.group_members(address):
-            function = self.snapshot.functions.get(mate)
-            if mate == address or mate in leasing or function is None or function.is_bridge:
-                continue
-            if function.driver and function.driver not in PASSTHROUGH_DRIVERS:
-                blockers.append(f"{label(function)} on {function.driver}")
-        if blockers:
-            group = self.snapshot.functions[address].iommu_group
-            raise Protected(f"IOMMU group {group} of {self._label(address)} is not viable: {', '.join(blockers)}",
-                       "pass the whole group to the VM, or move the card to a slot with its own group")
+    async def activate(self, vm_uuid: str, *, pid: int = 0) -> Lease:
+        return await self.leasing.activate(vm_uuid, pid=pid)
 
     async def release(self, vm_uuid: str) -> list[Lease]:
-        async with self._lock:
-            released = [lease for lease in self.leases.of_vm(vm_uuid)]
-            for lease in released:
-                self.leases.drop(lease.lease_id)
-                if self.config.release.policy == "restore":
-                    for address in lease.devices:
-                        if not self.store.get(address) and self.host.function(address) is not None:
-                            try:
-                                await self._bind_verified(address, "")
-                            except NicpassError as exc:
-                                log.error("release of %s: %s", address, exc)
-            self.refresh()
-        for lease in released:
-            self._announce_lease(lease, "released")
-        return released
+        return await self.leasing.release(vm_uuid)
 
     def _announce_lease(self, lease: Lease, state: str) -> None:
         for listener in list(self.lease_listeners):
@@ -406,6 +631,7 @@ class Engine:
             "iommu_group": view.iommu_group, "group_members": members, "group_viable": viable,
             "leased_to": view.leased_to, "persisted": view.persisted, "desired_driver": view.desired_driver,
             "driver": view.driver, "interfaces": list(view.interfaces), "drift": view.drift,
+            "overridable": bool(view.protected and self.protected.entries[address].overridable),
         }
 
     def check(self) -> list[Finding]:
@@ -436,6 +662,8 @@ class Engine:
         else:
             protected = ", ".join(sorted(self.protected.entries)) or "none"
             findings.append(Finding("management", "ok", f"management path protected: {protected}"))
+        for number, note in enumerate(self.protected.notes):
+            findings.append(Finding(f"guard-{number}", "warn", note, "fix the [guard] section of /etc/nicpassd/nicpassd.toml"))
         for address, view in sorted(self.views.items()):
             if view.drift:
                 level = "fail" if view.drift.startswith("identity") else "warn"

@@ -1,8 +1,19 @@
 """Leases: which VM holds which device. Kept in /run/nicpassd/leases.json (survives a daemon
-restart, not a reboot — after a reboot no VM holds anything)."""
+restart, not a reboot — after a reboot no VM holds anything).
+
+A lease starts as a *reservation* (``state="reserved"``, ``expires`` a unix time) when a VM is
+about to start, and becomes *active* (``expires=0``) once it is tied to the running VM: its QEMU
+process (``pid`` plus ``pid_start``, the process start time, which tells a reused PID apart after
+a daemon restart) or, without a PID, just its uuid. ``changes`` records, per device, what nicpassd
+changed to make it ready (the previous driver and driver_override), so a ``restore`` release
+gives back exactly that and nothing else.
+
+This module is storage only; the policy (timers, pidfds, release policy) is in leasing.py.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -14,6 +25,10 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 LEASE_FILE = "leases.json"
+FORMAT_VERSION = 2  # 1 had no pid_start/pidfile/changes; it loads with their defaults
+
+RESERVED = "reserved"
+ACTIVE = "active"
 
 
 @dataclass
@@ -22,10 +37,26 @@ class Lease:
     vm_name: str
     vm_uuid: str
     devices: list[str]
-    state: str = "reserved"  # reserved (prepared, VM not yet running) or active
+    state: str = RESERVED  # reserved (prepared, VM not yet running) or active
     expires: float = 0.0  # unix time after which a reservation is reclaimed; 0 = never
-    pid: int = 0
+    pid: int = 0  # the VM's QEMU process, once known
+    pid_start: int = 0  # its start time (/proc/PID/stat field 22), to tell a reused PID apart
+    pidfile: str = ""  # where the QEMU PID will appear (absolute host path), given at prepare
     created: float = field(default_factory=time.time)
+    # address -> {"driver": ..., "driver_override": ...}: the state before nicpassd changed it.
+    # A device absent here was already ready; a release never touches it. (nicpassd sets no VF
+    # MAC yet; when it does, the previous admin MAC belongs here too.)
+    changes: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+_FIELDS = {f.name for f in dataclasses.fields(Lease)}
+
+
+def _lease_from(item: dict) -> Lease:
+    known = {key: value for key, value in item.items() if key in _FIELDS}
+    lease = Lease(**known)
+    lease.devices = [str(device) for device in lease.devices]
+    return lease
 
 
 class LeaseTable:
@@ -37,12 +68,27 @@ class LeaseTable:
     def _load(self) -> dict[str, Lease]:
         try:
             data = json.loads(self.path.read_text())
-            return {item["lease_id"]: Lease(**item) for item in data.get("leases", [])}
+            version = data.get("version", 1)
+            if version > FORMAT_VERSION:
+                log.warning("%s has format version %s (this nicpassd knows %d); reading what it can",
+                            self.path, version, FORMAT_VERSION)
+            leases = [_lease_from(item) for item in data.get("leases", [])]
         except FileNotFoundError:
             return {}
-        except (ValueError, TypeError, KeyError) as exc:
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
             log.error("ignoring unreadable lease file %s: %s", self.path, exc)
             return {}
+        table: dict[str, Lease] = {}
+        taken: dict[str, str] = {}
+        for lease in leases:
+            clash = [device for device in lease.devices if device in taken]
+            if clash:  # never trust a file that leases a device twice: keep the first holder
+                log.error("lease %s of VM %s claims %s, already leased to VM %s: dropped",
+                          lease.lease_id, lease.vm_uuid, ", ".join(clash), taken[clash[0]])
+                continue
+            taken.update({device: lease.vm_uuid for device in lease.devices})
+            table[lease.lease_id] = lease
+        return table
 
     def holder(self) -> dict[str, str]:
         """device address -> VM uuid holding it."""
@@ -51,8 +97,14 @@ class LeaseTable:
     def of_vm(self, vm_uuid: str) -> list[Lease]:
         return [lease for lease in self.leases.values() if lease.vm_uuid == vm_uuid]
 
-    def add(self, vm_name: str, vm_uuid: str, devices: list[str], *, expires: float) -> Lease:
-        lease = Lease(uuid.uuid4().hex, vm_name, vm_uuid, sorted(devices), expires=expires)
+    def add(self, vm_name: str, vm_uuid: str, devices: list[str], *, expires: float,
+            changes: dict[str, dict[str, str]] | None = None, pidfile: str = "") -> Lease:
+        holder = self.holder()
+        taken = [device for device in devices if device in holder]
+        if taken:  # the engine checks first; this is the last line against a double lease
+            raise ValueError(f"{', '.join(taken)} already leased to VM {holder[taken[0]]}")
+        lease = Lease(uuid.uuid4().hex, vm_name, vm_uuid, sorted(devices), expires=expires,
+                      pidfile=pidfile, changes=dict(changes or {}))
         self.leases[lease.lease_id] = lease
         self._save()
         return lease
@@ -69,14 +121,27 @@ class LeaseTable:
 
     def expired(self, now: float) -> list[Lease]:
         return [lease for lease in self.leases.values()
-                if lease.state == "reserved" and lease.expires and lease.expires < now]
+                if lease.state == RESERVED and lease.expires and lease.expires <= now]
+
+    def next_expiry(self) -> float:
+        """The earliest reservation expiry (unix time), 0 when nothing expires."""
+        times = [lease.expires for lease in self.leases.values() if lease.state == RESERVED and lease.expires]
+        return min(times, default=0.0)
 
     def _save(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        payload = json.dumps({"version": 1, "leases": [asdict(x) for x in self.leases.values()]}, indent=2)
+        payload = json.dumps({"version": FORMAT_VERSION, "leases": [asdict(x) for x in self.leases.values()]},
+                             indent=2)
         fd, temp = tempfile.mkstemp(prefix=".leases-", dir=self.directory)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, self.path)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(payload)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, self.path)
+        except BaseException:
+            try:
+                os.unlink(temp)
+            except FileNotFoundError:
+                pass
+            raise

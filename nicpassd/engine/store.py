@@ -1,7 +1,16 @@
 """Persistent desired state in /var/lib/nicpassd/state.json: versioned, written atomically.
 
 Each entry records the identity of the device it was made for, so a different card found at the
-same address later is not configured by mistake.
+same address later is not configured by mistake (``Identity.mismatch``), and the same card found
+at another address is followed there (``Identity.same_card``).
+
+The file is written as a temporary file in the same directory, fsynced, renamed over the old one,
+then the directory is fsynced: a reader (or the daemon after a crash or power loss) sees the old
+file or the new one, never a mix. Older schema versions are migrated on load (``MIGRATIONS``); the
+file as it was is kept beside it (``state.json.v1``) and the migrated state is written back.
+
+``RuntimeHolds`` (in /run/nicpassd/runtime.json) lists devices changed with ``--runtime``: the
+reconciler leaves them alone until the device goes away or the host reboots.
 """
 
 from __future__ import annotations
@@ -11,51 +20,102 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from nicpassd.host.model import HostSnapshot, PciFunction
 
 log = logging.getLogger(__name__)
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STATE_FILE = "state.json"
+TEMP_PREFIX = ".state-"
+RUNTIME_FILE = "runtime.json"
 
 
 class Identity(BaseModel):
+    """What makes a device the one a desire was made for. Never the IOMMU group *number*."""
+
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     vendor_id: str
     device_id: str
     subsystem_vendor_id: str = ""
     subsystem_device_id: str = ""
-    serial: str = ""
-    permanent_mac: str = ""
+    serial: str = ""  # PCIe Device Serial Number; shared by the functions of one card
+    permanent_mac: str = ""  # of the PF's netdev; unknown ("") while no host driver is bound
     physfn: str = ""  # for a VF: the PF address (VF identity is its PF plus its index)
-    group_members: tuple[str, ...] = ()  # "vendor:device" of the other group members
+    vf_index: int = -1  # v2: for a VF, N of the PF's virtfnN link
+    # v2: "vendor:device" of the other members of its IOMMU group (its own PF and VFs excluded);
+    # None when not recorded (no IOMMU, or a v1 file, which could not tell "alone" from "unknown").
+    group_members: tuple[str, ...] | None = None
 
     def mismatch(self, other: "Identity") -> str:
-        """A sentence naming the first difference, or "" when both describe the same device."""
-        for name in ("vendor_id", "device_id", "subsystem_vendor_id", "subsystem_device_id", "serial",
-                     "permanent_mac", "physfn", "group_members"):
+        """A sentence naming the first difference, or "" when both describe the same device.
+
+        ``self`` is what was recorded, ``other`` what the device shows now. Fields one side does
+        not know (a MAC while the device is on vfio-pci, a serial without CAP_SYS_ADMIN) are not
+        compared; vendor, device and whether it is a VF of which PF always are.
+        """
+        for name in ("vendor_id", "device_id", "physfn"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine != theirs:
+                return f"{name} was {mine or 'none'} and is now {theirs or 'none'}"
+        for name in ("subsystem_vendor_id", "subsystem_device_id", "serial", "permanent_mac"):
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine and theirs and mine != theirs:
                 return f"{name} was {mine} and is now {theirs}"
-            if name in ("vendor_id", "device_id") and mine != theirs:
-                return f"{name} was {mine} and is now {theirs}"
+        if self.vf_index >= 0 and other.vf_index >= 0 and self.vf_index != other.vf_index:
+            return f"vf_index was {self.vf_index} and is now {other.vf_index}"
+        if self.group_members is not None and other.group_members is not None \
+                and sorted(self.group_members) != sorted(other.group_members):
+            before = ", ".join(self.group_members) or "none"
+            now = ", ".join(other.group_members) or "none"
+            return f"IOMMU group mates were {before} and are now {now}"
         return ""
+
+    def same_card(self, recorded_address: str, other: "Identity", address: str) -> bool:
+        """Is the function at ``address`` (identity ``other``) the one recorded at
+        ``recorded_address``, moved? Only a serial number (with the same function number: the
+        functions of one card share it) or a permanent MAC can tell; vendor and device must agree."""
+        if self.physfn or other.physfn:
+            return False  # VFs follow their PF
+        if (self.vendor_id, self.device_id) != (other.vendor_id, other.device_id):
+            return False
+        if self.permanent_mac and other.permanent_mac:
+            return self.permanent_mac == other.permanent_mac
+        if self.serial and other.serial:
+            return self.serial == other.serial and function_number(recorded_address) == function_number(address)
+        return False
+
+
+def function_number(address: str) -> str:
+    return address.rsplit(".", 1)[-1]
 
 
 def identity_of(function: PciFunction, snapshot: HostSnapshot) -> Identity:
-    mates = tuple(sorted(
-        f"{snapshot.functions[m].vendor_id}:{snapshot.functions[m].device_id}"
-        for m in snapshot.group_members(function.address)
-        if m != function.address and m in snapshot.functions
-    ))
+    family = {function.address, function.physfn, *function.virtfns} - {""}
+    if function.physfn and function.physfn in snapshot.functions:
+        family.update(snapshot.functions[function.physfn].virtfns)
+    if function.iommu_group < 0:
+        mates: tuple[str, ...] | None = None
+    else:
+        mates = tuple(sorted(
+            f"{snapshot.functions[m].vendor_id}:{snapshot.functions[m].device_id}"
+            for m in snapshot.group_members(function.address)
+            if m not in family and m in snapshot.functions
+            and snapshot.functions[m].physfn not in family  # VFs of siblings in a shared group
+        ))
+    vf_index = -1
+    if function.physfn:
+        parent = snapshot.functions.get(function.physfn)
+        if parent is not None and function.address in parent.virtfns:
+            vf_index = parent.virtfns.index(function.address)
     return Identity(
         vendor_id=function.vendor_id, device_id=function.device_id,
         subsystem_vendor_id=function.subsystem_vendor_id, subsystem_device_id=function.subsystem_device_id,
         serial=function.serial, permanent_mac=function.permanent_mac, physfn=function.physfn,
-        group_members=mates,
+        vf_index=vf_index, group_members=mates,
     )
 
 
@@ -68,12 +128,95 @@ class DeviceDesire(BaseModel):
     num_vfs: int | None = None  # for a PF: VFs to create
     vf_driver: str = ""  # for a PF: driver for its VFs ("" = host driver)
 
+    @property
+    def empty(self) -> bool:
+        return not self.driver and self.num_vfs is None and not self.vf_driver
+
 
 class DesiredState(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     version: int = SCHEMA_VERSION
+    generation: int = 0  # v2: +1 per commit, so the undo journal can tell whether a commit happened
     devices: dict[str, DeviceDesire] = Field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------ migrations
+def _v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
+    """v2 adds ``generation``, ``Identity.vf_index``, and makes ``group_members`` optional.
+
+    v1 wrote ``[]`` both for "alone in its group" and "no group known": that cannot be compared
+    safely, so it becomes ``None`` (not recorded); the next change of the device records it.
+    """
+    devices = {}
+    for address, entry in (data.get("devices") or {}).items():
+        entry = dict(entry)
+        identity = dict(entry.get("identity") or {})
+        if not identity.get("group_members"):
+            identity["group_members"] = None
+        identity.setdefault("vf_index", -1)
+        entry["identity"] = identity
+        devices[address] = entry
+    return {**data, "version": 2, "generation": 0, "devices": devices}
+
+
+# version N -> function turning a version-N document into a version N+1 document
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2}
+
+
+def migrate(data: dict[str, Any], *, target: int = SCHEMA_VERSION) -> tuple[dict[str, Any], int]:
+    """Upgrade a parsed state document to ``target``; returns it and the version it had."""
+    version = data.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(f"has no valid schema version ({version!r})")
+    if version > target:
+        raise ValueError(f"has schema version {version}; this nicpassd reads {target} "
+                         "(written by a newer nicpassd: upgrade it, or restore a backup)")
+    original = version
+    while version < target:
+        step = MIGRATIONS.get(version)
+        if step is None:
+            raise ValueError(f"has schema version {version}; this nicpassd reads {target} and cannot migrate it")
+        data = step(data)
+        if data.get("version") != version + 1:
+            raise AssertionError(f"migration from v{version} did not produce v{version + 1}")
+        version += 1
+    return data, original
+
+
+# --------------------------------------------------------------------------------- writing
+def atomic_write(path: Path, payload: bytes, *, mode: int = 0o600, prefix: str | None = None) -> None:
+    """Temp file, fsync, rename, fsync the directory: the file is old or new, never half."""
+    directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=prefix or f".{path.name}-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), mode)
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def remove_stale_temps(directory: Path, prefix: str) -> None:
+    """Temp files a crash left behind (never renamed into place, so never part of the state)."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return
+    for name in names:
+        if name.startswith(prefix):
+            log.info("removing %s left by an interrupted write", directory / name)
+            (directory / name).unlink(missing_ok=True)
 
 
 class StateStoreError(RuntimeError):
@@ -84,6 +227,7 @@ class StateStore:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.path = directory / STATE_FILE
+        remove_stale_temps(directory, TEMP_PREFIX)
         self.state = self._load()
 
     def _load(self) -> DesiredState:
@@ -95,46 +239,91 @@ class StateStore:
             data = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise StateStoreError(f"{self.path} is not valid JSON: {exc}") from exc
-        version = data.get("version") if isinstance(data, dict) else None
-        if version != SCHEMA_VERSION:
-            raise StateStoreError(f"{self.path} has schema version {version!r}; this nicpassd reads {SCHEMA_VERSION}")
+        if not isinstance(data, dict):
+            raise StateStoreError(f"{self.path} does not hold a JSON object")
         try:
-            return DesiredState.model_validate(data)
+            data, version = migrate(data)
+        except ValueError as exc:
+            raise StateStoreError(f"{self.path} {exc}") from exc
+        try:
+            state = DesiredState.model_validate(data)
         except ValidationError as exc:
             raise StateStoreError(f"{self.path}: {exc}") from exc
+        if version != SCHEMA_VERSION:
+            backup = self.path.with_name(f"{STATE_FILE}.v{version}")
+            atomic_write(backup, raw.encode(), prefix=TEMP_PREFIX)
+            self._write(state)
+            log.info("migrated %s from schema version %d to %d (the old file is kept as %s)",
+                     self.path, version, SCHEMA_VERSION, backup.name)
+        return state
+
+    @property
+    def generation(self) -> int:
+        return self.state.generation
 
     def get(self, address: str) -> DeviceDesire | None:
         return self.state.devices.get(address)
 
     def put(self, desire: DeviceDesire) -> None:
-        devices = dict(self.state.devices)
-        devices[desire.address] = desire
-        self._commit(DesiredState(devices=devices))
+        self.apply({desire.address: desire})
 
     def remove(self, address: str) -> bool:
         if address not in self.state.devices:
             return False
-        devices = {key: value for key, value in self.state.devices.items() if key != address}
-        self._commit(DesiredState(devices=devices))
+        self.apply({address: None})
         return True
 
+    def apply(self, changes: dict[str, DeviceDesire | None]) -> None:
+        """Several changes in one commit (``None`` removes): re-keying a PF and its VFs is one."""
+        devices = dict(self.state.devices)
+        for address, desire in changes.items():
+            if desire is None or desire.empty:
+                devices.pop(address, None)
+            else:
+                devices[address] = desire
+        self._commit(DesiredState(generation=self.state.generation + 1, devices=dict(sorted(devices.items()))))
+
     def _commit(self, state: DesiredState) -> None:
-        """Temp file, fsync, rename, fsync the directory: the file is old or new, never half."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        payload = state.model_dump_json(indent=2).encode()
-        fd, temp = tempfile.mkstemp(prefix=".state-", dir=self.directory)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(payload)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp, self.path)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        self._write(state)
         self.state = state
+
+    def _write(self, state: DesiredState) -> None:
+        atomic_write(self.path, state.model_dump_json(indent=2).encode(), prefix=TEMP_PREFIX)
+
+
+class RuntimeHolds:
+    """Devices changed with ``--runtime`` (persist=false): what the kernel shows now is what the
+    admin wants until the device goes or the host reboots, so the reconciler must not "fix" it.
+    Kept in /run (survives a daemon restart, not a reboot). ``op`` is the id of the change."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / RUNTIME_FILE
+        remove_stale_temps(directory, f".{RUNTIME_FILE}-")
+        self.holds: dict[str, str] = self._load()
+
+    def _load(self) -> dict[str, str]:
+        try:
+            data = json.loads(self.path.read_text())
+            holds = data["holds"]
+            if not isinstance(holds, dict):
+                raise TypeError("holds is not an object")
+            return {str(key): str(value) for key, value in holds.items()}
+        except FileNotFoundError:
+            return {}
+        except (ValueError, TypeError, KeyError) as exc:
+            log.error("ignoring unreadable %s: %s", self.path, exc)
+            return {}
+
+    def __contains__(self, address: str) -> bool:
+        return address in self.holds
+
+    def hold(self, address: str, op: str) -> None:
+        self._save({**self.holds, address: op})
+
+    def release(self, *addresses: str) -> None:
+        if any(address in self.holds for address in addresses):
+            self._save({key: value for key, value in self.holds.items() if key not in addresses})
+
+    def _save(self, holds: dict[str, str]) -> None:
+        atomic_write(self.path, json.dumps({"version": 1, "holds": holds}, indent=2).encode())
+        self.holds = holds

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 
 from nicpassd.engine.guard import ProtectedSet
 from nicpassd.engine.store import DeviceDesire, StateStore, identity_of
@@ -38,8 +38,10 @@ class DeviceView:
     drift: str
 
     def changed_fields(self, other: "DeviceView") -> dict[str, object]:
-        mine, theirs = asdict(self), asdict(other)
-        return {key: value for key, value in theirs.items() if mine[key] != value}
+        return {name: getattr(other, name) for name in _FIELDS if getattr(self, name) != getattr(other, name)}
+
+
+_FIELDS = tuple(f.name for f in fields(DeviceView))
 
 
 def label(function: PciFunction) -> str:
@@ -95,10 +97,15 @@ def _drift(function: PciFunction, snapshot: HostSnapshot, desire: DeviceDesire |
 
 
 def build_views(snapshot: HostSnapshot, protected: ProtectedSet, store: StateStore,
-                leases: dict[str, str]) -> dict[str, DeviceView]:
+                leases: dict[str, str], notes: dict[str, str] | None = None) -> dict[str, DeviceView]:
+    """``notes``: per device, why the reconciler does not apply its persisted state (added to Drift)."""
     views: dict[str, DeviceView] = {}
+    notes = notes or {}
     for address, function in snapshot.functions.items():
         desire, desired_driver = _desired_driver(function, store)
+        drift = _drift(function, snapshot, desire, desired_driver)
+        if address in notes and not drift.startswith("identity"):
+            drift = f"{drift}; {notes[address]}" if drift else notes[address]
         views[address] = DeviceView(
             address=address,
             vendor_id=function.vendor_id,
@@ -119,6 +126,6 @@ def build_views(snapshot: HostSnapshot, protected: ProtectedSet, store: StateSto
             persisted=desire is not None,
             desired_driver=desired_driver,
             desired_vfs=desire.num_vfs if desire is not None and desire.num_vfs is not None else -1,
-            drift=_drift(function, snapshot, desire, desired_driver),
+            drift=drift,
         )
     return views

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import asyncio
+import threading
 from typing import Callable
 
 
@@ -28,8 +29,32 @@ def on_loop(loop: "asyncio.AbstractEventLoop", callback: UEventCallback) -> UEve
     The simulated kernel raises events from the kernel-write worker threads, like the real
     kernel raises them outside our control; the engine only runs on its event loop.
     """
+    # One wakeup of the loop per burst, not per event: a VF storm raises thousands of events from
+    # the kernel-write threads, and every call_soon_threadsafe wakes the loop (and takes the GIL).
+    lock = threading.Lock()
+    queue: list[UEvent] = []
+    scheduled = False
+
+    def drain() -> None:
+        nonlocal scheduled
+        with lock:
+            batch = queue[:]
+            queue.clear()
+            scheduled = False
+        for event in batch:
+            callback(event)
+
     def deliver(event: UEvent) -> None:
+        nonlocal scheduled
+        with lock:
+            queue.append(event)
+            if scheduled:
+                return
+            scheduled = True
         if not loop.is_closed():
-            loop.call_soon_threadsafe(callback, event)
+            try:
+                loop.call_soon_threadsafe(drain)
+            except RuntimeError:  # closed meanwhile
+                pass
 
     return deliver

@@ -13,6 +13,7 @@ write that fails with an errno.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import logging
@@ -91,6 +92,7 @@ class SimKernel:
         self.faults = Faults()
         self._lock = threading.RLock()
         self._subscribers: list[UEventCallback] = []
+        self._queue = threading.local()  # uevents of the operation in progress on this thread
         self._devices: dict[str, SimDevice] = {}
         self._drivers: set[str] = set(ALWAYS_AVAILABLE_DRIVERS)
         self._next_group = 0
@@ -103,8 +105,33 @@ class SimKernel:
 
     def _emit(self, action: str, subsystem: str, name: str, driver: str = "") -> None:
         event = UEvent(action, subsystem, name, driver)
+        queued = getattr(self._queue, "events", None)
+        if queued is not None:
+            queued.append(event)  # raised inside a write: delivered, in order, when it returns
+            return
         for callback in list(self._subscribers):
             callback(event)
+
+    def operation(self):
+        """A batch of writes as one operation (see ``_operation``): the engine's batched writes."""
+        return self._operation()
+
+    @contextlib.contextmanager
+    def _operation(self):
+        """One kernel operation (a write, a hotplug): its uevents reach subscribers together once it
+        returns, the way a listener finds them queued in its netlink socket — not one wakeup of the
+        daemon's loop per event while the simulated kernel still runs in its write thread."""
+        if getattr(self._queue, "events", None) is not None:
+            yield  # nested (a udev rule writing during an add): the outermost one delivers
+            return
+        self._queue.events = []
+        try:
+            yield
+        finally:
+            events, self._queue.events = self._queue.events, None
+            for event in events:
+                for callback in list(self._subscribers):
+                    callback(event)
 
     # ------------------------------------------------------------------ build
     def _build(self) -> None:
@@ -499,6 +526,10 @@ class SimKernel:
 
     def write(self, path: Path, data: str) -> None:
         """Serve one write(2) to a sysfs attribute, like the kernel would."""
+        with self._operation():
+            self._write(path, data)
+
+    def _write(self, path: Path, data: str) -> None:
         resolved = path.resolve()
         try:
             relative = resolved.relative_to(self.paths.sys.resolve())
@@ -655,12 +686,12 @@ class SimKernel:
 
     def unplug(self, address: str) -> None:
         """Surprise removal of a function (and its VFs), as PCIe hotplug would do."""
-        with self._lock:
+        with self._operation(), self._lock:
             self._remove_pci_device(self._device(address))
 
     def plug(self, function: Function) -> None:
         """Hot-add a function; it is probed like a device found at boot."""
-        with self._lock:
+        with self._operation(), self._lock:
             if function.driver:
                 self._add_driver(function.driver)
             group = function.iommu_group if function.iommu_group is not None else self._allocate_group()

@@ -7,7 +7,7 @@ D-Bus signatures dbus-fast reads, so this module must not use ``from __future__ 
 import functools
 import logging
 
-from dbus_fast import Variant
+from dbus_fast import Message, MessageType, Variant
 from dbus_fast.errors import DBusError
 from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, method, signal
 
@@ -28,6 +28,7 @@ DEVICE_IFACE = "org.nicpass.NicPass1.Device"
 ERROR_PREFIX = "org.nicpass.NicPass1.Error."
 ACTION_MANAGE = "org.nicpass.NicPass1.manage"
 ACTION_LEASE = "org.nicpass.NicPass1.lease"
+ACTION_FORCE = "org.nicpass.NicPass1.force"  # asked in addition when a caller passes force=true
 
 
 def device_path(address: str) -> str:
@@ -190,6 +191,22 @@ class ManagerInterface(ServiceInterface):
         sender, interactive = caller()
         await self.authorizer.require(sender, action, interactive=interactive)
 
+    async def _authorize_force(self, force: bool) -> str:
+        """With ``force``: ask polkit for the force action too; return who asked, for the log."""
+        if not force:
+            return ""
+        await self._authorize(ACTION_FORCE)
+        sender, _ = caller()
+        try:
+            reply = await self.authorizer.bus.call(Message(
+                destination="org.freedesktop.DBus", path="/org/freedesktop/DBus", interface="org.freedesktop.DBus",
+                member="GetConnectionUnixUser", signature="s", body=[sender]))
+            if reply.message_type == MessageType.METHOD_RETURN:
+                return f"{sender} (uid {reply.body[0]})"
+        except Exception:  # noqa: BLE001 - the name is enough for the log
+            pass
+        return sender
+
     @dbus_property(access=PropertyAccess.READ)
     def Version(self) -> "s":
         return __version__
@@ -197,19 +214,27 @@ class ManagerInterface(ServiceInterface):
     @method()
     @dbus_errors
     async def SetVfCount(self, device: "s", count: "u", options: "a{sv}"):
-        _known_options(options, ("persist", "driver"))
+        _known_options(options, ("persist", "driver", "force"))
         persist = _option(options, "persist", bool, True)
         driver = _option(options, "driver", str, "")
+        force = _option(options, "force", bool, False)
         await self._authorize(ACTION_MANAGE)
-        await self.engine.set_vf_count(device, count, persist=persist, driver=driver)
+        who = await self._authorize_force(force)
+        await self.engine.set_vf_count(device, count, persist=persist, driver=driver, force=force, caller=who)
 
     @method()
     @dbus_errors
     async def Bind(self, device: "s", driver: "s", options: "a{sv}"):
-        _known_options(options, ("persist",))
+        """options: ``persist`` b (default true); ``force`` b: override a guard entry that is not on
+        the management path (asks polkit for org.nicpass.NicPass1.force too, logged); ``group`` b:
+        bind the function's non-bridge IOMMU group mates too (refused if any is protected)."""
+        _known_options(options, ("persist", "force", "group"))
         persist = _option(options, "persist", bool, True)
+        force = _option(options, "force", bool, False)
+        group = _option(options, "group", bool, False)
         await self._authorize(ACTION_MANAGE)
-        await self.engine.bind(device, driver, persist=persist)
+        who = await self._authorize_force(force)
+        await self.engine.bind(device, driver, persist=persist, force=force, group=group, caller=who)
 
     @method()
     @dbus_errors
@@ -230,10 +255,29 @@ class ManagerInterface(ServiceInterface):
     @method()
     @dbus_errors
     async def Prepare(self, vm_name: "s", vm_uuid: "s", devices: "as", options: "a{sv}") -> "s":
-        _known_options(options, ())
+        """options: ``pid`` u (the VM runs already: activate at once), ``pidfile`` s (where its
+        QEMU PID will appear; adopted if the reservation expires while it runs), ``reservation``
+        u (seconds until an unused reservation is reclaimed, default 120), ``skip_unmanaged`` b
+        (skip devices nicpassd does not manage instead of NotFound; returns "" when none is left)."""
+        _known_options(options, ("pid", "pidfile", "reservation", "skip_unmanaged"))
+        pid = _option(options, "pid", int, 0)
+        pidfile = _option(options, "pidfile", str, "")
+        reservation = _option(options, "reservation", int, 0)
+        skip_unmanaged = _option(options, "skip_unmanaged", bool, False)
         await self._authorize(ACTION_LEASE)
-        lease = await self.engine.prepare(vm_name, vm_uuid, list(devices))
-        return lease.lease_id
+        lease = await self.engine.prepare(vm_name, vm_uuid, list(devices), pid=pid, pidfile=pidfile,
+                                          reservation=float(reservation), skip_unmanaged=skip_unmanaged)
+        return lease.lease_id if lease is not None else ""
+
+    @method()
+    @dbus_errors
+    async def Activate(self, vm_uuid: "s", options: "a{sv}"):
+        """The VM started: tie its lease to it (option ``pid`` u: its QEMU process, watched so
+        that its exit ends the lease). Ends the reservation timer."""
+        _known_options(options, ("pid",))
+        pid = _option(options, "pid", int, 0)
+        await self._authorize(ACTION_LEASE)
+        await self.engine.activate(vm_uuid, pid=pid)
 
     @method()
     @dbus_errors
@@ -241,6 +285,14 @@ class ManagerInterface(ServiceInterface):
         _known_options(options, ())
         await self._authorize(ACTION_LEASE)
         await self.engine.release(vm_uuid)
+
+    @method()
+    @dbus_errors
+    async def Reconcile(self) -> "a(sss)":
+        """Bring every device to its persisted desired state now: (address, action, result) per
+        step done or desire not applied; result "ok" or "<ErrorName>: sentence"."""
+        await self._authorize(ACTION_MANAGE)
+        return [list(row) for row in await self.engine.reconcile()]
 
     @method()
     @dbus_errors
@@ -260,6 +312,7 @@ class ManagerInterface(ServiceInterface):
             "persisted": Variant("b", info["persisted"]), "desired_driver": Variant("s", info["desired_driver"]),
             "driver": Variant("s", info["driver"]), "interfaces": Variant("as", info["interfaces"]),
             "drift": Variant("s", info["drift"]),
+            "overridable": Variant("b", info.get("overridable", False)),
         }
 
     @method()

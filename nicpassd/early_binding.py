@@ -1,0 +1,222 @@
+"""Early binding: put ``driver_override`` on a persisted function *before* its host driver probes it.
+
+nicpassd applies persisted bindings once it runs, but at boot and on hotplug the host driver of a
+NIC would grab the function first (and its netdev would appear and be configured). udev runs the
+helper ``nicpassd-udev-override %k`` on every PCI ``add`` (packaging/udev/90-nicpassd.rules); it
+writes the override (and loads vfio-pci) for the functions nicpassd listed in
+``/var/lib/nicpassd/early-binding.json``, so they land on vfio-pci without ever binding the host
+driver — driverctl's model, per device, never ``new_id`` (kernel rules §7, §15).
+
+The list is written by the daemon (``write_list``) from its desired state after every reconcile:
+only desires that pass the guard and whose device still has the identity it was persisted with.
+So a desire that became dangerous is not applied early either. The helper checks the identity
+again (vendor, device, subsystem ids, PCIe serial when the list has one) and does nothing for a
+device that does not match, or that is not listed.
+
+Standard library only, imports nothing else of nicpassd: udev runs it for every PCI device, early
+at boot (python3 -I starts in ~20 ms; importing the daemon's stack would take 300 ms).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Protocol
+
+LIST_FILE = "var/lib/nicpassd/early-binding.json"
+VERSION = 1
+DRIVER_MODULES = {"vfio-pci": "vfio_pci", "pci-stub": "pci_stub"}
+
+
+class Kernel(Protocol):
+    def write(self, path: Path, data: str) -> None: ...
+
+    def load_module(self, name: str) -> None: ...
+
+
+class SysfsKernel:
+    """The real write boundary: plain sysfs writes, modprobe."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def write(self, path: Path, data: str) -> None:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.write(fd, data.encode())
+        finally:
+            os.close(fd)
+
+    def load_module(self, name: str) -> None:
+        module = DRIVER_MODULES.get(name, name)
+        if (self.root / "sys/module" / module).is_dir() or (self.root / "sys/bus/pci/drivers" / name).is_dir():
+            return
+        if self.root != Path("/"):
+            return  # a test root: never load a module into the machine running the test
+        import subprocess
+
+        subprocess.run(["modprobe", "-q", name], check=True, timeout=30,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+
+
+# ------------------------------------------------------------------------------- the list
+def identity_entry(driver: str, vendor: str, device: str, subsystem_vendor: str = "",
+                   subsystem_device: str = "", serial: str = "") -> dict[str, str]:
+    return {"driver": driver, "vendor": vendor, "device": device, "subsystem_vendor": subsystem_vendor,
+            "subsystem_device": subsystem_device, "serial": serial}
+
+
+def write_list(root: Path, devices: dict[str, dict[str, str]], vf_drivers: dict[str, dict[str, str]]) -> bool:
+    """Atomically replace the list; returns False when it already said exactly this."""
+    path = root / LIST_FILE
+    payload = json.dumps({"version": VERSION, "devices": devices, "vf_drivers": vf_drivers},
+                         indent=2, sort_keys=True).encode()
+    try:
+        if path.read_bytes() == payload:
+            return False
+    except OSError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=".early-binding-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o644)
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return True
+
+
+def read_list(root: Path) -> dict:
+    try:
+        data = json.loads((root / LIST_FILE).read_text())
+    except FileNotFoundError:
+        return {}
+    if not isinstance(data, dict) or data.get("version") != VERSION:
+        raise ValueError(f"{root / LIST_FILE}: not a version {VERSION} early-binding list")
+    return data
+
+
+# ----------------------------------------------------------------------------- the helper
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def _hex(path: Path) -> str:
+    return _read(path).lower().removeprefix("0x").rjust(4, "0")
+
+
+def _serial(config: Path) -> str:
+    """The PCIe DSN (same format as nicpassd's reader), "" when absent or unreadable."""
+    try:
+        with open(config, "rb") as handle:
+            data = handle.read(4096)
+    except OSError:
+        return ""
+    offset, seen = 0x100, 0
+    while 0x100 <= offset <= len(data) - 12 and seen < 64:
+        header = int.from_bytes(data[offset:offset + 4], "little")
+        if header in (0, 0xFFFFFFFF):
+            return ""
+        if header & 0xFFFF == 0x0003:
+            raw = int.from_bytes(data[offset + 4:offset + 12], "little").to_bytes(8, "big").hex()
+            return "-".join(raw[i:i + 2] for i in range(0, 16, 2))
+        offset, seen = header >> 20, seen + 1
+    return ""
+
+
+def _mismatch(entry: dict[str, str], device_dir: Path, *, vf: bool = False) -> str:
+    checks = [("vendor", "vendor"), ("device", "device")] if not vf else [("vendor", "vendor")]
+    checks += [("subsystem_vendor", "subsystem_vendor"), ("subsystem_device", "subsystem_device")]
+    for key, attr in checks:
+        wanted = entry.get(key, "")
+        if wanted and _hex(device_dir / attr) != wanted:
+            return f"{attr} is {_hex(device_dir / attr)}, persisted {wanted}"
+    if entry.get("serial") and not vf:
+        serial = _serial(device_dir / "config")
+        if serial and serial != entry["serial"]:
+            return f"serial is {serial}, persisted {entry['serial']}"
+    return ""
+
+
+def override_for(root: Path, name: str, listing: dict) -> tuple[str, str]:
+    """(driver to put in driver_override or "", why) for PCI function ``name``."""
+    device_dir = root / "sys/bus/pci/devices" / name
+    entry = (listing.get("devices") or {}).get(name)
+    if entry is not None:
+        problem = _mismatch(entry, device_dir)
+        return ("", f"identity changed ({problem})") if problem else (entry["driver"], "persisted")
+    try:
+        physfn = os.path.basename(os.readlink(device_dir / "physfn"))
+    except OSError:
+        return "", "not listed"
+    entry = (listing.get("vf_drivers") or {}).get(physfn)
+    if entry is None:
+        return "", "not listed"
+    problem = _mismatch(entry, root / "sys/bus/pci/devices" / physfn)
+    if problem:
+        return "", f"its PF {physfn} changed ({problem})"
+    return entry["driver"], f"VF of {physfn}"
+
+
+def apply(root: Path, name: str, kernel: Kernel) -> str:
+    """Set the override of ``name`` if listed; returns the driver set ("" = nothing done)."""
+    driver, why = override_for(root, name, read_list(root))
+    if not driver:
+        return ""
+    device_dir = root / "sys/bus/pci/devices" / name
+    kernel.load_module(driver)
+    kernel.write(device_dir / "driver_override", driver + "\n")
+    try:
+        current = os.path.basename(os.readlink(device_dir / "driver"))
+    except OSError:
+        current = ""
+    if current and current != driver:  # udev lost the race with an already-loaded host driver
+        kernel.write(root / "sys/bus/pci/drivers" / current / "unbind", name)
+    if current != driver:
+        kernel.write(root / "sys/bus/pci/drivers_probe", name)
+    return driver
+
+
+def udev_rule(kernel, address: str) -> None:
+    """The helper as a rule of the simulated kernel (``SimKernel(rules=[udev_rule])``): run on
+    "add", before the probe, writing through the simulated kernel's write boundary."""
+    apply(kernel.paths.root, address, kernel)
+
+
+def main(argv: list[str] | None = None, kernel: Kernel | None = None) -> int:
+    """nicpassd-udev-override [--root DIR] KERNEL_NAME; prints NICPASSD_OVERRIDE=... for IMPORT{program}."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    root = Path(os.environ.get("NICPASSD_ROOT", "/"))
+    if len(args) == 3 and args[0] == "--root":
+        root, args = Path(args[1]), args[2:]
+    if len(args) != 1:
+        print("usage: nicpassd-udev-override [--root DIR] PCI_ADDRESS", file=sys.stderr)
+        return 2
+    try:
+        driver = apply(root, args[0], kernel or SysfsKernel(root))
+    except Exception as exc:  # noqa: BLE001 - udev logs stderr; never a traceback at boot
+        print(f"nicpassd-udev-override: {args[0]}: {exc}", file=sys.stderr)
+        return 1
+    if driver:
+        print(f"NICPASSD_OVERRIDE={driver}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

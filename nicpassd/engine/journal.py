@@ -1,0 +1,192 @@
+"""The undo journal in /run/nicpassd/journal.json: what a multi-step change was about to do.
+
+Before the first kernel write of a multi-step change — a VF count change (``_apply_vf_count``:
+autoprobe, 0, N, VF binds), a bind (``_bind_verified``: driver_override, unbind, drivers_probe), a
+batch of VF binds, a prepare of several devices — the engine journals its intent and the state to
+restore (``begin``); the entry is dropped once the kernel shows the change complete, or once the
+previous state was restored after a failure (``end``). So each device is, at every instant, either
+inside a journaled change or in a consistent state.
+
+An entry still there when the daemon starts was interrupted by a crash:
+``nicpassd.engine.reconcile.recover`` rolls its devices back to the journaled state (a prepare
+whose lease was written is finished instead), before the boot reconcile runs — which then brings
+persisted devices to their desired state. A crash therefore leaves every device in its pre-change
+state or its desired state, never half-way. /run is a tmpfs: after a reboot there is nothing to undo.
+
+Every write is atomic (temp file, fsync, rename, fsync the directory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable
+
+from nicpassd.engine.store import atomic_write, remove_stale_temps
+from nicpassd.host.model import PciFunction
+
+if TYPE_CHECKING:
+    from nicpassd.engine.engine import Engine
+
+log = logging.getLogger(__name__)
+JOURNAL_FILE = "journal.json"
+VERSION = 1
+KINDS = ("vf-count", "bind", "prepare")
+_FUNCTION_FIELDS = {f.name: f for f in dataclasses.fields(PciFunction)}
+
+
+def function_to_json(function: PciFunction) -> dict[str, Any]:
+    return {name: list(value) if isinstance(value, tuple) else value
+            for name, value in dataclasses.asdict(function).items()}
+
+
+def function_from_json(data: dict[str, Any]) -> PciFunction:
+    known = {name: tuple(value) if isinstance(value, list) else value
+             for name, value in data.items() if name in _FUNCTION_FIELDS}
+    return PciFunction(**known)
+
+
+@dataclass
+class DeviceBefore:
+    """One device as it was before the change: the function, and for a PF its VFs' drivers."""
+
+    function: PciFunction
+    vf_drivers: list[str] = field(default_factory=list)
+    vf_overrides: list[str] = field(default_factory=list)  # a crash may leave an override written
+
+
+@dataclass
+class Entry:
+    id: str
+    kind: str  # vf-count, bind, prepare
+    devices: dict[str, DeviceBefore]
+    target: dict[str, Any] = field(default_factory=dict)  # e.g. {"num_vfs": 8, "vf_driver": "vfio-pci"}
+    vm_uuid: str = ""
+    started: float = field(default_factory=time.time)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "kind": self.kind, "target": self.target, "vm_uuid": self.vm_uuid, "started": self.started,
+            "devices": {address: {"before": function_to_json(before.function), "vf_drivers": before.vf_drivers,
+                                  "vf_overrides": before.vf_overrides}
+                        for address, before in self.devices.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Entry":
+        if data.get("kind") not in KINDS:
+            raise ValueError(f"unknown journal entry kind {data.get('kind')!r}")
+        devices = {address: DeviceBefore(function_from_json(item["before"]), list(item.get("vf_drivers", [])),
+                                         list(item.get("vf_overrides", [])))
+                   for address, item in data["devices"].items()}
+        return cls(id=str(data["id"]), kind=data["kind"], devices=devices, target=dict(data.get("target") or {}),
+                   vm_uuid=str(data.get("vm_uuid", "")), started=float(data.get("started", 0.0)))
+
+    def describe(self) -> str:
+        what = ", ".join(self.devices) or "no device"
+        return f"{self.kind} of {what} (target {self.target})"
+
+
+class Journal:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / JOURNAL_FILE
+        remove_stale_temps(directory, f".{JOURNAL_FILE}-")
+        self.entries: dict[str, Entry] = self._load()
+
+    def _load(self) -> dict[str, Entry]:
+        try:
+            raw = self.path.read_text()
+        except FileNotFoundError:
+            return {}
+        try:
+            data = json.loads(raw)
+            if data.get("version") != VERSION:
+                raise ValueError(f"version {data.get('version')!r}, expected {VERSION}")
+            entries = [Entry.from_json(item) for item in data["entries"]]
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            # Written atomically, so this is not a torn write: keep it for a human, start empty.
+            broken = self.path.with_name(f"{JOURNAL_FILE}.broken")
+            self.path.replace(broken)
+            log.error("the undo journal %s is unreadable (%s); moved to %s, nothing is rolled back",
+                      self.path, exc, broken.name)
+            return {}
+        return {entry.id: entry for entry in entries}
+
+    def pending(self) -> list[Entry]:
+        return sorted(self.entries.values(), key=lambda entry: entry.started)
+
+    def begin(self, kind: str, devices: dict[str, DeviceBefore], *, target: dict[str, Any] | None = None,
+              vm_uuid: str = "") -> Entry:
+        entry = Entry(uuid.uuid4().hex, kind, devices, dict(target or {}), vm_uuid)
+        self._save({**self.entries, entry.id: entry})
+        return entry
+
+    def end(self, entry: Entry) -> None:
+        if entry.id in self.entries:
+            self._save({key: value for key, value in self.entries.items() if key != entry.id})
+
+    def _save(self, entries: dict[str, Entry]) -> None:
+        payload = {"version": VERSION, "entries": [entry.to_json() for entry in entries.values()]}
+        atomic_write(self.path, json.dumps(payload, indent=1).encode())
+        self.entries = entries
+
+
+# ------------------------------------------------------------------------ engine helpers
+def before_of(engine: "Engine", addresses: Iterable[str]) -> dict[str, DeviceBefore]:
+    """The pre-change state of ``addresses`` as the kernel shows it (a PF's VF drivers by index)."""
+    result = {}
+    for address in addresses:
+        function = engine.host.function(address)
+        if function is None:
+            continue
+        drivers, overrides = [], []
+        for vf in function.virtfns:
+            vf_function = engine.host.function(vf)
+            drivers.append(vf_function.driver if vf_function is not None else "")
+            overrides.append(vf_function.driver_override if vf_function is not None else "")
+        result[address] = DeviceBefore(function, drivers, overrides)
+    return result
+
+
+@contextlib.asynccontextmanager
+async def journaled(engine: "Engine", kind: str, addresses: Iterable[str], *, target: dict[str, Any] | None = None,
+                    vm_uuid: str = "", before: dict[str, PciFunction] | None = None) -> AsyncIterator[Entry | None]:
+    """Journal a change of ``addresses`` around the block. Nested changes (the VF binds of a VF
+    count change, the restores after a failure) are covered by the outermost entry. ``before``:
+    functions without VFs the caller has just read (saves reading them again)."""
+    journal: Journal | None = getattr(engine, "journal", None)
+    if journal is None or getattr(engine, "journal_depth", 0):
+        yield None
+        return
+    if before is not None and not any(function.virtfns for function in before.values()):
+        devices = {address: DeviceBefore(function) for address, function in before.items()}
+    else:
+        devices = before_of(engine, addresses)
+    entry = journal.begin(kind, devices, target=target, vm_uuid=vm_uuid)
+    engine.journal_depth = 1
+    try:
+        yield entry
+    finally:
+        engine.journal_depth = 0
+        journal.end(entry)  # not reached on SIGKILL: that is the point
+
+
+def journaled_step(kind: str) -> Callable:
+    """Decorator for an engine method ``(self, address, target, ...)`` changing one device."""
+    def decorate(method: Callable) -> Callable:
+        @functools.wraps(method)
+        async def wrapper(engine, address: str, wanted, *args, **kwargs):
+            key = "num_vfs" if kind == "vf-count" else "driver"
+            target = {key: wanted, **({"vf_driver": args[0]} if kind == "vf-count" and args else {})}
+            async with journaled(engine, kind, [address], target=target):
+                return await method(engine, address, wanted, *args, **kwargs)
+        return wrapper
+    return decorate

@@ -1,0 +1,469 @@
+"""VM leases: Prepare, Activate, Release and the reclaiming of stale leases.
+
+A lease is all-or-nothing per VM. ``prepare`` guard-checks every device, checks that its IOMMU
+group is viable and not used by another VM, binds it to vfio-pci (verified) and records a
+*reservation* that expires after ``reservation`` seconds unless the VM starts. ``activate``
+ties it to the running VM (its QEMU PID when known). ``release`` ends it and applies the
+release policy. Stale leases are reclaimed without polling:
+
+- reservations: one ``loop.call_at`` for the earliest expiry, re-armed after every change;
+- running VMs: a pidfd per QEMU process (``os.pidfd_open``) watched with ``loop.add_reader``,
+  so the exit of the process wakes the daemon.
+
+Leases live in /run/nicpassd/leases.json; ``start()`` re-arms timers and pidfds after a daemon
+restart (a PID is trusted only when its process start time still matches).
+
+Every mutation runs under the engine's one mutation lock, so concurrent prepares are serialized
+and a device can never be leased twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from nicpassd.engine.engine import PASSTHROUGH_DRIVERS, VFIO
+from nicpassd.engine.journal import journaled
+from nicpassd.engine.leases import ACTIVE, Lease
+from nicpassd.engine.views import label
+from nicpassd.errors import Busy, InvalidArgument, NicpassError, NotFound, Protected
+
+if TYPE_CHECKING:
+    from nicpassd.engine.engine import Engine
+
+log = logging.getLogger(__name__)
+
+RESERVATION_SECONDS = 120.0
+MAX_RESERVATION_SECONDS = 3600.0
+PROC = "/proc"  # PIDs are the real host's, also under a simulated root
+
+# LeaseChanged states
+STATE_RELEASED = "released"  # Release() by the hook or an admin
+STATE_EXPIRED = "expired"  # a reservation whose VM never started in time
+STATE_VM_GONE = "vm-gone"  # the QEMU process exited without a Release
+
+
+@dataclass(frozen=True)
+class _Before:
+    """What a device was on before nicpassd changed it (the shape Engine._restore_binding reads)."""
+
+    driver: str
+    driver_override: str
+
+
+def process_start_time(pid: int) -> int:
+    """Field 22 of /proc/PID/stat (clock ticks since boot); 0 when the process is gone."""
+    try:
+        with open(f"{PROC}/{pid}/stat", "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return 0
+    fields = data.rsplit(b")", 1)[-1].split()
+    try:
+        return int(fields[19])  # fields[0] is field 3 (state)
+    except (IndexError, ValueError):
+        return 0
+
+
+def _valid_pid(pid: int) -> bool:
+    return 1 < pid < 2**22 + 1
+
+
+class LeaseKeeper:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.reservation_seconds = RESERVATION_SECONDS
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._watches: dict[str, tuple[int, int]] = {}  # lease_id -> (pidfd, pid)
+        self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def table(self):
+        return self.engine.leases
+
+    # ------------------------------------------------------------------ API
+    async def prepare(self, vm_name: str, vm_uuid: str, devices: list[str], *, pid: int = 0,
+                      pidfile: str = "", reservation: float = 0.0, skip_unmanaged: bool = False) -> Lease | None:
+        """Lease ``devices`` to the VM, ready for passthrough; None when ``skip_unmanaged`` left none."""
+        engine = self.engine
+        vm_uuid = vm_uuid.strip()
+        if not vm_uuid:
+            raise InvalidArgument("a VM uuid is required")
+        if not devices:
+            raise InvalidArgument("no devices given to prepare")
+        if pid and not _valid_pid(pid):
+            raise InvalidArgument(f"pid {pid} is not a process id")
+        if pid and not process_start_time(pid):
+            raise InvalidArgument(f"process {pid} is not running", "pass the PID of the VM's QEMU process")
+        if pidfile and (not pidfile.startswith("/") or "/../" in f"{pidfile}/" or not pidfile.endswith(".pid")):
+            raise InvalidArgument(f"pidfile {pidfile!r} must be an absolute path to a .pid file",
+                                  "e.g. /run/libvirt/qemu/NAME.pid")
+        if reservation < 0 or reservation > MAX_RESERVATION_SECONDS:
+            raise InvalidArgument(f"reservation must be 1 to {int(MAX_RESERVATION_SECONDS)} seconds")
+        vm_name = vm_name or vm_uuid
+        async with engine._lock:
+            engine.refresh()
+            addresses = self._resolve(devices, skip_unmanaged)
+            previous = self.table.of_vm(vm_uuid)
+            if not addresses:
+                log.info("VM %s: none of %s is managed by nicpassd; nothing to lease", vm_name, ", ".join(devices))
+                released = await self._end_all(previous) if previous else []
+                lease = None
+            else:
+                self._check_leasable(vm_name, vm_uuid, addresses)
+                lease, released = await self._make_ready_and_lease(
+                    vm_name, vm_uuid, addresses, previous, pidfile=pidfile,
+                    expires=time.time() + (reservation or self.reservation_seconds))
+                if pid:
+                    self._tie(lease, pid)
+            self._settle(addresses, *(old.devices for old in released))
+        for old in released:
+            engine._announce_lease(old, STATE_RELEASED)
+        if lease is not None:
+            log.info("VM %s (%s): leased %s (%s)", vm_name, vm_uuid, ", ".join(lease.devices), lease.state)
+            engine._announce_lease(lease, lease.state)
+        self.arm()
+        return lease
+
+    async def activate(self, vm_uuid: str, *, pid: int = 0) -> Lease:
+        """Tie the VM's reservation to the running VM: its QEMU process when ``pid`` (or the
+        pidfile given at prepare) names one, else its uuid alone. Ends the reservation timer."""
+        if pid and not _valid_pid(pid):
+            raise InvalidArgument(f"pid {pid} is not a process id")
+        async with self.engine._lock:
+            leases = self.table.of_vm(vm_uuid)
+            if not leases:
+                raise NotFound(f"VM {vm_uuid} holds no lease", "prepare its devices first (the hook does at start)")
+            lease = leases[0]
+            if not pid and lease.pidfile:
+                pid = self._read_pidfile(lease)
+            if pid and not process_start_time(pid):
+                raise InvalidArgument(f"process {pid} is not running", "pass the PID of the VM's QEMU process")
+            self._tie(lease, pid)
+        log.info("VM %s (%s): lease active%s", lease.vm_name, vm_uuid, f", QEMU pid {pid}" if pid else "")
+        self.engine._announce_lease(lease, lease.state)
+        self.arm()
+        return lease
+
+    async def release(self, vm_uuid: str) -> list[Lease]:
+        """End every lease of the VM and apply the release policy. Idempotent."""
+        async with self.engine._lock:
+            released = await self._end_all(self.table.of_vm(vm_uuid))
+            if released:
+                self._settle(*(lease.devices for lease in released))
+        for lease in released:
+            log.info("VM %s (%s): released %s", lease.vm_name, vm_uuid, ", ".join(lease.devices))
+            self.engine._announce_lease(lease, STATE_RELEASED)
+        self.arm()
+        return released
+
+    def _settle(self, *device_lists) -> None:
+        """Publish the outcome: re-read the devices this changed (and whatever uevents named) and
+        update the views — not a full re-read of every function (the operation began with one)."""
+        touched = {address for devices in device_lists for address in devices}
+        inventory = getattr(self.engine, "inventory", None)
+        if inventory is None:
+            self.engine.refresh()
+            return
+        inventory.mark(touched)
+        self.engine.refresh_changed()
+
+    # ------------------------------------------------------------- prepare
+    def _resolve(self, devices: list[str], skip_unmanaged: bool) -> list[str]:
+        """Addresses in order, without duplicates. With ``skip_unmanaged`` a device nicpassd does
+        not manage (no NIC function, nor an IOMMU-group mate of one: a GPU, a disk controller) is
+        skipped instead of being NotFound, so a hook can hand over a domain's whole PCI list."""
+        addresses: list[str] = []
+        for device in devices:
+            try:
+                address = self.engine.resolve(device)
+            except NotFound:
+                if not skip_unmanaged:
+                    raise
+                log.debug("skipping %s: not a device nicpassd manages", device)
+                continue
+            if address not in addresses:
+                addresses.append(address)
+        return addresses
+
+    def _check_leasable(self, vm_name: str, vm_uuid: str, addresses: list[str]) -> None:
+        engine = self.engine
+        for address in addresses:  # the guard never yields to a lease: no force here
+            engine.guard_check(address, f"hand {engine._label(address)} to VM {vm_name}", caller=f"VM {vm_name}")
+        engine._refuse_if_leased(addresses, "lease", allow_vm=vm_uuid)
+        for address in addresses:
+            function = engine._present(address)
+            if function.num_vfs:
+                # Rule 9: a PF is never unbound while it has VFs (let alone leased ones).
+                engine._refuse_if_leased(list(function.virtfns), "hand the PF of", allow_vm=vm_uuid)
+                raise InvalidArgument(
+                    f"{engine._label(address)} has {function.num_vfs} VFs; passing the PF through would orphan them",
+                    f"pass a VF instead, or remove the VFs first with `nicpassctl vfs {address} 0`")
+            self._require_viable_group(address, set(addresses), vm_uuid)
+
+    def _require_viable_group(self, address: str, leasing: set[str], vm_uuid: str) -> None:
+        """Rule 10: every other non-bridge member is on vfio-pci/pci-stub or driverless; and an
+        IOMMU group belongs to one VM at a time (VFIO attaches a group to one container)."""
+        snapshot, holder = self.engine.snapshot, self.table.holder()
+        blockers = []
+        for mate in snapshot.group_members(address):
+            function = snapshot.functions.get(mate)
+            if mate == address or function is None or function.is_bridge:
+                continue
+            other = holder.get(mate, "")
+            if other and other != vm_uuid:
+                raise Busy(f"the IOMMU group of {self.engine._label(address)} is in use by VM {other} "
+                           f"(through {label(function)})", "stop that VM first, or use a device in another group")
+            if mate in leasing:
+                continue
+            if function.driver and function.driver not in PASSTHROUGH_DRIVERS:
+                blockers.append(f"{label(function)} on {function.driver}")
+        if blockers:
+            group = snapshot.functions[address].iommu_group
+            raise Protected(f"IOMMU group {group} of {self.engine._label(address)} is not viable: {', '.join(blockers)}",
+                            "pass the whole group to the VM, or move the card to a slot with its own group")
+
+    async def _make_ready_and_lease(self, vm_name: str, vm_uuid: str, addresses: list[str],
+                                    previous: list[Lease], *, pidfile: str, expires: float) -> tuple[Lease, list[Lease]]:
+        """Bind every device to vfio-pci (verified), all or nothing, then record the lease.
+
+        The binds go as one batch (all driver_overrides, then the unbinds, then the probes, then
+        one verification pass), under one undo-journal entry of kind "prepare" that ends only once
+        the lease is written: a crash in between is rolled back at the next start, a crash after
+        it is recognised as finished (reconcile.recover).
+
+        A repeated prepare of the same VM replaces its lease: records of what nicpassd changed
+        carry over (the device is on vfio-pci because of us), and devices no longer wanted are
+        released with the policy."""
+        engine = self.engine
+        carried = {address: change for lease in previous for address, change in lease.changes.items()}
+        befores = {address: engine._function(address) for address in addresses}
+        changed = [address for address, before in befores.items()
+                   if before.driver != VFIO or before.driver_override != VFIO]
+        async with journaled(engine, "prepare", addresses, target={"driver": VFIO}, vm_uuid=vm_uuid):
+            errors = await engine._bind_batch(addresses, VFIO)  # failures come back restored
+            if errors:
+                for address in changed:
+                    if address not in errors:
+                        await engine._restore_binding(address, befores[address])
+                address, error = next(iter(errors.items()))
+                more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+                error.message += f"{more}; no device was leased"
+                raise error
+            changes = {address: {"driver": befores[address].driver,
+                                 "driver_override": befores[address].driver_override} for address in changed}
+            changes.update({address: carried[address] for address in addresses
+                            if address not in changes and address in carried})
+            wanted = set(addresses)
+            for lease in previous:
+                self.table.drop(lease.lease_id)
+            for lease in previous:
+                for address in lease.devices:
+                    if address not in wanted:
+                        await self._apply_policy(address, carried.get(address))
+            lease = self.table.add(vm_name, vm_uuid, addresses, expires=expires, changes=changes, pidfile=pidfile)
+        return lease, previous
+
+    # ------------------------------------------------------------- activate
+    def _tie(self, lease: Lease, pid: int) -> None:
+        lease.state = ACTIVE
+        lease.expires = 0.0
+        lease.pid = pid
+        lease.pid_start = process_start_time(pid) if pid else 0
+        self.table.update(lease)
+
+    def _read_pidfile(self, lease: Lease, *, not_before: float = 0.0) -> int:
+        """The PID in the lease's pidfile (under the host root), 0 when absent, stale or unreadable."""
+        path = self.engine.host.paths.under(lease.pidfile)
+        try:
+            if not_before and path.stat().st_mtime < not_before:
+                return 0
+            pid = int(path.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return 0
+        return pid if _valid_pid(pid) and process_start_time(pid) else 0
+
+    # -------------------------------------------------------------- release
+    async def _end_all(self, leases: list[Lease]) -> list[Lease]:
+        """Drop the leases and apply the release policy to their devices (under the lock)."""
+        for lease in leases:
+            self.table.drop(lease.lease_id)
+        for lease in leases:
+            for address in lease.devices:
+                await self._apply_policy(address, lease.changes.get(address))
+        return leases
+
+    def policy_for(self, address: str) -> str:
+        """Per-device override, else "keep" for a device persisted for vfio-pci, else the policy."""
+        settings = self.engine.config.release
+        override = settings.devices.get(address, "")
+        if override:
+            return override
+        view = self.engine.views.get(address)
+        if view is not None and view.desired_driver in PASSTHROUGH_DRIVERS:
+            return "keep"
+        return settings.policy
+
+    async def _apply_policy(self, address: str, change: dict[str, str] | None) -> None:
+        """``restore`` gives back exactly what nicpassd changed; nothing when it changed nothing."""
+        engine = self.engine
+        if self.policy_for(address) != "restore" or not change:
+            return
+        if address in self.table.holder():  # leased again meanwhile (cannot happen under the lock)
+            return
+        now = engine.host.function(address)
+        if now is None:
+            log.info("release of %s: the device is gone, nothing to restore", address)
+            return
+        if now.driver not in PASSTHROUGH_DRIVERS and now.driver_override not in PASSTHROUGH_DRIVERS:
+            return  # someone already gave it back
+        before = _Before(change.get("driver", ""), change.get("driver_override", ""))
+        try:
+            if before.driver and before.driver not in PASSTHROUGH_DRIVERS and not before.driver_override:
+                await engine._bind_verified(address, "")  # the common case, verified
+            else:
+                note = await engine._restore_binding(address, before)
+                log.info("release of %s: %s", address, note)
+        except NicpassError as exc:
+            log.error("release of %s: restoring %s failed: %s", address, before.driver or "no driver", exc)
+        else:
+            log.info("release of %s: back on %s", address, before.driver or "no driver")
+
+    # ------------------------------------------------------ stale leases
+    def start(self) -> None:
+        """After a daemon start: re-arm the expiry timer and a pidfd per running VM; leases whose
+        VM is gone (or whose reservation expired meanwhile) are reclaimed right away."""
+        leases = list(self.table.leases.values())
+        if leases:
+            log.info("resuming %d lease(s) from %s", len(leases), self.table.path)
+        self.arm()
+
+    def arm(self) -> None:
+        """Bring the timer and the pidfd watches in line with the table. Cheap; call after changes."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if self._loop is not loop:
+            self._forget_loop()
+            self._loop = loop
+        wanted = {lease.lease_id: lease for lease in self.table.leases.values() if lease.state == ACTIVE and lease.pid}
+        for lease_id, (fd, pid) in list(self._watches.items()):
+            lease = wanted.get(lease_id)
+            if lease is None or lease.pid != pid:
+                self._unwatch(lease_id)
+        for lease in wanted.values():
+            if lease.lease_id not in self._watches:
+                self._watch(lease)
+        when = self.table.next_expiry()
+        if when == self._timer_at and (self._timer is not None or not when):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = when
+        if when:
+            delay = max(0.0, when - time.time())
+            self._timer = loop.call_at(loop.time() + delay, self._on_timer)
+
+    def close(self) -> None:
+        """Stop watching (daemon shutdown). Leases stay in the table for the next start."""
+        self._forget_loop()
+        for task in list(self._tasks):
+            task.cancel()
+
+    def _forget_loop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_at = None, 0.0
+        for lease_id in list(self._watches):
+            self._unwatch(lease_id)
+        self._loop = None
+
+    def _watch(self, lease: Lease) -> None:
+        try:
+            fd = os.pidfd_open(lease.pid)
+        except ProcessLookupError:
+            self._spawn(self._reclaim_gone(lease.lease_id, lease.pid))
+            return
+        except OSError as exc:  # no pidfd (kernel < 5.3): the lease ends with Release only
+            log.warning("cannot watch QEMU pid %d of VM %s (%s); its lease ends with Release only",
+                        lease.pid, lease.vm_uuid, exc.strerror)
+            return
+        if lease.pid_start and process_start_time(lease.pid) != lease.pid_start:
+            os.close(fd)  # the PID was reused by another process: the VM is gone
+            self._spawn(self._reclaim_gone(lease.lease_id, lease.pid))
+            return
+        assert self._loop is not None
+        self._watches[lease.lease_id] = (fd, lease.pid)
+        self._loop.add_reader(fd, self._on_exit, lease.lease_id, lease.pid)
+
+    def _unwatch(self, lease_id: str) -> None:
+        fd, _pid = self._watches.pop(lease_id)
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(fd)
+        os.close(fd)
+
+    def _on_exit(self, lease_id: str, pid: int) -> None:
+        if lease_id in self._watches:
+            self._unwatch(lease_id)
+        self._spawn(self._reclaim_gone(lease_id, pid))
+
+    def _on_timer(self) -> None:
+        self._timer, self._timer_at = None, 0.0
+        self._spawn(self._reclaim_expired())
+
+    def _spawn(self, coroutine) -> None:
+        loop = self._loop or asyncio.get_running_loop()
+        task = loop.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("reclaiming a lease failed", exc_info=task.exception())
+
+    async def _reclaim_gone(self, lease_id: str, pid: int) -> None:
+        async with self.engine._lock:
+            lease = self.table.leases.get(lease_id)
+            if lease is None or lease.pid != pid:
+                return  # released or re-tied meanwhile
+            await self._end_all([lease])
+            self._settle(lease.devices)
+        log.warning("VM %s (%s): QEMU process %d exited without a release; reclaimed %s",
+                    lease.vm_name, lease.vm_uuid, pid, ", ".join(lease.devices))
+        self.engine._announce_lease(lease, STATE_VM_GONE)
+        self.arm()
+
+    async def _reclaim_expired(self) -> None:
+        ended: list[Lease] = []
+        adopted: list[Lease] = []
+        async with self.engine._lock:
+            for lease in self.table.expired(time.time()):
+                # A VM that started while the hook could not reach us (or whose start outlasted the
+                # reservation) is running: adopt its QEMU process rather than pull its devices.
+                pid = self._read_pidfile(lease, not_before=lease.created - 5) if lease.pidfile else 0
+                if pid:
+                    self._tie(lease, pid)
+                    adopted.append(lease)
+                    continue
+                ended.extend(await self._end_all([lease]))
+            if ended:
+                self._settle(*(lease.devices for lease in ended))
+        for lease in adopted:
+            log.info("VM %s (%s): reservation expired but QEMU pid %d runs; lease active",
+                     lease.vm_name, lease.vm_uuid, lease.pid)
+            self.engine._announce_lease(lease, lease.state)
+        for lease in ended:
+            log.warning("VM %s (%s): reservation expired (the VM did not start); reclaimed %s",
+                        lease.vm_name, lease.vm_uuid, ", ".join(lease.devices))
+            self.engine._announce_lease(lease, STATE_EXPIRED)
+        self.arm()
+

@@ -1,0 +1,37 @@
+"""`nicpassctl reconcile`: parsing, rendering, exit codes (the daemon side: test_reconcile.py and
+tests/integration/test_persistence.py)."""
+
+from __future__ import annotations
+
+from nicpassctl import cli, render
+from nicpassctl.commands import COMMANDS, action_for
+
+ROWS = [
+    ["0000:3b:00.0", "vfs", "ok"],
+    ["0000:3b:02.0", "bind", "ok"],
+    ["0000:5e:00.0", "check", "IdentityChanged: 0000:5e:00.0 is not the device that was persisted"],
+    ["0000:af:00.0", "check", "skipped: 0000:af:00.0 was changed with --runtime; left as it is"],
+]
+
+
+def test_the_command_exists_and_asks_for_the_manage_action():
+    args = cli.build_parser().parse_args(["reconcile"])
+    assert args.command == "reconcile" and "reconcile" in COMMANDS
+    action = action_for(args)
+    assert action.polkit == "org.nicpass.NicPass1.manage"
+
+
+def test_text_lists_every_row_and_counts():
+    text = render.reconcile_text(ROWS)
+    lines = text.splitlines()
+    assert lines[0].split() == ["ADDRESS", "ACTION", "RESULT"]
+    assert any(line.startswith("0000:5e:00.0  check   IdentityChanged:") for line in lines)
+    assert lines[-1] == "2 step(s) applied, 2 not applied"
+    assert render.reconcile_text([]) == "Nothing to do: every device is in its persisted state."
+
+
+def test_json_and_exit_status():
+    assert render.reconcile_json(ROWS[:1]) == [{"address": "0000:3b:00.0", "action": "vfs", "result": "ok"}]
+    assert render.reconcile_failed(ROWS) is True  # IdentityChanged: not applied
+    assert render.reconcile_failed([ROWS[0], ROWS[3]]) is False  # a --runtime device left alone is fine
+    assert render.reconcile_failed([]) is False
