@@ -1,0 +1,231 @@
+"""The e2e suite: nicpassd installed in a QEMU guest with a real kernel, real udev, real polkitd.
+
+Scenarios are marked ``e2e`` and only run when NICPASSD_E2E=1 (``scripts/e2e`` sets it); the
+normal unit run deselects them, so it needs no guest. One guest boots per session (``guest``);
+``clean`` puts it back to the baseline before each scenario. Scenarios assert on what the kernel
+shows (sysfs, /dev/vfio, the VFIO API), not on what nicpassd says.
+
+Everything big lives in $NICPASSD_E2E_CACHE (default /var/cache/nicpassd-e2e): the image from
+``tests/e2e/lab/build``, wheels, and per-run folders (serial log, journal) under run/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .lab.vm import CACHE, IMAGES, Guest, GuestError, Result
+
+E2E = os.environ.get("NICPASSD_E2E") == "1"
+REPO = Path(__file__).resolve().parents[2]
+GUEST_SRC = "/mnt/src"
+GUEST_E2E = f"{GUEST_SRC}/tests/e2e"
+
+# The guest's fixed layout (tests/e2e/lab/vm.py)
+MGMT = "0000:01:00.0"
+IGB = "0000:02:00.0"
+E1000E = "0000:03:00.0"
+HOTPLUG_BDF = "0000:04:00.0"  # the first free root port, rp-hp0
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "e2e: needs the QEMU guest (scripts/e2e runs these)")
+
+
+# Scenarios that fail because of a nicpassd bug already reported to its owner. They run and are
+# reported as xfail (XPASS once fixed: then delete the entry). NICPASSD_E2E_STRICT=1 makes them
+# plain failures.
+KNOWN_BUGS = {
+    "test_inventory.py::test_virtio_nic_interfaces_listed":
+        "nicpassd/host/sysfs.py read_function(): Interfaces (and the permanent MAC) of a virtio-net "
+        "function are read from <function>/net only; its netdev is under <function>/virtioN/net",
+    "test_persistence.py::test_early_binding_moved_the_device_before_the_daemon_started":
+        "nicpassd/early_binding.py SysfsKernel.load_module() runs `modprobe` by bare name; udev starts "
+        "its programs without PATH, Python falls back to /bin:/usr/bin and modprobe is in /usr/sbin: "
+        "at coldplug (vfio-pci not loaded yet) the helper exits 1 with ENOENT and does nothing",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    if E2E:
+        if os.environ.get("NICPASSD_E2E_STRICT") != "1":
+            for item in items:
+                bug = KNOWN_BUGS.get(item.nodeid.split("tests/e2e/", 1)[-1])
+                if bug:
+                    item.add_marker(pytest.mark.xfail(reason=f"known nicpassd bug: {bug}", strict=False))
+        return
+    deselected = [item for item in items if item.get_closest_marker("e2e")]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not item.get_closest_marker("e2e")]
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------ timings
+TIMINGS: list[tuple[str, str, float]] = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if E2E and report.when == "call" and item.get_closest_marker("e2e"):
+        state = "xfailed" if hasattr(report, "wasxfail") and report.skipped else report.outcome
+        TIMINGS.append((item.nodeid.split("::", 1)[-1], state, report.duration))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not (E2E and TIMINGS):
+        return
+    terminalreporter.write_sep("-", "e2e scenarios (seconds in the call phase)")
+    for name, state, seconds in TIMINGS:
+        terminalreporter.write_line(f"{seconds:7.1f}s  {state:8s} {name}")
+    for line in SESSION_NOTES:
+        terminalreporter.write_line(line)
+
+
+SESSION_NOTES: list[str] = []
+
+
+# ------------------------------------------------------------------------------ the guest
+def _build_wheel(share: Path) -> None:
+    """nicpassd's own wheel from a copy of the checkout (the checkout gets no build/ litter)."""
+    wheels = share / "wheels"
+    wheels.mkdir(parents=True)
+    for wheel in (CACHE / "wheels").glob("*.whl"):  # the dependencies, already in the image
+        shutil.copy(wheel, wheels)
+    work = share.parent / "wheel-src"
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(REPO, work, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis", "run"))
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                             "--disable-pip-version-check", "-w", str(wheels), str(work)],
+                            capture_output=True, text=True)
+    shutil.rmtree(work, ignore_errors=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"building the nicpassd wheel failed:\n{result.stderr[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def guest():
+    if os.geteuid() != 0:
+        pytest.fail("the e2e suite must run as root (QEMU in a chroot, mount namespaces)")
+    if not (IMAGES / "rootfs.img").exists():
+        pytest.fail(f"no guest image in {IMAGES}: run tests/e2e/lab/build (scripts/e2e does)")
+    runs = CACHE / "run"
+    runs.mkdir(parents=True, exist_ok=True)
+    for old in runs.iterdir():  # folders of earlier sessions whose process is gone
+        pid = old.name.removeprefix("suite-")
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(old, ignore_errors=True)
+    run_dir = runs / f"suite-{os.getpid()}"
+    share = run_dir / "share"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    share.mkdir(parents=True)
+    t0 = time.monotonic()
+    _build_wheel(share)
+    vm = Guest(run_dir / "vm", REPO, share, log=log)
+    try:
+        vm.start()
+        SESSION_NOTES.append(f"boot: guest agent {vm.times['boot_agent']:.1f}s, systemd running "
+                             f"{vm.times['boot_ready']:.1f}s (TCG)")
+        t1 = time.monotonic()
+        out = vm.run(["bash", f"{GUEST_E2E}/lab/install-guest.sh", GUEST_SRC, "/mnt/e2e/wheels"], timeout=600)
+        log(out.stdout + out.stderr)
+        if out.returncode != 0:
+            journal = vm.run("journalctl -u nicpassd --no-pager | tail -40").stdout
+            pytest.fail(f"installing nicpassd in the guest failed:\n{out.stdout}\n{out.stderr}\n{journal}")
+        SESSION_NOTES.append(f"install (pip --no-index + unit/policy files + systemctl start): "
+                             f"{time.monotonic() - t1:.1f}s; setup total {time.monotonic() - t0:.1f}s")
+        yield vm
+    finally:
+        with open(run_dir / "journal.txt", "w") as handle:
+            try:
+                handle.write(vm.run("journalctl -b --no-pager -o short-monotonic", timeout=120).stdout)
+            except Exception as exc:  # noqa: BLE001 - best effort
+                handle.write(f"journal unavailable: {exc}\n")
+        vm.stop()
+        log(f"e2e: guest logs in {run_dir} (serial.log, journal.txt)")
+
+
+class G:
+    """Scenario helpers over the session's guest."""
+
+    def __init__(self, vm: Guest) -> None:
+        self.vm = vm
+
+    def run(self, *args, **kw) -> Result:
+        return self.vm.run(*args, **kw)
+
+    def sh(self, script: str, **kw) -> str:
+        return self.vm.sh(script, **kw)
+
+    def ctl(self, *args: str, user: str | None = None, timeout: float = 120) -> Result:
+        return self.vm.run(["nicpassctl", *args], user=user, timeout=timeout)
+
+    def ctl_json(self, *args: str):
+        result = self.ctl("--json", *args)
+        result.check()
+        return json.loads(result.stdout)
+
+    def state(self) -> dict:
+        return json.loads(self.vm.run(["python3", f"{GUEST_E2E}/guest/state.py"]).check().stdout)
+
+    def fn(self, address: str) -> dict:
+        return self.state()["functions"][address]
+
+    def vfio_open(self, *bdfs: str) -> list[dict]:
+        result = self.vm.run(["python3", f"{GUEST_E2E}/guest/vfio_open.py", *bdfs])
+        return json.loads(result.stdout)
+
+    def wait(self, predicate, timeout: float = 60, interval: float = 1.0, what: str = "condition"):
+        """Poll ``predicate(state)`` over the kernel's state until truthy; returns the last state."""
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.state()
+            if predicate(state):
+                return state
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; kernel shows:\n"
+                                     f"{json.dumps(state['functions'], indent=1)}")
+            time.sleep(interval)
+
+    def kmsg_mark(self) -> int:
+        return int(self.vm.run("dmesg | wc -l").check().stdout)
+
+    def kmsg_since(self, mark: int) -> str:
+        return self.vm.run(f"dmesg | tail -n +{mark + 1}").check().stdout
+
+    def journal(self, lines: int = 60) -> str:
+        return self.vm.run(f"journalctl -u nicpassd --no-pager | tail -n {lines}").stdout
+
+    def reset(self) -> None:
+        result = self.vm.run(["python3", f"{GUEST_E2E}/guest/reset.py"], timeout=300)
+        if result.returncode != 0 or result.stdout.strip().splitlines()[-1:] != ["baseline"]:
+            raise GuestError(f"resetting the guest failed:\n{result.stdout}\n{result.stderr}\n{self.journal()}")
+        self.wait_daemon()
+
+    def wait_daemon(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while self.vm.run(["busctl", "--system", "status", "org.nicpass.NicPass1"]).returncode != 0:
+            if time.monotonic() > deadline:
+                raise GuestError(f"nicpassd not on the bus after {timeout:.0f}s:\n{self.journal()}")
+            time.sleep(1)
+
+
+@pytest.fixture
+def g(guest) -> G:
+    """The session's guest, reset to the baseline for this scenario."""
+    helper = G(guest)
+    helper.reset()
+    return helper

@@ -1,0 +1,92 @@
+"""A libvirt domain with a <hostdev> VF, started by virsh, goes through nicpassd's hook.
+
+libvirt (9.0) runs a nested QEMU (7.2, TCG inside TCG) in the guest. The domain is started
+paused: QEMU still realizes the VFIO device (opens the container, the group, the device), which
+is what the hook must have made possible, and no nested guest code has to run. managed='no', so
+libvirt itself does not bind the VF: only the hook's Prepare can have put it on vfio-pci.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from .conftest import IGB, REPO
+
+pytestmark = pytest.mark.e2e
+
+VM, UUID = "e2e-vm1", "3f1a6c0e-5b2d-4e8f-9a61-7c2d0e4b9a10"
+VIRSH = ["virsh", "-q", "-c", "qemu:///system"]
+
+
+def domain_xml(bdf: str) -> str:
+    domain, bus, rest = bdf.split(":")
+    slot, function = rest.split(".")
+    return f"""<domain type='qemu'>
+  <name>{VM}</name>
+  <uuid>{UUID}</uuid>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='q35'>hvm</type></os>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <hostdev mode='subsystem' type='pci' managed='no'>
+      <source><address domain='0x{domain}' bus='0x{bus}' slot='0x{slot}' function='0x{function}'/></source>
+    </hostdev>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""
+
+
+def leases(g) -> list[dict]:
+    return g.ctl_json("leases")
+
+
+@pytest.mark.skipif(not (REPO / "client/hooks/libvirt-qemu").exists(), reason="client/hooks/libvirt-qemu not in the repo")
+def test_virsh_start_with_vf_hostdev_leases_and_stop_releases(g):
+    assert g.run(["test", "-x", "/etc/libvirt/hooks/qemu.d/50-nicpassd"]).returncode == 0
+    assert g.ctl("vfs", IGB, "2").returncode == 0
+    vf = g.fn(IGB)["virtfns"][0]
+    assert g.fn(vf)["driver"] == "igbvf"
+    g.vm.write_file("/tmp/e2e-vm1.xml", domain_xml(vf))
+    g.run([*VIRSH, "define", "/tmp/e2e-vm1.xml"]).check()
+
+    started = g.run([*VIRSH, "start", "--paused", VM], timeout=300)
+    assert started.returncode == 0, f"virsh start failed: {started.stderr}\n{g.journal(30)}"
+    state = g.state()
+    assert state["functions"][vf]["driver"] == "vfio-pci", state["functions"][vf]
+    group = state["functions"][vf]["iommu_group"]
+    pid = g.run(["cat", f"/run/libvirt/qemu/{VM}.pid"]).check().stdout.strip()
+    fds = g.run(f"ls -l /proc/{pid}/fd").check().stdout
+    assert f"/dev/vfio/{group}" in fds and "vfio-device" in fds, f"QEMU does not hold the VF through VFIO:\n{fds}"
+    held = [lease for lease in leases(g) if lease.get("vm_uuid") == UUID or UUID in str(lease)]
+    assert held, f"no lease for {UUID}: {leases(g)}"
+    assert vf in str(held[0]), held
+    # a leased VF's PF is not changed under the VM
+    result = g.ctl("vfs", IGB, "0")
+    assert result.returncode == 4, (result.returncode, result.stderr)
+    assert g.fn(IGB)["sriov_numvfs"] == 2
+
+    stopped = g.run([*VIRSH, "destroy", VM], timeout=120)
+    assert stopped.returncode == 0, stopped.stderr
+    for _ in range(30):
+        if not [lease for lease in leases(g) if UUID in str(lease)]:
+            break
+        g.run("sleep 1")
+    assert not [lease for lease in leases(g) if UUID in str(lease)], f"lease not released: {leases(g)}"
+    assert g.fn(vf)["driver"] == "vfio-pci"  # release policy "keep"
+    assert g.ctl("vfs", IGB, "0").returncode == 0
+    g.run([*VIRSH, "undefine", VM]).check()
+
+
+def test_hook_refuses_the_management_nic(g):
+    if not (REPO / "client/hooks/libvirt-qemu").exists():
+        pytest.skip("client/hooks/libvirt-qemu not in the repo")
+    g.vm.write_file("/tmp/e2e-vm1.xml", domain_xml("0000:01:00.0"))
+    g.run([*VIRSH, "define", "/tmp/e2e-vm1.xml"]).check()
+    started = g.run([*VIRSH, "start", "--paused", VM], timeout=300)
+    assert started.returncode != 0, "a domain with the management NIC was started"
+    assert "nicpassd" in started.stderr or "protected" in started.stderr.lower(), started.stderr
+    fn = g.fn("0000:01:00.0")
+    assert fn["driver"] == "virtio-pci", fn
+    assert g.state()["default_route_devs"] == ["enp1s0"]
