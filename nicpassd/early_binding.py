@@ -56,9 +56,12 @@ class SysfsKernel:
             return
         if self.root != Path("/"):
             return  # a test root: never load a module into the machine running the test
+        import shutil
         import subprocess
 
-        subprocess.run(["modprobe", "-q", name], check=True, timeout=30,
+        # udev runs its programs without PATH: Python's fallback (/bin:/usr/bin) misses /usr/sbin.
+        modprobe = shutil.which("modprobe", path="/usr/sbin:/sbin:/usr/bin:/bin") or "/sbin/modprobe"
+        subprocess.run([modprobe, "-q", name], check=True, timeout=30,
                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
 
 
