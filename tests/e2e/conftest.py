@@ -50,6 +50,11 @@ KNOWN_BUGS = {
         "nicpassd/early_binding.py SysfsKernel.load_module() runs `modprobe` by bare name; udev starts "
         "its programs without PATH, Python falls back to /bin:/usr/bin and modprobe is in /usr/sbin: "
         "at coldplug (vfio-pci not loaded yet) the helper exits 1 with ENOENT and does nothing",
+    # intermittent (1 run in 4): the boot reconcile binds a VF while the kernel is still probing it
+    "test_persistence.py::test_persisted_vf_binding_restored_after_reboot":
+        "boot reconcile races the kernel's own probe of the VFs it just created: it reads 'no driver', "
+        "writes the override, igbvf binds anyway, verify fails, and the restore unbinds igbvf to get back "
+        "to 'no driver'; the VF stays driverless and is not retried automatically",
 }
 
 
