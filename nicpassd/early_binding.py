@@ -22,9 +22,10 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Protocol
+
+from nicpassd.atomicfile import atomic_write
 
 LIST_FILE = "var/lib/nicpassd/early-binding.json"
 VERSION = 1
@@ -82,23 +83,7 @@ def write_list(root: Path, devices: dict[str, dict[str, str]], vf_drivers: dict[
             return False
     except OSError:
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=".early-binding-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), 0o644)
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write(path, payload, mode=0o644, prefix=".early-binding-")
     return True
 
 

@@ -1,4 +1,5 @@
 import os
+import subprocess
 
 import pytest
 
@@ -45,3 +46,20 @@ def polkit(polkit_mock):
 
 
 # --- end of bus and polkit fixtures ----------------------------------------------------------
+
+
+# --- shared stand-ins -------------------------------------------------------------------------
+@pytest.fixture
+def qemu():
+    """Start stand-in QEMU processes (sleep); all are killed at the end."""
+    processes: list[subprocess.Popen] = []
+
+    def start() -> subprocess.Popen:
+        process = subprocess.Popen(["sleep", "60"], stdin=subprocess.DEVNULL)
+        processes.append(process)
+        return process
+
+    yield start
+    for process in processes:
+        process.kill()
+        process.wait()

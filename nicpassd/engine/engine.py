@@ -275,7 +275,7 @@ class Engine:
                                   "use \"vfio-pci\", or \"\" for the device's host driver")
         async with self._lock:
             self.refresh()
-            function = self._present(address)
+            self._present(address)  # NotFound if it went away since it was resolved
             target = driver or "its host driver"
             action = f"bind {self._label(address)} to {target}"
             self.guard_check(address, action, force=force, caller=caller)

@@ -16,12 +16,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from nicpassd.atomicfile import atomic_write
 
 log = logging.getLogger(__name__)
 LEASE_FILE = "leases.json"
@@ -132,16 +132,4 @@ class LeaseTable:
         self.directory.mkdir(parents=True, exist_ok=True)
         payload = json.dumps({"version": FORMAT_VERSION, "leases": [asdict(x) for x in self.leases.values()]},
                              indent=2)
-        fd, temp = tempfile.mkstemp(prefix=".leases-", dir=self.directory)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(payload)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp, self.path)
-        except BaseException:
-            try:
-                os.unlink(temp)
-            except FileNotFoundError:
-                pass
-            raise
+        atomic_write(self.path, payload.encode(), prefix=".leases-")

@@ -13,7 +13,6 @@ from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, m
 
 from nicpassd import __version__
 from nicpassd.engine.engine import Engine, InventoryDelta
-from nicpassd.engine.leases import Lease
 from nicpassd.engine.views import DeviceView
 from nicpassd.errors import InvalidArgument, NicpassError
 from nicpassd.transport.caller import caller

@@ -214,19 +214,6 @@ def hooks_daemon_down(private_bus, libvirt_stubs, tmp_path):
     return Hooks(paths.root, private_bus.address, libvirt_stubs)
 
 
-@pytest.fixture
-def qemu():
-    processes: list[subprocess.Popen] = []
-
-    def start() -> subprocess.Popen:
-        process = subprocess.Popen(["sleep", "60"], stdin=subprocess.DEVNULL)
-        processes.append(process)
-        return process
-
-    yield start
-    for process in processes:
-        process.kill()
-        process.wait()
 
 
 def driver(service, address: str) -> str:

@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import random
-import subprocess
 import time
 
 import pytest
@@ -49,20 +48,6 @@ async def until(predicate, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
-@pytest.fixture
-def qemu():
-    """Start stand-in QEMU processes (sleep); all are killed at the end."""
-    processes: list[subprocess.Popen] = []
-
-    def start() -> subprocess.Popen:
-        process = subprocess.Popen(["sleep", "60"], stdin=subprocess.DEVNULL)
-        processes.append(process)
-        return process
-
-    yield start
-    for process in processes:
-        process.kill()
-        process.wait()
 
 
 WRITE_TIMEOUT = 5.0  # nothing here tests timeouts: a loaded machine must not turn writes into Timeout

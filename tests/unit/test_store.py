@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from nicpassd import atomicfile
 from nicpassd.engine import store as store_module
 from nicpassd.engine.store import (SCHEMA_VERSION, DeviceDesire, Identity, RuntimeHolds, StateStore, StateStoreError,
                                    identity_of, migrate)
@@ -106,7 +107,7 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path, monke
     def broken_replace(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(store_module.os, "replace", broken_replace)
+    monkeypatch.setattr(atomicfile.os, "replace", broken_replace)
     with pytest.raises(OSError):
         store.put(desire(num_vfs=8))
     assert os.listdir(tmp_path) == ["state.json"]

@@ -1,0 +1,48 @@
+"""Crash-safe file replacement, shared by the daemon's state files and the stdlib-only udev helper.
+
+Standard library only: nicpassd/early_binding.py runs from udev and must not pay for the daemon's
+imports.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def atomic_write(path: Path, payload: bytes, *, mode: int = 0o600, prefix: str | None = None) -> None:
+    """Temp file, fsync, rename, fsync the directory: the file is old or new, never half."""
+    directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=prefix or f".{path.name}-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), mode)
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def remove_stale_temps(directory: Path, prefix: str) -> None:
+    """Temp files a crash left behind (never renamed into place, so never part of the state)."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return
+    for name in names:
+        if name.startswith(prefix):
+            log.info("removing %s left by an interrupted write", directory / name)
+            (directory / name).unlink(missing_ok=True)
