@@ -39,8 +39,9 @@ def polkit_mock(private_bus):
 
 @pytest.fixture
 def polkit(polkit_mock):
-    """The session's polkit mock, reset for this test: uid 0 allowed, no checks recorded."""
+    """The session's polkit mock, reset for this test: uid 0 allowed for every action, no checks recorded."""
     polkit_mock.set_allowed_uids([0])
+    polkit_mock.clear_action_uids()
     polkit_mock.clear()
     return polkit_mock
 

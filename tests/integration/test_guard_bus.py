@@ -120,3 +120,31 @@ async def test_force_asks_polkit_in_addition_and_only_opens_derived_entries(serv
     polkit.set_allowed_uids([])  # no one may force: AccessDenied, nothing changes
     reply = await bind(USB, force=True)
     assert reply.error_name == "org.freedesktop.DBus.Error.AccessDenied"
+
+
+async def test_manage_granted_force_denied_is_access_denied_naming_force_and_changes_nothing(
+        service, client, polkit):
+    # A polkit rules file that grants `manage` and not `force`: the force flag alone is refused.
+    service.kernel.set_routes([Route(dev="enp175s0f0", dst="default", gateway="192.0.2.1")])
+    for _ in range(3):
+        await asyncio.sleep(0)
+    polkit.set_action_uids("org.nicpass.NicPass1.force", [])
+    polkit.clear()
+
+    def bind(device: str, **options) -> Message:
+        return Message(destination=BUS_NAME, path=MANAGER_PATH, interface=MANAGER_IFACE, member="Bind",
+                       signature="ssa{sv}",
+                       body=[device, "vfio-pci", {name: Variant("b", value) for name, value in options.items()}])
+
+    reply = await client.call(bind(USB, force=True, persist=False))
+    assert reply.error_name == "org.freedesktop.DBus.Error.AccessDenied", reply.body
+    assert "org.nicpass.NicPass1.force" in reply.body[0]
+    assert driver_of(service, USB) != "vfio-pci"
+    assert [(action, authorized) for action, _uid, _flags, authorized in polkit.checks()] == [
+        ("org.nicpass.NicPass1.manage", True), ("org.nicpass.NicPass1.force", False)]
+
+    # Without force the same caller may still manage an unprotected device.
+    free_pf = "0000:3b:00.1"
+    reply = await client.call(bind(free_pf, persist=False))
+    assert reply.message_type == MessageType.METHOD_RETURN, reply.body
+    assert driver_of(service, free_pf) == "vfio-pci"

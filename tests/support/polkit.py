@@ -59,6 +59,14 @@ class PolkitMock:
         uids = [str(int(u)) for u in uids]
         self._busctl(TEST_IFACE, "SetAllowedUids", "au", str(len(uids)), *uids)
 
+    def set_action_uids(self, action_id: str, uids: Iterable[int]) -> None:
+        """Grant `action_id` to exactly `uids` (others keep the allowed_uids rule)."""
+        uids = [str(int(u)) for u in uids]
+        self._busctl(TEST_IFACE, "SetActionUids", "sau", action_id, str(len(uids)), *uids)
+
+    def clear_action_uids(self) -> None:
+        self._busctl(TEST_IFACE, "ClearActionUids")
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()

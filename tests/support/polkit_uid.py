@@ -3,7 +3,9 @@
 dbusmock's stock polkitd template decides by action id alone, which cannot tell root from nobody.
 This one resolves the subject to a uid the way polkitd does (a bus name through the bus driver's
 GetConnectionUnixUser, a process through its uid or /proc) and authorizes exactly the uids in
-`allowed_uids` (parameter, default [0]). Every decision is recorded; read them with GetChecks on
+`allowed_uids` (parameter, default [0]), or, for an action given its own list with SetActionUids,
+exactly the uids of that list -- the way a polkit rules file grants one action and not another
+(`lease` to a libvirt group, `force` to no one). Every decision is recorded; read them with GetChecks on
 TEST_IFACE.
 
 Run with Debian's dbusmock (its dbus-python binding):
@@ -31,6 +33,7 @@ def load(mock, parameters):
         "BackendFeatures": dbus.UInt32(0),
     }, signature="sv"))
     mock.allowed_uids = {int(uid) for uid in parameters.get("allowed_uids", [0])}
+    mock.action_uids = {}
     mock.checks = []
 
 
@@ -60,7 +63,7 @@ def _subject_uid(mock, kind, details):
 def CheckAuthorization(self, subject, action_id, _details, flags, _cancellation_id):
     kind, subject_details = subject
     uid = _subject_uid(self, str(kind), subject_details)
-    authorized = uid in self.allowed_uids
+    authorized = uid in self.action_uids.get(str(action_id), self.allowed_uids)
     self.checks.append((str(action_id), dbus.UInt32(uid), dbus.UInt32(flags), authorized))
     return (authorized, False, dbus.Dictionary({}, signature="ss"))
 
@@ -84,3 +87,14 @@ def ClearChecks(self):
 @dbus.service.method(TEST_IFACE, in_signature="au", out_signature="")
 def SetAllowedUids(self, uids):
     self.allowed_uids = {int(uid) for uid in uids}
+
+
+@dbus.service.method(TEST_IFACE, in_signature="sau", out_signature="")
+def SetActionUids(self, action_id, uids):
+    """Decide `action_id` by its own uid list from now on (an empty list denies everyone)."""
+    self.action_uids[str(action_id)] = {int(uid) for uid in uids}
+
+
+@dbus.service.method(TEST_IFACE, in_signature="", out_signature="")
+def ClearActionUids(self):
+    self.action_uids = {}
