@@ -5,7 +5,11 @@ host model reads it with exactly the code that reads a real host. Writes go thro
 ``SimKernel.write`` (the simulator's ``KernelWriter``), which applies the rules of
 ``drivers/pci/iov.c`` and the PCI driver core — 0→N only, ``EBUSY``/``ERANGE``/``ENOENT``/
 ``ENODEV``, ``driver_override`` and ``drivers_probe`` semantics, VFs appearing with ``virtfnN``/
-``physfn`` links and their own IOMMU groups — and emits the uevents the kernel would.
+``physfn`` links and their own IOMMU groups — and emits the uevents the kernel would, in the
+kernel's order and with its payload (checked against a real 6.1 kernel by tests/e2e/conformance.py
+and tests/e2e/kernel-observations/): a driver's netdev comes before its "bind" and goes before its
+"unbind", "unbind" carries no driver, each new VF gets a "change" after its "add", the PF a
+"change" (with its driver) once its VFs are enabled and none when they are disabled, VF 0 first.
 
 Faults can be armed for tests: a hung write, fewer VFs than asked, a bind that silently fails, a
 write that fails with an errno.
@@ -76,6 +80,9 @@ class Faults:
     short_vfs: dict[str, int] = field(default_factory=dict)  # PF -> VFs actually enabled
     silent_bind_failure: dict[str, int] = field(default_factory=dict)  # device -> times
     write_errors: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
+    # PF -> times: the kernel's own probe of the VFs a sriov_numvfs write creates (autoprobe on)
+    # finishes late; see "Fault: late autoprobe of new VFs" below.
+    probe_after_numvfs: dict[str, int] = field(default_factory=dict)
 
 
 class SimKernel:
@@ -97,6 +104,8 @@ class SimKernel:
         self._drivers: set[str] = set(ALWAYS_AVAILABLE_DRIVERS)
         self._next_group = 0
         self._ifindex = 1
+        self._late_probes: dict[str, str] = {}  # VF -> host driver (Faults.probe_after_numvfs)
+        self._late_enable = ""
         self._build()
 
     # ----------------------------------------------------------------- events
@@ -222,11 +231,20 @@ class SimKernel:
             self._emit("add", "pci", address)
 
     def _remove_pci_device(self, device: SimDevice) -> None:
+        """pci_stop_and_remove_bus_device(): the driver lets go (its netdev goes, then "unbind"),
+        then the device goes ("remove").
+
+        A PF with VFs is removed the way pciehp_unconfigure_device() and pci_stop_bus_device()
+        walk the bus: in reverse, so its VFs go first (the last one first), each the same way,
+        then the PF; its driver finds no VF left to disable and no "change" is sent."""
         address = device.spec.address
+        for index in reversed(range(device.numvfs)):
+            self._remove_vf(device, index)
+        if device.numvfs:
+            device.numvfs = 0
+            self._set_attr(address, "sriov_numvfs", "0")
         if device.driver:
             self._detach_driver(device)
-        if device.numvfs:
-            self._disable_vfs(device)
         (self.paths.pci_devices / address).unlink()
         if device.group >= 0:
             (self.paths.iommu_groups / str(device.group) / "devices" / address).unlink()
@@ -427,14 +445,16 @@ class SimKernel:
 
     # --------------------------------------------------------------- drivers
     def _attach_driver(self, device: SimDevice, driver: str, *, emit: bool = True) -> None:
+        """really_probe() then driver_bound(): the driver's probe registers its netdev ("add" net),
+        and only then does the driver core announce "bind" (with DRIVER)."""
         address = device.spec.address
         (self.paths.pci_drivers / driver / address).symlink_to(f"../../../../{PCI_ROOT}/{address}")
         (self._device_dir(address) / "driver").symlink_to(f"../../../bus/pci/drivers/{driver}")
         device.driver = driver
-        if emit:
-            self._emit("bind", "pci", address, driver)
         if driver == self._host_driver(device) and driver not in ("vfio-pci", "pci-stub"):
             self._add_netdev(device) if emit else self._add_netdev_quiet(device)
+        if emit:
+            self._emit("bind", "pci", address, driver)
 
     def _add_netdev_quiet(self, device: SimDevice) -> None:
         subscribers, self._subscribers = self._subscribers, []
@@ -444,12 +464,14 @@ class SimKernel:
             self._subscribers = subscribers
 
     def _detach_driver(self, device: SimDevice) -> None:
+        """__device_release_driver(): the driver's remove unregisters its netdev ("remove" net),
+        then "unbind" is sent once dev->driver is cleared, so it carries no DRIVER."""
         address, driver = device.spec.address, device.driver
         self._remove_netdev(device)
         (self.paths.pci_drivers / driver / address).unlink()
         (self._device_dir(address) / "driver").unlink()
         device.driver = ""
-        self._emit("unbind", "pci", address, driver)
+        self._emit("unbind", "pci", address)
 
     def _host_driver(self, device: SimDevice) -> str:
         if device.physfn:
@@ -492,29 +514,69 @@ class SimKernel:
             )
             group = self._allocate_group() if pf.group >= 0 else -1
             vf = SimDevice(spec=vf_spec, group=group, physfn=spec.address, vf_index=index)
+            # pci_iov_add_virtfn(): pci_device_add() ("add"), pci_iov_sysfs_link() (virtfnN and
+            # physfn, then KOBJ_CHANGE: "change", no driver yet), pci_bus_add_device() (the probe)
             self._add_pci_device(vf, emit=True)
             vf_dir = self._device_dir(address)
             (vf_dir / "physfn").symlink_to(f"../{spec.address}")
             (self._device_dir(spec.address) / f"virtfn{index}").symlink_to(f"../{address}")
+            self._emit("change", "pci", address)
             self._run_rules(vf)
-            if pf.autoprobe:
+            if pf.autoprobe and not self._probe_late(pf, vf):
                 self._probe(vf)
         pf.numvfs = enabled
         self._set_attr(spec.address, "sriov_numvfs", str(enabled))
-        self._emit("change", "pci", spec.address)
+        # sriov_enable(): KOBJ_CHANGE on the PF once its VFs are added; the PF is bound to its
+        # driver (sriov_numvfs needs it), so the event carries DRIVER.
+        self._emit("change", "pci", spec.address, pf.driver)
 
     def _disable_vfs(self, pf: SimDevice) -> None:
-        for index in reversed(range(pf.numvfs)):
-            link = self._device_dir(pf.spec.address) / f"virtfn{index}"
-            vf = self._devices[os.readlink(link).removeprefix("../")]
-            link.unlink()
-            self._remove_pci_device(vf)
+        """sriov_disable() -> sriov_del_vfs(): VF 0 first, up to the last; no "change" on the PF."""
+        for index in range(pf.numvfs):
+            self._remove_vf(pf, index)
         pf.numvfs = 0
         self._set_attr(pf.spec.address, "sriov_numvfs", "0")
-        self._emit("change", "pci", pf.spec.address)
+
+    def _remove_vf(self, pf: SimDevice, index: int) -> None:
+        """pci_iov_remove_virtfn(): the virtfnN link goes, then the VF (netdev, unbind, remove)."""
+        link = self._device_dir(pf.spec.address) / f"virtfn{index}"
+        vf = self._devices.get(os.readlink(link).removeprefix("../"))
+        link.unlink()
+        if vf is not None:  # not unplugged on its own before
+            self._remove_pci_device(vf)
 
     def _set_attr(self, address: str, attr: str, value: str) -> None:
         (self._device_dir(address) / attr).write_text(value + "\n")
+
+    # ------------------------------------------- Fault: late autoprobe of new VFs
+    # A real kernel's probe of a new VF (pci_bus_add_device(), or the VF driver's module loading
+    # and attaching every matching device) can still be running when a reader sees "no driver":
+    # the driver matched before driver_override was written, so it binds anyway. With
+    # ``faults.probe_after_numvfs[pf]`` armed, the VFs one sriov_numvfs write creates (with
+    # autoprobe on) stay driverless, and each binds its host driver right after the next write
+    # that names it (its driver_override, drivers_probe, ...), whatever that write said.
+    def _probe_late(self, pf: SimDevice, vf: SimDevice) -> bool:
+        key = pf.spec.address
+        if vf.vf_index == 0:
+            self._late_enable = key if self._consume(self.faults.probe_after_numvfs, key) else ""
+        if self._late_enable != key:
+            return False
+        self._late_probes[vf.spec.address] = self._host_driver(vf)
+        return True
+
+    def _run_late_probe(self, path: Path, data: str) -> None:
+        if not self._late_probes:
+            return
+        try:
+            parts = path.resolve().relative_to(self.paths.sys.resolve()).parts
+        except (OSError, ValueError):
+            return
+        target = self._target_of(parts, data)
+        with self._lock:
+            driver = self._late_probes.pop(target, "")
+            device = self._devices.get(target)
+            if driver and device is not None and not device.driver and driver in self._drivers:
+                self._attach_driver(device, driver)
 
     # ------------------------------------------------------------ write boundary
     def load_module(self, name: str) -> None:
@@ -527,7 +589,10 @@ class SimKernel:
     def write(self, path: Path, data: str) -> None:
         """Serve one write(2) to a sysfs attribute, like the kernel would."""
         with self._operation():
-            self._write(path, data)
+            try:
+                self._write(path, data)
+            finally:
+                self._run_late_probe(path, data)
 
     def _write(self, path: Path, data: str) -> None:
         resolved = path.resolve()

@@ -369,6 +369,20 @@ def differences(a: dict, b: dict, a_name: str = "kernel", b_name: str = "sim") -
     return out
 
 
+def run_differences(a: dict, b: dict, a_name: str = "kernel", b_name: str = "sim") -> list[str]:
+    """``differences`` over two whole runs as ``--json`` prints them ({"env", "results"}), plus
+    the env and each check's pass/fail; timings and any other top-level field are ignored."""
+    out = []
+    if a.get("env") != b.get("env"):
+        out.append(f"env: {a_name}={a.get('env')!r} {b_name}={b.get('env')!r}")
+    ra, rb = a.get("results", {}), b.get("results", {})
+    for check_name in sorted(set(ra) | set(rb)):
+        oka, okb = ra.get(check_name, {}).get("ok"), rb.get(check_name, {}).get("ok")
+        if oka != okb:
+            out.append(f"{check_name}: passed: {a_name}={oka!r} {b_name}={okb!r}")
+    return out + differences(ra, rb, a_name, b_name)
+
+
 # ------------------------------------------------------------------------ the real kernel
 NETLINK_KOBJECT_UEVENT = 15
 

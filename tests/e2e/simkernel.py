@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -11,10 +12,24 @@ from nicpassd.paths import HostPaths
 from nicpassd.sim.kernel import SimKernel
 from nicpassd.sim.topology import Topology
 
-from .conformance import Env
+from .conformance import Env, run_all
 
 HERE = Path(__file__).resolve().parent
 GUEST_TOPOLOGY = HERE / "guest-topology.toml"
+# What the e2e guest's real kernel showed for every check of conformance.py (its --json output
+# plus a "source" field saying where it came from); the unit suite holds the simulator to it.
+KERNEL_OBSERVATIONS = HERE / "kernel-observations" / "linux-6.1-igb.json"
+
+
+def load_kernel_observations() -> dict:
+    return json.loads(KERNEL_OBSERVATIONS.read_text())
+
+
+def sim_run(topology: Topology, env: Env, root: Path | None = None) -> dict:
+    """conformance.run_all on a simulator of ``topology``, shaped (and JSON-typed) like the
+    guest's ``conformance.py --json`` output."""
+    results = run_all(SimUnderTest(topology, root), env)
+    return json.loads(json.dumps({"env": env.to_dict(), "results": results}))
 
 
 class SimUnderTest:

@@ -2,8 +2,11 @@
 
 Two simulators are compared with the kernel: one built from ``guest-topology.toml`` (what the unit
 suite's ``test_conformance_sim.py`` runs) and one from the topology that ``nicpassd
---record-topology`` records in the guest. Every difference in observed behaviour is listed in
-the failure message and written to the run folder (conformance-differences.txt).
+--record-topology`` records in the guest. Every difference in observed behaviour fails, is listed
+in the failure message and written to the run folder (conformance-differences-<label>.txt).
+
+The live kernel's observations are saved in the run folder as kernel-observations.json, and must
+equal the committed kernel-observations/ file that the unit suite holds the simulator to.
 """
 
 from __future__ import annotations
@@ -15,23 +18,12 @@ import pytest
 from nicpassd.sim.topology import load_topology
 
 from . import conformance
-from .conftest import CACHE, GUEST_E2E, SESSION_NOTES
-from .simkernel import GUEST_TOPOLOGY, SimUnderTest, guest_env
+from .conftest import CACHE, GUEST_E2E, REPO, SESSION_NOTES
+from .simkernel import GUEST_TOPOLOGY, KERNEL_OBSERVATIONS, load_kernel_observations, sim_run
 
 pytestmark = pytest.mark.e2e
 
-# Differences already reported to the simulator's owner: (check, observation) -> issue note.
-# A difference listed here makes the comparison xfail instead of fail; one that disappears makes
-# it XPASS, which says the list can shrink.
-SIM_UEVENTS = ("simulator uevents differ from the kernel's (reported to the lead): VF 'change' after 'add', "
-               "netdev 'add' before 'bind', no DRIVER on 'unbind', VFs removed in ascending order, no PF 'change' "
-               "on disable, DRIVER on the PF 'change'")
-KNOWN = {
-    ("uevents_vf_creation", "create 2 VFs"): SIM_UEVENTS,
-    ("uevents_vf_creation", "remove 2 VFs"): SIM_UEVENTS,
-    ("uevents_bind", "VF to vfio-pci"): SIM_UEVENTS,
-    ("uevents_bind", "VF back to host driver"): SIM_UEVENTS,
-}
+SAVED = CACHE / "run" / "kernel-observations.json"
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +38,12 @@ def kernel_run(guest):
         recorded = g.run(["nicpassd", "--record-topology", "-"])
     finally:
         g.run("systemctl start nicpassd")
+    release = g.run(["uname", "-r"]).stdout.strip()
+    saved = {"source": f"recorded live by tests/e2e/test_conformance_kernel.py: `python3 conformance.py --json` "
+                       f"in the e2e guest (Linux {release}, igb PF with igbvf VFs, e1000e)", **data}
+    SAVED.parent.mkdir(parents=True, exist_ok=True)
+    SAVED.write_text(json.dumps(saved, indent=1) + "\n")
+    SESSION_NOTES.append(f"kernel observations (Linux {release}) saved in {SAVED}")
     return data, recorded
 
 
@@ -56,31 +54,30 @@ def test_kernel_obeys_the_rules(kernel_run, name):
     assert result["ok"], result["error"]
 
 
-def _compare(kernel_results: dict, topology, label: str, tmp_path_factory) -> list[str]:
-    sim = SimUnderTest(topology, tmp_path_factory.mktemp("sim"))
-    env = conformance.Env(**json.loads(json.dumps(kernel_run_env(kernel_results))))
-    sim_results = conformance.run_all(sim, env)
-    return conformance.differences(kernel_results["results"], sim_results, "kernel", label)
+def test_committed_kernel_observations_are_the_live_kernels(kernel_run):
+    """The file the unit suite holds the simulator to must say what this kernel says."""
+    data, _ = kernel_run
+    diffs = conformance.run_differences(data, load_kernel_observations(), "kernel", "committed")
+    if diffs:
+        pytest.fail(f"{KERNEL_OBSERVATIONS.relative_to(REPO)} differs from the live kernel in {len(diffs)} "
+                    f"observations:\n  " + "\n  ".join(diffs) + f"\nRefresh it from this run's recording "
+                    f"(cp {SAVED} {KERNEL_OBSERVATIONS.relative_to(REPO)}), then make the simulator agree "
+                    f"(tests/e2e/test_conformance_sim.py).")
 
 
-def kernel_run_env(data: dict) -> dict:
-    return data["env"]
-
-
-def _report(diffs: list[str], label: str) -> None:
-    path = CACHE / "run" / f"conformance-differences-{label}.txt"
-    path.write_text("\n".join(diffs) + "\n")
-    SESSION_NOTES.append(f"kernel vs simulator ({label}): {len(diffs)} differences (list in {path})")
+def _compare(kernel_data: dict, topology, label: str, tmp_path_factory) -> list[str]:
+    env = conformance.Env(**kernel_data["env"])
+    sim_data = sim_run(topology, env, tmp_path_factory.mktemp("sim"))
+    return conformance.run_differences(kernel_data, sim_data, "kernel", label)
 
 
 def _check(diffs: list[str], label: str) -> None:
-    _report(diffs, label)
-    unknown = [d for d in diffs if d.split(": ", 2)[:2] and tuple(d.split(": ", 2)[:2]) not in KNOWN]
-    if unknown:
-        pytest.fail(f"the simulator ({label}) differs from the guest kernel in {len(unknown)} observations:\n  "
-                    + "\n  ".join(unknown))
+    path = CACHE / "run" / f"conformance-differences-{label}.txt"
+    path.write_text("".join(d + "\n" for d in diffs))
+    SESSION_NOTES.append(f"kernel vs simulator ({label}): {len(diffs)} differences (list in {path})")
     if diffs:
-        pytest.xfail(f"{len(diffs)} known differences: " + "; ".join(sorted(set(KNOWN.values()))))
+        pytest.fail(f"the simulator ({label}) differs from the guest kernel in {len(diffs)} observations:\n  "
+                    + "\n  ".join(diffs))
 
 
 def test_simulator_agrees_with_kernel(kernel_run, tmp_path_factory):
