@@ -198,14 +198,27 @@ class Engine:
         self.reconciler.poke()
 
     @journaled_step("vf-count")
-    async def _apply_vf_count(self, address: str, count: int, driver: str) -> None:
+    async def _apply_vf_count(self, address: str, count: int, driver: str,
+                              vf_drivers: dict[int, str] | None = None) -> dict[str, str]:
+        """Set the VF count (kernel rules §1, §2, §5). ``vf_drivers`` {VF index: passthrough
+        driver}: single VFs of this PF persisted on vfio-pci/pci-stub while the rest stay on the
+        host driver. Their PF's autoprobe is off while the VFs are created (so no host driver
+        races nicpassd for them), their driver_override is written, the previous autoprobe is
+        put back (verified) and every other new VF gets a drivers_probe for its host driver.
+        Returns {VF address: driver} of those VFs; the caller binds them (verified)."""
         before = self._function(address)
         previous_drivers = [self._function(vf).driver for vf in before.virtfns]
         want_autoprobe = driver != VFIO
+        claims: dict[str, str] = {}
+        wants_claims = bool(vf_drivers) and driver != VFIO and count and before.num_vfs != count
         try:
             if before.num_vfs != count:
                 if driver == VFIO:
                     await self._load_module_once("vfio-pci")
+                if wants_claims:
+                    want_autoprobe = False
+                    for module in sorted(set(vf_drivers.values())):
+                        await self._load_module_once(module)
                 if count and before.autoprobe != want_autoprobe:
                     await self.host.set_autoprobe(address, want_autoprobe)
                 if before.num_vfs:
@@ -213,13 +226,15 @@ class Engine:
                 if count:
                     await self.host.set_num_vfs(address, count)
                     await self._verify_vf_count(address, count)
+            if wants_claims:
+                claims = await self._claim_new_vfs(address, before.autoprobe, vf_drivers)
             if driver == VFIO:
                 await self._bind_many_verified(list(self._function(address).virtfns), VFIO)
             elif count and before.num_vfs != count:
                 # New VFs for the host driver: the early-binding udev rule may have put a persisted
                 # vfio-pci override on them as they appeared (a --runtime change of a persisted PF).
-                claimed = [vf for vf in self._function(address).virtfns
-                           if self._binding_of(vf).driver_override in PASSTHROUGH_DRIVERS]
+                claimed = [vf for vf in self._function(address).virtfns if vf not in claims
+                           and self._binding_of(vf).driver_override in PASSTHROUGH_DRIVERS]
                 if claimed:
                     await self._bind_many_verified(claimed, "")
         except NicpassError as exc:
@@ -227,6 +242,30 @@ class Engine:
             if note:
                 exc.message += f"; {note}"
             raise
+        return claims
+
+    async def _claim_new_vfs(self, address: str, autoprobe: bool, vf_drivers: dict[int, str]) -> dict[str, str]:
+        """VFs just created with autoprobe off: driver_override on the ones persisted for a
+        passthrough driver, autoprobe back to ``autoprobe`` (read back), then drivers_probe for
+        the others so that they get their host driver (a VF with no override cannot probe while
+        autoprobe is off, kernel rules §5). Returns {VF: driver} of the claimed ones."""
+        virtfns = self._function(address).virtfns
+        claims = {virtfns[index]: wanted for index, wanted in sorted(vf_drivers.items()) if 0 <= index < len(virtfns)}
+        overrides = [(vf, Path(f"{self._pci_root}/{vf}/driver_override"), wanted + "\n") for vf, wanted in claims.items()]
+        failed = await self._write_batch(overrides) if overrides else {}
+        for vf, (path, data, error) in failed.items():
+            log.warning("%s: writing %s to driver_override failed: %s", vf, data.strip(), describe_oserror(error))
+        if self._function(address).autoprobe != autoprobe:
+            await self.host.set_autoprobe(address, autoprobe)
+            if self._function(address).autoprobe != autoprobe:
+                raise KernelError(f"sriov_drivers_autoprobe of {self._label(address)} did not go back to "
+                                  f"{int(autoprobe)}", "check the kernel log (journalctl -k)")
+        others = [vf for vf in virtfns if vf not in claims and not self._driver_of(vf)]
+        if others and autoprobe:
+            # Best effort, like the kernel's own autoprobe: the VF driver may still be loading
+            # (udev loads it on the VFs' "add"), and then it attaches them itself.
+            await self._write_batch([(vf, self.host.paths.drivers_probe, vf) for vf in others])
+        return claims
 
     async def _verify_vf_count(self, address: str, count: int) -> None:
         """A successful write does not mean N VFs (kernel rules §2): read back, wait for links."""
@@ -352,11 +391,41 @@ class Engine:
             after = self._function(address)
             if not after.driver:
                 await self.host.probe(address)
-            await self._verify_driver(address, driver)
+            try:
+                await self._verify_driver(address, driver)
+            except KernelError:
+                if not await self._another_driver_appeared(address, before.driver, driver):
+                    raise
+                await self._rebind_once(address, driver, override)
         except NicpassError as exc:
             if restore_on_failure:
                 exc.message += f"; {await self._restore_binding(address, before)}"
             raise
+
+    async def _another_driver_appeared(self, address: str, before: str, driver: str) -> bool:
+        """After a failed verify: is the function on a driver it was not on before and that was
+        not asked for (the kernel's own probe finished meanwhile, e.g. of a VF just created)?
+        Waits for the driver link to settle first."""
+        seen = self._driver_of(address)
+        for _ in range(10):
+            await asyncio.sleep(0.05)
+            now = self._driver_of(address)
+            if now == seen:
+                break
+            seen = now
+        return bool(seen) and seen != before and not self._satisfies(seen, driver)
+
+    async def _rebind_once(self, address: str, driver: str, override: str) -> None:
+        """The bind sequence once more, from the driver that appeared (the override stays)."""
+        current = self._driver_of(address)
+        log.info("%s was bound to %s by the kernel meanwhile; binding it to %s again", address, current,
+                 driver or "its host driver", extra={"device": address, "action": "bind"})
+        await self.host.set_driver_override(address, override)
+        if current and not self._satisfies(current, driver):
+            await self.host.unbind(address, current)
+        if not self._driver_of(address):
+            await self.host.probe(address)
+        await self._verify_driver(address, driver)
 
     async def _bind_many_verified(self, addresses: list[str], driver: str) -> None:
         """``_bind_verified`` for many functions (a PF's VFs): raises the first failure, after
@@ -417,6 +486,13 @@ class Engine:
         while not all_bound() and time.monotonic() < deadline:
             await asyncio.sleep(interval)
             interval = min(interval * 2, 0.1)
+        for address in list(pending):
+            if await self._another_driver_appeared(address, befores[address].driver, driver):
+                try:
+                    await self._rebind_once(address, driver, override)
+                except NicpassError as exc:
+                    errors[address] = exc
+                pending.remove(address)
         wanted = driver or "its host driver"
         for address in pending:
             found = self._driver_of(address) or "no driver"
@@ -528,6 +604,10 @@ class Engine:
         try:
             now = self._function(address)
             await self.host.set_driver_override(address, before.driver_override)
+            if not before.driver and now.driver and now.driver not in PASSTHROUGH_DRIVERS:
+                # "No driver" is no state to go back to over a host driver the kernel bound by
+                # itself (its own probe of a new VF finished meanwhile): leave it there.
+                return f"left on {now.driver}, which the kernel bound meanwhile"
             if now.driver and now.driver != before.driver:
                 await self.host.unbind(address, now.driver)
             if before.driver and not self._function(address).driver:

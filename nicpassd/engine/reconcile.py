@@ -68,6 +68,9 @@ class Step:
     driver: str = ""
     target: str = ""  # follow: the new address
     pf: str = ""  # bind of a VF: its PF (the VFs of one PF are bound in one batch)
+    # vfs: single VFs persisted on a passthrough driver, (VF index, driver): created with the
+    # PF's autoprobe off and bound explicitly (kernel rules §5), never raced by their host driver
+    vf_drivers: tuple[tuple[int, str], ...] = ()
 
     def __str__(self) -> str:
         return f"{self.address}  {self.action:<6} {self.text}"
@@ -147,6 +150,13 @@ def desired_driver(snapshot: HostSnapshot, desires: dict[str, DeviceDesire], add
     return "", ""
 
 
+def _vf_claims(desires: dict[str, DeviceDesire], pf: str, count: int) -> tuple[tuple[int, str], ...]:
+    """(index, driver) of the VF desires of ``pf`` on a passthrough driver among its first ``count``."""
+    return tuple(sorted((desire.identity.vf_index, desire.driver) for desire in desires.values()
+                        if desire.identity.physfn == pf and desire.driver in PASSTHROUGH_DRIVERS
+                        and 0 <= desire.identity.vf_index < count))
+
+
 def make_plan(snapshot: HostSnapshot, desires: dict[str, DeviceDesire], protected: ProtectedSet,
               leased: dict[str, str], holds: Container[str], blocked: dict[str, str]) -> Plan:
     """Pure: what to do to bring the kernel to ``desires``, and what not to do, and why."""
@@ -201,8 +211,11 @@ def make_plan(snapshot: HostSnapshot, desires: dict[str, DeviceDesire], protecte
             refuse(address, "vfs", "Busy", f"cannot {action}: a VF is leased to VM {vm}")
         else:
             where = f" on {desire.vf_driver}" if desire.vf_driver and desire.num_vfs else ""
+            vf_drivers = () if desire.vf_driver in PASSTHROUGH_DRIVERS else _vf_claims(desires, address, desire.num_vfs)
+            if vf_drivers:
+                where += " (" + ", ".join(f"VF {index} on {driver}" for index, driver in vf_drivers) + ")"
             plan.steps.append(Step(address, "vfs", f"{function.num_vfs} → {desire.num_vfs} VFs{where}",
-                                   count=desire.num_vfs, driver=desire.vf_driver))
+                                   count=desire.num_vfs, driver=desire.vf_driver, vf_drivers=vf_drivers))
             recreating.add(address)
 
     for address, function in snapshot.functions.items():
@@ -490,6 +503,7 @@ class Reconciler:
         first = batch[0]
         addresses = [step.address for step in batch]
         results: dict[str, str] = {}
+        extra: list[Outcome] = []
         try:
             for step in batch:  # the guard, asked again just before the write
                 function = engine.snapshot.functions.get(step.address)
@@ -499,8 +513,10 @@ class Reconciler:
                 engine.guard_check(step.address, what)  # no force: persisted desires never override
             if first.action == "vfs":
                 engine._refuse_if_leased([first.address, *engine._present(first.address).virtfns], "change the VFs of")
-                await engine._apply_vf_count(first.address, first.count, first.driver)  # journaled
+                claims = await engine._apply_vf_count(first.address, first.count, first.driver,  # journaled
+                                                      dict(first.vf_drivers))
                 results[first.address] = "ok"
+                extra.extend(await self._bind_claims(claims, failed_now, explicit=explicit))
             else:
                 errors = await engine._bind_batch(addresses, first.driver)  # journaled
                 for address in addresses:
@@ -525,12 +541,51 @@ class Reconciler:
                 log.info("reconciled %s: %s", step.address, step.text, extra={"device": step.address,
                                                                                "action": "reconcile"})
                 self.applied.setdefault(step.address, collections.deque()).append(now)
+            elif engine.host.function(step.address) is None:
+                # unplugged while it was being changed: nothing failed that could be retried
+                log.info("%s went away while being reconciled (%s): %s", step.address, step.text, result,
+                         extra={"device": step.address, "action": "reconcile"})
+                failed_now[step.address] = f"gone: {result}"
+                continue
             else:
                 log.error("reconcile of %s (%s) failed: %s", step.address, step.text, result,
                           extra={"device": step.address, "action": "reconcile"})
                 failed_now[step.address] = f"failed: {result}"
                 if not explicit:
                     self.failed[step.address] = result
+        return outcomes + extra
+
+    async def _bind_claims(self, claims: dict[str, str], failed_now: dict[str, str], *,
+                           explicit: bool) -> list[Outcome]:
+        """The verified binds of the VFs a ``vfs`` step created for a passthrough driver."""
+        engine = self.engine
+        by_driver: dict[str, list[str]] = {}
+        for vf, driver in claims.items():
+            by_driver.setdefault(driver, []).append(vf)
+        outcomes = []
+        for driver, vfs in by_driver.items():
+            try:
+                for vf in vfs:
+                    engine.guard_check(vf, f"bind {vf} to {driver}")
+                errors = await engine._bind_batch(vfs, driver)  # journaled
+            except NicpassError as exc:
+                errors = {vf: exc for vf in vfs}
+            for vf in vfs:
+                error = errors.get(vf)
+                result = "ok" if error is None else f"{error.name}: {error.message}"
+                outcomes.append(Outcome(vf, "bind", result))
+                if error is None:
+                    log.info("reconciled %s: no driver → %s", vf, driver, extra={"device": vf, "action": "reconcile"})
+                    self.applied.setdefault(vf, collections.deque()).append(time.monotonic())
+                elif engine.host.function(vf) is None:
+                    log.info("%s went away while it was bound to %s: %s", vf, driver, result,
+                             extra={"device": vf, "action": "reconcile"})
+                else:
+                    log.error("reconcile of %s (no driver → %s) failed: %s", vf, driver, result,
+                              extra={"device": vf, "action": "reconcile"})
+                    failed_now[vf] = f"failed: {result}"
+                    if not explicit:
+                        self.failed[vf] = result
         return outcomes
 
 
