@@ -108,20 +108,27 @@ def read_function(paths: HostPaths, address: str) -> PciFunction | None:
     except OSError:  # gone (or a dangling link while the kernel removes it)
         return None
     present = set(entries)
-    interfaces: tuple[str, ...] = ()
-    if "net" in present:
+    # The netdevs: <fn>/net/<name>, or for virtio-net <fn>/virtioN/net/<name> (the netdev hangs
+    # off the virtio device on the function, not off the function itself).
+    net_dirs = [f"{base}/net"] if "net" in present else []
+    net_dirs += [f"{base}/{entry}/net" for entry in sorted(entries) if entry.startswith("virtio")]
+    where: dict[str, str] = {}
+    for net_dir in net_dirs:
         try:
-            interfaces = tuple(sorted(os.listdir(f"{base}/net")))
-        except OSError:
-            interfaces = ()
+            names = os.listdir(net_dir)
+        except OSError:  # no netdev there (or gone meanwhile)
+            continue
+        for name in names:
+            where.setdefault(name, net_dir)
+    interfaces: tuple[str, ...] = tuple(sorted(where))
     virtfns = sorted((entry for entry in entries if entry.startswith("virtfn")),
                      key=lambda name: int(name.removeprefix("virtfn")))
     sriov_capable = "sriov_totalvfs" in present
     override = _read_str(f"{base}/driver_override")
     permanent_mac = ""
     for name in interfaces:
-        if _read_str(f"{base}/net/{name}/addr_assign_type") == "0":
-            permanent_mac = _read_str(f"{base}/net/{name}/address")
+        if _read_str(f"{where[name]}/{name}/addr_assign_type") == "0":
+            permanent_mac = _read_str(f"{where[name]}/{name}/address")
             break
     group = _readlink_name(f"{base}/iommu_group") if "iommu_group" in present else ""
 

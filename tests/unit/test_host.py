@@ -224,3 +224,49 @@ async def test_host_load_module_failure_is_kernel_error(ksim):
     host = Host(ksim.paths, ksim.kernel)
     with pytest.raises(KernelError, match="nosuchmodule"):
         await host.load_module("nosuchmodule")
+
+
+def _virtio_net_tree(root, address: str, name: str, mac: str) -> None:
+    """A virtio-net function the way the kernel lays it out: the netdev hangs off the virtio
+    device on the function (<fn>/virtio0/net/<name>), not off the function (<fn>/net)."""
+    fn = root / "sys/devices/pci0000:00/0000:00:02.0" / address
+    (fn / "virtio0/net" / name).mkdir(parents=True)
+    for attr, value in (("vendor", "0x1af4"), ("device", "0x1041"), ("subsystem_vendor", "0x1af4"),
+                        ("subsystem_device", "0x1100"), ("class", "0x020000"), ("driver_override", "(null)")):
+        (fn / attr).write_text(value + "\n")
+    (fn / "virtio0/net" / name / "address").write_text(mac + "\n")
+    (fn / "virtio0/net" / name / "addr_assign_type").write_text("0\n")
+    (fn / "virtio0/net" / name / "device").symlink_to("../../../virtio0")
+    for bus in ("pci", "virtio"):
+        (root / "sys/bus" / bus).mkdir(parents=True, exist_ok=True)
+    (fn / "subsystem").symlink_to(root / "sys/bus/pci")
+    (fn / "virtio0/subsystem").symlink_to(root / "sys/bus/virtio")
+    drivers = root / "sys/bus/pci/drivers/virtio-pci"
+    drivers.mkdir(parents=True)
+    (fn / "driver").symlink_to(drivers)
+    devices = root / "sys/bus/pci/devices"
+    devices.mkdir(parents=True)
+    (devices / address).symlink_to(fn)
+    (root / "sys/class/net").mkdir(parents=True)
+    (root / "sys/class/net" / name).symlink_to(fn / "virtio0/net" / name)
+
+
+def test_virtio_net_function_lists_the_netdev_under_its_virtio_device(tmp_path):
+    from nicpassd.paths import HostPaths
+
+    _virtio_net_tree(tmp_path, "0000:01:00.0", "enp1s0", "52:54:00:00:00:01")
+    function = sysfs.read_function(HostPaths(tmp_path), "0000:01:00.0")
+    assert function is not None and function.driver == "virtio-pci"
+    assert function.interfaces == ("enp1s0",)
+    assert function.permanent_mac == "52:54:00:00:00:01"
+    assert sysfs.read_link(HostPaths(tmp_path), "enp1s0").device == "0000:01:00.0"
+
+
+def test_virtio_function_without_a_netdev_lists_no_interface(tmp_path):
+    from nicpassd.paths import HostPaths
+
+    _virtio_net_tree(tmp_path, "0000:01:00.0", "enp1s0", "52:54:00:00:00:01")
+    fn = tmp_path / "sys/bus/pci/devices/0000:01:00.0"
+    (fn.resolve() / "virtio1").mkdir()  # e.g. a virtio-blk sibling device: no net/ under it
+    function = sysfs.read_function(HostPaths(tmp_path), "0000:01:00.0")
+    assert function.interfaces == ("enp1s0",)
