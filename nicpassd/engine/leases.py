@@ -106,17 +106,19 @@ class LeaseTable:
         lease = Lease(uuid.uuid4().hex, vm_name, vm_uuid, sorted(devices), expires=expires,
                       pidfile=pidfile, changes=dict(changes or {}))
         self.leases[lease.lease_id] = lease
-        self._save()
+        self.save()
         return lease
 
     def update(self, lease: Lease) -> None:
         self.leases[lease.lease_id] = lease
-        self._save()
+        self.save()
 
-    def drop(self, lease_id: str) -> Lease | None:
+    def drop(self, lease_id: str, *, save: bool = True) -> Lease | None:
+        """Forget a lease; ``save=False`` leaves the file to a later ``save`` (or the ``add`` of its
+        replacement), so that replacing or ending a VM's leases is one atomic write."""
         lease = self.leases.pop(lease_id, None)
-        if lease is not None:
-            self._save()
+        if lease is not None and save:
+            self.save()
         return lease
 
     def expired(self, now: float) -> list[Lease]:
@@ -128,7 +130,8 @@ class LeaseTable:
         times = [lease.expires for lease in self.leases.values() if lease.state == RESERVED and lease.expires]
         return min(times, default=0.0)
 
-    def _save(self) -> None:
+    def save(self) -> None:
+        """Write the table (atomically: temp file, fsync, rename, fsync of the directory)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         payload = json.dumps({"version": FORMAT_VERSION, "leases": [asdict(x) for x in self.leases.values()]},
                              indent=2)

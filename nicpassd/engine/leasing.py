@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING
 from nicpassd.engine.engine import PASSTHROUGH_DRIVERS, VFIO
 from nicpassd.engine.journal import journaled
 from nicpassd.engine.leases import ACTIVE, Lease
-from nicpassd.engine.views import label
-from nicpassd.errors import Busy, InvalidArgument, NicpassError, NotFound, Protected
+from nicpassd.engine.views import FULL_ADDRESS, SHORT_ADDRESS, label, resolve_device
+from nicpassd.errors import Busy, InvalidArgument, KernelError, NicpassError, NotFound, Protected
 
 if TYPE_CHECKING:
     from nicpassd.engine.engine import Engine
@@ -89,8 +89,11 @@ class LeaseKeeper:
 
     # ------------------------------------------------------------------ API
     async def prepare(self, vm_name: str, vm_uuid: str, devices: list[str], *, pid: int = 0,
-                      pidfile: str = "", reservation: float = 0.0, skip_unmanaged: bool = False) -> Lease | None:
-        """Lease ``devices`` to the VM, ready for passthrough; None when ``skip_unmanaged`` left none."""
+                      pidfile: str = "", reservation: float = 0.0, skip_unmanaged: bool = False,
+                      group: bool = False) -> Lease | None:
+        """Lease ``devices`` to the VM, ready for passthrough; None when ``skip_unmanaged`` left none.
+        ``group``: take every non-bridge IOMMU group mate of the devices along (``Engine.group_mates``:
+        refused when a mate is protected, force or not) instead of requiring the group viable."""
         engine = self.engine
         vm_uuid = vm_uuid.strip()
         if not vm_uuid:
@@ -108,8 +111,9 @@ class LeaseKeeper:
             raise InvalidArgument(f"reservation must be 1 to {int(MAX_RESERVATION_SECONDS)} seconds")
         vm_name = vm_name or vm_uuid
         async with engine._lock:
-            engine.refresh()
-            addresses = self._resolve(devices, skip_unmanaged)
+            addresses = self._refresh_for(devices, skip_unmanaged)
+            if group:
+                addresses = self._with_group_mates(vm_name, addresses)
             previous = self.table.of_vm(vm_uuid)
             if not addresses:
                 log.info("VM %s: none of %s is managed by nicpassd; nothing to lease", vm_name, ", ".join(devices))
@@ -175,6 +179,59 @@ class LeaseKeeper:
         self.engine.refresh_changed()
 
     # ------------------------------------------------------------- prepare
+    def _refresh_for(self, devices: list[str], skip_unmanaged: bool) -> list[str]:
+        """Bring the inventory up to date for a prepare of ``devices`` and resolve them.
+
+        Not a re-read of every function and interface (``engine.refresh``, ~5 ms on the default
+        host, far more on a big one): what uevents and netlink said changed — the guard is
+        recomputed from that, as for every event — plus a fresh read from the kernel of what this
+        prepare decides on: the named functions and their IOMMU group mates (a VF's PF comes
+        with it). A name that resolves to a function not read yet (an interface renamed
+        meanwhile) is read in a second pass."""
+        engine = self.engine
+        if getattr(engine, "inventory", None) is None:
+            engine.refresh()
+            return self._resolve(devices, skip_unmanaged)
+        read: set[str] = set()
+        wanted = self._related(devices)
+        while True:
+            engine.inventory.mark(wanted - read)
+            read |= wanted
+            engine.refresh_changed()
+            addresses = self._resolve(devices, skip_unmanaged)
+            wanted = self._related(addresses)
+            if wanted <= read:
+                return addresses
+
+    def _related(self, devices: list[str]) -> set[str]:
+        """The functions a prepare of ``devices`` depends on, as far as the snapshot knows them:
+        each device (also an address the snapshot does not know yet) and its IOMMU group."""
+        snapshot = self.engine.snapshot
+        related: set[str] = set()
+        for device in devices:
+            try:
+                address = resolve_device(snapshot, device)
+            except NicpassError:
+                text = device.strip().lower()
+                if FULL_ADDRESS.match(text) or SHORT_ADDRESS.match(text):
+                    related.add(text if len(text) > 7 else f"0000:{text}")
+                continue
+            related.add(address)
+            related.update(snapshot.group_members(address))
+        return related
+
+    def _with_group_mates(self, vm_name: str, addresses: list[str]) -> list[str]:
+        """``addresses`` followed by their IOMMU group mates, once each (option ``group``)."""
+        engine = self.engine
+        result = list(addresses)
+        for address in addresses:
+            action = f"hand {engine._label(address)} to VM {vm_name}"
+            for mate in engine.group_mates(address, action):
+                if mate not in result:
+                    log.info("VM %s: %s comes with the IOMMU group of %s", vm_name, engine._label(mate), address)
+                    result.append(mate)
+        return result
+
     def _resolve(self, devices: list[str], skip_unmanaged: bool) -> list[str]:
         """Addresses in order, without duplicates. With ``skip_unmanaged`` a device nicpassd does
         not manage (no NIC function, nor an IOMMU-group mate of one: a GPU, a disk controller) is
@@ -243,10 +300,12 @@ class LeaseKeeper:
         released with the policy."""
         engine = self.engine
         carried = {address: change for lease in previous for address, change in lease.changes.items()}
-        befores = {address: engine._function(address) for address in addresses}
+        # Driver and driver_override: what the journal and the lease's changes record (cheap reads).
+        befores = {address: engine._binding_of(address) for address in addresses}
         changed = [address for address, before in befores.items()
                    if before.driver != VFIO or before.driver_override != VFIO]
-        async with journaled(engine, "prepare", addresses, target={"driver": VFIO}, vm_uuid=vm_uuid):
+        async with journaled(engine, "prepare", addresses, target={"driver": VFIO}, vm_uuid=vm_uuid,
+                             before=befores):
             errors = await engine._bind_batch(addresses, VFIO)  # failures come back restored
             if errors:
                 for address in changed:
@@ -261,12 +320,13 @@ class LeaseKeeper:
             changes.update({address: carried[address] for address in addresses
                             if address not in changes and address in carried})
             wanted = set(addresses)
+            dropped = [address for lease in previous for address in lease.devices if address not in wanted]
             for lease in previous:
-                self.table.drop(lease.lease_id)
-            for lease in previous:
-                for address in lease.devices:
-                    if address not in wanted:
-                        await self._apply_policy(address, carried.get(address))
+                self.table.drop(lease.lease_id, save=False)
+            if dropped:  # the lease file stops naming them before the policy touches them
+                self.table.save()
+                await self._apply_policies([(address, carried.get(address)) for address in dropped])
+            # Otherwise the replaced leases go in the same atomic write as the new one.
             lease = self.table.add(vm_name, vm_uuid, addresses, expires=expires, changes=changes, pidfile=pidfile)
         return lease, previous
 
@@ -293,10 +353,11 @@ class LeaseKeeper:
     async def _end_all(self, leases: list[Lease]) -> list[Lease]:
         """Drop the leases and apply the release policy to their devices (under the lock)."""
         for lease in leases:
-            self.table.drop(lease.lease_id)
-        for lease in leases:
-            for address in lease.devices:
-                await self._apply_policy(address, lease.changes.get(address))
+            self.table.drop(lease.lease_id, save=False)
+        if leases:
+            self.table.save()  # one write for all of them
+        await self._apply_policies([(address, lease.changes.get(address))
+                                    for lease in leases for address in lease.devices])
         return leases
 
     def policy_for(self, address: str) -> str:
@@ -310,30 +371,47 @@ class LeaseKeeper:
             return "keep"
         return settings.policy
 
-    async def _apply_policy(self, address: str, change: dict[str, str] | None) -> None:
-        """``restore`` gives back exactly what nicpassd changed; nothing when it changed nothing."""
+    async def _apply_policies(self, items: list[tuple[str, dict[str, str] | None]]) -> None:
+        """``restore`` gives back exactly what nicpassd changed; nothing when it changed nothing.
+        The common case — back to a host driver, no driver_override before — goes as one verified
+        batch for all the devices (``Engine._bind_batch``: one journal entry, one thread per
+        phase); anything else is restored device by device."""
         engine = self.engine
-        if self.policy_for(address) != "restore" or not change:
-            return
-        if address in self.table.holder():  # leased again meanwhile (cannot happen under the lock)
-            return
-        now = engine.host.function(address)
-        if now is None:
-            log.info("release of %s: the device is gone, nothing to restore", address)
-            return
-        if now.driver not in PASSTHROUGH_DRIVERS and now.driver_override not in PASSTHROUGH_DRIVERS:
-            return  # someone already gave it back
-        before = _Before(change.get("driver", ""), change.get("driver_override", ""))
-        try:
+        holder = self.table.holder()
+        batch: list[tuple[str, _Before]] = []
+        for address, change in items:
+            if self.policy_for(address) != "restore" or not change:
+                continue
+            if address in holder:  # leased again meanwhile (cannot happen under the lock)
+                continue
+            try:
+                now = engine._binding_of(address)
+            except KernelError:
+                log.info("release of %s: the device is gone, nothing to restore", address)
+                continue
+            if now.driver not in PASSTHROUGH_DRIVERS and now.driver_override not in PASSTHROUGH_DRIVERS:
+                continue  # someone already gave it back
+            before = _Before(change.get("driver", ""), change.get("driver_override", ""))
             if before.driver and before.driver not in PASSTHROUGH_DRIVERS and not before.driver_override:
-                await engine._bind_verified(address, "")  # the common case, verified
-            else:
+                batch.append((address, before))
+                continue
+            try:
                 note = await engine._restore_binding(address, before)
+            except NicpassError as exc:
+                log.error("release of %s: restoring %s failed: %s", address, before.driver or "no driver", exc)
+            else:
                 log.info("release of %s: %s", address, note)
+        if not batch:
+            return
+        try:
+            errors = await engine._bind_batch([address for address, _ in batch], "")  # verified
         except NicpassError as exc:
-            log.error("release of %s: restoring %s failed: %s", address, before.driver or "no driver", exc)
-        else:
-            log.info("release of %s: back on %s", address, before.driver or "no driver")
+            errors = {address: exc for address, _ in batch}
+        for address, before in batch:
+            if address in errors:
+                log.error("release of %s: restoring %s failed: %s", address, before.driver, errors[address])
+            else:
+                log.info("release of %s: back on %s", address, before.driver)
 
     # ------------------------------------------------------ stale leases
     def start(self) -> None:

@@ -16,6 +16,7 @@ from nicpassd.engine.engine import Engine, InventoryDelta
 from nicpassd.engine.views import DeviceView
 from nicpassd.errors import InvalidArgument, NicpassError
 from nicpassd.transport.caller import caller
+from nicpassd.transport.domain import domain_devices
 from nicpassd.transport.polkit import Authorizer
 
 log = logging.getLogger(__name__)
@@ -257,15 +258,38 @@ class ManagerInterface(ServiceInterface):
         """options: ``pid`` u (the VM runs already: activate at once), ``pidfile`` s (where its
         QEMU PID will appear; adopted if the reservation expires while it runs), ``reservation``
         u (seconds until an unused reservation is reclaimed, default 120), ``skip_unmanaged`` b
-        (skip devices nicpassd does not manage instead of NotFound; returns "" when none is left)."""
-        _known_options(options, ("pid", "pidfile", "reservation", "skip_unmanaged"))
+        (skip devices nicpassd does not manage instead of NotFound; returns "" when none is left),
+        ``group`` b (lease the devices' non-bridge IOMMU group mates too, bound to vfio-pci; refused
+        if any of them is protected)."""
+        _known_options(options, ("pid", "pidfile", "reservation", "skip_unmanaged", "group"))
         pid = _option(options, "pid", int, 0)
         pidfile = _option(options, "pidfile", str, "")
         reservation = _option(options, "reservation", int, 0)
         skip_unmanaged = _option(options, "skip_unmanaged", bool, False)
+        group = _option(options, "group", bool, False)
         await self._authorize(ACTION_LEASE)
         lease = await self.engine.prepare(vm_name, vm_uuid, list(devices), pid=pid, pidfile=pidfile,
-                                          reservation=float(reservation), skip_unmanaged=skip_unmanaged)
+                                          reservation=float(reservation), skip_unmanaged=skip_unmanaged,
+                                          group=group)
+        return lease.lease_id if lease is not None else ""
+
+    @method()
+    @dbus_errors
+    async def PrepareDomain(self, domain_xml: "s", pidfile: "s") -> "s":
+        """``Prepare`` for a libvirt domain about to start, from its domain XML as the qemu hook
+        receives it: its ``<name>``, ``<uuid>`` and every PCI device it takes (``<hostdev
+        mode='subsystem' type='pci'>``, managed or not, and ``<interface type='hostdev'>``),
+        skipping the ones nicpassd does not manage (``skip_unmanaged``); ``pidfile`` as for
+        Prepare ("" for none). Returns the lease id, "" when nothing was left to lease. Plain
+        arguments, so that the hook can call it with dbus-send (which cannot send a{sv}) instead
+        of starting Python: the daemon, already running, reads the XML."""
+        await self._authorize(ACTION_LEASE)
+        name, uuid, devices = domain_devices(domain_xml)
+        if not devices:
+            return ""
+        if not uuid:
+            raise InvalidArgument("its domain XML has no <uuid>")
+        lease = await self.engine.prepare(name, uuid, devices, pidfile=pidfile, skip_unmanaged=True)
         return lease.lease_id if lease is not None else ""
 
     @method()

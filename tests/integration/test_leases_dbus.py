@@ -151,3 +151,79 @@ async def test_nicpassctl_leases_and_monitor_show_the_lifecycle(service, client,
         monitor.terminate()
         await monitor.wait()
     assert json.loads((await nicpassctl(service, "--json", "leases")).stdout) == []
+
+
+async def test_prepare_with_group_leases_the_unprotected_group_mates(service, client):
+    """The e1000e (af:00.0) shares IOMMU group 40 with a USB controller (af:00.1, xhci_hcd): alone
+    it is refused (group not viable); with ``group`` both go to the VM; a protected mate refuses."""
+    from nicpassd.engine.config import GuardSettings
+
+    nic, usb, router = "0000:af:00.0", "0000:af:00.1", "0b8e7a8e-3a52-4d43-9e4f-3f6c2a7d9a11"
+
+    def driver(address: str) -> str:
+        return os.path.basename(os.readlink(service.paths.pci_device(address) / "driver"))
+
+    reply = await call(client, "Prepare", "ssasa{sv}", ["router", router, [nic], {}])
+    assert reply.error_name == "org.nicpass.NicPass1.Error.Protected" and "not viable" in reply.body[0]
+    assert (driver(nic), driver(usb)) == ("e1000e", "xhci_hcd")
+
+    (lease_id,) = await ok(client, "Prepare", "ssasa{sv}", ["router", router, ["enp175s0f0"],
+                                                           {"group": Variant("b", True)}])
+    (listed,) = await ok(client, "ListLeases")
+    assert [(item["lease_id"].value, item["devices"].value) for item in listed] == [(lease_id, [nic, usb])]
+    assert (driver(nic), driver(usb)) == ("vfio-pci", "vfio-pci")
+    (explained,) = await ok(client, "Explain", "s", [usb])
+    assert explained["leased_to"].value == router
+    await ok(client, "Release", "sa{sv}", [router, {}])
+    assert service.engine.leases.leases == {}
+    service.engine.leasing.close()
+
+    # A group mate the guard protects is never taken along, and nothing is changed.
+    await ok(client, "Bind", "ssa{sv}", [nic, "", {"persist": Variant("b", False)}])
+    await ok(client, "Bind", "ssa{sv}", [usb, "", {"persist": Variant("b", False)}])
+    service.engine.config = service.engine.config.model_copy(update={"guard": GuardSettings(never_touch=[usb])})
+    service.engine.refresh()
+    reply = await call(client, "Prepare", "ssasa{sv}", ["router", router, [nic], {"group": Variant("b", True)}])
+    assert reply.error_name == "org.nicpass.NicPass1.Error.Protected", reply.body
+    assert f"member {usb}" in reply.body[0] and "never_touch" in reply.body[0]
+    assert (driver(nic), driver(usb)) == ("e1000e", "xhci_hcd") and service.engine.leases.leases == {}
+    reply = await call(client, "Prepare", "ssasa{sv}", ["router", router, [nic], {"group": Variant("s", "yes")}])
+    assert reply.error_name == "org.nicpass.NicPass1.Error.InvalidArgument"
+
+
+async def test_prepare_domain_reads_the_libvirt_xml_in_the_daemon(service, client, vfs, polkit):
+    """PrepareDomain(s domain_xml, s pidfile): what the libvirt hook sends through dbus-send."""
+    def xml(devices: str, head: str = f"<name>web</name><uuid>{VM_A}</uuid>") -> str:
+        return f"<domain type='kvm'>{head}<devices>{devices}</devices></domain>"
+
+    def hostdev(address: str, mode: str = "subsystem", kind: str = "pci") -> str:
+        bus, slot_fn = address.split(":")[1:]
+        slot, fn = slot_fn.split(".")
+        return (f"<hostdev mode='{mode}' type='{kind}' managed='yes'><source><address domain='0x0000' "
+                f"bus='0x{bus}' slot='0x{slot}' function='0x{fn}'/></source></hostdev>")
+
+    domain = xml(hostdev(vfs[0]) + hostdev(vfs[1]) + hostdev("0000:65:00.0"))  # 65:00.0: not nicpassd's
+    (lease_id,) = await ok(client, "PrepareDomain", "ss", [domain, "/run/libvirt/qemu/web.pid"])
+    (lease,) = service.engine.leases.of_vm(VM_A)
+    assert (lease.lease_id, lease.vm_name, lease.devices, lease.pidfile) == (
+        lease_id, "web", vfs[:2], "/run/libvirt/qemu/web.pid")
+    await ok(client, "Release", "sa{sv}", [VM_A, {}])
+
+    assert await ok(client, "PrepareDomain", "ss", [xml(hostdev(vfs[2], kind="usb")), ""]) == [""]
+    for domain, error, text in [
+        (xml(hostdev(vfs[2]), head="<name>x</name>"), "InvalidArgument", "has no <uuid>"),
+        ("<domain><devices><hostdev>", "InvalidArgument", "its domain XML cannot be read"),
+        (xml(hostdev("0000:01:00.0")), "Protected", "protected"),
+        (xml(hostdev(vfs[3])).replace("<domain", "<!DOCTYPE domain><domain"), "InvalidArgument", "DOCTYPE"),
+    ]:
+        reply = await call(client, "PrepareDomain", "ss", [domain, ""])
+        assert reply.error_name == f"org.nicpass.NicPass1.Error.{error}" and text in reply.body[0], reply.body
+    assert service.engine.leases.leases == {}
+
+    # Authorized as Prepare is (polkit's lease action): nobody is refused before the XML is read.
+    from support.unprivileged import busctl_async
+
+    denied = await busctl_async(service.address, "call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE, "PrepareDomain",
+                                "ss", xml(hostdev(vfs[4])), "", nobody=True)
+    assert denied.returncode != 0 and "Access denied" in denied.stderr, denied.stderr
+    assert service.engine.leases.leases == {} and {uid for _, uid, *_ in polkit.checks()} >= {65534}

@@ -161,6 +161,33 @@ async def test_a_multifunction_card_with_a_shared_group_is_viable_when_passed_wh
     assert lease.devices == [NIC, USB] and (sim.driver(NIC), sim.driver(USB)) == ("vfio-pci", "vfio-pci")
 
 
+async def test_group_takes_the_unprotected_group_mates_along(sim):
+    lease = await sim.engine.prepare("router", VM_A, [NIC], group=True)
+    assert lease.devices == [NIC, USB] and (sim.driver(NIC), sim.driver(USB)) == ("vfio-pci", "vfio-pci")
+    await sim.engine.release(VM_A)
+    with pytest.raises(Protected, match="IOMMU group 14: member 0000:01:00.0 .*protected"):  # eno2 -> eno1
+        await sim.engine.prepare("oops", VM_B, ["0000:01:00.1"], group=True)
+    assert sim.driver(ENO1) == "igb" and sim.engine.leases.holder() == {}
+
+
+async def test_prepare_rereads_what_it_decides_on_not_the_whole_host(sim, monkeypatch):
+    """The named devices and their IOMMU group come fresh from the kernel, even with their uevent
+    still in flight; every other function is known from events (no full re-read per Prepare)."""
+    await with_vfs(sim)
+    await sim.engine.prepare("warm", VM_B, [VFS[0]])  # loads vfio-pci (an event that re-reads all)
+    await until(lambda: not sim.engine.inventory.dirty)
+
+    def full():
+        raise AssertionError("Prepare re-read every PCI function")
+
+    monkeypatch.setattr(sim.engine.inventory, "full", full)
+    sim.kernel.write(sim.paths.pci_drivers / "xhci_hcd" / "unbind", USB)  # its uevent is not handled yet
+    assert sim.engine.views[USB].driver == "xhci_hcd"
+    lease = await sim.engine.prepare("router", VM_A, [NIC])  # the group is viable now: USB has no driver
+    assert lease.devices == [NIC] and sim.driver(NIC) == "vfio-pci" and sim.driver(USB) == ""
+    assert sim.engine.views[USB].driver == ""
+
+
 async def test_skip_unmanaged_leaves_out_what_nicpassd_does_not_manage(sim):
     await with_vfs(sim)
     lease = await sim.engine.prepare("web", VM_A, ["0000:65:00.0", VFS[0]], skip_unmanaged=True)  # 65:00.0: a GPU
