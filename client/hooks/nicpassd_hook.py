@@ -11,77 +11,406 @@ Run only by the sh fronts (libvirt-qemu, nicpassd-pve-hook) through the stub
 This is a module (not the script itself) so that Python keeps it compiled in __pycache__: a script
 is compiled on every run, which cost more than everything else the helper does. Standard library
 only, and few modules of it: this runs on every start of every such VM, so it imports nothing that
-costs (no re, json, subprocess, xml.etree, socket): pyexpat parses the XML, busctl talks to
-nicpassd (os.posix_spawnp). Messages go to stderr, one line; stdout stays empty.
+costs (no re, json, struct, subprocess, xml.etree, socket — `import socket` alone costs more than
+the rest of the helper): pyexpat parses the XML, and the helper talks D-Bus itself over an
+AF_UNIX socket (_socket): EXTERNAL authentication, Hello and the method call sent in one write, then
+the reply read — no busctl process, no second interpreter. Messages go to stderr, one line;
+stdout stays empty.
 Exit codes: 0 done (or nothing to do), 1 refused or failed (the VM must not start).
 """
 
-import os
+import posix  # os without the cost of importing os (~1.5 ms under -S: _collections_abc, posixpath)
 import sys
+from time import monotonic as _monotonic
+
+
+def getenv(name):
+    """An environment variable ("" when unset): posix.environ is the environment at start, so a
+    process that imported os (a test importing this module) may have changed it since."""
+    os_module = sys.modules.get("os")
+    if os_module is not None:
+        return os_module.environ.get(name, "")
+    return posix.environ.get(name.encode(), b"").decode(errors="surrogateescape")
+
 
 BUS_NAME = "org.nicpass.NicPass1"
 MANAGER_PATH = "/org/nicpass/NicPass1"
 MANAGER_IFACE = "org.nicpass.NicPass1.Manager"
 PREPARE_TIMEOUT = 120  # seconds: binds are verified, a slow driver probe can take a while
 ACTIVATE_TIMEOUT = 15
-ROOT = os.environ.get("NICPASSD_ROOT", "").rstrip("/")  # tests and the simulator move the root
+ROOT = getenv("NICPASSD_ROOT").rstrip("/")  # tests and the simulator move the root
 PROG = "nicpassd hook"
 
-DAEMON_DOWN = ("was not provided by any .service files", "Failed to connect to bus",
-               "org.freedesktop.DBus.Error.ServiceUnknown", "NameHasNoOwner", "Connection refused",
-               "No such file or directory", "Transport endpoint is not connected")
+ERROR_PREFIX = "org.nicpass.NicPass1.Error."
 
 
 def say(text):
-    os.write(2, (f"{PROG}: {text}\n").encode(errors="replace"))
+    posix.write(2, (f"{PROG}: {text}\n").encode(errors="replace"))
 
 
 def under_root(path):
     return ROOT + path
 
 
-# ------------------------------------------------------------------------- busctl
-def busctl(timeout, member, signature, *args):
-    """Call a Manager method through busctl; returns (ok, one-line error text)."""
-    argv = ["busctl", "--system", "--quiet", "--expect-reply=yes", "--allow-interactive-authorization=no",
-            f"--timeout={timeout}", "call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE, member, signature,
-            *[str(arg) for arg in args]]
-    read_end, write_end = os.pipe()
-    null = os.open(os.devnull, os.O_RDWR)
-    try:
-        pid = os.posix_spawnp("busctl", argv, os.environ, file_actions=[
-            (os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, null, 1), (os.POSIX_SPAWN_DUP2, write_end, 2),
-            (os.POSIX_SPAWN_CLOSE, read_end)])
-    except OSError as exc:
-        os.close(read_end)
-        return False, f"cannot run busctl: {exc.strerror} (install systemd's busctl)"
-    finally:
-        os.close(write_end)
-        os.close(null)
-    chunks = []
-    while True:
-        chunk = os.read(read_end, 65536)
+# -------------------------------------------------------------------------- D-Bus
+# A minimal D-Bus client: one method call on the system bus, no process spawned. The wire format
+# (https://dbus.freedesktop.org/doc/dbus-specification.html): after a line-based SASL handshake,
+# messages are a 12-byte fixed header (endianness, type, flags, version, body length, serial), an
+# array of header fields a(yv), padding to 8, and the body; every value aligned to its size
+# (arrays and strings to 4, structs and dict entries to 8), counted from the message start.
+SYSTEM_BUS = "unix:path=/run/dbus/system_bus_socket"
+METHOD_CALL, METHOD_RETURN, ERROR, SIGNAL = 1, 2, 3, 4  # message types; flags stay 0 (no interactive auth)
+MAX_MESSAGE = 128 << 20  # the specification's limit
+DAEMON_GONE = ("org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.NameHasNoOwner")
+
+_ALIGN = {"y": 1, "b": 4, "n": 2, "q": 2, "i": 4, "u": 4, "x": 8, "t": 8, "d": 8, "h": 4, "s": 4, "o": 4,
+          "g": 1, "v": 1, "a": 4, "(": 8, "{": 8}
+_FIXED = {"y": (1, False), "b": (4, False), "n": (2, True), "q": (2, False), "i": (4, True), "u": (4, False),
+          "x": (8, True), "t": (8, False), "h": (4, False)}
+
+
+class BusError(Exception):
+    """An error reply (``name``: the D-Bus error name), or ``name`` "" when the bus is unusable."""
+
+    def __init__(self, name, message):
+        super().__init__(message)
+        self.name = name
+        self.message = message
+
+
+class BusUnreachable(BusError):
+    """No bus to talk to (no socket, refused, closed before the handshake)."""
+
+    def __init__(self, message):
+        super().__init__("", message)
+
+
+def split_signature(signature):
+    """'ssasa{sv}' -> ['s', 's', 'as', 'a{sv}']: the complete types of a signature."""
+    types, index = [], 0
+    while index < len(signature):
+        end = _type_end(signature, index)
+        types.append(signature[index:end])
+        index = end
+    return types
+
+
+def _type_end(signature, index):
+    code = signature[index] if index < len(signature) else ""
+    if code == "a":
+        return _type_end(signature, index + 1)
+    if code in ("(", "{"):
+        close, depth = {"(": ")", "{": "}"}[code], 0
+        for end in range(index, len(signature)):
+            if signature[end] in "({":
+                depth += 1
+            elif signature[end] in ")}":
+                depth -= 1
+                if depth == 0:
+                    if signature[end] != close:
+                        break
+                    return end + 1
+        raise ValueError(f"unbalanced signature {signature!r}")
+    if code not in _ALIGN or code in ")}":
+        raise ValueError(f"bad signature {signature!r}")
+    return index + 1
+
+
+def _pad(buffer, alignment):
+    buffer += b"\0" * (-len(buffer) % alignment)
+
+
+def marshal(buffer, signature, values):
+    """Append ``values`` (one per complete type of ``signature``) to ``buffer`` (a bytearray whose
+    offset 0 is the message start), little-endian. Python values: int, bool, str, list (a), dict
+    (a{..}), tuple/list (struct), (signature, value) for a variant."""
+    types = split_signature(signature)
+    if len(types) != len(values):
+        raise ValueError(f"signature {signature!r} takes {len(types)} values, got {len(values)}")
+    for kind, value in zip(types, values):
+        _put(buffer, kind, value)
+    return buffer
+
+
+def _put(buffer, kind, value):
+    code = kind[0]
+    _pad(buffer, _ALIGN[code])
+    if code in _FIXED:
+        size, signed = _FIXED[code]
+        buffer += int(value).to_bytes(size, "little", signed=signed)
+    elif code in ("s", "o"):
+        data = value.encode()
+        buffer += len(data).to_bytes(4, "little") + data + b"\0"
+    elif code == "g":
+        data = value.encode()
+        buffer.append(len(data))
+        buffer += data + b"\0"
+    elif code == "d":
+        from _struct import pack
+
+        buffer += pack("<d", value)
+    elif code == "v":
+        signature, inner = value
+        _put(buffer, "g", signature)
+        _put(buffer, signature, inner)
+    elif code == "a":
+        element = kind[1:]
+        at = len(buffer)
+        buffer += b"\0\0\0\0"
+        _pad(buffer, _ALIGN[element[0]])  # padding before the first element is not counted
+        start = len(buffer)
+        for item in (value.items() if element[0] == "{" else value):
+            _put(buffer, element, item)
+        length = len(buffer) - start
+        if length > 1 << 26:
+            raise ValueError("array longer than 64 MiB")
+        buffer[at:at + 4] = length.to_bytes(4, "little")
+    else:  # ( or {
+        members = split_signature(kind[1:-1])
+        if len(members) != len(value):
+            raise ValueError(f"{kind} takes {len(members)} values, got {len(value)}")
+        for member, item in zip(members, value):
+            _put(buffer, member, item)
+
+
+def unmarshal(data, offset, end, signature, order="little"):
+    """The values of ``signature`` in ``data[offset:end]`` (offsets count from the message start)."""
+    values = []
+    for kind in split_signature(signature):
+        value, offset = _get(data, offset, end, kind, order)
+        values.append(value)
+    return values
+
+
+def _get(data, offset, end, kind, order):
+    code = kind[0]
+    offset += -offset % _ALIGN[code]
+    if code in _FIXED:
+        size, signed = _FIXED[code]
+        if offset + size > end:
+            raise ValueError("message truncated")
+        value = int.from_bytes(data[offset:offset + size], order, signed=signed)
+        return (bool(value) if code == "b" else value), offset + size
+    if code in ("s", "o", "g"):
+        if code == "g":
+            length, offset = data[offset], offset + 1
+        else:
+            length, offset = int.from_bytes(data[offset:offset + 4], order), offset + 4
+        if offset + length + 1 > end:
+            raise ValueError("message truncated")
+        return bytes(data[offset:offset + length]).decode(errors="replace"), offset + length + 1
+    if code == "d":
+        from _struct import unpack_from
+
+        return unpack_from("<d" if order == "little" else ">d", data, offset)[0], offset + 8
+    if code == "v":
+        signature, offset = _get(data, offset, end, "g", order)
+        if len(split_signature(signature)) != 1:
+            raise ValueError(f"variant of signature {signature!r}")
+        value, offset = _get(data, offset, end, signature, order)
+        return (signature, value), offset
+    if code == "a":
+        length, offset = int.from_bytes(data[offset:offset + 4], order), offset + 4
+        element = kind[1:]
+        offset += -offset % _ALIGN[element[0]]
+        stop = offset + length
+        if stop > end:
+            raise ValueError("message truncated")
+        items = []
+        while offset < stop:
+            item, offset = _get(data, offset, stop, element, order)
+            items.append(item)
+        return (dict(items) if element[0] == "{" else items), offset
+    values = []  # ( or {
+    for member in split_signature(kind[1:-1]):
+        value, offset = _get(data, offset, end, member, order)
+        values.append(value)
+    return tuple(values), offset
+
+
+def message(serial, kind, fields, signature="", body=()):
+    """A complete message: header fields {code: (signature, value)}, then the body."""
+    buffer = marshal(bytearray(), signature, list(body)) if signature else bytearray()
+    if signature:
+        fields = {**fields, 8: ("g", signature)}
+    header = bytearray(b"l" + bytes((kind, 0, 1)) + len(buffer).to_bytes(4, "little") + serial.to_bytes(4, "little"))
+    _put(header, "a(yv)", sorted(fields.items()))
+    _pad(header, 8)
+    return bytes(header + buffer)
+
+
+def bus_addresses(text):
+    """The unix socket addresses of a D-Bus address list ('unix:path=/x;unix:abstract=y')."""
+    found = []
+    for entry in text.split(";"):
+        transport, _, params = entry.partition(":")
+        values = {}
+        for pair in params.split(","):
+            key, _, value = pair.partition("=")
+            values[key] = _unescape(value)
+        if transport == "unix" and values.get("path"):
+            found.append(values["path"])
+        elif transport == "unix" and values.get("abstract"):
+            found.append("\0" + values["abstract"])
+    return found
+
+
+def _unescape(text):
+    if "%" not in text:
+        return text
+    out, index = bytearray(), 0
+    raw = text.encode()
+    while index < len(raw):
+        digits = raw[index + 1:index + 3].decode(errors="replace").lower()
+        if raw[index] == 0x25 and _hex(digits, 2):  # %XX
+            out.append(int(digits, 16))
+            index += 3
+        else:
+            out.append(raw[index])
+            index += 1
+    return out.decode(errors="replace")
+
+
+class Connection:
+    """One connection to a message bus, authenticated with EXTERNAL (the socket's credentials)."""
+
+    def __init__(self, timeout, address=""):
+        import _socket  # not socket: that module imports enum, selectors... (~14 ms)
+
+        self._socket_module = _socket
+        self.timeout = timeout
+        self.deadline = _monotonic() + timeout
+        self.buffer = bytearray()
+        self.unique_name = ""
+        address = address or getenv("DBUS_SYSTEM_BUS_ADDRESS") or SYSTEM_BUS
+        paths = bus_addresses(address)
+        if not paths:
+            raise BusUnreachable(f"no unix socket in the bus address {address!r}")
+        error = None
+        for path in paths:
+            sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            try:
+                sock.connect(path)
+            except OSError as exc:
+                sock.close()
+                error = exc
+                continue
+            self.sock = sock
+            self.address = path.replace("\0", "@")
+            return
+        raise BusUnreachable(f"cannot connect to the system bus at {address}: "
+                             f"{error.strerror or error}")
+
+    def close(self):
+        self.sock.close()
+
+    def _recv(self, size=65536):
+        try:
+            self.sock.settimeout(max(0.001, self.deadline - _monotonic()))
+            chunk = self.sock.recv(size)
+        except self._socket_module.timeout:
+            raise BusError("org.freedesktop.DBus.Error.Timeout", f"no reply within {self.timeout:g} s") from None
+        except OSError as exc:
+            raise BusUnreachable(f"the connection to the system bus failed: {exc.strerror or exc}") from None
         if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(read_end)
-    _, status = os.waitpid(pid, 0)
-    text = b"".join(chunks).decode(errors="replace").strip()
-    if os.waitstatus_to_exitcode(status) == 0:
-        return True, ""
-    line = text.splitlines()[-1] if text else "busctl failed"
-    line = line.removeprefix("Call failed: ")
-    return False, line
+            raise BusUnreachable("the system bus closed the connection")
+        self.buffer += chunk
+
+    def call(self, destination, path, interface, member, signature="", body=()):
+        """Hello, then the call, sent at once with the handshake; returns the reply's values or
+        raises BusError with the error's name and message."""
+        uid = str(posix.geteuid()).encode().hex().encode()
+        hello = message(1, METHOD_CALL, {1: ("o", "/org/freedesktop/DBus"), 2: ("s", "org.freedesktop.DBus"),
+                                         3: ("s", "Hello"), 6: ("s", "org.freedesktop.DBus")})
+        fields = {1: ("o", path), 3: ("s", member), 6: ("s", destination)}
+        if interface:
+            fields[2] = ("s", interface)
+        request = message(2, METHOD_CALL, fields, signature, body)
+        try:
+            self.sock.sendall(b"\0AUTH EXTERNAL " + uid + b"\r\nBEGIN\r\n" + hello + request)
+        except OSError as exc:
+            raise BusUnreachable(f"cannot talk to the system bus: {exc.strerror or exc}") from None
+        while b"\r\n" not in self.buffer:
+            if len(self.buffer) > 16384:
+                raise BusUnreachable("the system bus answered the handshake with garbage")
+            self._recv()
+        line, _, rest = bytes(self.buffer).partition(b"\r\n")
+        if not line.startswith(b"OK "):
+            raise BusUnreachable(f"the system bus refused the connection ({line.decode(errors='replace')})")
+        self.buffer = bytearray(rest)
+        while True:
+            kind, fields, data, offset, end, order = self._read_message()
+            if fields.get(5) == 1:  # Hello's reply: our unique name
+                if kind == ERROR:
+                    raise BusUnreachable("the system bus refused Hello: "
+                                         + self._error_text(fields, data, offset, end, order))
+                if kind == METHOD_RETURN and fields.get(8) == "s":
+                    self.unique_name = unmarshal(data, offset, end, "s", order)[0]
+                continue
+            if fields.get(5) != 2:  # signals (NameAcquired), anything else: not the call's reply
+                continue
+            if kind == METHOD_RETURN:
+                return unmarshal(data, offset, end, fields.get(8, ""), order)
+            if kind == ERROR:
+                raise BusError(fields.get(4, "org.freedesktop.DBus.Error.Failed"),
+                               self._error_text(fields, data, offset, end, order))
+
+    @staticmethod
+    def _error_text(fields, data, offset, end, order):
+        signature = fields.get(8, "")
+        if signature.startswith("s"):
+            return unmarshal(data, offset, end, "s", order)[0]
+        return fields.get(4, "unknown error")
+
+    def _read_message(self):
+        """(type, {field code: value}, data, body offset, body end, byte order) of the next message."""
+        while len(self.buffer) < 16:
+            self._recv()
+        order = {0x6C: "little", 0x42: "big"}.get(self.buffer[0])
+        if order is None:
+            raise BusUnreachable("the system bus sent a message of unknown byte order")
+        body_length = int.from_bytes(self.buffer[4:8], order)
+        fields_length = int.from_bytes(self.buffer[12:16], order)
+        body_offset = 16 + fields_length + (-(16 + fields_length) % 8)
+        total = body_offset + body_length
+        if total > MAX_MESSAGE:
+            raise BusUnreachable("the system bus sent a message larger than 128 MiB")
+        while len(self.buffer) < total:
+            self._recv(min(max(total - len(self.buffer), 65536), 1 << 22))
+        data = bytes(self.buffer[:total])
+        del self.buffer[:total]
+        raw_fields, _ = _get(data, 12, 16 + fields_length, "a(yv)", order)
+        fields = {code: value for code, (_, value) in raw_fields}
+        return data[1], fields, data, body_offset, total, order
 
 
-def daemon_down(error):
-    return any(marker in error for marker in DAEMON_DOWN)
+def bus_call(timeout, member, signature, *args):
+    """Call a Manager method of nicpassd on the system bus; returns (ok, error text, error name).
+    The error name is "" when the bus itself cannot be reached."""
+    try:
+        connection = Connection(timeout)
+    except BusError as exc:
+        return False, exc.message, exc.name
+    try:
+        connection.call(BUS_NAME, MANAGER_PATH, MANAGER_IFACE, member, signature, args)
+    except BusError as exc:
+        return False, exc.message, exc.name
+    except (ValueError, IndexError) as exc:
+        return False, f"unreadable reply from the system bus ({exc})", "org.freedesktop.DBus.Error.InvalidArgs"
+    finally:
+        connection.close()
+    return True, "", ""
+
+
+def daemon_down(name):
+    """No bus, or nicpassd is not on it."""
+    return name == "" or name in DAEMON_GONE
 
 
 def prepare(vm_name, vm_uuid, devices, pidfile):
-    options = ["pidfile", "s", pidfile, "skip_unmanaged", "b", "true"]
-    return busctl(PREPARE_TIMEOUT, "Prepare", "ssasa{sv}", vm_name, vm_uuid, len(devices), *devices,
-                  len(options) // 3, *options)
+    options = {"pidfile": ("s", pidfile), "skip_unmanaged": ("b", True)}
+    return bus_call(PREPARE_TIMEOUT, "Prepare", "ssasa{sv}", vm_name, vm_uuid, devices, options)
 
 
 def network_class(address):
@@ -104,10 +433,10 @@ def refuse_or_pass_when_down(what, devices, error):
     return 1
 
 
-def finish_prepare(what, devices, ok, error):
+def finish_prepare(what, devices, ok, error, name):
     if ok:
         return 0
-    if daemon_down(error):
+    if daemon_down(name):
         return refuse_or_pass_when_down(what, devices, error)
     say(f"cannot start {what}: {error}")
     return 1
@@ -129,8 +458,13 @@ def domain_devices(xml):
     (managed yes or no) and <interface type='hostdev'>, each by <source><address .../>."""
     import pyexpat
 
-    stack, attributes, texts, devices = [], [], {}, []
+    stack, attributes, texts, devices = [], [], {"name": [], "uuid": []}, []
     parser = pyexpat.ParserCreate()
+
+    def no_doctype(*args):  # as nicpassd's PrepareDomain: libvirt writes none, entities need one
+        raise ValueError("a DOCTYPE is not accepted in a domain XML")
+
+    parser.StartDoctypeDeclHandler = no_doctype
 
     def start(tag, attrs):
         stack.append(tag)
@@ -148,8 +482,8 @@ def domain_devices(xml):
         attributes.pop()
 
     def text(data):
-        if len(stack) == 2 and stack[1] in ("name", "uuid"):
-            texts[stack[1]] = texts.get(stack[1], "") + data
+        if len(stack) == 2 and stack[1] in texts:
+            texts[stack[1]].append(data)
 
     parser.StartElementHandler, parser.EndElementHandler, parser.CharacterDataHandler = start, end, text
     parser.Parse(xml, True)
@@ -157,7 +491,7 @@ def domain_devices(xml):
     for device in devices:
         if device not in unique:
             unique.append(device)
-    return texts.get("name", "").strip(), texts.get("uuid", "").strip(), unique
+    return "".join(texts["name"]).strip(), "".join(texts["uuid"]).strip(), unique
 
 
 def libvirt_prepare(guest):
@@ -173,8 +507,8 @@ def libvirt_prepare(guest):
         say(f"cannot start VM {guest}: its domain XML has no <uuid>")
         return 1
     name = name or guest
-    ok, error = prepare(name, uuid, devices, f"/run/libvirt/qemu/{guest}.pid")
-    return finish_prepare(f"VM {name}", devices, ok, error)
+    ok, error, error_name = prepare(name, uuid, devices, f"/run/libvirt/qemu/{guest}.pid")
+    return finish_prepare(f"VM {name}", devices, ok, error, error_name)
 
 
 # ------------------------------------------------------------------------ Proxmox
@@ -237,7 +571,7 @@ def expand_host_ids(text):
             addresses.append(f"{prefix}.{function}")
             continue
         try:
-            found = sorted(entry for entry in os.listdir(under_root("/sys/bus/pci/devices"))
+            found = sorted(entry for entry in posix.listdir(under_root("/sys/bus/pci/devices"))
                            if entry.startswith(prefix + "."))
         except OSError:
             found = []
@@ -248,7 +582,7 @@ def expand_host_ids(text):
 def mapping_candidates(name):
     """The host ids a resource mapping gives this node, one string per 'map' line (a pool may
     have several): /etc/pve/mapping/pci.cfg, 'NAME' then indented 'map node=..,path=..,id=..'."""
-    node = os.uname().nodename.split(".")[0]
+    node = posix.uname().nodename.split(".")[0]
     candidates, current = [], None
     try:
         with open(under_root("/etc/pve/mapping/pci.cfg"), encoding="utf-8", errors="replace") as handle:
@@ -312,31 +646,32 @@ def pve_pre_start(vmid):
     plans = [chosen]
     for choices in pools:
         plans = [plan + [d for d in choice if d not in plan] for plan in plans for choice in choices]
-    error = ""
+    error, error_name = "", ""
     for plan in plans[:16]:
-        ok, error = prepare(name, uuid, plan, pidfile)
-        if ok or daemon_down(error) or "Busy" not in error and "leased to" not in error and "in use by" not in error:
-            return finish_prepare(what, plan, ok, error)
-    return finish_prepare(what, plans[-1], False, error)
+        ok, error, error_name = prepare(name, uuid, plan, pidfile)
+        if ok or error_name != ERROR_PREFIX + "Busy":
+            return finish_prepare(what, plan, ok, error, error_name)
+    return finish_prepare(what, plans[-1], False, error, error_name)
 
 
 def pve_post_start(vmid):
     entries = read_conf(vmid)
-    options = []
+    options = {}
     try:
         with open(under_root(f"/run/qemu-server/{vmid}.pid")) as handle:
             pid = int(handle.read().split()[0])
-        options = ["pid", "u", pid]
+        if 0 < pid < 1 << 32:
+            options["pid"] = ("u", pid)
     except (OSError, ValueError, IndexError):
         pass
-    ok, error = busctl(ACTIVATE_TIMEOUT, "Activate", "sa{sv}", pve_uuid(vmid, entries), len(options) // 3, *options)
-    if not ok and "holds no lease" not in error:
+    ok, error, error_name = bus_call(ACTIVATE_TIMEOUT, "Activate", "sa{sv}", pve_uuid(vmid, entries), options)
+    if not ok and error_name != ERROR_PREFIX + "NotFound":
         say(f"VM {vmid}: could not tie the lease to the running VM: {error}")
     return 0  # post-start cannot stop the VM anyway
 
 
 def pve_post_stop(vmid):
-    ok, error = busctl(PREPARE_TIMEOUT, "Release", "sa{sv}", pve_uuid(vmid, read_conf(vmid)), 0)
+    ok, error, _ = bus_call(PREPARE_TIMEOUT, "Release", "sa{sv}", pve_uuid(vmid, read_conf(vmid)), {})
     if not ok:
         say(f"VM {vmid}: could not release its devices: {error}")
     return 0  # a warning only; the lease is reclaimed when nicpassd sees the VM gone

@@ -353,6 +353,31 @@ async def test_libvirt_missing_helper_is_a_clear_refusal(service, hooks):
     assert (await hooks.libvirt("plain", "prepare", "begin", PLAIN)) == Ran(0, "", "")  # not needed there
 
 
+async def test_libvirt_prepare_without_dbus_send_is_done_by_the_helper(service, hooks, libvirt_stubs, polkit):
+    """No dbus-send (or a nicpassd without PrepareDomain): the Python helper prepares, the same way."""
+    stub = libvirt_stubs / "dbus-send"
+    stub.write_text("#!/bin/sh\necho 'dbus-send: not found' >&2\nexit 127\n")
+    stub.chmod(0o755)
+    await with_vfs(service)
+    ran = await hooks.libvirt("web", "prepare", "begin", WEB)
+    assert (ran.returncode, ran.stderr) == (0, "")
+    (lease,) = service.engine.leases.of_vm(WEB_UUID)
+    assert (lease.vm_name, lease.devices, lease.pidfile) == ("web", VF[:3], "/run/libvirt/qemu/web.pid")
+    ran = await hooks.libvirt("oops", "prepare", "begin", MGMT)
+    assert ran.returncode == 1 and ran.stderr.count("\n") == 1 and "protected" in ran.stderr
+    assert ran.stderr.startswith("nicpassd hook: cannot start VM oops: ")
+    stub.write_text("#!/bin/sh\necho 'Error org.freedesktop.DBus.Error.UnknownMethod: No such method' >&2\nexit 1\n")
+    assert (await hooks.libvirt("web", "release", "end", WEB)).returncode == 0
+    ran = await hooks.libvirt("web", "prepare", "begin", WEB)  # an older nicpassd: the helper again
+    assert (ran.returncode, ran.stderr) == (0, "") and len(service.engine.leases.of_vm(WEB_UUID)) == 1
+
+
+async def test_libvirt_prepare_of_a_domain_with_usb_devices_only_leases_nothing(service, hooks):
+    usb_only = domain_xml("kbd", "44444444-5555-4666-8777-888888888888", USB_HOSTDEV)
+    ran = await hooks.libvirt("kbd", "prepare", "begin", usb_only)
+    assert (ran.returncode, ran.stderr) == (0, "") and holder(service) == {}
+
+
 # ------------------------------------------------------------------- libvirt, daemon down
 async def test_libvirt_daemon_down_refuses_only_prepare_of_a_domain_with_nics(hooks_daemon_down):
     hooks = hooks_daemon_down
