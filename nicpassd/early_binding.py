@@ -2,9 +2,10 @@
 
 nicpassd applies persisted bindings once it runs, but at boot and on hotplug the host driver of a
 NIC would grab the function first (and its netdev would appear and be configured). udev runs the
-helper ``nicpassd-udev-override %k`` on every PCI ``add`` (packaging/udev/90-nicpassd.rules); it
-writes the override (and loads vfio-pci) for the functions nicpassd listed in
-``/var/lib/nicpassd/early-binding.json``, so they land on vfio-pci without ever binding the host
+helper ``nicpassd-udev-override %k`` on the PCI ``add`` of a function with a marker in
+``/var/lib/nicpassd/early-binding.d/`` (packaging/udev/90-nicpassd.rules); it writes the override
+(and loads vfio-pci) for the functions nicpassd listed in ``/var/lib/nicpassd/early-binding.json``,
+so they land on vfio-pci without ever binding the host
 driver — driverctl's model, per device, never ``new_id`` (kernel rules §7, §15).
 
 The list is written by the daemon (``write_list``) from its desired state after every reconcile:
@@ -13,8 +14,8 @@ So a desire that became dangerous is not applied early either. The helper checks
 again (vendor, device, subsystem ids, PCIe serial when the list has one) and does nothing for a
 device that does not match, or that is not listed.
 
-Standard library only, imports nothing else of nicpassd: udev runs it for every PCI device, early
-at boot (python3 -I starts in ~20 ms; importing the daemon's stack would take 300 ms).
+Standard library only, imports nothing else of nicpassd (but the crash-safe file writer): udev
+runs it early at boot (python3 -I starts in ~20 ms; importing the daemon's stack would take 300 ms).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from typing import Protocol
 from nicpassd.atomicfile import atomic_write
 
 LIST_FILE = "var/lib/nicpassd/early-binding.json"
+MARKER_DIR = "var/lib/nicpassd/early-binding.d"  # the udev rule's TEST (see _sync_markers)
+VF_MARKER = "vfs"
 VERSION = 1
 DRIVER_MODULES = {"vfio-pci": "vfio_pci", "pci-stub": "pci_stub"}
 
@@ -74,17 +77,33 @@ def identity_entry(driver: str, vendor: str, device: str, subsystem_vendor: str 
 
 
 def write_list(root: Path, devices: dict[str, dict[str, str]], vf_drivers: dict[str, dict[str, str]]) -> bool:
-    """Atomically replace the list; returns False when it already said exactly this."""
+    """Atomically replace the list and bring the markers in line; returns False when the list
+    already said exactly this."""
     path = root / LIST_FILE
     payload = json.dumps({"version": VERSION, "devices": devices, "vf_drivers": vf_drivers},
                          indent=2, sort_keys=True).encode()
     try:
-        if path.read_bytes() == payload:
-            return False
+        changed = path.read_bytes() != payload
     except OSError:
-        pass
-    atomic_write(path, payload, mode=0o644, prefix=".early-binding-")
-    return True
+        changed = True
+    if changed:
+        atomic_write(path, payload, mode=0o644, prefix=".early-binding-")
+    _sync_markers(root / MARKER_DIR, set(devices) | ({VF_MARKER} if vf_drivers else set()))
+    return changed
+
+
+def _sync_markers(directory: Path, wanted: set[str]) -> None:
+    """One empty file per listed function (and ``vfs`` when VFs of some PF are listed): the
+    rule's TEST, so that udev starts the helper for these devices only. At coldplug udev would
+    otherwise start a Python process for every PCI function of the host at once (seen in the e2e
+    guest: 25 of them, ~13 s each under TCG, the listed one done long after nicpassd started).
+    The list stays the helper's only authority: a marker without an entry does nothing."""
+    directory.mkdir(parents=True, exist_ok=True)
+    present = {entry.name for entry in directory.iterdir() if not entry.name.startswith(".")}
+    for name in sorted(present - wanted):
+        (directory / name).unlink(missing_ok=True)
+    for name in sorted(wanted - present):
+        (directory / name).touch(mode=0o644)
 
 
 def read_list(root: Path) -> dict:
@@ -166,25 +185,59 @@ def apply(root: Path, name: str, kernel: Kernel) -> str:
     """Set the override of ``name`` if listed; returns the driver set ("" = nothing done)."""
     driver, why = override_for(root, name, read_list(root))
     if not driver:
+        if why != "not listed":
+            _journal(root, f"{name}: persisted for passthrough but left alone: {why}")
         return ""
     device_dir = root / "sys/bus/pci/devices" / name
     kernel.load_module(driver)
     kernel.write(device_dir / "driver_override", driver + "\n")
-    try:
-        current = os.path.basename(os.readlink(device_dir / "driver"))
-    except OSError:
-        current = ""
+    done = [f"driver_override {driver} ({why})"]
+    current = _driver_of(device_dir)
     if current and current != driver:  # udev lost the race with an already-loaded host driver
-        kernel.write(root / "sys/bus/pci/drivers" / current / "unbind", name)
-    if current != driver:
+        try:
+            kernel.write(root / "sys/bus/pci/drivers" / current / "unbind", name)
+            done.append(f"unbound from {current}")
+        except OSError:
+            if _driver_of(device_dir) == current:
+                raise
+            # unbound meanwhile by someone else: nicpassd, if it started during coldplug
+    if not _driver_of(device_dir):
         kernel.write(root / "sys/bus/pci/drivers_probe", name)
+        done.append("probed")
+    _journal(root, f"{name}: {', '.join(done)}; now on {_driver_of(device_dir) or 'no driver'}")
     return driver
 
 
+def _journal(root: Path, message: str) -> None:
+    """What the helper did, in the system log (udev keeps a program's stderr only at debug
+    level): the admin's answer to "who put my NIC on vfio-pci at boot?". Not for a test root."""
+    if root != Path("/"):
+        return
+    import syslog
+
+    syslog.openlog("nicpassd-udev-override", 0, syslog.LOG_DAEMON)
+    syslog.syslog(syslog.LOG_INFO, message)
+
+
+def _driver_of(device_dir: Path) -> str:
+    try:
+        return os.path.basename(os.readlink(device_dir / "driver"))
+    except OSError:
+        return ""
+
+
+def rule_matches(root: Path, name: str) -> bool:
+    """packaging/udev/90-nicpassd.rules' TESTs: would udev start the helper for ``name``?"""
+    markers = root / MARKER_DIR
+    return (markers / name).exists() or (
+        (root / "sys/bus/pci/devices" / name / "physfn").exists() and (markers / VF_MARKER).exists())
+
+
 def udev_rule(kernel, address: str) -> None:
-    """The helper as a rule of the simulated kernel (``SimKernel(rules=[udev_rule])``): run on
-    "add", before the probe, writing through the simulated kernel's write boundary."""
-    apply(kernel.paths.root, address, kernel)
+    """The rule and its helper as a rule of the simulated kernel (``SimKernel(rules=[udev_rule])``):
+    run on "add", before the probe, writing through the simulated kernel's write boundary."""
+    if rule_matches(kernel.paths.root, address):
+        apply(kernel.paths.root, address, kernel)
 
 
 def main(argv: list[str] | None = None, kernel: Kernel | None = None) -> int:

@@ -60,6 +60,16 @@ class HostPaths:
     def dev_vfio(self) -> Path:
         return self.under("/dev/vfio")
 
+    # udev's runtime state: its control socket (udevd runs) and its database (a device it has
+    # finished processing has a file there)
+    @property
+    def udev_control(self) -> Path:
+        return self.under("/run/udev/control")
+
+    @property
+    def udev_data(self) -> Path:
+        return self.under("/run/udev/data")
+
     # our own state
     @property
     def config_file(self) -> Path:

@@ -54,6 +54,8 @@ PASSTHROUGH_DRIVERS = ("vfio-pci", "pci-stub")
 MAX_PASSES = 4
 FIGHT_LIMIT = 5
 FIGHT_WINDOW = 60.0
+# How long an automatic run leaves a device to udev's rules before applying its desire anyway
+UDEV_WAIT = 60.0
 RELEVANT = {"pci": ("add", "remove", "bind", "unbind", "change", "move"), "net": ("add", "remove", "move"),
             "": ("overflow",)}  # uevents were lost: anything may have happened
 
@@ -310,6 +312,9 @@ class Reconciler:
         self._wanted = False
         self._task: asyncio.Task | None = None
         self._logged: dict[str, str] = {}
+        self._udev_waiting: dict[str, float] = {}  # address -> when a run first found it unprocessed
+        self._udev_timer: asyncio.TimerHandle | None = None
+        self._udev_gave_up: set[str] = set()
 
     # ------------------------------------------------------------------ triggers
     def note(self, event: UEvent) -> None:
@@ -369,9 +374,34 @@ class Reconciler:
                 if len(stamps) >= FIGHT_LIMIT:
                     blocked[address] = (f"re-applied {len(stamps)} times in {FIGHT_WINDOW:g} s: something else keeps "
                                         "changing it; run `nicpassctl reconcile` to apply it again")
+            blocked.update(self._waiting_for_udev())
         blocked.update(also_blocked or {})
         return make_plan(engine.snapshot, engine.store.state.devices, engine.protected, engine.leases.holder(),
                          engine.holds.holds, blocked)
+
+    def _waiting_for_udev(self) -> dict[str, str]:
+        """Persisted devices udev is still processing (coldplug at boot, hotplug): an automatic
+        run leaves them to its rules first — the early-binding helper moves a persisted device
+        itself, and two writers racing on one device's driver help nobody — and applies their
+        desire when udev announces them processed ("add"), or after UDEV_WAIT seconds."""
+        engine = self.engine
+        present = [address for address in engine.store.state.devices if address in engine.snapshot.functions]
+        pending = engine.host.udev_pending(present)
+        now = time.monotonic()
+        self._udev_waiting = {address: self._udev_waiting.get(address, now) for address in pending}
+        self._udev_gave_up &= pending
+        waiting: dict[str, str] = {}
+        for address, since in self._udev_waiting.items():
+            if now - since < UDEV_WAIT:
+                waiting[address] = "waiting for udev to finish processing it (its rules, early binding among them, run first)"
+            elif address not in self._udev_gave_up:
+                self._udev_gave_up.add(address)
+                log.warning("udev has not processed %s after %.0f s; applying its persisted state anyway", address,
+                            now - since, extra={"device": address, "action": "reconcile"})
+        if waiting and (self._udev_timer is None or self._udev_timer.when() <= asyncio.get_running_loop().time()):
+            delay = UDEV_WAIT - (now - min(self._udev_waiting[address] for address in waiting)) + 0.1
+            self._udev_timer = asyncio.get_running_loop().call_later(delay, self.poke)
+        return waiting
 
     async def run(self, *, explicit: bool = True) -> list[Outcome]:
         """One reconcile run under the mutation lock; returns what was done and not done."""

@@ -22,6 +22,17 @@ class Host:
     def function(self, address: str) -> PciFunction | None:
         return sysfs.read_function(self.paths, address)
 
+    def udev_pending(self, addresses) -> set[str]:
+        """The PCI functions among ``addresses`` that udev has not finished processing yet (its
+        "add" still queued or running: no database entry), when udevd runs at all. Their rules
+        (the early-binding helper, module loading, naming) come first; NetworkManager waits for
+        udev's initialization the same way. Without udevd (containers, the simulator) nothing
+        is pending."""
+        if not self.paths.udev_control.exists():
+            return set()
+        data = self.paths.udev_data
+        return {address for address in addresses if not (data / f"+pci:{address}").exists()}
+
     # writes (kernel rules §7-8: driver_override, unbind, drivers_probe)
     async def set_driver_override(self, address: str, driver: str) -> None:
         # "\n" clears: a 0-byte write may be ignored (kernel rules §8).

@@ -42,19 +42,7 @@ def pytest_configure(config):
 # Scenarios that fail because of a nicpassd bug already reported to its owner. They run and are
 # reported as xfail (XPASS once fixed: then delete the entry). NICPASSD_E2E_STRICT=1 makes them
 # plain failures.
-KNOWN_BUGS = {
-    "test_inventory.py::test_virtio_nic_interfaces_listed":
-        "nicpassd/host/sysfs.py read_function(): Interfaces (and the permanent MAC) of a virtio-net "
-        "function are read from <function>/net only; its netdev is under <function>/virtioN/net",
-    "test_persistence.py::test_early_binding_moved_the_device_before_the_daemon_started":
-        "nicpassd/early_binding.py SysfsKernel.load_module() runs `modprobe` by bare name; udev starts "
-        "its programs without PATH, Python falls back to /bin:/usr/bin and modprobe is in /usr/sbin: "
-        "at coldplug (vfio-pci not loaded yet) the helper exits 1 with ENOENT and does nothing",
-    # intermittent (1 run in 4): the boot reconcile binds a VF while the kernel is still probing it
-    "test_persistence.py::test_persisted_vf_binding_restored_after_reboot":
-        "boot reconcile races the kernel's own probe of the VFs it just created: it reads 'no driver', "
-        "writes the override, igbvf binds anyway, verify fails, and the restore unbinds igbvf to get back "
-        "to 'no driver'; the VF stays driverless and is not retried automatically",
+KNOWN_BUGS: dict[str, str] = {
 }
 
 
@@ -150,7 +138,7 @@ def guest():
         if out.returncode != 0:
             journal = vm.run("journalctl -u nicpassd --no-pager | tail -40").stdout
             pytest.fail(f"installing nicpassd in the guest failed:\n{out.stdout}\n{out.stderr}\n{journal}")
-        SESSION_NOTES.append(f"install (pip --no-index + unit/policy files + systemctl start): "
+        SESSION_NOTES.append(f"install (packaging/install --wheels, offline, + systemctl start): "
                              f"{time.monotonic() - t1:.1f}s; setup total {time.monotonic() - t0:.1f}s")
         yield vm
     finally:
