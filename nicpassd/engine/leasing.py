@@ -189,9 +189,6 @@ class LeaseKeeper:
         with it). A name that resolves to a function not read yet (an interface renamed
         meanwhile) is read in a second pass."""
         engine = self.engine
-        if getattr(engine, "inventory", None) is None:
-            engine.refresh()
-            return self._resolve(devices, skip_unmanaged)
         read: set[str] = set()
         wanted = self._related(devices)
         while True:

@@ -562,28 +562,27 @@ class Reconciler:
                 if function is not None:
                     touched.update(function.virtfns)
             engine.inventory.mark(touched)
-        now = time.monotonic()
-        outcomes = []
-        for step in batch:
-            result = results[step.address]
-            outcomes.append(Outcome(step.address, step.action, result))
-            if result == "ok":
-                log.info("reconciled %s: %s", step.address, step.text, extra={"device": step.address,
-                                                                               "action": "reconcile"})
-                self.applied.setdefault(step.address, collections.deque()).append(now)
-            elif engine.host.function(step.address) is None:
-                # unplugged while it was being changed: nothing failed that could be retried
-                log.info("%s went away while being reconciled (%s): %s", step.address, step.text, result,
-                         extra={"device": step.address, "action": "reconcile"})
-                failed_now[step.address] = f"gone: {result}"
-                continue
-            else:
-                log.error("reconcile of %s (%s) failed: %s", step.address, step.text, result,
-                          extra={"device": step.address, "action": "reconcile"})
-                failed_now[step.address] = f"failed: {result}"
-                if not explicit:
-                    self.failed[step.address] = result
+        outcomes = [self._record(step.address, step.action, step.text, results[step.address], failed_now,
+                                 explicit=explicit) for step in batch]
         return outcomes + extra
+
+    def _record(self, address: str, action: str, text: str, result: str, failed_now: dict[str, str], *,
+                explicit: bool) -> Outcome:
+        """Log one applied step and remember how it went (fight detection, automatic retries)."""
+        extra = {"device": address, "action": "reconcile"}
+        if result == "ok":
+            log.info("reconciled %s: %s", address, text, extra=extra)
+            self.applied.setdefault(address, collections.deque()).append(time.monotonic())
+        elif self.engine.host.function(address) is None:
+            # unplugged while it was being changed: nothing failed that could be retried
+            log.info("%s went away while being reconciled (%s): %s", address, text, result, extra=extra)
+            failed_now[address] = f"gone: {result}"
+        else:
+            log.error("reconcile of %s (%s) failed: %s", address, text, result, extra=extra)
+            failed_now[address] = f"failed: {result}"
+            if not explicit:
+                self.failed[address] = result
+        return Outcome(address, action, result)
 
     async def _bind_claims(self, claims: dict[str, str], failed_now: dict[str, str], *,
                            explicit: bool) -> list[Outcome]:
@@ -603,19 +602,8 @@ class Reconciler:
             for vf in vfs:
                 error = errors.get(vf)
                 result = "ok" if error is None else f"{error.name}: {error.message}"
-                outcomes.append(Outcome(vf, "bind", result))
-                if error is None:
-                    log.info("reconciled %s: no driver → %s", vf, driver, extra={"device": vf, "action": "reconcile"})
-                    self.applied.setdefault(vf, collections.deque()).append(time.monotonic())
-                elif engine.host.function(vf) is None:
-                    log.info("%s went away while it was bound to %s: %s", vf, driver, result,
-                             extra={"device": vf, "action": "reconcile"})
-                else:
-                    log.error("reconcile of %s (no driver → %s) failed: %s", vf, driver, result,
-                              extra={"device": vf, "action": "reconcile"})
-                    failed_now[vf] = f"failed: {result}"
-                    if not explicit:
-                        self.failed[vf] = result
+                outcomes.append(self._record(vf, "bind", f"no driver → {driver}", result, failed_now,
+                                             explicit=explicit))
         return outcomes
 
 
