@@ -443,62 +443,13 @@ def finish_prepare(what, devices, ok, error, name):
 
 
 # ------------------------------------------------------------------------ libvirt
-def parse_number(text):
-    text = (text or "0").strip().lower()
-    return int(text, 16) if text.startswith("0x") else int(text, 10)
-
-
-def pci_address(attrs):
-    return "%04x:%02x:%02x.%x" % (parse_number(attrs.get("domain")), parse_number(attrs.get("bus")),
-                                  parse_number(attrs.get("slot")), parse_number(attrs.get("function")))
-
-
-def domain_devices(xml):
-    """(name, uuid, [PCI addresses]) of a libvirt domain XML: <hostdev mode='subsystem' type='pci'>
-    (managed yes or no) and <interface type='hostdev'>, each by <source><address .../>."""
-    import pyexpat
-
-    stack, attributes, texts, devices = [], [], {"name": [], "uuid": []}, []
-    parser = pyexpat.ParserCreate()
-
-    def no_doctype(*args):  # as nicpassd's PrepareDomain: libvirt writes none, entities need one
-        raise ValueError("a DOCTYPE is not accepted in a domain XML")
-
-    parser.StartDoctypeDeclHandler = no_doctype
-
-    def start(tag, attrs):
-        stack.append(tag)
-        attributes.append(attrs)
-        depth = len(stack)
-        if depth == 5 and stack[1] == "devices" and stack[3] == "source" and tag == "address":
-            parent, kind = stack[2], attributes[2]
-            if (parent == "hostdev" and kind.get("mode", "subsystem") == "subsystem" and kind.get("type") == "pci") \
-                    or (parent == "interface" and kind.get("type") == "hostdev"):
-                if attrs.get("type", "pci") == "pci":
-                    devices.append(pci_address(attrs))
-
-    def end(tag):
-        stack.pop()
-        attributes.pop()
-
-    def text(data):
-        if len(stack) == 2 and stack[1] in texts:
-            texts[stack[1]].append(data)
-
-    parser.StartElementHandler, parser.EndElementHandler, parser.CharacterDataHandler = start, end, text
-    parser.Parse(xml, True)
-    unique = []
-    for device in devices:
-        if device not in unique:
-            unique.append(device)
-    return "".join(texts["name"]).strip(), "".join(texts["uuid"]).strip(), unique
-
-
 def libvirt_prepare(guest):
+    from nicpassd_domain_xml import domain_devices  # the daemon's own reading (nicpassd/domain_xml.py)
+
     xml = sys.stdin.buffer.read()
     try:
         name, uuid, devices = domain_devices(xml)
-    except Exception as exc:  # pyexpat.ExpatError, a bad number in an address
+    except ValueError as exc:  # unreadable XML, a DOCTYPE, a bad number in an address
         say(f"cannot start VM {guest}: its domain XML cannot be read ({exc})")
         return 1
     if not devices:

@@ -1,6 +1,6 @@
-"""The PCI devices of a libvirt domain XML, read twice: by the daemon (PrepareDomain,
-nicpassd/transport/domain.py) and by the hook helper (client/hooks/nicpassd_hook.py, which cannot
-import the daemon). Both must read every domain the same way."""
+"""The PCI devices of a libvirt domain XML, as the daemon (PrepareDomain, nicpassd/transport/domain.py)
+and the hook helper (client/hooks/nicpassd_hook.py, which cannot import the daemon's package) read
+them: both through nicpassd/domain_xml.py, the helper by the link beside it."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from nicpassd.errors import InvalidArgument
 from nicpassd.transport.domain import domain_devices
 
 sys.path.insert(0, str(REPO / "client" / "hooks"))
-import nicpassd_hook as hook  # noqa: E402
+import nicpassd_domain_xml as helper_reading  # noqa: E402  (what the helper imports)
+import nicpassd_hook as hook  # noqa: E402, F401  (its directory is the helper's sys.path[0])
 
 UUID = "c7a5fdbd-edaf-9455-926a-d65c16db1809"
 
@@ -62,9 +63,14 @@ BROKEN = {
 }
 
 
+def test_the_helper_reads_with_the_daemons_own_code():
+    link = REPO / "client" / "hooks" / "nicpassd_domain_xml.py"
+    assert link.is_symlink() and link.resolve() == (REPO / "nicpassd" / "domain_xml.py").resolve()
+
+
 @pytest.mark.parametrize("xml", CASES.values(), ids=CASES.keys())
 def test_the_daemon_and_the_helper_read_a_domain_alike(xml):
-    assert domain_devices(xml) == hook.domain_devices(xml.encode())
+    assert domain_devices(xml) == helper_reading.domain_devices(xml.encode())
 
 
 def test_what_is_read():
@@ -80,8 +86,8 @@ def test_what_is_read():
 def test_an_unreadable_domain_is_refused_by_both(xml):
     with pytest.raises(InvalidArgument, match="its domain XML cannot be read"):
         domain_devices(xml)
-    with pytest.raises(Exception):  # noqa: B017 - the helper reports any of them the same way
-        hook.domain_devices(xml.encode())
+    with pytest.raises(ValueError):  # the helper reports it: "its domain XML cannot be read (...)"
+        helper_reading.domain_devices(xml.encode())
 
 
 def test_a_doctype_is_refused_so_no_entity_is_ever_expanded():
@@ -90,5 +96,5 @@ def test_a_doctype_is_refused_so_no_entity_is_ever_expanded():
     with pytest.raises(InvalidArgument, match="a DOCTYPE is not accepted"):
         domain_devices(bomb)
     with pytest.raises(ValueError, match="a DOCTYPE is not accepted"):
-        hook.domain_devices(bomb.encode())
+        helper_reading.domain_devices(bomb.encode())
     assert domain_devices("<domain><name>a &lt; b</name></domain>")[0] == "a < b"  # the predefined ones

@@ -21,6 +21,7 @@ EXPECTED = {
     "etc/libvirt/hooks/qemu.d/50-nicpassd": REPO / "client/hooks/libvirt-qemu",
     "usr/lib/nicpassd/nicpassd-hook-helper": REPO / "client/hooks/nicpassd-hook-helper",
     "usr/lib/nicpassd/nicpassd_hook.py": REPO / "client/hooks/nicpassd_hook.py",
+    "usr/lib/nicpassd/nicpassd_domain_xml.py": REPO / "nicpassd/domain_xml.py",  # a copy, not the repo's link
     "usr/lib/nicpassd/nicpassd-pve-hook": REPO / "client/hooks/nicpassd-pve-hook",
     "etc/nicpassd/nicpassd.toml": REPO / "packaging/nicpassd.toml",
 }
@@ -78,6 +79,12 @@ def test_installer_lays_out_every_file_and_uninstalls_them(tmp_path, wheels):
     assert found.returncode == 0 and "/usr/lib/nicpassd/venv/lib/" in found.stdout, found.stderr
     assert "include-system-site-packages = true" in (root / "usr/lib/nicpassd/venv/pyvenv.cfg").read_text()
     assert list((root / "usr/lib/nicpassd/__pycache__").glob("nicpassd_hook.*.pyc"))
+    assert not (root / "usr/lib/nicpassd/nicpassd_domain_xml.py").is_symlink()
+    # the installed helper finds the domain reading beside it (a domain without PCI devices: exit 0)
+    ran = subprocess.run([SYSTEM_PYTHON, "-S", "-I", root / "usr/lib/nicpassd/nicpassd-hook-helper", "libvirt-prepare",
+                          "g"], input=b"<domain><name>g</name><devices><disk/></devices></domain>",
+                         capture_output=True, timeout=30)
+    assert (ran.returncode, ran.stdout, ran.stderr) == (0, b"", b"")
 
     # idempotent, and an admin's config is never overwritten
     manifest = (root / "usr/lib/nicpassd/installed-files").read_text()

@@ -1,0 +1,1 @@
+../../nicpassd/domain_xml.py
