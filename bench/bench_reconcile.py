@@ -39,11 +39,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from nicpassd.early_binding import udev_rule
+from nicpassd.host.early_binding import udev_rule
 from nicpassd.engine.config import Config, DaemonSettings
 from nicpassd.engine.engine import Engine
 from nicpassd.engine.leases import LeaseTable
-from nicpassd.engine.reconcile import recover
+from nicpassd.engine.recovery import recover
 from nicpassd.engine.store import DeviceDesire, Identity, StateStore
 from nicpassd.host.events import on_loop
 from nicpassd.host.host import Host
@@ -149,7 +149,7 @@ async def daemon(args) -> dict[str, float]:
         started = time.perf_counter()
         # What nicpassd.daemon._apply_desired_state does at start:
         engine.refresh()
-        await recover(engine)
+        await recover(engine.view, engine.ops)
         engine.reconciler.auto = True
         outcomes = await engine.reconciler.run(explicit=False)
         converged = time.perf_counter()

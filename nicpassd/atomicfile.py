@@ -1,6 +1,6 @@
 """Crash-safe file replacement, shared by the daemon's state files and the stdlib-only udev helper.
 
-Standard library only: nicpassd/early_binding.py runs from udev and must not pay for the daemon's
+Standard library only: nicpassd/host/early_binding.py runs from udev and must not pay for the daemon's
 imports.
 """
 
@@ -46,3 +46,11 @@ def remove_stale_temps(directory: Path, prefix: str) -> None:
         if name.startswith(prefix):
             log.info("removing %s left by an interrupted write", directory / name)
             (directory / name).unlink(missing_ok=True)
+
+
+async def atomic_write_async(path: Path, payload: bytes, *, mode: int = 0o600, prefix: str | None = None) -> None:
+    """``atomic_write`` in a worker thread: two fsyncs are milliseconds on a busy disk, which the
+    event loop (D-Bus, uevents, the watchdog) must not wait out."""
+    import asyncio
+
+    await asyncio.to_thread(atomic_write, path, payload, mode=mode, prefix=prefix)

@@ -130,7 +130,14 @@ async def serve(args, paths: HostPaths, config) -> int:
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(engine, paths))
+    reloads: set[asyncio.Task] = set()
+
+    def reload() -> None:
+        task = loop.create_task(_reload(engine, paths, args.log_level))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     functions = len(engine.views)
     log.info("nicpassd %s ready: %d PCI functions, %d protected", __version__, functions, len(engine.protected.entries))
     notifier.ready(f"managing {functions} PCI functions")
@@ -160,7 +167,7 @@ def _simulated_kernel(args, paths: HostPaths, topology):
     emptied), or with --keep-kernel a kernel_server process that outlives the daemon (a daemon
     start is a boot only when that process had to be started). Either runs the early-binding
     udev helper on "add", as a host with packaging/udev installed does."""
-    from nicpassd.early_binding import udev_rule
+    from nicpassd.host.early_binding import udev_rule
     from nicpassd.sim import kernel_server
     from nicpassd.sim.kernel import SimKernel
 
@@ -181,28 +188,34 @@ def _simulated_kernel(args, paths: HostPaths, topology):
 async def _apply_desired_state(engine: Engine) -> None:
     """At start: roll back what a crash interrupted (undo journal), then the boot reconcile; from
     then on the engine reconciles on uevents and after API calls."""
-    from nicpassd.engine.reconcile import recover
+    from nicpassd.engine.recovery import recover
+    from nicpassd.engine.results import Action, Result
 
     engine.refresh()  # after subscribing to events: nothing that happens from here is missed
-    for line in await recover(engine):
+    for line in await recover(engine.view, engine.ops):
         log.warning("undo journal: %s", line)
     engine.reconciler.auto = True
     outcomes = await engine.reconciler.run(explicit=False)
     await engine.reconciler.idle()  # the follow-up run its uevents queued: inventory and views current
-    failed = [o for o in outcomes if o.action in ("vfs", "bind") and o.result != "ok"]
-    applied = [o for o in outcomes if o.action in ("vfs", "bind", "follow") and o.result.startswith("ok")]
+    failed = [o for o in outcomes if o.action in (Action.VFS, Action.BIND) and o.result is Result.FAILED]
+    applied = [o for o in outcomes if o.action is not Action.CHECK and o.succeeded]
     if applied or failed:
         log.info("boot reconcile: %d step(s) applied, %d failed", len(applied), len(failed))
 
 
-def _reload(engine: Engine, paths: HostPaths) -> None:
+async def _reload(engine: Engine, paths: HostPaths, log_level_argument: str | None) -> None:
+    """SIGHUP: read the configuration again and apply every setting that can change at run
+    time (guard, release policy, timeouts, the log level unless --log-level fixed it), under
+    the mutation lock. A bad file changes nothing."""
     try:
-        engine.config = load_config(paths.config_file)
+        config = load_config(paths.config_file)
     except ConfigError as exc:
         log.error("reload failed, keeping the previous configuration: %s", exc)
         return
+    if log_level_argument is None:
+        logging.getLogger().setLevel(config.daemon.log_level.upper())
+    await engine.reconfigure(config)
     log.info("configuration reloaded")
-    engine.refresh()
 
 
 if __name__ == "__main__":

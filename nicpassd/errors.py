@@ -17,6 +17,16 @@ class NicpassError(Exception):
         self.message = message
         self.remedy = remedy
 
+    def with_note(self, note: str) -> "NicpassError":
+        """A new error of the same type with ``; note`` added (raised ones are never mutated)."""
+        return type(self)(f"{self.message}; {note}", self.remedy) if note else self
+
+    def extended(self, suffix: str) -> "NicpassError":
+        return type(self)(self.message + suffix, self.remedy)
+
+    def copy(self) -> "NicpassError":
+        return type(self)(self.message, self.remedy)
+
     def __str__(self) -> str:
         if self.remedy:
             return f"{self.message}; {self.remedy}"

@@ -1,39 +1,36 @@
 """The undo journal in /run/nicpassd/journal.json: what a multi-step change was about to do.
 
-Before the first kernel write of a multi-step change — a VF count change (``_apply_vf_count``:
-autoprobe, 0, N, VF binds), a bind (``_bind_verified``: driver_override, unbind, drivers_probe), a
-batch of VF binds, a prepare of several devices — the engine journals its intent and the state to
-restore (``begin``); the entry is dropped once the kernel shows the change complete, or once the
-previous state was restored after a failure (``end``). So each device is, at every instant, either
+Before the first kernel write of a multi-step change — a VF count change (autoprobe, 0, N, VF
+binds), a bind (driver_override, unbind, drivers_probe), a batch of VF binds, a prepare of several
+devices — the operations layer (``Operations.journaled``) records its intent and the state to
+restore (``record``); the entry is dropped once the kernel shows the change complete, or once the
+previous state was restored after a failure (``finish``). So each device is, at every instant, either
 inside a journaled change or in a consistent state.
 
 An entry still there when the daemon starts was interrupted by a crash:
-``nicpassd.engine.reconcile.recover`` rolls its devices back to the journaled state (a prepare
+``nicpassd.engine.recovery.recover`` rolls its devices back to the journaled state (a prepare
 whose lease was written is finished instead), before the boot reconcile runs — which then brings
 persisted devices to their desired state. A crash therefore leaves every device in its pre-change
 state or its desired state, never half-way. /run is a tmpfs: after a reboot there is nothing to undo.
 
-Every write is atomic (temp file, fsync, rename, fsync the directory).
+Every write is atomic (temp file, fsync, rename, fsync the directory), in a worker thread when
+the daemon runs (``record``/``finish``); ``begin``/``end`` write in the caller's thread (tests,
+tools).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import json
 import logging
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable
+from typing import Any
 
-from nicpassd.engine.store import atomic_write, remove_stale_temps
+from nicpassd.atomicfile import atomic_write, atomic_write_async, remove_stale_temps
 from nicpassd.host.model import PciFunction
-
-if TYPE_CHECKING:
-    from nicpassd.engine.engine import Engine
 
 log = logging.getLogger(__name__)
 JOURNAL_FILE = "journal.json"
@@ -133,60 +130,27 @@ class Journal:
         if entry.id in self.entries:
             self._save({key: value for key, value in self.entries.items() if key != entry.id})
 
-    def _save(self, entries: dict[str, Entry]) -> None:
-        payload = {"version": VERSION, "entries": [entry.to_json() for entry in entries.values()]}
-        atomic_write(self.path, json.dumps(payload, indent=1).encode())
+    async def record(self, kind: str, devices: dict[str, DeviceBefore], *, target: dict[str, Any] | None = None,
+                     vm_uuid: str = "") -> Entry:
+        """``begin``, written by a worker thread; on disk when it returns."""
+        entry = Entry(uuid.uuid4().hex, kind, devices, dict(target or {}), vm_uuid)
+        entries = {**self.entries, entry.id: entry}
+        await atomic_write_async(self.path, self._payload(entries))
         self.entries = entries
+        return entry
 
+    async def finish(self, entry: Entry) -> None:
+        """``end``, written by a worker thread."""
+        if entry.id in self.entries:
+            entries = {key: value for key, value in self.entries.items() if key != entry.id}
+            await atomic_write_async(self.path, self._payload(entries))
+            self.entries = entries
 
-# ------------------------------------------------------------------------ engine helpers
-def before_of(engine: "Engine", addresses: Iterable[str]) -> dict[str, DeviceBefore]:
-    """The pre-change state of ``addresses`` as the kernel shows it (a PF's VF drivers by index)."""
-    result = {}
-    for address in addresses:
-        function = engine.host.function(address)
-        if function is None:
-            continue
-        drivers, overrides = [], []
-        for vf in function.virtfns:
-            vf_function = engine.host.function(vf)
-            drivers.append(vf_function.driver if vf_function is not None else "")
-            overrides.append(vf_function.driver_override if vf_function is not None else "")
-        result[address] = DeviceBefore(function, drivers, overrides)
-    return result
+    @staticmethod
+    def _payload(entries: dict[str, Entry]) -> bytes:
+        return json.dumps({"version": VERSION, "entries": [entry.to_json() for entry in entries.values()]},
+                          indent=1).encode()
 
-
-@contextlib.asynccontextmanager
-async def journaled(engine: "Engine", kind: str, addresses: Iterable[str], *, target: dict[str, Any] | None = None,
-                    vm_uuid: str = "", before: dict[str, PciFunction] | None = None) -> AsyncIterator[Entry | None]:
-    """Journal a change of ``addresses`` around the block. Nested changes (the VF binds of a VF
-    count change, the restores after a failure) are covered by the outermost entry. ``before``:
-    functions without VFs the caller has just read (saves reading them again)."""
-    journal: Journal | None = getattr(engine, "journal", None)
-    if journal is None or getattr(engine, "journal_depth", 0):
-        yield None
-        return
-    if before is not None and not any(function.virtfns for function in before.values()):
-        devices = {address: DeviceBefore(function) for address, function in before.items()}
-    else:
-        devices = before_of(engine, addresses)
-    entry = journal.begin(kind, devices, target=target, vm_uuid=vm_uuid)
-    engine.journal_depth = 1
-    try:
-        yield entry
-    finally:
-        engine.journal_depth = 0
-        journal.end(entry)  # not reached on SIGKILL: that is the point
-
-
-def journaled_step(kind: str) -> Callable:
-    """Decorator for an engine method ``(self, address, target, ...)`` changing one device."""
-    def decorate(method: Callable) -> Callable:
-        @functools.wraps(method)
-        async def wrapper(engine, address: str, wanted, *args, **kwargs):
-            key = "num_vfs" if kind == "vf-count" else "driver"
-            target = {key: wanted, **({"vf_driver": args[0]} if kind == "vf-count" and args else {})}
-            async with journaled(engine, kind, [address], target=target):
-                return await method(engine, address, wanted, *args, **kwargs)
-        return wrapper
-    return decorate
+    def _save(self, entries: dict[str, Entry]) -> None:
+        atomic_write(self.path, self._payload(entries))
+        self.entries = entries

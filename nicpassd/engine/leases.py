@@ -21,7 +21,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from nicpassd.atomicfile import atomic_write
+from nicpassd.atomicfile import atomic_write, atomic_write_async
 
 log = logging.getLogger(__name__)
 LEASE_FILE = "leases.json"
@@ -98,7 +98,7 @@ class LeaseTable:
         return [lease for lease in self.leases.values() if lease.vm_uuid == vm_uuid]
 
     def add(self, vm_name: str, vm_uuid: str, devices: list[str], *, expires: float,
-            changes: dict[str, dict[str, str]] | None = None, pidfile: str = "") -> Lease:
+            changes: dict[str, dict[str, str]] | None = None, pidfile: str = "", save: bool = True) -> Lease:
         holder = self.holder()
         taken = [device for device in devices if device in holder]
         if taken:  # the engine checks first; this is the last line against a double lease
@@ -106,12 +106,14 @@ class LeaseTable:
         lease = Lease(uuid.uuid4().hex, vm_name, vm_uuid, sorted(devices), expires=expires,
                       pidfile=pidfile, changes=dict(changes or {}))
         self.leases[lease.lease_id] = lease
-        self.save()
+        if save:
+            self.save()
         return lease
 
-    def update(self, lease: Lease) -> None:
+    def update(self, lease: Lease, *, save: bool = True) -> None:
         self.leases[lease.lease_id] = lease
-        self.save()
+        if save:
+            self.save()
 
     def drop(self, lease_id: str, *, save: bool = True) -> Lease | None:
         """Forget a lease; ``save=False`` leaves the file to a later ``save`` (or the ``add`` of its
@@ -132,7 +134,13 @@ class LeaseTable:
 
     def save(self) -> None:
         """Write the table (atomically: temp file, fsync, rename, fsync of the directory)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        payload = json.dumps({"version": FORMAT_VERSION, "leases": [asdict(x) for x in self.leases.values()]},
-                             indent=2)
-        atomic_write(self.path, payload.encode(), prefix=".leases-")
+        atomic_write(self.path, self._payload(), prefix=".leases-")
+
+    async def save_async(self) -> None:
+        """``save`` in a worker thread (the daemon's way; the table in memory is already changed:
+        under the mutation lock nothing reads the file meanwhile)."""
+        await atomic_write_async(self.path, self._payload(), prefix=".leases-")
+
+    def _payload(self) -> bytes:
+        return json.dumps({"version": FORMAT_VERSION, "leases": [asdict(x) for x in self.leases.values()]},
+                          indent=2).encode()

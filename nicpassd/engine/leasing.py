@@ -13,8 +13,10 @@ release policy. Stale leases are reclaimed without polling:
 Leases live in /run/nicpassd/leases.json; ``start()`` re-arms timers and pidfds after a daemon
 restart (a PID is trusted only when its process start time still matches).
 
-Every mutation runs under the engine's one mutation lock, so concurrent prepares are serialized
-and a device can never be leased twice.
+Every mutation runs under the one mutation lock (``Operations.lock``), so concurrent prepares are
+serialized and a device can never be leased twice; devices change only through the operations
+layer, and QEMU processes are seen only through the host layer (``Host.open_pidfd``,
+``Host.process_start_time``).
 """
 
 from __future__ import annotations
@@ -24,22 +26,21 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Callable
 
-from nicpassd.engine.engine import PASSTHROUGH_DRIVERS, VFIO
-from nicpassd.engine.journal import journaled
-from nicpassd.engine.leases import ACTIVE, Lease
+from nicpassd.engine.config import Config
+from nicpassd.engine.hostview import HostView
+from nicpassd.engine.leases import ACTIVE, Lease, LeaseTable
+from nicpassd.engine.operations import Operations
 from nicpassd.engine.views import FULL_ADDRESS, SHORT_ADDRESS, label, resolve_device
 from nicpassd.errors import Busy, InvalidArgument, KernelError, NicpassError, NotFound, Protected
-
-if TYPE_CHECKING:
-    from nicpassd.engine.engine import Engine
+from nicpassd.host.kernelio import PASSTHROUGH_DRIVERS, VFIO
+from nicpassd.host.procfs import valid_pid as _valid_pid
 
 log = logging.getLogger(__name__)
 
 RESERVATION_SECONDS = 120.0
 MAX_RESERVATION_SECONDS = 3600.0
-PROC = "/proc"  # PIDs are the real host's, also under a simulated root
 
 # LeaseChanged states
 STATE_RELEASED = "released"  # Release() by the hook or an admin
@@ -49,33 +50,20 @@ STATE_VM_GONE = "vm-gone"  # the QEMU process exited without a Release
 
 @dataclass(frozen=True)
 class _Before:
-    """What a device was on before nicpassd changed it (the shape Engine._restore_binding reads)."""
+    """What a device was on before nicpassd changed it (the shape Operations.restore_binding reads)."""
 
     driver: str
     driver_override: str
 
 
-def process_start_time(pid: int) -> int:
-    """Field 22 of /proc/PID/stat (clock ticks since boot); 0 when the process is gone."""
-    try:
-        with open(f"{PROC}/{pid}/stat", "rb") as handle:
-            data = handle.read()
-    except OSError:
-        return 0
-    fields = data.rsplit(b")", 1)[-1].split()
-    try:
-        return int(fields[19])  # fields[0] is field 3 (state)
-    except (IndexError, ValueError):
-        return 0
-
-
-def _valid_pid(pid: int) -> bool:
-    return 1 < pid < 2**22 + 1
-
-
 class LeaseKeeper:
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, view: HostView, ops: Operations, config: Callable[[], Config]) -> None:
+        self.view = view
+        self.ops = ops
+        self.host = view.host
+        self.table: LeaseTable = view.leases
+        self._config = config  # the current configuration (a reload replaces it)
+        self.listeners: list[Callable[[Lease, str], None]] = []
         self.reservation_seconds = RESERVATION_SECONDS
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -83,18 +71,17 @@ class LeaseKeeper:
         self._watches: dict[str, tuple[int, int]] = {}  # lease_id -> (pidfd, pid)
         self._tasks: set[asyncio.Task] = set()
 
-    @property
-    def table(self):
-        return self.engine.leases
+    def _announce(self, lease: Lease, state: str) -> None:
+        for listener in list(self.listeners):
+            listener(lease, state)
 
     # ------------------------------------------------------------------ API
     async def prepare(self, vm_name: str, vm_uuid: str, devices: list[str], *, pid: int = 0,
                       pidfile: str = "", reservation: float = 0.0, skip_unmanaged: bool = False,
                       group: bool = False) -> Lease | None:
         """Lease ``devices`` to the VM, ready for passthrough; None when ``skip_unmanaged`` left none.
-        ``group``: take every non-bridge IOMMU group mate of the devices along (``Engine.group_mates``:
+        ``group``: take every non-bridge IOMMU group mate of the devices along (``HostView.group_mates``:
         refused when a mate is protected, force or not) instead of requiring the group viable."""
-        engine = self.engine
         vm_uuid = vm_uuid.strip()
         if not vm_uuid:
             raise InvalidArgument("a VM uuid is required")
@@ -102,7 +89,7 @@ class LeaseKeeper:
             raise InvalidArgument("no devices given to prepare")
         if pid and not _valid_pid(pid):
             raise InvalidArgument(f"pid {pid} is not a process id")
-        if pid and not process_start_time(pid):
+        if pid and not self.host.process_start_time(pid):
             raise InvalidArgument(f"process {pid} is not running", "pass the PID of the VM's QEMU process")
         if pidfile and (not pidfile.startswith("/") or "/../" in f"{pidfile}/" or not pidfile.endswith(".pid")):
             raise InvalidArgument(f"pidfile {pidfile!r} must be an absolute path to a .pid file",
@@ -110,7 +97,7 @@ class LeaseKeeper:
         if reservation < 0 or reservation > MAX_RESERVATION_SECONDS:
             raise InvalidArgument(f"reservation must be 1 to {int(MAX_RESERVATION_SECONDS)} seconds")
         vm_name = vm_name or vm_uuid
-        async with engine._lock:
+        async with self.ops.lock:
             addresses = self._refresh_for(devices, skip_unmanaged)
             if group:
                 addresses = self._with_group_mates(vm_name, addresses)
@@ -125,76 +112,73 @@ class LeaseKeeper:
                     vm_name, vm_uuid, addresses, previous, pidfile=pidfile,
                     expires=time.time() + (reservation or self.reservation_seconds))
                 if pid:
-                    self._tie(lease, pid)
+                    await self._tie(lease, pid)
             self._settle(addresses, *(old.devices for old in released))
         for old in released:
-            engine._announce_lease(old, STATE_RELEASED)
+            self._announce(old, STATE_RELEASED)
         if lease is not None:
             log.info("VM %s (%s): leased %s (%s)", vm_name, vm_uuid, ", ".join(lease.devices), lease.state)
-            engine._announce_lease(lease, lease.state)
+            self._announce(lease, lease.state)
         self.arm()
         return lease
 
-    async def activate(self, vm_uuid: str, *, pid: int = 0) -> Lease:
+    async def activate(self, vm_uuid: str, *, pid: int = 0, missing_ok: bool = False) -> Lease | None:
         """Tie the VM's reservation to the running VM: its QEMU process when ``pid`` (or the
-        pidfile given at prepare) names one, else its uuid alone. Ends the reservation timer."""
+        pidfile given at prepare) names one, else its uuid alone. Ends the reservation timer.
+        A VM without a lease is ``NotFound``, or None with ``missing_ok``."""
         if pid and not _valid_pid(pid):
             raise InvalidArgument(f"pid {pid} is not a process id")
-        async with self.engine._lock:
+        async with self.ops.lock:
             leases = self.table.of_vm(vm_uuid)
+            if not leases and missing_ok:
+                return None
             if not leases:
                 raise NotFound(f"VM {vm_uuid} holds no lease", "prepare its devices first (the hook does at start)")
             lease = leases[0]
             if not pid and lease.pidfile:
-                pid = self._read_pidfile(lease)
-            if pid and not process_start_time(pid):
+                pid = self.host.read_pidfile(lease.pidfile)
+            if pid and not self.host.process_start_time(pid):
                 raise InvalidArgument(f"process {pid} is not running", "pass the PID of the VM's QEMU process")
-            self._tie(lease, pid)
+            await self._tie(lease, pid)
         log.info("VM %s (%s): lease active%s", lease.vm_name, vm_uuid, f", QEMU pid {pid}" if pid else "")
-        self.engine._announce_lease(lease, lease.state)
+        self._announce(lease, lease.state)
         self.arm()
         return lease
 
     async def release(self, vm_uuid: str) -> list[Lease]:
         """End every lease of the VM and apply the release policy. Idempotent."""
-        async with self.engine._lock:
+        async with self.ops.lock:
             released = await self._end_all(self.table.of_vm(vm_uuid))
             if released:
                 self._settle(*(lease.devices for lease in released))
         for lease in released:
             log.info("VM %s (%s): released %s", lease.vm_name, vm_uuid, ", ".join(lease.devices))
-            self.engine._announce_lease(lease, STATE_RELEASED)
+            self._announce(lease, STATE_RELEASED)
         self.arm()
         return released
 
     def _settle(self, *device_lists) -> None:
         """Publish the outcome: re-read the devices this changed (and whatever uevents named) and
         update the views — not a full re-read of every function (the operation began with one)."""
-        touched = {address for devices in device_lists for address in devices}
-        inventory = getattr(self.engine, "inventory", None)
-        if inventory is None:
-            self.engine.refresh()
-            return
-        inventory.mark(touched)
-        self.engine.refresh_changed()
+        self.view.mark({address for devices in device_lists for address in devices})
+        self.view.refresh_changed()
 
     # ------------------------------------------------------------- prepare
     def _refresh_for(self, devices: list[str], skip_unmanaged: bool) -> list[str]:
         """Bring the inventory up to date for a prepare of ``devices`` and resolve them.
 
-        Not a re-read of every function and interface (``engine.refresh``, ~5 ms on the default
+        Not a re-read of every function and interface (``HostView.refresh``, ~5 ms on the default
         host, far more on a big one): what uevents and netlink said changed — the guard is
         recomputed from that, as for every event — plus a fresh read from the kernel of what this
         prepare decides on: the named functions and their IOMMU group mates (a VF's PF comes
         with it). A name that resolves to a function not read yet (an interface renamed
         meanwhile) is read in a second pass."""
-        engine = self.engine
         read: set[str] = set()
         wanted = self._related(devices)
         while True:
-            engine.inventory.mark(wanted - read)
+            self.view.mark(wanted - read)
             read |= wanted
-            engine.refresh_changed()
+            self.view.refresh_changed()
             addresses = self._resolve(devices, skip_unmanaged)
             wanted = self._related(addresses)
             if wanted <= read:
@@ -203,7 +187,7 @@ class LeaseKeeper:
     def _related(self, devices: list[str]) -> set[str]:
         """The functions a prepare of ``devices`` depends on, as far as the snapshot knows them:
         each device (also an address the snapshot does not know yet) and its IOMMU group."""
-        snapshot = self.engine.snapshot
+        snapshot = self.view.snapshot
         related: set[str] = set()
         for device in devices:
             try:
@@ -219,13 +203,13 @@ class LeaseKeeper:
 
     def _with_group_mates(self, vm_name: str, addresses: list[str]) -> list[str]:
         """``addresses`` followed by their IOMMU group mates, once each (option ``group``)."""
-        engine = self.engine
+        view = self.view
         result = list(addresses)
         for address in addresses:
-            action = f"hand {engine._label(address)} to VM {vm_name}"
-            for mate in engine.group_mates(address, action):
+            action = f"hand {view.label(address)} to VM {vm_name}"
+            for mate in view.group_mates(address, action):
                 if mate not in result:
-                    log.info("VM %s: %s comes with the IOMMU group of %s", vm_name, engine._label(mate), address)
+                    log.info("VM %s: %s comes with the IOMMU group of %s", vm_name, view.label(mate), address)
                     result.append(mate)
         return result
 
@@ -236,7 +220,7 @@ class LeaseKeeper:
         addresses: list[str] = []
         for device in devices:
             try:
-                address = self.engine.resolve(device)
+                address = self.view.resolve(device)
             except NotFound:
                 if not skip_unmanaged:
                     raise
@@ -247,24 +231,24 @@ class LeaseKeeper:
         return addresses
 
     def _check_leasable(self, vm_name: str, vm_uuid: str, addresses: list[str]) -> None:
-        engine = self.engine
+        view = self.view
         for address in addresses:  # the guard never yields to a lease: no force here
-            engine.guard_check(address, f"hand {engine._label(address)} to VM {vm_name}", caller=f"VM {vm_name}")
-        engine._refuse_if_leased(addresses, "lease", allow_vm=vm_uuid)
+            view.guard_check(address, f"hand {view.label(address)} to VM {vm_name}")
+        view.refuse_if_leased(addresses, "lease", allow_vm=vm_uuid)
         for address in addresses:
-            function = engine._present(address)
+            function = view.present(address)
             if function.num_vfs:
                 # Rule 9: a PF is never unbound while it has VFs (let alone leased ones).
-                engine._refuse_if_leased(list(function.virtfns), "hand the PF of", allow_vm=vm_uuid)
+                view.refuse_if_leased(list(function.virtfns), "hand the PF of", allow_vm=vm_uuid)
                 raise InvalidArgument(
-                    f"{engine._label(address)} has {function.num_vfs} VFs; passing the PF through would orphan them",
+                    f"{view.label(address)} has {function.num_vfs} VFs; passing the PF through would orphan them",
                     f"pass a VF instead, or remove the VFs first with `nicpassctl vfs {address} 0`")
             self._require_viable_group(address, set(addresses), vm_uuid)
 
     def _require_viable_group(self, address: str, leasing: set[str], vm_uuid: str) -> None:
         """Rule 10: every other non-bridge member is on vfio-pci/pci-stub or driverless; and an
         IOMMU group belongs to one VM at a time (VFIO attaches a group to one container)."""
-        snapshot, holder = self.engine.snapshot, self.table.holder()
+        snapshot, holder = self.view.snapshot, self.table.holder()
         blockers = []
         for mate in snapshot.group_members(address):
             function = snapshot.functions.get(mate)
@@ -272,7 +256,7 @@ class LeaseKeeper:
                 continue
             other = holder.get(mate, "")
             if other and other != vm_uuid:
-                raise Busy(f"the IOMMU group of {self.engine._label(address)} is in use by VM {other} "
+                raise Busy(f"the IOMMU group of {self.view.label(address)} is in use by VM {other} "
                            f"(through {label(function)})", "stop that VM first, or use a device in another group")
             if mate in leasing:
                 continue
@@ -280,7 +264,7 @@ class LeaseKeeper:
                 blockers.append(f"{label(function)} on {function.driver}")
         if blockers:
             group = snapshot.functions[address].iommu_group
-            raise Protected(f"IOMMU group {group} of {self.engine._label(address)} is not viable: {', '.join(blockers)}",
+            raise Protected(f"IOMMU group {group} of {self.view.label(address)} is not viable: {', '.join(blockers)}",
                             "pass the whole group to the VM, or move the card to a slot with its own group")
 
     async def _make_ready_and_lease(self, vm_name: str, vm_uuid: str, addresses: list[str],
@@ -290,28 +274,26 @@ class LeaseKeeper:
         The binds go as one batch (all driver_overrides, then the unbinds, then the probes, then
         one verification pass), under one undo-journal entry of kind "prepare" that ends only once
         the lease is written: a crash in between is rolled back at the next start, a crash after
-        it is recognised as finished (reconcile.recover).
+        it is recognised as finished (recovery.recover).
 
         A repeated prepare of the same VM replaces its lease: records of what nicpassd changed
         carry over (the device is on vfio-pci because of us), and devices no longer wanted are
         released with the policy."""
-        engine = self.engine
+        ops = self.ops
         carried = {address: change for lease in previous for address, change in lease.changes.items()}
         # Driver and driver_override: what the journal and the lease's changes record (cheap reads).
-        befores = {address: engine._binding_of(address) for address in addresses}
+        befores = {address: ops.binding(address) for address in addresses}
         changed = [address for address, before in befores.items()
                    if before.driver != VFIO or before.driver_override != VFIO]
-        async with journaled(engine, "prepare", addresses, target={"driver": VFIO}, vm_uuid=vm_uuid,
-                             before=befores):
-            errors = await engine._bind_batch(addresses, VFIO)  # failures come back restored
+        async with ops.journaled("prepare", addresses, target={"driver": VFIO}, vm_uuid=vm_uuid, before=befores):
+            errors = await ops.bind_each(addresses, VFIO)  # failures come back restored
             if errors:
                 for address in changed:
                     if address not in errors:
-                        await engine._restore_binding(address, befores[address])
-                address, error = next(iter(errors.items()))
+                        await ops.restore_binding(address, befores[address])
+                error = next(iter(errors.values()))
                 more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-                error.message += f"{more}; no device was leased"
-                raise error
+                raise error.extended(f"{more}; no device was leased") from error
             changes = {address: {"driver": befores[address].driver,
                                  "driver_override": befores[address].driver_override} for address in changed}
             changes.update({address: carried[address] for address in addresses
@@ -321,30 +303,22 @@ class LeaseKeeper:
             for lease in previous:
                 self.table.drop(lease.lease_id, save=False)
             if dropped:  # the lease file stops naming them before the policy touches them
-                self.table.save()
+                await self.table.save_async()
                 await self._apply_policies([(address, carried.get(address)) for address in dropped])
             # Otherwise the replaced leases go in the same atomic write as the new one.
-            lease = self.table.add(vm_name, vm_uuid, addresses, expires=expires, changes=changes, pidfile=pidfile)
+            lease = self.table.add(vm_name, vm_uuid, addresses, expires=expires, changes=changes, pidfile=pidfile,
+                                   save=False)
+            await self.table.save_async()
         return lease, previous
 
     # ------------------------------------------------------------- activate
-    def _tie(self, lease: Lease, pid: int) -> None:
+    async def _tie(self, lease: Lease, pid: int) -> None:
         lease.state = ACTIVE
         lease.expires = 0.0
         lease.pid = pid
-        lease.pid_start = process_start_time(pid) if pid else 0
-        self.table.update(lease)
-
-    def _read_pidfile(self, lease: Lease, *, not_before: float = 0.0) -> int:
-        """The PID in the lease's pidfile (under the host root), 0 when absent, stale or unreadable."""
-        path = self.engine.host.paths.under(lease.pidfile)
-        try:
-            if not_before and path.stat().st_mtime < not_before:
-                return 0
-            pid = int(path.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return 0
-        return pid if _valid_pid(pid) and process_start_time(pid) else 0
+        lease.pid_start = self.host.process_start_time(pid) if pid else 0
+        self.table.update(lease, save=False)
+        await self.table.save_async()
 
     # -------------------------------------------------------------- release
     async def _end_all(self, leases: list[Lease]) -> list[Lease]:
@@ -352,18 +326,18 @@ class LeaseKeeper:
         for lease in leases:
             self.table.drop(lease.lease_id, save=False)
         if leases:
-            self.table.save()  # one write for all of them
+            await self.table.save_async()  # one write for all of them
         await self._apply_policies([(address, lease.changes.get(address))
                                     for lease in leases for address in lease.devices])
         return leases
 
     def policy_for(self, address: str) -> str:
         """Per-device override, else "keep" for a device persisted for vfio-pci, else the policy."""
-        settings = self.engine.config.release
+        settings = self._config().release
         override = settings.devices.get(address, "")
         if override:
             return override
-        view = self.engine.views.get(address)
+        view = self.view.views.get(address)
         if view is not None and view.desired_driver in PASSTHROUGH_DRIVERS:
             return "keep"
         return settings.policy
@@ -371,9 +345,9 @@ class LeaseKeeper:
     async def _apply_policies(self, items: list[tuple[str, dict[str, str] | None]]) -> None:
         """``restore`` gives back exactly what nicpassd changed; nothing when it changed nothing.
         The common case — back to a host driver, no driver_override before — goes as one verified
-        batch for all the devices (``Engine._bind_batch``: one journal entry, one thread per
+        batch for all the devices (``Operations.bind_each``: one journal entry, one thread per
         phase); anything else is restored device by device."""
-        engine = self.engine
+        ops = self.ops
         holder = self.table.holder()
         batch: list[tuple[str, _Before]] = []
         for address, change in items:
@@ -382,7 +356,7 @@ class LeaseKeeper:
             if address in holder:  # leased again meanwhile (cannot happen under the lock)
                 continue
             try:
-                now = engine._binding_of(address)
+                now = ops.binding(address)
             except KernelError:
                 log.info("release of %s: the device is gone, nothing to restore", address)
                 continue
@@ -393,7 +367,7 @@ class LeaseKeeper:
                 batch.append((address, before))
                 continue
             try:
-                note = await engine._restore_binding(address, before)
+                note = await ops.restore_binding(address, before)
             except NicpassError as exc:
                 log.error("release of %s: restoring %s failed: %s", address, before.driver or "no driver", exc)
             else:
@@ -401,7 +375,7 @@ class LeaseKeeper:
         if not batch:
             return
         try:
-            errors = await engine._bind_batch([address for address, _ in batch], "")  # verified
+            errors = await ops.bind_each([address for address, _ in batch], "")  # verified
         except NicpassError as exc:
             errors = {address: exc for address, _ in batch}
         for address, before in batch:
@@ -463,7 +437,7 @@ class LeaseKeeper:
 
     def _watch(self, lease: Lease) -> None:
         try:
-            fd = os.pidfd_open(lease.pid)
+            fd = self.host.open_pidfd(lease.pid)
         except ProcessLookupError:
             self._spawn(self._reclaim_gone(lease.lease_id, lease.pid))
             return
@@ -471,7 +445,7 @@ class LeaseKeeper:
             log.warning("cannot watch QEMU pid %d of VM %s (%s); its lease ends with Release only",
                         lease.pid, lease.vm_uuid, exc.strerror)
             return
-        if lease.pid_start and process_start_time(lease.pid) != lease.pid_start:
+        if lease.pid_start and self.host.process_start_time(lease.pid) != lease.pid_start:
             os.close(fd)  # the PID was reused by another process: the VM is gone
             self._spawn(self._reclaim_gone(lease.lease_id, lease.pid))
             return
@@ -506,7 +480,7 @@ class LeaseKeeper:
             log.error("reclaiming a lease failed", exc_info=task.exception())
 
     async def _reclaim_gone(self, lease_id: str, pid: int) -> None:
-        async with self.engine._lock:
+        async with self.ops.lock:
             lease = self.table.leases.get(lease_id)
             if lease is None or lease.pid != pid:
                 return  # released or re-tied meanwhile
@@ -514,19 +488,19 @@ class LeaseKeeper:
             self._settle(lease.devices)
         log.warning("VM %s (%s): QEMU process %d exited without a release; reclaimed %s",
                     lease.vm_name, lease.vm_uuid, pid, ", ".join(lease.devices))
-        self.engine._announce_lease(lease, STATE_VM_GONE)
+        self._announce(lease, STATE_VM_GONE)
         self.arm()
 
     async def _reclaim_expired(self) -> None:
         ended: list[Lease] = []
         adopted: list[Lease] = []
-        async with self.engine._lock:
+        async with self.ops.lock:
             for lease in self.table.expired(time.time()):
                 # A VM that started while the hook could not reach us (or whose start outlasted the
                 # reservation) is running: adopt its QEMU process rather than pull its devices.
-                pid = self._read_pidfile(lease, not_before=lease.created - 5) if lease.pidfile else 0
+                pid = self.host.read_pidfile(lease.pidfile, not_before=lease.created - 5) if lease.pidfile else 0
                 if pid:
-                    self._tie(lease, pid)
+                    await self._tie(lease, pid)
                     adopted.append(lease)
                     continue
                 ended.extend(await self._end_all([lease]))
@@ -535,10 +509,10 @@ class LeaseKeeper:
         for lease in adopted:
             log.info("VM %s (%s): reservation expired but QEMU pid %d runs; lease active",
                      lease.vm_name, lease.vm_uuid, lease.pid)
-            self.engine._announce_lease(lease, lease.state)
+            self._announce(lease, lease.state)
         for lease in ended:
             log.warning("VM %s (%s): reservation expired (the VM did not start); reclaimed %s",
                         lease.vm_name, lease.vm_uuid, ", ".join(lease.devices))
-            self.engine._announce_lease(lease, STATE_EXPIRED)
+            self._announce(lease, STATE_EXPIRED)
         self.arm()
 

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from nicpassd.atomicfile import atomic_write, remove_stale_temps
+from nicpassd.atomicfile import atomic_write, atomic_write_async, remove_stale_temps
 from nicpassd.host.model import HostSnapshot, PciFunction
 
 log = logging.getLogger(__name__)
@@ -239,20 +239,32 @@ class StateStore:
 
     def apply(self, changes: dict[str, DeviceDesire | None]) -> None:
         """Several changes in one commit (``None`` removes): re-keying a PF and its VFs is one."""
+        state = self._next(changes)
+        self._write(state)
+        self.state = state
+
+    async def commit(self, changes: dict[str, DeviceDesire | None]) -> None:
+        """``apply``, the file written by a worker thread (the daemon's way: two fsyncs are no
+        work for the event loop). The new state is visible once it is on disk."""
+        state = self._next(changes)
+        await atomic_write_async(self.path, self._payload(state), prefix=TEMP_PREFIX)
+        self.state = state
+
+    def _next(self, changes: dict[str, DeviceDesire | None]) -> DesiredState:
         devices = dict(self.state.devices)
         for address, desire in changes.items():
             if desire is None or desire.empty:
                 devices.pop(address, None)
             else:
                 devices[address] = desire
-        self._commit(DesiredState(generation=self.state.generation + 1, devices=dict(sorted(devices.items()))))
+        return DesiredState(generation=self.state.generation + 1, devices=dict(sorted(devices.items())))
 
-    def _commit(self, state: DesiredState) -> None:
-        self._write(state)
-        self.state = state
+    @staticmethod
+    def _payload(state: DesiredState) -> bytes:
+        return state.model_dump_json(indent=2).encode()
 
     def _write(self, state: DesiredState) -> None:
-        atomic_write(self.path, state.model_dump_json(indent=2).encode(), prefix=TEMP_PREFIX)
+        atomic_write(self.path, self._payload(state), prefix=TEMP_PREFIX)
 
 
 class RuntimeHolds:
@@ -288,6 +300,23 @@ class RuntimeHolds:
         if any(address in self.holds for address in addresses):
             self._save({key: value for key, value in self.holds.items() if key not in addresses})
 
+    async def hold_async(self, *addresses: str, op: str = "runtime") -> None:
+        """``hold`` of each address, the file written by a worker thread."""
+        if any(self.holds.get(address) != op for address in addresses):
+            await self._save_async({**self.holds, **dict.fromkeys(addresses, op)})
+
+    async def release_async(self, *addresses: str) -> None:
+        if any(address in self.holds for address in addresses):
+            await self._save_async({key: value for key, value in self.holds.items() if key not in addresses})
+
+    @staticmethod
+    def _payload(holds: dict[str, str]) -> bytes:
+        return json.dumps({"version": 1, "holds": holds}, indent=2).encode()
+
     def _save(self, holds: dict[str, str]) -> None:
-        atomic_write(self.path, json.dumps({"version": 1, "holds": holds}, indent=2).encode())
+        atomic_write(self.path, self._payload(holds))
+        self.holds = holds
+
+    async def _save_async(self, holds: dict[str, str]) -> None:
+        await atomic_write_async(self.path, self._payload(holds))
         self.holds = holds

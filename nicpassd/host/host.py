@@ -1,11 +1,22 @@
-"""The host model: the only code that reads or writes the kernel's view of PCI and networking."""
+"""The host model: the only door to the kernel. Every read and write of sysfs, /proc and the
+VM processes the engine needs goes through ``Host``; the engine never builds a kernel path.
+
+Reads of whole functions (``function``) cost a few dozen syscalls; the bind paths and their
+verification loops use ``binding`` and ``driver_of`` (one or two syscalls). Writes run in worker
+threads with the write timeout (kernel rules §3): one write at a time (``set_*``, ``unbind``,
+``probe``) or a whole batch in one thread (``write_batch`` of the ``*_write`` descriptions).
+"""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from nicpassd.errors import KernelError
-from nicpassd.host import sysfs
+from nicpassd.host import kernelio, procfs, sysfs
 from nicpassd.host.model import HostSnapshot, PciFunction
-from nicpassd.host.writer import KernelWriter, describe_oserror, run_blocking, write_attribute
+from nicpassd.host.writer import (BatchFailure, BatchWrite, KernelWriter, describe_oserror, run_blocking,
+                                  write_attribute, write_batch)
 from nicpassd.paths import HostPaths
 
 
@@ -14,13 +25,37 @@ class Host:
         self.paths = paths
         self.writer = writer
         self.write_timeout = write_timeout
+        self._pci_root = os.fspath(paths.pci_devices)
 
-    # reads
+    # ------------------------------------------------------------------- reads
     def snapshot(self) -> HostSnapshot:
         return sysfs.read_snapshot(self.paths)
 
     def function(self, address: str) -> PciFunction | None:
         return sysfs.read_function(self.paths, address)
+
+    def present(self, address: str) -> PciFunction:
+        """``function`` of a device being changed: KernelError when it disappeared meanwhile."""
+        function = self.function(address)
+        if function is None:
+            raise KernelError(f"{address} disappeared from the kernel while being changed")
+        return function
+
+    def binding(self, address: str) -> PciFunction:
+        """Only what binding and restoring a binding need (driver, driver_override), read cheaply:
+        a function with just those two fields. KernelError when the function is gone."""
+        try:
+            override = kernelio.read_override(f"{self._pci_root}/{address}")
+        except OSError:
+            raise KernelError(f"{address} disappeared from the kernel while being changed") from None
+        return PciFunction(address, "", "", "", "", "", driver=self.driver_of(address), driver_override=override)
+
+    def driver_of(self, address: str) -> str:
+        """Just the driver link: the cheap read of a verification loop ("" for none or gone)."""
+        return kernelio.link_name(f"{self._pci_root}/{address}/driver")
+
+    def driver_registered(self, name: str) -> bool:
+        return (self.paths.pci_drivers / name).is_dir()
 
     def udev_pending(self, addresses) -> set[str]:
         """The PCI functions among ``addresses`` that udev has not finished processing yet (its
@@ -33,22 +68,51 @@ class Host:
         data = self.paths.udev_data
         return {address for address in addresses if not (data / f"+pci:{address}").exists()}
 
-    # writes (kernel rules §7-8: driver_override, unbind, drivers_probe)
+    # ------------------------------------------------------- VM processes
+    @staticmethod
+    def process_start_time(pid: int) -> int:
+        return procfs.process_start_time(pid)
+
+    @staticmethod
+    def open_pidfd(pid: int) -> int:
+        return procfs.open_pidfd(pid)
+
+    def read_pidfile(self, pidfile: str, *, not_before: float = 0.0) -> int:
+        """The running process an absolute pidfile path (under the host root) names, or 0."""
+        return procfs.read_pidfile(self.paths.under(pidfile), not_before=not_before)
+
+    # ------------------------------------------------------------------ writes
+    # kernel rules §7-8: driver_override, unbind, drivers_probe
     async def set_driver_override(self, address: str, driver: str) -> None:
-        # "\n" clears: a 0-byte write may be ignored (kernel rules §8).
-        await self._write(self.paths.pci_device(address) / "driver_override", (driver or "") + "\n")
+        await self._write(self.override_write(address, driver))
 
     async def unbind(self, address: str, driver: str) -> None:
-        await self._write(self.paths.pci_drivers / driver / "unbind", address)
+        await self._write(self.unbind_write(address, driver))
 
     async def probe(self, address: str) -> None:
-        await self._write(self.paths.drivers_probe, address)
+        await self._write(self.probe_write(address))
 
     async def set_num_vfs(self, address: str, count: int) -> None:
-        await self._write(self.paths.pci_device(address) / "sriov_numvfs", str(count))
+        await self._write(BatchWrite(address, self.paths.pci_device(address) / "sriov_numvfs", str(count)))
 
     async def set_autoprobe(self, address: str, enabled: bool) -> None:
-        await self._write(self.paths.pci_device(address) / "sriov_drivers_autoprobe", "1" if enabled else "0")
+        await self._write(BatchWrite(address, self.paths.pci_device(address) / "sriov_drivers_autoprobe",
+                                     "1" if enabled else "0"))
+
+    def override_write(self, address: str, driver: str) -> BatchWrite:
+        # "\n" clears: a 0-byte write may be ignored (kernel rules §8).
+        return BatchWrite(address, Path(f"{self._pci_root}/{address}/driver_override"), (driver or "") + "\n")
+
+    def unbind_write(self, address: str, driver: str) -> BatchWrite:
+        return BatchWrite(address, self.paths.pci_drivers / driver / "unbind", address)
+
+    def probe_write(self, address: str) -> BatchWrite:
+        return BatchWrite(address, self.paths.drivers_probe, address)
+
+    async def write_batch(self, writes: list[BatchWrite]) -> dict[str, BatchFailure]:
+        """The writes in order in one worker thread; the failures by function (each function
+        stops at its first failure). ``Timeout`` when a write hangs."""
+        return await write_batch(self.writer, writes, timeout=self.write_timeout)
 
     async def load_module(self, name: str) -> None:
         try:
@@ -58,5 +122,10 @@ class Host:
             raise KernelError(f"cannot load kernel module {name}: {describe_oserror(exc)}",
                               f"install the module for the running kernel (modprobe {name})") from exc
 
-    async def _write(self, path, data: str) -> None:
-        await write_attribute(self.writer, path, data, timeout=self.write_timeout)
+    async def load_driver(self, name: str) -> None:
+        """``load_module`` only when the driver is not registered yet (each modprobe is a process)."""
+        if not self.driver_registered(name):
+            await self.load_module(name)
+
+    async def _write(self, write: BatchWrite) -> None:
+        await write_attribute(self.writer, write.path, write.data, timeout=self.write_timeout)

@@ -13,12 +13,12 @@ import os
 import re
 from pathlib import Path
 
+from nicpassd.host import kernelio
 from nicpassd.host.model import HostSnapshot, IfAddress, NetLink, PciFunction, RootStorage, Route
 from nicpassd.paths import HostPaths
 
 log = logging.getLogger(__name__)
 
-DSN_CAPABILITY = 0x0003
 
 
 def _read(path: Path, default: str = "") -> str:
@@ -47,39 +47,10 @@ def _hex_id(path: Path) -> str:
     return _read(path).lower().removeprefix("0x").rjust(4, "0")
 
 
-def read_serial(config: Path | str) -> str:
-    """The PCIe Device Serial Number from extended config space, "" when absent or unreadable."""
-    try:
-        with open(config, "rb", buffering=0) as handle:
-            data = handle.read(4096)
-    except OSError:
-        return ""
-    offset, seen = 0x100, 0
-    while 0x100 <= offset <= len(data) - 12 and seen < 64:
-        header = int.from_bytes(data[offset:offset + 4], "little")
-        if header == 0 or header == 0xFFFFFFFF:
-            return ""
-        if header & 0xFFFF == DSN_CAPABILITY:
-            serial = int.from_bytes(data[offset + 4:offset + 12], "little")
-            raw = serial.to_bytes(8, "big").hex()
-            return "-".join(raw[i:i + 2] for i in range(0, 16, 2))
-        offset, seen = header >> 20, seen + 1
-    return ""
-
-
-def _read_str(path: str, default: str = "") -> str:
-    """``_read`` for a string path with plain os calls: read_function runs once per function on
-    every refresh (1,000+ functions on a host with many VFs), where pathlib costs 5x the syscalls."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return default
-    try:
-        return os.read(fd, 65536).decode().strip()
-    except (OSError, UnicodeDecodeError):
-        return default
-    finally:
-        os.close(fd)
+read_serial = kernelio.read_serial
+# ``_read`` for a string path with plain os calls: read_function runs once per function on every
+# refresh (1,000+ functions on a host with many VFs), where pathlib costs 5x the syscalls.
+_read_str = kernelio.read_text
 
 
 def _int_or(text: str, default: int = 0) -> int:

@@ -8,15 +8,16 @@ left behind (a write stuck in the kernel cannot be cancelled) and reported.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
-import os
-import subprocess
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, TypeVar
 
 from nicpassd.errors import KernelError, Timeout
+from nicpassd.host import kernelio
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -36,17 +37,10 @@ class SysfsWriter:
     """The production writer: plain writes to sysfs, modprobe for modules."""
 
     def write(self, path: Path, data: str) -> None:
-        # One write() call: sysfs attributes take the whole value in one store.
-        fd = os.open(path, os.O_WRONLY)
-        try:
-            os.write(fd, data.encode())
-        finally:
-            os.close(fd)
+        kernelio.write_sysfs(path, data)
 
     def load_module(self, name: str) -> None:
-        result = subprocess.run(["modprobe", name], capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            raise OSError(errno.ENOENT, result.stderr.strip() or f"modprobe {name} failed")
+        kernelio.load_module(name)
 
 
 def describe_oserror(exc: OSError) -> str:
@@ -103,3 +97,78 @@ async def write_attribute(writer: KernelWriter, path: Path, data: str, *, timeou
         await run_blocking(lambda: writer.write(path, data), timeout=timeout, what=what)
     except OSError as exc:
         raise KernelError(f"the kernel refused {what} of {path.parent.name}: {describe_oserror(exc)}") from exc
+
+
+@dataclass(frozen=True)
+class BatchWrite:
+    """One write of a batch: ``data`` to the attribute ``path``, on behalf of function ``address``."""
+
+    address: str
+    path: Path
+    data: str
+
+    def describe(self) -> str:
+        return f"writing {self.data.strip() or 'an empty line'!r} to {self.path.name} of {self.address}"
+
+
+@dataclass(frozen=True)
+class BatchFailure:
+    """A write of a batch the kernel refused; the function got no further write."""
+
+    write: BatchWrite
+    error: OSError
+
+    def describe(self) -> str:
+        return f"the kernel refused {self.write.describe()}: {describe_oserror(self.error)}"
+
+
+async def write_batch(writer: KernelWriter, writes: list[BatchWrite], *, timeout: float) -> dict[str, BatchFailure]:
+    """Many sysfs writes in order, in one worker thread (one thread start instead of one per
+    write). A function whose write fails gets no further write. Each write still has the write
+    timeout: ``Timeout`` when the thread makes no progress for that long (a hung write is left
+    pending, as ``run_blocking`` does). Returns the failures by function address."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
+    future.add_done_callback(lambda done: done.cancelled() or done.exception())
+    done_count = [0]
+
+    def settle(result, error) -> None:
+        if not future.done():
+            future.set_exception(error) if error is not None else future.set_result(result)
+
+    # A simulated kernel runs Python in this thread: it hands the batch's uevents over when the
+    # batch returns rather than waking the loop (and taking the GIL) after every write.
+    operation = getattr(writer, "operation", contextlib.nullcontext)
+
+    def work() -> None:
+        failed: dict[str, BatchFailure] = {}
+        try:
+            with operation():
+                for write in writes:
+                    if write.address not in failed:
+                        try:
+                            writer.write(write.path, write.data)
+                        except OSError as exc:
+                            failed[write.address] = BatchFailure(write, exc)
+                    done_count[0] += 1
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            result, error = None, exc
+        else:
+            result, error = failed, None
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:
+            log.warning("a batch of kernel writes finished after the daemon stopped waiting for it")
+
+    threading.Thread(target=work, name=f"kernel-write: {len(writes)} writes", daemon=True).start()
+    seen = -1
+    while True:
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            if done_count[0] == seen:
+                stuck = writes[min(seen, len(writes) - 1)]
+                log.error("%s did not complete within %.1f s; left pending", stuck.describe(), timeout)
+                raise Timeout(f"{stuck.describe()} did not complete within {timeout:g} s (the driver may be stuck)",
+                              "check the kernel log (journalctl -k) and retry once the device recovers") from None
+            seen = done_count[0]

@@ -94,7 +94,7 @@ class SimKernel:
         self.topology = topology
         # udev rules run on a PCI "add", before the kernel probes a driver (the udev helper of
         # packaging/udev/ sets driver_override there): ``rule(kernel, address)``, at boot, on
-        # plug, for new VFs. ``nicpassd.early_binding.udev_rule`` is that helper.
+        # plug, for new VFs. ``nicpassd.host.early_binding.udev_rule`` is that helper.
         self.rules = list(rules)
         self.faults = Faults()
         self._lock = threading.RLock()

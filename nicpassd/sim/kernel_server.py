@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stop:
         return 0 if stop(paths) else 1
     logging.basicConfig(level=logging.INFO, format="%(asctime)s simkernel[%(process)d] %(levelname)s %(message)s")
-    from nicpassd.early_binding import udev_rule
+    from nicpassd.host.early_binding import udev_rule
     from nicpassd.sim.kernel import SimKernel
     from nicpassd.sim.topology import TopologyError, load_topology
 

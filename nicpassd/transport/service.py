@@ -1,7 +1,11 @@
 """The D-Bus face of the engine: the Manager object, one object per device, ObjectManager signals.
 
-This module only translates: arguments in, engine calls, typed errors out. Annotations are the
-D-Bus signatures dbus-fast reads, so this module must not use ``from __future__ import annotations``.
+This module only translates: arguments in, engine calls, typed results and errors out (the
+engine's ``Explanation``, ``Finding`` and ``StepOutcome`` become D-Bus types here and nowhere
+else). Authorization is declared per method (``@authorized(ACTION)``, firewalld's
+``dbus_polkit_require_auth``): polkit is asked before the method looks at its arguments, so an
+unauthorized caller learns nothing about them. Annotations are the D-Bus signatures dbus-fast
+reads, so this module must not use ``from __future__ import annotations``.
 """
 
 import functools
@@ -13,6 +17,7 @@ from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, m
 
 from nicpassd import __version__
 from nicpassd.engine.engine import Engine, InventoryDelta
+from nicpassd.engine.results import Explanation
 from nicpassd.engine.views import DeviceView
 from nicpassd.errors import InvalidArgument, NicpassError
 from nicpassd.transport.caller import caller
@@ -51,6 +56,32 @@ def dbus_errors(fn):
             raise DBusError("org.freedesktop.DBus.Error.Failed",
                             f"{fn.__name__} failed unexpectedly; see the nicpassd journal") from None
     return wrapper
+
+
+def authorized(action: str):
+    """Ask polkit for ``action`` on behalf of the caller before the method runs (AccessDenied
+    otherwise). The method's ``self`` has ``authorize(action)``."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        async def wrapper(self, *args, **kwargs):
+            await self.authorize(action)
+            return await fn(self, *args, **kwargs)
+        wrapper.polkit_action = action
+        return wrapper
+    return decorate
+
+
+def explanation_to_dbus(info: Explanation) -> dict:
+    return {
+        "address": Variant("s", info.address), "allowed": Variant("b", info.allowed),
+        "verdict": Variant("s", info.verdict), "protected": Variant("b", info.protected),
+        "reasons": Variant("as", list(info.reasons)), "iommu_group": Variant("i", info.iommu_group),
+        "group_members": Variant("a(ss)", [[m.address, m.driver] for m in info.group_members]),
+        "group_viable": Variant("b", info.group_viable), "leased_to": Variant("s", info.leased_to),
+        "persisted": Variant("b", info.persisted), "desired_driver": Variant("s", info.desired_driver),
+        "driver": Variant("s", info.driver), "interfaces": Variant("as", list(info.interfaces)),
+        "drift": Variant("s", info.drift), "overridable": Variant("b", info.overridable),
+    }
 
 
 def _option(options: dict, name: str, kind: type, default):
@@ -187,7 +218,7 @@ class ManagerInterface(ServiceInterface):
         self.engine = engine
         self.authorizer = authorizer
 
-    async def _authorize(self, action: str) -> None:
+    async def authorize(self, action: str) -> None:
         sender, interactive = caller()
         await self.authorizer.require(sender, action, interactive=interactive)
 
@@ -195,7 +226,7 @@ class ManagerInterface(ServiceInterface):
         """With ``force``: ask polkit for the force action too; return who asked, for the log."""
         if not force:
             return ""
-        await self._authorize(ACTION_FORCE)
+        await self.authorize(ACTION_FORCE)
         sender, _ = caller()
         try:
             reply = await self.authorizer.bus.call(Message(
@@ -213,17 +244,18 @@ class ManagerInterface(ServiceInterface):
 
     @method()
     @dbus_errors
+    @authorized(ACTION_MANAGE)
     async def SetVfCount(self, device: "s", count: "u", options: "a{sv}"):
         _known_options(options, ("persist", "driver", "force"))
         persist = _option(options, "persist", bool, True)
         driver = _option(options, "driver", str, "")
         force = _option(options, "force", bool, False)
-        await self._authorize(ACTION_MANAGE)
         who = await self._authorize_force(force)
         await self.engine.set_vf_count(device, count, persist=persist, driver=driver, force=force, caller=who)
 
     @method()
     @dbus_errors
+    @authorized(ACTION_MANAGE)
     async def Bind(self, device: "s", driver: "s", options: "a{sv}"):
         """options: ``persist`` b (default true); ``force`` b: override a guard entry that is not on
         the management path (asks polkit for org.nicpass.NicPass1.force too, logged); ``group`` b:
@@ -232,28 +264,28 @@ class ManagerInterface(ServiceInterface):
         persist = _option(options, "persist", bool, True)
         force = _option(options, "force", bool, False)
         group = _option(options, "group", bool, False)
-        await self._authorize(ACTION_MANAGE)
         who = await self._authorize_force(force)
         await self.engine.bind(device, driver, persist=persist, force=force, group=group, caller=who)
 
     @method()
     @dbus_errors
+    @authorized(ACTION_MANAGE)
     async def Unbind(self, device: "s", options: "a{sv}"):
         _known_options(options, ("persist",))
         persist = _option(options, "persist", bool, True)
-        await self._authorize(ACTION_MANAGE)
         await self.engine.unbind(device, persist=persist)
 
     @method()
     @dbus_errors
+    @authorized(ACTION_MANAGE)
     async def Forget(self, device: "s", options: "a{sv}"):
         _known_options(options, ("restore",))
         restore = _option(options, "restore", bool, False)
-        await self._authorize(ACTION_MANAGE)
         await self.engine.forget(device, restore=restore)
 
     @method()
     @dbus_errors
+    @authorized(ACTION_LEASE)
     async def Prepare(self, vm_name: "s", vm_uuid: "s", devices: "as", options: "a{sv}") -> "s":
         """options: ``pid`` u (the VM runs already: activate at once), ``pidfile`` s (where its
         QEMU PID will appear; adopted if the reservation expires while it runs), ``reservation``
@@ -267,7 +299,6 @@ class ManagerInterface(ServiceInterface):
         reservation = _option(options, "reservation", int, 0)
         skip_unmanaged = _option(options, "skip_unmanaged", bool, False)
         group = _option(options, "group", bool, False)
-        await self._authorize(ACTION_LEASE)
         lease = await self.engine.prepare(vm_name, vm_uuid, list(devices), pid=pid, pidfile=pidfile,
                                           reservation=float(reservation), skip_unmanaged=skip_unmanaged,
                                           group=group)
@@ -275,6 +306,7 @@ class ManagerInterface(ServiceInterface):
 
     @method()
     @dbus_errors
+    @authorized(ACTION_LEASE)
     async def PrepareDomain(self, domain_xml: "s", pidfile: "s") -> "s":
         """``Prepare`` for a libvirt domain about to start, from its domain XML as the qemu hook
         receives it: its ``<name>``, ``<uuid>`` and every PCI device it takes (``<hostdev
@@ -283,7 +315,6 @@ class ManagerInterface(ServiceInterface):
         Prepare ("" for none). Returns the lease id, "" when nothing was left to lease. Plain
         arguments, so that the hook can call it with dbus-send (which cannot send a{sv}) instead
         of starting Python: the daemon, already running, reads the XML."""
-        await self._authorize(ACTION_LEASE)
         name, uuid, devices = domain_devices(domain_xml)
         if not devices:
             return ""
@@ -294,49 +325,41 @@ class ManagerInterface(ServiceInterface):
 
     @method()
     @dbus_errors
+    @authorized(ACTION_LEASE)
     async def Activate(self, vm_uuid: "s", options: "a{sv}"):
         """The VM started: tie its lease to it (option ``pid`` u: its QEMU process, watched so
-        that its exit ends the lease). Ends the reservation timer."""
-        _known_options(options, ("pid",))
+        that its exit ends the lease). Ends the reservation timer. Option ``missing_ok`` b: a VM
+        that holds no lease is no error (the libvirt hook calls this for every VM with PCI
+        devices, nicpassd's or not)."""
+        _known_options(options, ("pid", "missing_ok"))
         pid = _option(options, "pid", int, 0)
-        await self._authorize(ACTION_LEASE)
-        await self.engine.activate(vm_uuid, pid=pid)
+        missing_ok = _option(options, "missing_ok", bool, False)
+        await self.engine.activate(vm_uuid, pid=pid, missing_ok=missing_ok)
 
     @method()
     @dbus_errors
+    @authorized(ACTION_LEASE)
     async def Release(self, vm_uuid: "s", options: "a{sv}"):
         _known_options(options, ())
-        await self._authorize(ACTION_LEASE)
         await self.engine.release(vm_uuid)
 
     @method()
     @dbus_errors
+    @authorized(ACTION_MANAGE)
     async def Reconcile(self) -> "a(sss)":
         """Bring every device to its persisted desired state now: (address, action, result) per
         step done or desire not applied; result "ok" or "<ErrorName>: sentence"."""
-        await self._authorize(ACTION_MANAGE)
-        return [list(row) for row in await self.engine.reconcile()]
+        return [list(outcome.row) for outcome in await self.engine.reconcile()]
 
     @method()
     @dbus_errors
     async def Check(self) -> "a(ssss)":
-        return [[f.id, f.level, f.message, f.remedy] for f in self.engine.check()]
+        return [[f.id, f.level.value, f.message, f.remedy] for f in self.engine.check()]
 
     @method()
     @dbus_errors
     async def Explain(self, device: "s") -> "a{sv}":
-        info = self.engine.explain(device)
-        return {
-            "address": Variant("s", info["address"]), "allowed": Variant("b", info["allowed"]),
-            "verdict": Variant("s", info["verdict"]), "protected": Variant("b", info["protected"]),
-            "reasons": Variant("as", info["reasons"]), "iommu_group": Variant("i", info["iommu_group"]),
-            "group_members": Variant("a(ss)", [list(m) for m in info["group_members"]]),
-            "group_viable": Variant("b", info["group_viable"]), "leased_to": Variant("s", info["leased_to"]),
-            "persisted": Variant("b", info["persisted"]), "desired_driver": Variant("s", info["desired_driver"]),
-            "driver": Variant("s", info["driver"]), "interfaces": Variant("as", info["interfaces"]),
-            "drift": Variant("s", info["drift"]),
-            "overridable": Variant("b", info.get("overridable", False)),
-        }
+        return explanation_to_dbus(self.engine.explain(device))
 
     @method()
     @dbus_errors

@@ -8,6 +8,7 @@ e1000e af:00.0 (enp175s0f0) sharing group 40 with a USB controller af:00.1.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import json
 import threading
@@ -243,7 +244,7 @@ async def test_management_nics_are_protected(sim, device):
 
 
 async def test_iommu_group_mate_of_the_management_nic_is_protected(sim):
-    assert "shares IOMMU group 14 with protected 0000:01:00.0" in sim.engine.explain(ENO2)["reasons"]
+    assert "shares IOMMU group 14 with protected 0000:01:00.0" in sim.engine.explain(ENO2).reasons
 
 
 async def test_vf_count_of_the_management_nic_is_protected(sim):
@@ -412,26 +413,27 @@ async def test_check_warns_about_a_persisted_device_that_is_absent(sim):
 
 async def test_explain_a_protected_device(sim):
     info = sim.engine.explain("eno1")
-    assert info["allowed"] is False and info["protected"] is True
-    assert any("br0 → bond0 → eno1" in reason for reason in info["reasons"])
-    assert info["iommu_group"] == 14 and [m for m, _ in info["group_members"]] == [ENO1, ENO2]
+    assert info.allowed is False and info.protected is True
+    assert any("br0 → bond0 → eno1" in reason for reason in info.reasons)
+    assert info.iommu_group == 14 and [m.address for m in info.group_members] == [ENO1, ENO2]
 
 
 async def test_explain_a_non_viable_group(sim):
     info = sim.engine.explain(NIC)
-    assert (info["allowed"], info["protected"], info["group_viable"]) == (False, False, False)
-    assert info["group_members"] == [(NIC, "e1000e"), (USB, "xhci_hcd")]
-    assert "xhci_hcd" in info["verdict"] and info["interfaces"] == ["enp175s0f0"]
+    assert (info.allowed, info.protected, info.group_viable) == (False, False, False)
+    assert [(m.address, m.driver) for m in info.group_members] == [(NIC, "e1000e"), (USB, "xhci_hcd")]
+    assert "xhci_hcd" in info.verdict and info.interfaces == ("enp175s0f0",)
 
 
 async def test_explain_an_allowed_then_leased_device(sim):
     info = sim.engine.explain(PF2)
     assert {"address", "allowed", "verdict", "protected", "reasons", "iommu_group", "group_members",
-            "group_viable", "leased_to", "persisted", "desired_driver", "driver", "interfaces"} <= set(info)
-    assert (info["allowed"], info["group_viable"], info["leased_to"], info["driver"]) == (True, True, "", "i40e")
+            "group_viable", "leased_to", "persisted", "desired_driver", "driver", "interfaces"} <= {
+               field.name for field in dataclasses.fields(info)}
+    assert (info.allowed, info.group_viable, info.leased_to, info.driver) == (True, True, "", "i40e")
     await sim.engine.prepare("vm-a", VM_A, [PF2])
     info = sim.engine.explain(PF2)
-    assert (info["allowed"], info["leased_to"], info["driver"]) == (False, VM_A, "vfio-pci")
+    assert (info.allowed, info.leased_to, info.driver) == (False, VM_A, "vfio-pci")
 
 
 # ------------------------------------------------------------------------ inventory deltas

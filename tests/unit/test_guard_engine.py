@@ -93,7 +93,7 @@ async def test_group_option_binds_the_unprotected_mates_and_prepare_then_passes(
     assert sim.driver(USB) == "xhci_hcd"  # never bound silently
     await sim.engine.bind("af:00.0", "vfio-pci", group=True)
     assert (sim.driver(NIC), sim.driver(USB)) == ("vfio-pci", "vfio-pci")
-    assert sim.engine.explain(NIC)["group_viable"] is True
+    assert sim.engine.explain(NIC).group_viable is True
     await sim.engine.prepare("vm", VM, ["af:00.0"])
     # A host driver on the mate would take DMA ownership of the group the VM uses.
     with pytest.raises(Busy, match="shares IOMMU group 40 with 0000:af:00.0, leased to VM"):
@@ -130,8 +130,8 @@ async def test_moving_the_default_route_moves_the_protection_in_one_event(sim):
 async def test_explain_and_check_tell_why(make_sim, sim_tools):
     sim = make_sim(SHARED_GROUP, config=sim_tools.fast_config(management_interfaces=("eth9",)))
     info = sim.engine.explain("eno2")
-    assert (info["protected"], info["overridable"], info["allowed"]) == (True, True, False)
-    assert sim.engine.explain("eno1")["overridable"] is False
+    assert (info.protected, info.overridable, info.allowed) == (True, True, False)
+    assert sim.engine.explain("eno1").overridable is False
     findings = {finding.id: finding for finding in sim.engine.check()}
     assert findings["guard-0"].level == "warn"
     assert findings["guard-0"].message == "configured management interface eth9 does not exist"

@@ -19,7 +19,8 @@ import pytest
 from nicpassd.engine.config import ReleaseSettings
 from nicpassd.engine.engine import Engine
 from nicpassd.engine.leases import Lease, LeaseTable
-from nicpassd.engine.leasing import STATE_EXPIRED, STATE_VM_GONE, process_start_time
+from nicpassd.engine.leasing import STATE_EXPIRED, STATE_VM_GONE
+from nicpassd.host.procfs import process_start_time
 from nicpassd.engine.store import StateStore
 from nicpassd.errors import Busy, InvalidArgument, KernelError, NotFound, Protected
 
@@ -175,12 +176,12 @@ async def test_prepare_rereads_what_it_decides_on_not_the_whole_host(sim, monkey
     still in flight; every other function is known from events (no full re-read per Prepare)."""
     await with_vfs(sim)
     await sim.engine.prepare("warm", VM_B, [VFS[0]])  # loads vfio-pci (an event that re-reads all)
-    await until(lambda: not sim.engine.inventory.dirty)
+    await until(lambda: not sim.engine.view.inventory.dirty)
 
     def full():
         raise AssertionError("Prepare re-read every PCI function")
 
-    monkeypatch.setattr(sim.engine.inventory, "full", full)
+    monkeypatch.setattr(sim.engine.view.inventory, "full", full)
     sim.kernel.write(sim.paths.pci_drivers / "xhci_hcd" / "unbind", USB)  # its uevent is not handled yet
     assert sim.engine.views[USB].driver == "xhci_hcd"
     lease = await sim.engine.prepare("router", VM_A, [NIC])  # the group is viable now: USB has no driver
@@ -432,10 +433,13 @@ async def test_prepare_is_journaled_until_its_lease_is_written(sim, monkeypatch)
 
 @pytest.mark.parametrize("lease_written", [False, True])
 async def test_a_crash_during_prepare_is_undone_or_finished_at_the_next_start(sim, monkeypatch, lease_written):
-    from nicpassd.engine.reconcile import recover
+    from nicpassd.engine.recovery import recover
 
     await with_vfs(sim)
-    monkeypatch.setattr(sim.engine.journal, "end", lambda entry: None)  # the process dies: no end
+    async def dies(entry) -> None:  # the process dies: the entry is never finished
+        return None
+
+    monkeypatch.setattr(sim.engine.journal, "finish", dies)
     if not lease_written:
         def crash(*args, **kwargs):
             raise RuntimeError("killed before the lease was written")
@@ -448,7 +452,7 @@ async def test_a_crash_during_prepare_is_undone_or_finished_at_the_next_start(si
     assert [sim.driver(vf) for vf in VFS[:2]] == ["vfio-pci"] * 2
 
     engine = restart(sim)
-    await recover(engine)
+    await recover(engine.view, engine.ops)
     assert engine.journal.pending() == []
     if lease_written:  # finished: the VM keeps its devices
         assert engine.leases.holder() == {VFS[0]: VM_A, VFS[1]: VM_A}

@@ -11,8 +11,16 @@ import asyncio
 import json
 
 from nicpassd.engine.journal import DeviceBefore
-from nicpassd.engine.reconcile import FIGHT_LIMIT, Plan, make_plan, recover
+from nicpassd.engine.plan import Plan, make_plan
+from nicpassd.engine.reconcile import FIGHT_LIMIT
+from nicpassd.engine.recovery import recover
 from nicpassd.engine.store import DeviceDesire, identity_of
+
+
+async def reconcile_rows(engine) -> list[tuple[str, str, str]]:
+    """An explicit run's outcomes as the contract's (address, action, result) rows."""
+    return [outcome.row for outcome in await engine.reconcile()]
+
 
 PF, PF2, MLX = "0000:3b:00.0", "0000:3b:00.1", "0000:5e:00.0"
 VFS = ["0000:3b:02.0", "0000:3b:02.1", "0000:3b:02.2", "0000:3b:02.3"]
@@ -82,7 +90,7 @@ def test_make_plan_is_pure_and_empty_for_no_desires(ksim):
 async def test_reconcile_applies_the_persisted_state_with_the_kernel_rules(sim):
     want(sim, PF, num_vfs=4, vf_driver="vfio-pci")
     want(sim, NIC, driver="vfio-pci")
-    results = await sim.engine.reconcile()
+    results = await reconcile_rows(sim.engine)
     assert results == [(PF, "vfs", "ok"), (NIC, "bind", "ok")]
     writes = sim.writer.writes
     assert writes.index((PF, "sriov_drivers_autoprobe", "0")) < writes.index((PF, "sriov_numvfs", "4"))
@@ -95,32 +103,32 @@ async def test_reconcile_applies_the_persisted_state_with_the_kernel_rules(sim):
 async def test_reconcile_is_idempotent(sim):
     want(sim, PF, num_vfs=4, vf_driver="vfio-pci")
     want(sim, NIC, driver="vfio-pci")
-    await sim.engine.reconcile()
+    await reconcile_rows(sim.engine)
     sim.writer.clear()
     sim.events.clear()
-    assert await sim.engine.reconcile() == []
+    assert await reconcile_rows(sim.engine) == []
     assert sim.writer.calls == [] and sim.events == []
 
 
 async def test_a_vf_count_change_goes_through_zero(sim):
     make_vfs(sim, 2)
     want(sim, PF, num_vfs=4)
-    assert await sim.engine.reconcile() == [(PF, "vfs", "ok")]
+    assert await reconcile_rows(sim.engine) == [(PF, "vfs", "ok")]
     assert [d for _, a, d in sim.writer.writes if a == "sriov_numvfs"] == ["0", "4"]
 
 
 async def test_a_vf_desire_of_its_own_is_applied_once_the_vf_exists(sim):
     want(sim, PF, num_vfs=2)
-    await sim.engine.reconcile()
+    await reconcile_rows(sim.engine)
     want(sim, VFS[1], driver="vfio-pci")
-    assert await sim.engine.reconcile() == [(VFS[1], "bind", "ok")]
+    assert await reconcile_rows(sim.engine) == [(VFS[1], "bind", "ok")]
     assert [sim.driver(vf) for vf in VFS[:2]] == ["iavf", "vfio-pci"]
 
 
 async def test_a_failed_step_is_reported_and_the_device_restored(sim):
     want(sim, NIC, driver="vfio-pci")
     sim.kernel.fail_binds_silently(NIC)
-    [(address, action, result)] = await sim.engine.reconcile()
+    [(address, action, result)] = await reconcile_rows(sim.engine)
     assert (address, action) == (NIC, "bind") and result.startswith("KernelError: ") and "did not bind" in result
     assert (sim.driver(NIC), sim.override(NIC)) == ("e1000e", "")
     assert sim.engine.store.get(NIC).driver == "vfio-pci"  # the desire is kept
@@ -129,7 +137,7 @@ async def test_a_failed_step_is_reported_and_the_device_restored(sim):
 # ------------------------------------------------------------------ refused, and kept
 async def test_a_protected_desire_is_not_applied_but_reported_and_kept(sim):
     want(sim, ENO1, driver="vfio-pci")  # the management NIC: e.g. persisted before br0 moved onto it
-    results = await sim.engine.reconcile()
+    results = await reconcile_rows(sim.engine)
     [(address, action, result)] = [r for r in results if r[0] == ENO1]
     assert action == "bind" and result.startswith("Protected: ") and "br0 → bond0 → eno1" in result
     assert sim.writer.calls == [] and sim.driver(ENO1) == "igb"
@@ -144,7 +152,7 @@ async def test_a_device_that_is_not_the_persisted_one_is_refused(sim):
     other = identity_of(snapshot.functions[PF2], snapshot).model_copy(update={"serial": "00-00-00-00-00-00-00-01"})
     sim.engine.store.put(DeviceDesire(address=PF2, identity=other, num_vfs=4, vf_driver="vfio-pci"))
     sim.engine.refresh()
-    [(address, action, result)] = await sim.engine.reconcile()
+    [(address, action, result)] = await reconcile_rows(sim.engine)
     assert (address, action) == (PF2, "check") and result.startswith("IdentityChanged: ")
     assert "serial was 00-00-00-00-00-00-00-01" in result
     assert sim.writer.calls == [] and sim.numvfs(PF2) == 0
@@ -157,7 +165,7 @@ async def test_a_vf_count_change_is_refused_while_a_vf_is_leased(sim):
     await sim.engine.prepare("vm-a", VM_A, [VFS[0]])
     want(sim, PF, num_vfs=4)
     sim.writer.clear()
-    [(address, action, result)] = await sim.engine.reconcile()
+    [(address, action, result)] = await reconcile_rows(sim.engine)
     assert (address, action) == (PF, "vfs") and result.startswith("Busy: ") and VM_A in result
     assert sim.writer.calls == [] and sim.vfs(PF) == VFS[:2]
 
@@ -166,7 +174,7 @@ async def test_an_absent_persisted_device_is_reported(sim):
     want(sim, NIC, driver="vfio-pci")
     sim.kernel.unplug(NIC)
     await settle(sim)
-    assert await sim.engine.reconcile() == [(NIC, "check", f"NotFound: persisted device {NIC} is not present")]
+    assert await reconcile_rows(sim.engine) == [(NIC, "check", f"NotFound: persisted device {NIC} is not present")]
 
 
 # ---------------------------------------------------------------------- automatic runs
@@ -201,7 +209,7 @@ async def test_a_storm_of_events_is_one_run(sim):
 async def test_runs_wait_for_an_api_change_in_progress(sim):
     auto(sim)
     want(sim, NIC, driver="vfio-pci")
-    async with sim.engine._lock:  # an API change holds the mutation lock
+    async with sim.engine.ops.lock:  # an API change holds the mutation lock
         sim.engine.reconciler.poke()
         for _ in range(20):
             await asyncio.sleep(0)
@@ -216,7 +224,7 @@ async def test_a_runtime_change_is_not_undone_until_the_device_is_replugged(sim)
     await sim.engine.unbind(NIC, persist=False)  # back to e1000e for now, vfio-pci stays persisted
     await settle(sim)
     assert sim.driver(NIC) == "e1000e" and sim.engine.store.get(NIC).driver == "vfio-pci"
-    [(address, action, result)] = await sim.engine.reconcile()  # not even on demand
+    [(address, action, result)] = await reconcile_rows(sim.engine)  # not even on demand
     assert (address, action) == (NIC, "check") and result.startswith("skipped: ") and "--runtime" in result
     assert sim.driver(NIC) == "e1000e"
     sim.kernel.unplug(NIC)
@@ -238,7 +246,7 @@ async def test_a_failed_step_is_not_retried_by_every_event(sim):
     await sim.engine.set_vf_count(MLX, 2, persist=False)  # unrelated uevents
     await settle(sim)
     assert not [w for w in sim.writer.writes if NIC in w]  # it would have worked this time: not tried
-    assert await sim.engine.reconcile() == [(NIC, "bind", "ok")]  # explicit: retried
+    assert await reconcile_rows(sim.engine) == [(NIC, "bind", "ok")]  # explicit: retried
 
 
 async def test_the_reconciler_stops_fighting_another_agent(sim):
@@ -254,7 +262,7 @@ async def test_the_reconciler_stops_fighting_another_agent(sim):
         await settle(sim)
     assert sim.driver(NIC) == "e1000e"
     assert "something else keeps changing it" in sim.engine.views[NIC].drift
-    assert (await sim.engine.reconcile()) == [(NIC, "bind", "ok")]  # on demand it applies again
+    assert (await reconcile_rows(sim.engine)) == [(NIC, "bind", "ok")]  # on demand it applies again
 
 
 # ------------------------------------------------------------------------ moved cards
@@ -313,7 +321,7 @@ async def test_a_moved_card_is_followed_with_its_vfs(make_sim):
     await before.engine.bind("0000:3b:02.1", "pci-stub")  # a VF desire of its own
     await before.engine.bind("0000:af:00.0", "vfio-pci")  # no serial, MAC only while on e1000e
     after = await reboot_into(make_sim, before, topology("0000:d8:00.0", "0000:af:00.0"))
-    results = await after.engine.reconcile()
+    results = await reconcile_rows(after.engine)
     assert ("0000:3b:00.0", "follow", "ok: now at 0000:d8:00.0") in results
     assert ("0000:3b:02.1", "follow", "ok: now at 0000:d8:02.1") in results
     assert after.numvfs("0000:d8:00.0") == 3
@@ -321,7 +329,7 @@ async def test_a_moved_card_is_followed_with_its_vfs(make_sim):
     devices = json.loads(after.state_json().read_text())["devices"]
     assert set(devices) == {"0000:d8:00.0", "0000:d8:02.1", "0000:af:00.0"}
     assert devices["0000:d8:02.1"]["identity"]["physfn"] == "0000:d8:00.0"
-    assert await after.engine.reconcile() == []
+    assert await reconcile_rows(after.engine) == []
 
 
 async def test_a_different_card_at_the_address_is_refused_and_the_old_one_followed_if_found(make_sim):
@@ -329,7 +337,7 @@ async def test_a_different_card_at_the_address_is_refused_and_the_old_one_follow
     await before.engine.set_vf_count("0000:3b:00.0", 2, driver="vfio-pci")
     # The X710 and the e1000e swapped slots: neither desire is at home, both are followed.
     after = await reboot_into(make_sim, before, topology("0000:af:00.0", "0000:3b:00.0"))
-    results = await after.engine.reconcile()
+    results = await reconcile_rows(after.engine)
     assert ("0000:3b:00.0", "follow", "ok: now at 0000:af:00.0") in results
     assert after.numvfs("0000:af:00.0") == 2 and after.driver("0000:3b:00.0") == "e1000e"
 
@@ -350,7 +358,7 @@ async def test_recovery_rolls_back_an_interrupted_vf_count_change(make_sim):
     sim.kernel.write(sim.dir(PF) / "sriov_numvfs", "0")  # ... and the daemon died here
     sim.kernel.write(sim.dir(PF) / "sriov_drivers_autoprobe", "0")
     await settle(sim)
-    lines = await recover(engine)
+    lines = await recover(engine.view, engine.ops)
     assert len(lines) == 1 and lines[0].startswith("rolled back vf-count of 0000:3b:00.0")
     assert sim.vfs(PF) == VFS and [sim.driver(vf) for vf in VFS] == ["iavf"] * 4 and sim.autoprobe(PF) == "1"
     assert engine.journal.pending() == []
@@ -362,7 +370,7 @@ async def test_recovery_rolls_back_an_interrupted_bind(sim):
     sim.kernel.write(sim.dir(NIC) / "driver_override", "vfio-pci\n")
     sim.kernel.write(sim.paths.sys / "bus/pci/drivers/e1000e/unbind", NIC)  # died before drivers_probe
     assert sim.driver(NIC) == ""
-    await recover(sim.engine)
+    await recover(sim.engine.view, sim.engine.ops)
     assert (sim.driver(NIC), sim.override(NIC)) == ("e1000e", "")
 
 
@@ -371,7 +379,7 @@ async def test_a_prepare_whose_lease_was_written_is_finished_not_rolled_back(sim
     lease = await sim.engine.prepare("vm-a", VM_A, [PF2])
     assert lease is not None
     sim.engine.journal.begin("prepare", {PF2: DeviceBefore(before)}, vm_uuid=VM_A)
-    [line] = await recover(sim.engine)
+    [line] = await recover(sim.engine.view, sim.engine.ops)
     assert line.startswith("finished prepare") and sim.driver(PF2) == "vfio-pci"
 
 
@@ -386,10 +394,9 @@ async def test_an_unreadable_journal_is_set_aside(sim):
 
 
 async def test_recovery_takes_back_an_override_written_just_before_the_crash(sim):
-    from nicpassd.engine.journal import before_of
-
+    
     make_vfs(sim, 3)  # on iavf
-    sim.engine.journal.begin("vf-count", before_of(sim.engine, [PF]), target={"num_vfs": 3, "vf_driver": "vfio-pci"})
+    sim.engine.journal.begin("vf-count", sim.engine.ops.before_of([PF]), target={"num_vfs": 3, "vf_driver": "vfio-pci"})
     sim.kernel.write(sim.dir(VFS[0]) / "driver_override", "vfio-pci\n")  # killed right after this write
-    await recover(sim.engine)
+    await recover(sim.engine.view, sim.engine.ops)
     assert [(sim.driver(vf), sim.override(vf)) for vf in VFS[:3]] == [("iavf", "")] * 3

@@ -1,4 +1,4 @@
-"""Early binding: the udev helper (packaging/udev/, nicpassd/early_binding.py) puts driver_override
+"""Early binding: the udev helper (packaging/udev/, nicpassd/host/early_binding.py) puts driver_override
 on a persisted function on "add", before its host driver probes — at boot and on hotplug."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import os
 import subprocess
 import sys
 
-from nicpassd import early_binding
-from nicpassd.early_binding import udev_rule
+from nicpassd.host import early_binding
+from nicpassd.host.early_binding import udev_rule
 from nicpassd.engine.store import DeviceDesire, identity_of
 from nicpassd.sim.kernel import SimKernel
 from support import REPO
@@ -134,9 +134,12 @@ async def test_the_installed_helper_runs_stdlib_only_against_a_root(make_sim):
     assert usage.returncode == 2 and "usage" in usage.stderr
     imported = subprocess.run([sys.executable, "-I", "-X", "importtime", str(HELPER), "--root",
                                str(sim.paths.root), "0000:3b:00.1"], capture_output=True, text=True, timeout=30)
-    heavy = [name for name in ("pydantic", "dbus_fast", "nicpassd.engine", "nicpassd.host")
+    # Of nicpassd, only the stdlib-only modules it shares with the daemon's host layer.
+    heavy = [name for name in ("pydantic", "dbus_fast", "nicpassd.engine", "nicpassd.host.host", "nicpassd.host.sysfs",
+                               "nicpassd.host.netlink", "nicpassd.host.inventory", "nicpassd.host.writer")
              if f" {name}" in imported.stderr]
     assert heavy == []
+    assert " nicpassd.host.kernelio" in imported.stderr  # the daemon's own sysfs writer and serial parser
 
 
 def test_the_rule_starts_the_helper_on_pci_add_of_marked_functions_only():

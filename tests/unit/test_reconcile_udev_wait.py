@@ -48,7 +48,7 @@ async def test_a_device_udev_has_not_processed_waits_for_its_add(sim):
     sim.engine.reconciler.auto = True
     outcomes = await sim.engine.reconciler.run(explicit=False)  # the boot run
     assert sim.driver(NIC) == "e1000e"
-    assert [o.result for o in outcomes if o.address == NIC and WAITING in o.result]
+    assert [o.summary for o in outcomes if o.address == NIC and WAITING in o.summary]
     assert WAITING in sim.engine.reconciler.notes[NIC]
 
     (sim.paths.udev_data / f"+pci:{NIC}").touch()  # udev ran its rules, and says so

@@ -92,5 +92,5 @@ async def test_restoring_no_driver_leaves_a_host_driver_the_kernel_bound(sim):
     sim.engine.refresh()
     assert sim.driver(VFS[1]) == "iavf"
     before = PciFunction(VFS[1], "", "", "", "", "", driver="", driver_override="")
-    note = await sim.engine._restore_binding(VFS[1], before)
+    note = await sim.engine.ops.restore_binding(VFS[1], before)
     assert sim.driver(VFS[1]) == "iavf" and "left on iavf" in note

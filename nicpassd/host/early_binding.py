@@ -14,8 +14,10 @@ So a desire that became dangerous is not applied early either. The helper checks
 again (vendor, device, subsystem ids, PCIe serial when the list has one) and does nothing for a
 device that does not match, or that is not listed.
 
-Standard library only, imports nothing else of nicpassd (but the crash-safe file writer): udev
-runs it early at boot (python3 -I starts in ~20 ms; importing the daemon's stack would take 300 ms).
+Standard library only, imports nothing of nicpassd but the crash-safe file writer and the host
+layer's stdlib-only kernel reads and writes (``nicpassd.host.kernelio``: the same serial parser
+and sysfs writer as the daemon): udev runs it early at boot (python3 -I starts in ~20 ms;
+importing the daemon's stack would take 300 ms).
 """
 
 from __future__ import annotations
@@ -27,12 +29,12 @@ from pathlib import Path
 from typing import Protocol
 
 from nicpassd.atomicfile import atomic_write
+from nicpassd.host import kernelio
 
 LIST_FILE = "var/lib/nicpassd/early-binding.json"
 MARKER_DIR = "var/lib/nicpassd/early-binding.d"  # the udev rule's TEST (see _sync_markers)
 VF_MARKER = "vfs"
 VERSION = 1
-DRIVER_MODULES = {"vfio-pci": "vfio_pci", "pci-stub": "pci_stub"}
 
 
 class Kernel(Protocol):
@@ -48,25 +50,15 @@ class SysfsKernel:
         self.root = root
 
     def write(self, path: Path, data: str) -> None:
-        fd = os.open(path, os.O_WRONLY)
-        try:
-            os.write(fd, data.encode())
-        finally:
-            os.close(fd)
+        kernelio.write_sysfs(path, data)
 
     def load_module(self, name: str) -> None:
-        module = DRIVER_MODULES.get(name, name)
+        module = kernelio.DRIVER_MODULES.get(name, name)
         if (self.root / "sys/module" / module).is_dir() or (self.root / "sys/bus/pci/drivers" / name).is_dir():
             return
         if self.root != Path("/"):
             return  # a test root: never load a module into the machine running the test
-        import shutil
-        import subprocess
-
-        # udev runs its programs without PATH: Python's fallback (/bin:/usr/bin) misses /usr/sbin.
-        modprobe = shutil.which("modprobe", path="/usr/sbin:/sbin:/usr/bin:/bin") or "/sbin/modprobe"
-        subprocess.run([modprobe, "-q", name], check=True, timeout=30,
-                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        kernelio.load_module(name)
 
 
 # ------------------------------------------------------------------------------- the list
@@ -117,34 +109,8 @@ def read_list(root: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- the helper
-def _read(path: Path) -> str:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return ""
-
-
 def _hex(path: Path) -> str:
-    return _read(path).lower().removeprefix("0x").rjust(4, "0")
-
-
-def _serial(config: Path) -> str:
-    """The PCIe DSN (same format as nicpassd's reader), "" when absent or unreadable."""
-    try:
-        with open(config, "rb") as handle:
-            data = handle.read(4096)
-    except OSError:
-        return ""
-    offset, seen = 0x100, 0
-    while 0x100 <= offset <= len(data) - 12 and seen < 64:
-        header = int.from_bytes(data[offset:offset + 4], "little")
-        if header in (0, 0xFFFFFFFF):
-            return ""
-        if header & 0xFFFF == 0x0003:
-            raw = int.from_bytes(data[offset + 4:offset + 12], "little").to_bytes(8, "big").hex()
-            return "-".join(raw[i:i + 2] for i in range(0, 16, 2))
-        offset, seen = header >> 20, seen + 1
-    return ""
+    return kernelio.hex_id(path)
 
 
 def _mismatch(entry: dict[str, str], device_dir: Path, *, vf: bool = False) -> str:
@@ -155,7 +121,7 @@ def _mismatch(entry: dict[str, str], device_dir: Path, *, vf: bool = False) -> s
         if wanted and _hex(device_dir / attr) != wanted:
             return f"{attr} is {_hex(device_dir / attr)}, persisted {wanted}"
     if entry.get("serial") and not vf:
-        serial = _serial(device_dir / "config")
+        serial = kernelio.read_serial(device_dir / "config")
         if serial and serial != entry["serial"]:
             return f"serial is {serial}, persisted {entry['serial']}"
     return ""
@@ -168,9 +134,8 @@ def override_for(root: Path, name: str, listing: dict) -> tuple[str, str]:
     if entry is not None:
         problem = _mismatch(entry, device_dir)
         return ("", f"identity changed ({problem})") if problem else (entry["driver"], "persisted")
-    try:
-        physfn = os.path.basename(os.readlink(device_dir / "physfn"))
-    except OSError:
+    physfn = kernelio.link_name(device_dir / "physfn")
+    if not physfn:
         return "", "not listed"
     entry = (listing.get("vf_drivers") or {}).get(physfn)
     if entry is None:
@@ -220,10 +185,7 @@ def _journal(root: Path, message: str) -> None:
 
 
 def _driver_of(device_dir: Path) -> str:
-    try:
-        return os.path.basename(os.readlink(device_dir / "driver"))
-    except OSError:
-        return ""
+    return kernelio.link_name(device_dir / "driver")
 
 
 def rule_matches(root: Path, name: str) -> bool:

@@ -1,0 +1,85 @@
+"""Read-only answers about the host: ``explain`` one device, ``check`` the whole host.
+
+Pure functions of what the engine knows (``HostView``) and its configuration; typed results
+(``Explanation``, ``Finding``) that the transport maps to D-Bus types.
+"""
+
+from __future__ import annotations
+
+from nicpassd.engine.config import Config
+from nicpassd.engine.hostview import HostView
+from nicpassd.engine.results import Explanation, Finding, GroupMember, Level
+from nicpassd.host.kernelio import PASSTHROUGH_DRIVERS
+
+RISKY_CMDLINE = {
+    "pcie_acs_override": "pcie_acs_override fakes IOMMU isolation (out-of-tree patch)",
+    "vfio_iommu_type1.allow_unsafe_interrupts": "allow_unsafe_interrupts lets a VM inject interrupts",
+    "vfio.enable_unsafe_noiommu_mode": "vfio no-IOMMU mode gives VMs unrestricted DMA",
+    "vfio-pci.ids": "vfio-pci.ids= captures every device of those IDs, possibly the management NIC",
+}
+
+
+def explain(view: HostView, device: str) -> Explanation:
+    address = view.resolve(device)
+    snapshot, device_view = view.snapshot, view.views[address]
+    members = tuple(GroupMember(mate, snapshot.functions[mate].driver if mate in snapshot.functions else "")
+                    for mate in snapshot.group_members(address))
+    blockers = [f"{member.address} on {member.driver}" for member in members
+                if member.address != address and member.driver and member.driver not in PASSTHROUGH_DRIVERS
+                and not (member.address in snapshot.functions and snapshot.functions[member.address].is_bridge)]
+    viable = not blockers and device_view.iommu_group >= 0
+    name = view.label(address)
+    if device_view.protected:
+        verdict = f"{name} is protected: {'; '.join(device_view.protection_reasons)}"
+    elif device_view.leased_to:
+        verdict = f"{name} is leased to VM {device_view.leased_to}"
+    elif device_view.iommu_group < 0:
+        verdict = f"{name} has no IOMMU group: the IOMMU is off or the device is not behind it"
+    elif not viable:
+        verdict = f"{name} can be bound, but its IOMMU group is not viable: {', '.join(blockers)}"
+    else:
+        verdict = f"{name} may be passed through"
+    return Explanation(
+        address=address, allowed=not device_view.protected and not device_view.leased_to and viable,
+        verdict=verdict, protected=device_view.protected, reasons=tuple(device_view.protection_reasons),
+        iommu_group=device_view.iommu_group, group_members=members, group_viable=viable,
+        leased_to=device_view.leased_to, persisted=device_view.persisted,
+        desired_driver=device_view.desired_driver, driver=device_view.driver,
+        interfaces=tuple(device_view.interfaces), drift=device_view.drift,
+        overridable=bool(device_view.protected and view.protected.entries[address].overridable),
+    )
+
+
+def check(view: HostView, config: Config) -> list[Finding]:
+    snapshot, findings = view.snapshot, []
+    if snapshot.iommu_present:
+        findings.append(Finding("iommu", Level.OK, "an IOMMU is active"))
+    else:
+        findings.append(Finding("iommu", Level.FAIL, "no IOMMU is active (/sys/class/iommu is empty)",
+                                "enable VT-d/AMD-Vi in the firmware and boot with intel_iommu=on (Intel)"))
+    for word in snapshot.cmdline.split():
+        key = word.split("=", 1)[0].replace("-", "_")  # the kernel treats - and _ alike
+        key = next((name for name in RISKY_CMDLINE if name.replace("-", "_") == key), "")
+        if key:
+            findings.append(Finding(f"cmdline-{key}", Level.WARN, f"kernel command line has {word}: {RISKY_CMDLINE[key]}",
+                                    f"remove {key} from the kernel command line"))
+    default_routes = [route for route in snapshot.routes if route.is_default]
+    if not default_routes and not config.guard.management_interfaces:
+        findings.append(Finding("management", Level.WARN, "no default route and no configured management interface: "
+                                "the guard cannot tell which NIC keeps the host reachable",
+                                "set guard.management_interfaces in /etc/nicpassd/nicpassd.toml"))
+    else:
+        protected = ", ".join(sorted(view.protected.entries)) or "none"
+        findings.append(Finding("management", Level.OK, f"management path protected: {protected}"))
+    for number, note in enumerate(view.protected.notes):
+        findings.append(Finding(f"guard-{number}", Level.WARN, note, "fix the [guard] section of /etc/nicpassd/nicpassd.toml"))
+    for address, device_view in sorted(view.views.items()):
+        if device_view.drift:
+            level = Level.FAIL if device_view.drift.startswith("identity") else Level.WARN
+            findings.append(Finding(f"drift-{address}", level, f"{address}: {device_view.drift}",
+                                    f"re-apply with nicpassctl, or drop it with `nicpassctl forget {address}`"))
+    for address in sorted(view.store.state.devices):
+        if address not in snapshot.functions:
+            findings.append(Finding(f"missing-{address}", Level.WARN, f"persisted device {address} is not present",
+                                    f"`nicpassctl forget {address}` if the card was removed for good"))
+    return findings

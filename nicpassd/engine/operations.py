@@ -1,0 +1,276 @@
+"""Operations: the verified kernel changes every part of the engine makes, under one lock.
+
+The API (``Engine``), the reconciler, the lease keeper and recovery change devices only through
+this public interface:
+
+- ``lock``: the one mutation lock; every change (and every plan made to change) holds it;
+- ``bind`` / ``bind_all`` / ``bind_each``: the bind sequence of kernel rules §8 (driver_override,
+  unbind, drivers_probe) verified on the ``driver`` link, restored on failure;
+- ``set_vf_count`` (in ``vf_count.py``): 0 then N, autoprobe, VF claims, verified, restored;
+- ``restore_binding``: put a function back on what it was on;
+- ``journaled``: the undo-journal entry that makes a multi-step change crash-safe.
+
+Nothing here decides *whether* a change is allowed (the guard, leases, validation are the
+callers'); everything here makes sure the kernel did what was asked, or is back as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any, AsyncIterator, Callable, Iterable
+
+from nicpassd.engine import vf_count
+from nicpassd.engine.config import Config
+from nicpassd.engine.journal import DeviceBefore, Entry, Journal
+from nicpassd.errors import KernelError, NicpassError
+from nicpassd.host.host import Host
+from nicpassd.host.kernelio import PASSTHROUGH_DRIVERS, VFIO
+from nicpassd.host.model import PciFunction
+
+log = logging.getLogger(__name__)
+
+
+def satisfies(current: str, wanted: str) -> bool:
+    """Is a function on ``current`` where a bind to ``wanted`` ("" = its host driver) leaves it?"""
+    if wanted:
+        return current == wanted
+    return bool(current) and current not in PASSTHROUGH_DRIVERS
+
+
+class Operations:
+    def __init__(self, host: Host, config: Config, journal: Journal, label: Callable[[str], str]) -> None:
+        self.host = host
+        self.config = config
+        self.journal = journal
+        self.label = label  # address -> "0000:3b:00.0 (eno1)" for messages
+        self.lock = asyncio.Lock()
+        self._journal_depth = 0
+
+    # ------------------------------------------------------------------ journal
+    @contextlib.asynccontextmanager
+    async def journaled(self, kind: str, addresses: Iterable[str], *, target: dict[str, Any] | None = None,
+                        vm_uuid: str = "", before: dict[str, PciFunction] | None = None
+                        ) -> AsyncIterator[Entry | None]:
+        """Journal a change of ``addresses`` around the block. Nested changes (the VF binds of a VF
+        count change, the restores after a failure) are covered by the outermost entry. ``before``:
+        functions without VFs the caller has just read (saves reading them again)."""
+        if self._journal_depth:
+            yield None
+            return
+        if before is not None and not any(function.virtfns for function in before.values()):
+            devices = {address: DeviceBefore(function) for address, function in before.items()}
+        else:
+            devices = self.before_of(addresses)
+        entry = await self.journal.record(kind, devices, target=target, vm_uuid=vm_uuid)
+        self._journal_depth = 1
+        try:
+            yield entry
+        finally:
+            self._journal_depth = 0
+            await self.journal.finish(entry)  # not reached on SIGKILL: that is the point
+
+    @contextlib.contextmanager
+    def unjournaled(self):
+        """Changes that are not journaled themselves (recovery: its entry stays until it is done)."""
+        self._journal_depth = 1
+        try:
+            yield
+        finally:
+            self._journal_depth = 0
+
+    def before_of(self, addresses: Iterable[str]) -> dict[str, DeviceBefore]:
+        """The pre-change state of ``addresses`` as the kernel shows it (a PF's VF drivers by index)."""
+        result = {}
+        for address in addresses:
+            function = self.host.function(address)
+            if function is None:
+                continue
+            drivers, overrides = [], []
+            for vf in function.virtfns:
+                vf_function = self.host.function(vf)
+                drivers.append(vf_function.driver if vf_function is not None else "")
+                overrides.append(vf_function.driver_override if vf_function is not None else "")
+            result[address] = DeviceBefore(function, drivers, overrides)
+        return result
+
+    # -------------------------------------------------------------------- reads
+    def binding(self, address: str) -> PciFunction:
+        return self.host.binding(address)
+
+    def driver_of(self, address: str) -> str:
+        return self.host.driver_of(address)
+
+    # ------------------------------------------------------------------ binding
+    async def bind(self, address: str, driver: str, *, restore_on_failure: bool = True) -> None:
+        """driver_override, unbind, drivers_probe, then verify (kernel rules §8), journaled.
+        ``driver`` "" means the host driver: clear the override and let the kernel pick."""
+        async with self.journaled("bind", [address], target={"driver": driver}):
+            await self._bind(address, driver, restore_on_failure=restore_on_failure)
+
+    async def _bind(self, address: str, driver: str, *, restore_on_failure: bool) -> None:
+        before = self.host.present(address)
+        override = driver if driver in PASSTHROUGH_DRIVERS else ""
+        if before.driver and satisfies(before.driver, driver) and before.driver_override == override:
+            return
+        if driver == VFIO:
+            await self.host.load_module(VFIO)
+        try:
+            await self.host.set_driver_override(address, override)
+            if before.driver and not satisfies(before.driver, driver):
+                await self.host.unbind(address, before.driver)
+            if not self.host.driver_of(address):
+                await self.host.probe(address)
+            try:
+                await self._verify_driver(address, driver)
+            except KernelError:
+                if not await self._another_driver_appeared(address, before.driver, driver):
+                    raise
+                await self._rebind_once(address, driver, override)
+        except NicpassError as exc:
+            if restore_on_failure:
+                raise exc.with_note(await self.restore_binding(address, before)) from exc
+            raise
+
+    async def bind_all(self, addresses: list[str], driver: str) -> None:
+        """``bind`` for many functions (a PF's VFs): raises the first failure, after restoring
+        every function that failed."""
+        errors = await self.bind_each(addresses, driver)
+        if errors:
+            error = next(iter(errors.values()))
+            if len(errors) > 1:
+                raise error.extended(f" (and {len(errors) - 1} more)") from error
+            raise error
+
+    async def bind_each(self, addresses: list[str], driver: str) -> dict[str, NicpassError]:
+        """The bind sequence of kernel rules §8 for many functions at once: all driver_overrides,
+        then the unbinds, then the drivers_probes — each phase in one worker thread with the write
+        timeout — then one verification pass. Returns the failures ({} = all bound), each
+        restored to its previous driver. One journal entry covers the batch."""
+        if len(addresses) == 1:
+            try:
+                await self.bind(addresses[0], driver)
+                return {}
+            except NicpassError as exc:
+                return {addresses[0]: exc}
+        befores = {address: self.host.binding(address) for address in addresses}
+        async with self.journaled("bind", addresses, target={"driver": driver}, before=befores):
+            return await self._bind_batch(befores, driver)
+
+    async def _bind_batch(self, befores: dict[str, PciFunction], driver: str) -> dict[str, NicpassError]:
+        override = driver if driver in PASSTHROUGH_DRIVERS else ""
+        todo = [address for address, before in befores.items()
+                if not (before.driver and satisfies(before.driver, driver) and before.driver_override == override)]
+        errors: dict[str, NicpassError] = {}
+        if not todo:
+            return errors
+        if driver == VFIO:
+            await self.host.load_driver(VFIO)
+        host = self.host
+        writes = [host.override_write(a, override) for a in todo]
+        writes += [host.unbind_write(a, befores[a].driver) for a in todo
+                   if befores[a].driver and not satisfies(befores[a].driver, driver)]
+        writes += [host.probe_write(a) for a in todo]
+        try:
+            failed = await host.write_batch(writes)
+        except NicpassError as exc:  # Timeout: every function of the batch is in doubt
+            failed = {}
+            errors = {address: exc.copy() for address in todo}
+        for address, failure in failed.items():
+            errors[address] = KernelError(failure.describe())
+        pending = [a for a in todo if a not in errors]
+
+        def all_bound() -> bool:
+            pending[:] = [a for a in pending if not satisfies(host.driver_of(a), driver)]
+            return not pending
+
+        deadline = time.monotonic() + self.config.daemon.bind_verify_timeout
+        interval = 0.002
+        while not all_bound() and time.monotonic() < deadline:
+            await asyncio.sleep(interval)
+            interval = min(interval * 2, 0.1)
+        for address in list(pending):
+            if await self._another_driver_appeared(address, befores[address].driver, driver):
+                try:
+                    await self._rebind_once(address, driver, override)
+                except NicpassError as exc:
+                    errors[address] = exc
+                pending.remove(address)
+        for address in pending:
+            errors[address] = self._not_bound(address, driver)
+        return {address: error.with_note(await self.restore_binding(address, befores[address]))
+                for address, error in errors.items()}
+
+    def _not_bound(self, address: str, driver: str) -> KernelError:
+        found = self.host.driver_of(address) or "no driver"
+        return KernelError(f"{address} did not bind to {driver or 'its host driver'}: the kernel shows {found} after "
+                           "drivers_probe", "check the kernel log (journalctl -k) for the probe failure")
+
+    async def _verify_driver(self, address: str, driver: str) -> None:
+        """Wait for the ``driver`` link to show ``driver`` (one readlink per look)."""
+        deadline = time.monotonic() + self.config.daemon.bind_verify_timeout
+        interval = 0.002
+        while not satisfies(self.host.driver_of(address), driver):
+            if time.monotonic() >= deadline:
+                raise self._not_bound(address, driver)
+            await asyncio.sleep(interval)
+            interval = min(interval * 2, 0.1)
+
+    async def _another_driver_appeared(self, address: str, before: str, driver: str) -> bool:
+        """After a failed verify: is the function on a driver it was not on before and that was
+        not asked for (the kernel's own probe finished meanwhile, e.g. of a VF just created)?
+        Waits for the driver link to settle first."""
+        seen = self.host.driver_of(address)
+        for _ in range(10):
+            await asyncio.sleep(0.05)
+            now = self.host.driver_of(address)
+            if now == seen:
+                break
+            seen = now
+        return bool(seen) and seen != before and not satisfies(seen, driver)
+
+    async def _rebind_once(self, address: str, driver: str, override: str) -> None:
+        """The bind sequence once more, from the driver that appeared (the override stays)."""
+        current = self.host.driver_of(address)
+        log.info("%s was bound to %s by the kernel meanwhile; binding it to %s again", address, current,
+                 driver or "its host driver", extra={"device": address, "action": "bind"})
+        await self.host.set_driver_override(address, override)
+        if current and not satisfies(current, driver):
+            await self.host.unbind(address, current)
+        if not self.host.driver_of(address):
+            await self.host.probe(address)
+        await self._verify_driver(address, driver)
+
+    async def restore_binding(self, address: str, before: PciFunction) -> str:
+        """Best effort back to ``before``'s driver and driver_override; says what it did."""
+        try:
+            now = self.host.present(address)
+            await self.host.set_driver_override(address, before.driver_override)
+            if not before.driver and now.driver and now.driver not in PASSTHROUGH_DRIVERS:
+                # "No driver" is no state to go back to over a host driver the kernel bound by
+                # itself (its own probe of a new VF finished meanwhile): leave it there.
+                return f"left on {now.driver}, which the kernel bound meanwhile"
+            if now.driver and now.driver != before.driver:
+                await self.host.unbind(address, now.driver)
+            if before.driver and not self.host.driver_of(address):
+                await self.host.probe(address)
+            restored = self.host.driver_of(address)
+        except NicpassError as exc:
+            return f"restoring the previous driver also failed: {exc.message}"
+        if restored != before.driver:
+            return f"the previous driver {before.driver or 'none'} could not be restored (now {restored or 'none'})"
+        return f"restored {before.driver or 'no driver'}"
+
+    # ------------------------------------------------------------------ VF count
+    async def set_vf_count(self, address: str, count: int, driver: str,
+                           vf_drivers: dict[int, str] | None = None) -> dict[str, str]:
+        """See ``vf_count.apply_vf_count``: returns {VF address: driver} of the VFs it created for
+        a passthrough driver, for the caller to bind (verified)."""
+        target = {"num_vfs": count, "vf_driver": driver}
+        async with self.journaled("vf-count", [address], target=target):
+            return await vf_count.apply_vf_count(self, address, count, driver, vf_drivers)
+
+    async def restore_vfs(self, address: str, before: PciFunction, drivers: list[str]) -> str:
+        return await vf_count.restore_vfs(self, address, before, drivers)

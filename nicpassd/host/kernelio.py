@@ -1,0 +1,103 @@
+"""The smallest kernel reads and writes, standard library only.
+
+Shared by the daemon's host layer and the early-binding udev helper (nicpassd/host/early_binding.py),
+which udev starts at boot before anything else is up: importing this module must cost nothing
+beyond the standard library's ``os``.
+"""
+
+from __future__ import annotations
+
+import os
+
+DSN_CAPABILITY = 0x0003
+# The drivers a passthrough binding means: the device is held for a VM (or for nobody), not by
+# a host driver. The one definition of the set.
+VFIO = "vfio-pci"
+PASSTHROUGH_DRIVERS = ("vfio-pci", "pci-stub")
+DRIVER_MODULES = {"vfio-pci": "vfio_pci", "pci-stub": "pci_stub"}
+
+
+def write_sysfs(path: "os.PathLike[str] | str", data: str) -> None:
+    """One write() of the whole value: a sysfs attribute takes it in a single store. Raises
+    OSError with the kernel's errno."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, data.encode())
+    finally:
+        os.close(fd)
+
+
+def read_text(path: "os.PathLike[str] | str", default: str = "") -> str:
+    """A small attribute, stripped; ``default`` when it cannot be read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return default
+    try:
+        return os.read(fd, 65536).decode().strip()
+    except (OSError, UnicodeDecodeError):
+        return default
+    finally:
+        os.close(fd)
+
+
+def hex_id(path: "os.PathLike[str] | str") -> str:
+    """A PCI id attribute (vendor, device, subsystem_*) as four lower-case hex digits."""
+    return read_text(path).lower().removeprefix("0x").rjust(4, "0")
+
+
+def link_name(path: "os.PathLike[str] | str") -> str:
+    """The last component of a symlink's target ("" when it is no link): a driver, a PF."""
+    try:
+        return os.path.basename(os.readlink(path))
+    except OSError:
+        return ""
+
+
+def read_override(device_dir: str) -> str:
+    """A function's driver_override, "" for none; OSError when the function is gone."""
+    fd = os.open(f"{device_dir}/driver_override", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        override = os.read(fd, 4096).decode().strip()
+    finally:
+        os.close(fd)
+    return "" if override == "(null)" else override
+
+
+def read_serial(config: "os.PathLike[str] | str") -> str:
+    """The PCIe Device Serial Number from extended config space, "" when absent or unreadable
+    (beyond the first 64 bytes, config space is readable with CAP_SYS_ADMIN only)."""
+    try:
+        with open(config, "rb", buffering=0) as handle:
+            data = handle.read(4096)
+    except OSError:
+        return ""
+    offset, seen = 0x100, 0
+    while 0x100 <= offset <= len(data) - 12 and seen < 64:
+        header = int.from_bytes(data[offset:offset + 4], "little")
+        if header in (0, 0xFFFFFFFF):
+            return ""
+        if header & 0xFFFF == DSN_CAPABILITY:
+            raw = int.from_bytes(data[offset + 4:offset + 12], "little").to_bytes(8, "big").hex()
+            return "-".join(raw[i:i + 2] for i in range(0, 16, 2))
+        offset, seen = header >> 20, seen + 1
+    return ""
+
+
+def modprobe_path() -> str:
+    """modprobe's path: udev runs its programs without PATH, and Python's fallback
+    (/bin:/usr/bin) misses /usr/sbin."""
+    import shutil
+
+    return shutil.which("modprobe", path="/usr/sbin:/sbin:/usr/bin:/bin") or "/sbin/modprobe"
+
+
+def load_module(name: str) -> None:
+    """modprobe ``name`` quietly; OSError with modprobe's words when it fails."""
+    import errno
+    import subprocess
+
+    result = subprocess.run([modprobe_path(), "-q", name], capture_output=True, text=True, check=False,
+                            stdin=subprocess.DEVNULL, timeout=60)
+    if result.returncode != 0:
+        raise OSError(errno.ENOENT, result.stderr.strip() or f"modprobe {name} failed")
