@@ -1,9 +1,10 @@
 """The PCI devices of a libvirt domain XML: one reading for the daemon and the hook helper.
 
 nicpassd's ``PrepareDomain`` (nicpassd/transport/domain.py) and the libvirt hook's helper, when
-the daemon cannot be asked (client/hooks/nicpassd_hook.py, which imports this file through the
-link client/hooks/nicpassd_domain_xml.py; packaging/install puts a copy beside it), must read a
-domain the same way: its ``<name>`` and ``<uuid>``, and the source address of every ``<hostdev
+the daemon cannot be asked (client/hooks/nicpassd_hook.py), must read a domain the same way, so
+both import this one module: it is a top-level module of the nicpassd distribution (pyproject's
+``py-modules``, installed in the daemon's site-packages) and it sits beside the helper, which
+imports modules from its own directory (in this tree, and where packaging/install puts it): its ``<name>`` and ``<uuid>``, and the source address of every ``<hostdev
 mode='subsystem' type='pci'>`` (managed or not) and ``<interface type='hostdev'>`` under
 ``<devices>`` — nothing in ``<metadata>`` or anywhere else. A DOCTYPE is refused (libvirt writes
 none, and without one there are no entities to expand); pyexpat fetches nothing external.

@@ -1,9 +1,9 @@
-"""``PrepareDomain``'s reading of a libvirt domain XML (nicpassd/domain_xml.py), with its errors
-as the API's InvalidArgument."""
+"""``PrepareDomain``'s reading of a libvirt domain XML (``nicpassd_domain_xml``, the module the
+libvirt hook's helper reads domains with too), with its errors as the API's InvalidArgument."""
 
 from __future__ import annotations
 
-from nicpassd import domain_xml
+import nicpassd_domain_xml as domain_xml
 from nicpassd.errors import InvalidArgument
 
 

@@ -1,10 +1,12 @@
 """The PCI devices of a libvirt domain XML, as the daemon (PrepareDomain, nicpassd/transport/domain.py)
 and the hook helper (client/hooks/nicpassd_hook.py, which cannot import the daemon's package) read
-them: both through nicpassd/domain_xml.py, the helper by the link beside it."""
+them: both through the one module client/hooks/nicpassd_domain_xml.py (the daemon from its
+site-packages, the helper from its own directory)."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 from support import REPO
@@ -64,8 +66,12 @@ BROKEN = {
 
 
 def test_the_helper_reads_with_the_daemons_own_code():
-    link = REPO / "client" / "hooks" / "nicpassd_domain_xml.py"
-    assert link.is_symlink() and link.resolve() == (REPO / "nicpassd" / "domain_xml.py").resolve()
+    """One module, no link: the daemon imports the very file that sits beside the helper."""
+    beside_the_helper = REPO / "client" / "hooks" / "nicpassd_domain_xml.py"
+    assert not beside_the_helper.is_symlink() and beside_the_helper.is_file()
+    assert Path(helper_reading.__file__).resolve() == beside_the_helper.resolve()
+    assert Path(sys.modules[domain_devices.__module__].domain_xml.__file__).resolve() == beside_the_helper.resolve()
+    assert not (REPO / "nicpassd" / "domain_xml.py").exists()
 
 
 @pytest.mark.parametrize("xml", CASES.values(), ids=CASES.keys())

@@ -21,7 +21,7 @@ EXPECTED = {
     "etc/libvirt/hooks/qemu.d/50-nicpassd": REPO / "client/hooks/libvirt-qemu",
     "usr/lib/nicpassd/nicpassd-hook-helper": REPO / "client/hooks/nicpassd-hook-helper",
     "usr/lib/nicpassd/nicpassd_hook.py": REPO / "client/hooks/nicpassd_hook.py",
-    "usr/lib/nicpassd/nicpassd_domain_xml.py": REPO / "nicpassd/domain_xml.py",  # a copy, not the repo's link
+    "usr/lib/nicpassd/nicpassd_domain_xml.py": REPO / "client/hooks/nicpassd_domain_xml.py",
     "usr/lib/nicpassd/nicpassd-pve-hook": REPO / "client/hooks/nicpassd-pve-hook",
     "etc/nicpassd/nicpassd.toml": REPO / "packaging/nicpassd.toml",
 }
@@ -74,7 +74,7 @@ def test_installer_lays_out_every_file_and_uninstalls_them(tmp_path, wheels):
     assert helper.splitlines()[1:] == (REPO / "packaging/udev/nicpassd-udev-override").read_text().splitlines()[1:]
     # the venv holds this checkout's package and sees the system's packages
     venv_python = root / "usr/lib/nicpassd/venv/bin/python3"
-    found = subprocess.run([venv_python, "-I", "-c", "import nicpassd.early_binding, sys; print(nicpassd.__file__)"],
+    found = subprocess.run([venv_python, "-I", "-c", "import nicpassd.host.early_binding, sys; print(nicpassd.__file__)"],
                            capture_output=True, text=True, cwd=tmp_path)
     assert found.returncode == 0 and "/usr/lib/nicpassd/venv/lib/" in found.stdout, found.stderr
     assert "include-system-site-packages = true" in (root / "usr/lib/nicpassd/venv/pyvenv.cfg").read_text()
