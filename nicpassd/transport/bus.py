@@ -4,18 +4,59 @@
    (test-infrastructure.md). Here EAGAIN means "0 bytes sent, retry when writable".
 2. ObjectManager signals: dbus-fast emits InterfacesAdded/Removed from the object's own path; the
    D-Bus spec (and every ObjectManager client) expects them from the manager's path.
+
+Both reach into dbus-fast's private names (``PRIVATE_NAMES``), checked against the versions
+pyproject.toml allows (``>=5.2,<5.3``). ``private_api_problems`` lists what a dbus-fast release
+changed of them; tests/unit/test_dbus_fast_private.py fails loudly on it, and ``connect`` falls
+back to dbus-fast's own writer (logged) instead of patching something it does not know.
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
 import socket
 
 from dbus_fast import Message
 from dbus_fast.aio import MessageBus
 from dbus_fast.aio.message_bus import _MessageWriter
 from dbus_fast.constants import BusType
+from dbus_fast.service import ServiceInterface
 
+log = logging.getLogger(__name__)
 OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
+# What this module relies on: the writer's state, its callback, the bus's teardown and its
+# ObjectManager hooks (and their parameters).
+WRITER_ATTRIBUTES = ("messages", "negotiate_unix_fd", "bus", "sock", "loop", "buf", "fd", "offset", "unix_fds", "fut")
+PRIVATE_NAMES = {
+    (_MessageWriter, "write_callback"): ("self", "remove_writer"),
+    (MessageBus, "_finalize"): ("self", "err"),
+    (MessageBus, "_emit_interface_added"): ("self", "path", "interface"),
+    (MessageBus, "_emit_interface_removed"): ("self", "path", "removed_interfaces"),
+    (ServiceInterface, "_get_all_property_values"): ("interface", "callback", "user_data"),
+}
+BUS_ATTRIBUTES = ("_writer", "_user_disconnect", "_disconnected")
+
+
+def private_api_problems(bus: MessageBus | None = None) -> list[str]:
+    """What of ``PRIVATE_NAMES`` the installed dbus-fast does not have as expected ([] = all)."""
+    problems = []
+    for (owner, name), parameters in PRIVATE_NAMES.items():
+        member = getattr(owner, name, None)
+        if member is None:
+            problems.append(f"{owner.__name__}.{name} is gone")
+            continue
+        try:
+            found = tuple(inspect.signature(member).parameters)
+        except (TypeError, ValueError):  # compiled (Cython) without a signature: names unknown
+            continue
+        if found[:len(parameters)] != parameters:
+            problems.append(f"{owner.__name__}.{name} takes {found}, expected {parameters}")
+    if bus is not None:
+        problems += [f"MessageBus.{name} is gone" for name in BUS_ATTRIBUTES if not hasattr(bus, name)]
+        writer = getattr(bus, "_writer", None)
+        problems += [f"_MessageWriter.{name} is gone" for name in WRITER_ATTRIBUTES if not hasattr(writer, name)]
+    return problems
 
 
 class _PatientWriter(_MessageWriter):
@@ -68,7 +109,13 @@ class NicpassBus(MessageBus):
 
     async def connect(self) -> "NicpassBus":
         await super().connect()
-        self._writer.__class__ = _PatientWriter
+        problems = private_api_problems(self)
+        if problems:
+            log.error("this dbus-fast differs from the versions nicpassd was checked against (%s); writing "
+                      "with its own writer, which drops the connection on a full socket buffer",
+                      "; ".join(problems))
+        else:
+            self._writer.__class__ = _PatientWriter
         return self
 
     def _emit_interface_added(self, path, interface) -> None:
