@@ -114,7 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restore", action="store_true", help="also give it back to its host driver now")
     command("reconcile", "apply the persisted desired state now; lists each step and what was not applied "
                          "(exit 1 if anything was not)")
-    command("guard", "the protected set (never handed to a VM) with reasons")
+    p = command("guard", "the protected set (never handed to a VM) with reasons")
+    p.add_argument("--release", metavar="DEVICE", default=None,
+                   help="forget a device remembered as the management path that the kernel no longer shows "
+                        "there (asks for org.nicpass.NicPass1.force; logged)")
     command("leases", "current leases of devices to VMs")
     p = command("prepare", "lease devices to a VM about to start (what the hooks do)")
     p.add_argument("vm_name", metavar="VM_NAME")

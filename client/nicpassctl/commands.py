@@ -134,6 +134,14 @@ async def cmd_reconcile(client, args) -> ExitCode:
 
 
 async def cmd_guard(client, args) -> ExitCode:
+    release = getattr(args, "release", None)
+    if release:
+        await client.manager("ReleaseProtection", "sa{sv}", [release], options={}, mutate=True)
+        if args.json:
+            emit_json({"released": release})
+        else:
+            out(f"{release}: released from the guard's memory")
+        return ExitCode.OK
     (protected,) = await client.manager("GetProtected")
     if args.json:
         emit_json(render.guard_json(protected))

@@ -71,6 +71,17 @@ def check(view: HostView, config: Config) -> list[Finding]:
     else:
         protected = ", ".join(sorted(view.protected.entries)) or "none"
         findings.append(Finding("management", Level.OK, f"management path protected: {protected}"))
+    for address, held in sorted(view.memory.held.items()):
+        function = snapshot.functions.get(address)
+        name = view.label(address) if function and function.interfaces else (
+            f"{address} ({', '.join(held.entry.interfaces)})" if held.entry.interfaces else address)
+        driver = held.entry.driver or "its host driver"
+        findings.append(Finding(
+            f"guard-taken-{address}", Level.FAIL,
+            f"{name} was the host's management path and is taken: {held.reasons[0]}",
+            f"give it back to {driver} (`nicpassctl unbind {address}`), and find what took it (a vfio-pci.ids= or "
+            f"modprobe.d option, driverctl, a VM); if it is no longer needed for management, "
+            f"`nicpassctl guard --release {address}`"))
     for number, note in enumerate(view.protected.notes):
         findings.append(Finding(f"guard-{number}", Level.WARN, note, "fix the [guard] section of /etc/nicpassd/nicpassd.toml"))
     for address, device_view in sorted(view.views.items()):

@@ -31,7 +31,7 @@ from nicpassd.engine.operations import Operations
 from nicpassd.engine.reconcile import Reconciler
 from nicpassd.engine.results import Explanation, Finding, StepOutcome
 from nicpassd.engine.store import DeviceDesire, RuntimeHolds, StateStore, identity_of
-from nicpassd.errors import InvalidArgument, NicpassError, NotSupported
+from nicpassd.errors import InvalidArgument, NicpassError, NotFound, NotSupported
 from nicpassd.host.events import UEvent
 from nicpassd.host.host import Host
 from nicpassd.host.kernelio import PASSTHROUGH_DRIVERS, VFIO
@@ -225,6 +225,27 @@ class Engine:
             await self.holds.release_async(address)
             self.reconciler.forget_failures(address)
             self.view.refresh()
+
+    async def release_protection(self, device: str, *, caller: str = "") -> None:
+        """An admin's word that a remembered management device (guard_memory.py) is no longer
+        needed for management: the guard forgets it. A device on the live management path cannot
+        be released (it is protected by what the kernel shows, not by memory)."""
+        view = self.view
+        address = view.memory_address(device)
+        async with self.ops.lock:
+            view.refresh()
+            if address not in view.memory.held:
+                if address in view.protected and view.protected.entries[address].management:
+                    raise InvalidArgument(f"{view.label(address)} is on the host's management path now "
+                                          f"({'; '.join(view.protected.reasons(address))}); there is nothing "
+                                          "remembered to release", "move the management network off it first")
+                raise NotFound(f"{view.label(address)} is not remembered as a management device",
+                               "see `nicpassctl guard` for what is protected and why")
+            view.memory.release(address)
+            log.warning("%s released from the guard's memory by %s; it was: %s", view.label(address),
+                        caller or "an unknown caller", "; ".join(view.protected.reasons(address)),
+                        extra={"device": address, "action": "guard-release"})
+            view.refresh()
 
     def _guard(self, address: str, action: str, *, force: bool, caller: str) -> None:
         overridden = self.view.guard_check(address, action, force=force)

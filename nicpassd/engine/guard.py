@@ -27,6 +27,7 @@ import functools
 import ipaddress
 import re
 from dataclasses import dataclass, field
+from typing import Callable, Protocol
 
 from nicpassd.engine.config import GuardSettings
 from nicpassd.errors import Protected
@@ -159,7 +160,21 @@ def _route_text(route: Route) -> str:
     return f"route {route.prefix}{via}"
 
 
-def compute_protected(snapshot: HostSnapshot, settings: GuardSettings) -> ProtectedSet:
+class Held(Protocol):
+    """A function the management path had and the live state no longer shows (guard_memory.py)."""
+
+    reasons: tuple[str, ...]
+    entry: "object"  # .kinds: the kinds of reasons it was protected for
+
+
+# live management path (address -> reasons, kinds) -> the remembered functions still to protect
+Remember = Callable[[dict[str, tuple[tuple[str, ...], frozenset[str]]]], dict[str, Held]]
+
+
+def compute_protected(snapshot: HostSnapshot, settings: GuardSettings, remember: Remember | None = None) -> ProtectedSet:
+    """The protected set of ``snapshot``. ``remember`` (``GuardMemory.observe``) is told the live
+    management path before the closure and answers with the functions that were on it and are
+    taken now: they are protected as management, their PF and group mates with them."""
     builder = _Builder(snapshot)
     for route in snapshot.routes:
         if route.is_default:
@@ -184,6 +199,14 @@ def compute_protected(snapshot: HostSnapshot, settings: GuardSettings) -> Protec
         builder.add(storage.address, f"storage of the root file system: {' → '.join(storage.chain)} → {storage.address}",
                     ROOT_STORAGE)
     _last_way_in(builder)
+    if remember is not None:
+        live = {address: (tuple(reasons), frozenset(builder.kinds[address]))
+                for address, reasons in builder.reasons.items() if builder.management(address)}
+        for address, held in remember(live).items():
+            kinds = [kind for kind in held.entry.kinds if kind in MANAGEMENT] or [MANAGEMENT_INTERFACE]
+            for reason in held.reasons:
+                builder.add(address, reason, kinds[0])
+            builder.kinds[address].update(kinds)
     _close_over_pf_and_groups(builder)
     return ProtectedSet({
         address: Protection(address, tuple(reasons), builder.management(address), frozenset(builder.kinds[address]),

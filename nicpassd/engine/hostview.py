@@ -14,10 +14,11 @@ from typing import Callable, Iterable
 
 from nicpassd.engine.config import Config
 from nicpassd.engine.guard import ProtectedSet, compute_protected
+from nicpassd.engine.guard_memory import GuardMemory
 from nicpassd.engine.leases import LeaseTable
 from nicpassd.engine.store import StateStore
 from nicpassd.engine.views import DeviceView, build_views, label, resolve_device
-from nicpassd.errors import Busy, NotFound, Protected
+from nicpassd.errors import Busy, InvalidArgument, NotFound, Protected
 from nicpassd.host.events import UEvent
 from nicpassd.host.host import Host
 from nicpassd.host.inventory import Inventory
@@ -46,6 +47,8 @@ class HostView:
         self.listeners: list[Callable[[InventoryDelta], None]] = []
         # Per device, why the reconciler does not apply its persisted state (shown in Drift).
         self.notes: dict[str, str] = {}
+        # The management path as it was: loaded before the first publish (guard_memory.py).
+        self.memory = GuardMemory.load(host.paths.state_dir)
         self.inventory = Inventory(host.paths, host.snapshot)  # incremental re-reads on uevents
         # Events noted since the last refresh, whoever refreshes (the API, a reconcile run, the
         # coalescing callback of ``Engine.on_uevent``).
@@ -77,7 +80,7 @@ class HostView:
 
     def publish(self) -> InventoryDelta:
         """Recompute the guard and the views of the snapshot; announce the differences."""
-        self.protected = compute_protected(self.snapshot, self.config.guard)
+        self.protected = compute_protected(self.snapshot, self.config.guard, remember=self._remember)
         views = build_views(self.snapshot, self.protected, self.store, self.leases.holder(), notes=self.notes)
         delta = InventoryDelta()
         for address, view in views.items():
@@ -93,9 +96,29 @@ class HostView:
                 listener(delta)
         return delta
 
+    def _remember(self, live):
+        if not self.snapshot.functions:
+            return {}  # nothing read yet: no judgement on what is gone
+        return self.memory.observe(self.snapshot, live)
+
     # ----------------------------------------------------------------- lookups
     def resolve(self, device: str) -> str:
         return resolve_device(self.snapshot, device)
+
+    def memory_address(self, device: str) -> str:
+        """``resolve`` that also knows remembered devices whose function or netdev is gone (a PCI
+        address, or an interface name they had)."""
+        try:
+            return self.resolve(device)
+        except (NotFound, InvalidArgument):
+            text = device.strip().lower()
+            address = text if len(text) > 7 else f"0000:{text}"
+            if address in self.memory.entries:
+                return address
+            for entry in self.memory.entries.values():
+                if device.strip() in entry.interfaces:
+                    return entry.address
+            raise
 
     def present(self, address: str) -> PciFunction:
         """The function in the fresh snapshot; it may have gone since the request was resolved."""

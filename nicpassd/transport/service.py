@@ -363,6 +363,18 @@ class ManagerInterface(ServiceInterface):
 
     @method()
     @dbus_errors
+    @authorized(ACTION_FORCE)
+    async def ReleaseProtection(self, device: "s", options: "a{sv}"):
+        """Forget a device the guard remembers as the host's management path although the kernel
+        no longer shows it there (taken: no driver, vfio-pci, no netdev). Asks polkit for
+        org.nicpass.NicPass1.force; logged with the caller. A device on the live path is
+        ``InvalidArgument``, one not remembered ``NotFound``."""
+        _known_options(options, ())
+        sender, _ = caller()
+        await self.engine.release_protection(device, caller=sender)
+
+    @method()
+    @dbus_errors
     async def GetProtected(self) -> "a(sas)":
         return [[entry.address, list(entry.reasons)]
                 for entry in sorted(self.engine.protected.entries.values(), key=lambda e: e.address)]
