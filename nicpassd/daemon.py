@@ -148,6 +148,7 @@ async def serve(args, paths: HostPaths, config) -> int:
     await asyncio.wait({disconnected, stopped}, return_when=asyncio.FIRST_COMPLETED)
     notifier.stopping()
     engine.leasing.close()
+    engine.sentinel.close()
     if watchdog is not None:
         watchdog.cancel()
     if events is not None:
@@ -194,6 +195,10 @@ async def _apply_desired_state(engine: Engine) -> None:
     engine.refresh()  # after subscribing to events: nothing that happens from here is missed
     for line in await recover(engine.view, engine.ops):
         log.warning("undo journal: %s", line)
+    # A device of the management path found taken at start (vfio-pci.ids=, a softdep in the
+    # initramfs, a crash mid-way) is given back before anything else is applied.
+    engine.sentinel.start_healing()
+    await engine.sentinel.idle()
     engine.reconciler.auto = True
     outcomes = await engine.reconciler.run(explicit=False)
     await engine.reconciler.idle()  # the follow-up run its uevents queued: inventory and views current

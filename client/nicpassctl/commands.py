@@ -143,11 +143,22 @@ async def cmd_guard(client, args) -> ExitCode:
             out(f"{release}: released from the guard's memory")
         return ExitCode.OK
     (protected,) = await client.manager("GetProtected")
+    violations = await _violations(client)
     if args.json:
-        emit_json(render.guard_json(protected))
+        emit_json(render.guard_json(protected, violations))
     else:
-        out(render.guard_text(protected))
+        out(render.guard_text(protected, violations))
     return ExitCode.OK
+
+
+async def _violations(client) -> list[dict[str, Any]]:
+    try:
+        (violations,) = await client.manager("GetViolations")
+    except DaemonError as err:  # an older daemon without it
+        if err.name != "org.freedesktop.DBus.Error.UnknownMethod":
+            raise
+        return []
+    return violations
 
 
 async def cmd_leases(client, args) -> ExitCode:
@@ -299,6 +310,7 @@ MONITOR_RULES = [
     # own path rather than the ObjectManager's; accept both.
     f"type='signal',sender='{BUS_NAME}',interface='{OM_IFACE}',path_namespace='{MANAGER_PATH}'",
     f"type='signal',sender='{BUS_NAME}',interface='{MANAGER_IFACE}',member='LeaseChanged'",
+    f"type='signal',sender='{BUS_NAME}',interface='{MANAGER_IFACE}',member='ProtectionViolated'",
     "type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
     f"member='NameOwnerChanged',arg0='{BUS_NAME}'",
 ]
@@ -326,6 +338,9 @@ def signal_to_event(path: str, interface: str, member: str, body: list[Any]) -> 
     if interface == MANAGER_IFACE and member == "LeaseChanged":
         lease_id, vm_uuid, state = body
         return {"time": now, "event": "lease", "lease_id": lease_id, "vm_uuid": vm_uuid, "state": state}
+    if interface == MANAGER_IFACE and member == "ProtectionViolated":
+        address, details = body
+        return {"time": now, "event": "violation", "address": address, **details}
     if interface == "org.freedesktop.DBus" and member == "NameOwnerChanged" and body and body[0] == BUS_NAME:
         _, old, new = body
         if new and not old:

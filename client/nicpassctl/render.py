@@ -21,7 +21,7 @@ DEVICE_ORDER = [
 ]
 EXPLAIN_ORDER = [
     "address", "verdict", "allowed", "protected", "reasons", "driver", "desired_driver", "persisted",
-    "interfaces", "iommu_group", "group_viable", "group_members", "leased_to",
+    "interfaces", "iommu_group", "group_viable", "group_members", "leased_to", "last_violation",
 ]
 
 
@@ -291,16 +291,27 @@ def check_text(findings: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def guard_json(protected: Iterable[list[Any]]) -> list[dict[str, Any]]:
+def guard_json(protected: Iterable[list[Any]], violations: Iterable[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    last = {v["address"]: v for v in violations}
     items = sorted(protected, key=lambda p: _addr_key(p[0]))
-    return [{"address": addr, "reasons": list(reasons)} for addr, reasons in items]
+    result = []
+    for addr, reasons in items:
+        entry: dict[str, Any] = {"address": addr, "reasons": list(reasons)}
+        if addr in last:
+            entry["last_violation"] = dict(last[addr])
+        result.append(entry)
+    return result
 
 
-def guard_text(protected: list[list[Any]]) -> str:
+def guard_text(protected: list[list[Any]], violations: Iterable[dict[str, Any]] = ()) -> str:
     if not protected:
         return "No device is protected."
     rows = [[p["address"], "\n".join(p["reasons"]) or "-"] for p in guard_json(protected)]
-    return table(["ADDRESS", "REASONS"], rows)
+    text = table(["ADDRESS", "REASONS"], rows)
+    taken = [[v["address"], v.get("summary", "")] for v in violations]
+    if taken:
+        text += "\n\nTaken by someone else (last time, and what nicpassd did):\n" + table(["ADDRESS", "VIOLATION"], taken)
+    return text
 
 
 def _when(seconds: Any) -> str:
@@ -362,6 +373,8 @@ def event_text(event: dict[str, Any]) -> str:
         return f"{head} {event.get('address') or event.get('path')}"
     if kind == "lease":
         return f"{head} {event['lease_id']} {event['vm_uuid']} {event['state']}"
+    if kind == "violation":
+        return f"{head} {event['address']} {event.get('summary', event.get('outcome', ''))}"
     if kind in ("daemon-started", "daemon-stopped"):
         return f"{clock(event.get('time'))} daemon {kind.split('-')[1]}"
     return f"{head} {event}"

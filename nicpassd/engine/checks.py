@@ -82,6 +82,7 @@ def check(view: HostView, config: Config) -> list[Finding]:
             f"give it back to {driver} (`nicpassctl unbind {address}`), and find what took it (a vfio-pci.ids= or "
             f"modprobe.d option, driverctl, a VM); if it is no longer needed for management, "
             f"`nicpassctl guard --release {address}`"))
+    findings += boot_capture(view)
     for number, note in enumerate(view.protected.notes):
         findings.append(Finding(f"guard-{number}", Level.WARN, note, "fix the [guard] section of /etc/nicpassd/nicpassd.toml"))
     for address, device_view in sorted(view.views.items()):
@@ -93,4 +94,67 @@ def check(view: HostView, config: Config) -> list[Finding]:
         if address not in snapshot.functions:
             findings.append(Finding(f"missing-{address}", Level.WARN, f"persisted device {address} is not present",
                                     f"`nicpassctl forget {address}` if the card was removed for good"))
+    return findings
+
+
+def _module(name: str) -> str:
+    return name.replace("-", "_")
+
+
+def boot_capture(view: HostView) -> list[Finding]:
+    """What would take a management device at the next boot, before nicpassd runs: vfio-pci's
+    ``ids=`` (kernel command line or modprobe.d) matching it, or its host driver blacklisted,
+    replaced (``install``) or preceded by vfio-pci (``softdep``)."""
+    devices: dict[str, tuple[str, str]] = {}  # address -> (vendor:device, host driver)
+    for address, entry in view.memory.entries.items():
+        if entry.vendor_id:
+            devices[address] = (f"{entry.vendor_id}:{entry.device_id}", entry.driver)
+    if not devices:
+        return []
+
+    def captured(ids_text: str) -> list[str]:
+        ids = {":".join(item.lower().split(":")[:2]) for item in ids_text.split(",") if item}
+        return [address for address, (pci_id, _) in sorted(devices.items()) if pci_id in ids]
+
+    def name(address: str) -> str:
+        entry = view.memory.entries[address]
+        return f"{address} ({', '.join(entry.interfaces)})" if entry.interfaces else address
+
+    remedy = ("remove it, and pass devices through one by one with `nicpassctl bind DEVICE` (persisted and "
+              "applied per device at boot, before the host driver, never by model)")
+    findings = []
+    for word in view.snapshot.cmdline.split():
+        key, _, value = word.partition("=")
+        if _module(key) == "vfio_pci.ids":
+            for address in captured(value):
+                findings.append(Finding(f"boot-capture-cmdline-{address}", Level.FAIL,
+                                        f"the kernel command line's {word} captures {name(address)}, a device of the "
+                                        "host's management path, at every boot", remedy))
+    drivers: dict[str, list[str]] = {}
+    for address, (_, driver) in sorted(devices.items()):
+        if driver:
+            drivers.setdefault(_module(driver), []).append(address)
+    for file, line_number, line in view.host.modprobe_config():
+        words = line.split()
+        where = f"{file}:{line_number}"
+        if len(words) >= 3 and words[0] == "options" and _module(words[1]) == "vfio_pci":
+            for option in words[2:]:
+                if option.startswith("ids="):
+                    for address in captured(option.removeprefix("ids=")):
+                        findings.append(Finding(f"boot-capture-modprobe-{address}", Level.FAIL,
+                                                f"{where}: '{line}' captures {name(address)}, a device of the host's "
+                                                "management path, whenever vfio-pci loads", remedy))
+        elif len(words) >= 2 and words[0] in ("blacklist", "install") and _module(words[1]) in drivers:
+            what = "keeps its driver from loading" if words[0] == "blacklist" else "replaces the loading of its driver"
+            for address in drivers[_module(words[1])]:
+                findings.append(Finding(f"boot-capture-{words[0]}-{address}", Level.FAIL,
+                                        f"{where}: '{line}' {what} ({words[1]}): {name(address)}, of the host's "
+                                        "management path, comes up without it", f"remove the line from {file}"))
+        elif len(words) >= 3 and words[0] == "softdep" and _module(words[1]) in drivers and \
+                "vfio_pci" in {_module(w) for w in words[2:]}:
+            for address in drivers[_module(words[1])]:
+                findings.append(Finding(f"boot-capture-softdep-{address}", Level.WARN,
+                                        f"{where}: '{line}' loads vfio-pci before {words[1]}, the driver of "
+                                        f"{name(address)} (management path): with any vfio-pci ids= of its model, "
+                                        "vfio-pci takes it", remedy))
     return findings

@@ -30,6 +30,9 @@ class GuardSettings(_Section):
     management_interfaces: tuple[str, ...] = ()
     management_prefixes: tuple[str, ...] = ()  # a route or an address inside one protects its NIC
     never_touch: tuple[str, ...] = ()  # PCI addresses (full or short) or vendor:device ids
+    # A device of the management path (or root storage) taken by anyone but nicpassd is given
+    # back to its host driver; false: reported only (sentinel.py).
+    heal: bool = True
 
     @field_validator("management_prefixes")
     @classmethod

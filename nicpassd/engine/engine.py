@@ -8,6 +8,8 @@ No D-Bus in here (the transport maps it). The rooms of the engine:
 - ``reconcile.Reconciler`` (with ``plan.py``): persisted desired state applied at boot, on hotplug,
   after API calls; ``recovery.recover``: the undo journal at start;
 - ``leasing.LeaseKeeper``: VM leases (Prepare, Activate, Release, reclaiming);
+- ``guard_memory.GuardMemory`` (in the view) and ``sentinel.Sentinel``: the management path
+  remembered, and every out-of-band change of it (or of a leased device) found, reported, healed;
 - ``checks``: ``explain`` and ``check``; ``results``: the typed answers.
 
 ``Engine`` owns them and holds the API's own operations: every mutation takes the mutation lock,
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 from typing import Callable
 
 from nicpassd.engine import checks
@@ -30,6 +33,7 @@ from nicpassd.engine.leasing import LeaseKeeper
 from nicpassd.engine.operations import Operations
 from nicpassd.engine.reconcile import Reconciler
 from nicpassd.engine.results import Explanation, Finding, StepOutcome
+from nicpassd.engine.sentinel import Sentinel
 from nicpassd.engine.store import DeviceDesire, RuntimeHolds, StateStore, identity_of
 from nicpassd.errors import InvalidArgument, NicpassError, NotFound, NotSupported
 from nicpassd.host.events import UEvent
@@ -51,6 +55,7 @@ class Engine:
         self.holds = RuntimeHolds(host.paths.runtime_dir)  # devices changed with --runtime
         self.reconciler = Reconciler(self.view, self.ops, self.holds)  # .auto = True in the daemon
         self.leasing = LeaseKeeper(self.view, self.ops, lambda: self.config)
+        self.sentinel = Sentinel(self.view, self.ops, lambda: self.config, self.leasing.announce)
 
     # ------------------------------------------------------------ state
     @property
@@ -179,7 +184,13 @@ class Engine:
             view.present(address)  # NotFound if it went away since it was resolved
             target = driver or "its host driver"
             action = f"bind {view.label(address)} to {target}"
-            self._guard(address, action, force=force, caller=caller)
+            present = view.present(address)
+            taken_back = not driver and not group and (present.driver in PASSTHROUGH_DRIVERS or not present.driver
+                                                       or present.driver_override in PASSTHROUGH_DRIVERS)
+            if not taken_back:
+                self._guard(address, action, force=force, caller=caller)
+            # else: giving a device that is off its host driver back to it takes nothing from the
+            # host; it is how an admin returns a protected device someone else took.
             targets = [address, *(view.group_mates(address, action) if group else ())]
             view.refuse_if_leased(targets, "rebind")
             if driver not in PASSTHROUGH_DRIVERS:
@@ -285,7 +296,9 @@ class Engine:
 
     # ---------------------------------------------------------- check/explain
     def explain(self, device: str) -> Explanation:
-        return checks.explain(self.view, device)
+        explanation = checks.explain(self.view, device)
+        last = self.sentinel.last.get(explanation.address)
+        return replace(explanation, last_violation=last.summary) if last else explanation
 
     def check(self) -> list[Finding]:
         return checks.check(self.view, self.config)

@@ -29,6 +29,7 @@ FORMAT_VERSION = 2  # 1 had no pid_start/pidfile/changes; it loads with their de
 
 RESERVED = "reserved"
 ACTIVE = "active"
+BROKEN = "broken"  # someone other than nicpassd rebound a device of it while the VM ran
 
 
 @dataclass
@@ -37,7 +38,7 @@ class Lease:
     vm_name: str
     vm_uuid: str
     devices: list[str]
-    state: str = RESERVED  # reserved (prepared, VM not yet running) or active
+    state: str = RESERVED  # reserved (prepared, VM not yet running), active, or broken
     expires: float = 0.0  # unix time after which a reservation is reclaimed; 0 = never
     pid: int = 0  # the VM's QEMU process, once known
     pid_start: int = 0  # its start time (/proc/PID/stat field 22), to tell a reused PID apart

@@ -30,7 +30,7 @@ from typing import Callable
 
 from nicpassd.engine.config import Config
 from nicpassd.engine.hostview import HostView
-from nicpassd.engine.leases import ACTIVE, Lease, LeaseTable
+from nicpassd.engine.leases import ACTIVE, BROKEN, Lease, LeaseTable
 from nicpassd.engine.operations import Operations
 from nicpassd.engine.views import FULL_ADDRESS, SHORT_ADDRESS, label, resolve_device
 from nicpassd.errors import Busy, InvalidArgument, KernelError, NicpassError, NotFound, Protected
@@ -71,7 +71,7 @@ class LeaseKeeper:
         self._watches: dict[str, tuple[int, int]] = {}  # lease_id -> (pidfd, pid)
         self._tasks: set[asyncio.Task] = set()
 
-    def _announce(self, lease: Lease, state: str) -> None:
+    def announce(self, lease: Lease, state: str) -> None:
         for listener in list(self.listeners):
             listener(lease, state)
 
@@ -115,10 +115,10 @@ class LeaseKeeper:
                     await self._tie(lease, pid)
             self._settle(addresses, *(old.devices for old in released))
         for old in released:
-            self._announce(old, STATE_RELEASED)
+            self.announce(old, STATE_RELEASED)
         if lease is not None:
             log.info("VM %s (%s): leased %s (%s)", vm_name, vm_uuid, ", ".join(lease.devices), lease.state)
-            self._announce(lease, lease.state)
+            self.announce(lease, lease.state)
         self.arm()
         return lease
 
@@ -141,7 +141,7 @@ class LeaseKeeper:
                 raise InvalidArgument(f"process {pid} is not running", "pass the PID of the VM's QEMU process")
             await self._tie(lease, pid)
         log.info("VM %s (%s): lease active%s", lease.vm_name, vm_uuid, f", QEMU pid {pid}" if pid else "")
-        self._announce(lease, lease.state)
+        self.announce(lease, lease.state)
         self.arm()
         return lease
 
@@ -153,7 +153,7 @@ class LeaseKeeper:
                 self._settle(*(lease.devices for lease in released))
         for lease in released:
             log.info("VM %s (%s): released %s", lease.vm_name, vm_uuid, ", ".join(lease.devices))
-            self._announce(lease, STATE_RELEASED)
+            self.announce(lease, STATE_RELEASED)
         self.arm()
         return released
 
@@ -402,7 +402,8 @@ class LeaseKeeper:
         if self._loop is not loop:
             self._forget_loop()
             self._loop = loop
-        wanted = {lease.lease_id: lease for lease in self.table.leases.values() if lease.state == ACTIVE and lease.pid}
+        wanted = {lease.lease_id: lease for lease in self.table.leases.values()
+                  if lease.state in (ACTIVE, BROKEN) and lease.pid}
         for lease_id, (fd, pid) in list(self._watches.items()):
             lease = wanted.get(lease_id)
             if lease is None or lease.pid != pid:
@@ -488,7 +489,7 @@ class LeaseKeeper:
             self._settle(lease.devices)
         log.warning("VM %s (%s): QEMU process %d exited without a release; reclaimed %s",
                     lease.vm_name, lease.vm_uuid, pid, ", ".join(lease.devices))
-        self._announce(lease, STATE_VM_GONE)
+        self.announce(lease, STATE_VM_GONE)
         self.arm()
 
     async def _reclaim_expired(self) -> None:
@@ -509,10 +510,10 @@ class LeaseKeeper:
         for lease in adopted:
             log.info("VM %s (%s): reservation expired but QEMU pid %d runs; lease active",
                      lease.vm_name, lease.vm_uuid, lease.pid)
-            self._announce(lease, lease.state)
+            self.announce(lease, lease.state)
         for lease in ended:
             log.warning("VM %s (%s): reservation expired (the VM did not start); reclaimed %s",
                         lease.vm_name, lease.vm_uuid, ", ".join(lease.devices))
-            self._announce(lease, STATE_EXPIRED)
+            self.announce(lease, STATE_EXPIRED)
         self.arm()
 

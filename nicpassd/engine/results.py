@@ -112,3 +112,4 @@ class Explanation:
     interfaces: tuple[str, ...]
     drift: str
     overridable: bool = False
+    last_violation: str = ""  # the last time someone else took it, and what nicpassd did

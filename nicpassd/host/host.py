@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from nicpassd.errors import KernelError
-from nicpassd.host import kernelio, procfs, sysfs
+from nicpassd.host import kernelio, modprobe, procfs, sysfs
 from nicpassd.host.model import HostSnapshot, PciFunction
 from nicpassd.host.writer import (BatchFailure, BatchWrite, KernelWriter, describe_oserror, run_blocking,
                                   write_attribute, write_batch)
@@ -80,6 +80,22 @@ class Host:
     def read_pidfile(self, pidfile: str, *, not_before: float = 0.0) -> int:
         """The running process an absolute pidfile path (under the host root) names, or 0."""
         return procfs.read_pidfile(self.paths.under(pidfile), not_before=not_before)
+
+    def vfio_users(self, group: int) -> list[tuple[int, str, str]]:
+        """(pid, program, QEMU guest name or "") of each process holding /dev/vfio/GROUP open."""
+        if group < 0:
+            return []
+        users = []
+        for pid in procfs.holders_of(os.fspath(self.paths.dev_vfio / str(group))):
+            argv = procfs.command_line(pid)
+            users.append((pid, os.path.basename(argv[0]) if argv else "", procfs.qemu_guest_name(argv)))
+        return users
+
+    def modprobe_config(self) -> list[tuple[str, int, str]]:
+        """Every line of modprobe.d (/etc, /run, /usr/lib, /lib): what modules get at load time."""
+        return modprobe.read_modprobe_config([self.paths.under(d) for d in
+                                            ("/etc/modprobe.d", "/run/modprobe.d", "/usr/lib/modprobe.d",
+                                             "/lib/modprobe.d")])
 
     # ------------------------------------------------------------------ writes
     # kernel rules §7-8: driver_override, unbind, drivers_probe

@@ -48,3 +48,48 @@ def read_pidfile(path: Path, *, not_before: float = 0.0) -> int:
     except (OSError, ValueError, IndexError):
         return 0
     return pid if valid_pid(pid) and process_start_time(pid) else 0
+
+
+def holders_of(path: str) -> list[int]:
+    """The processes with ``path`` open (a /dev/vfio/N group: QEMU, or any VFIO user), found the
+    way fuser does: every /proc/PID/fd link. Processes that vanish meanwhile are skipped."""
+    holders = []
+    try:
+        pids = [name for name in os.listdir(PROC) if name.isdigit()]
+    except OSError:
+        return holders
+    for pid in pids:
+        try:
+            fds = os.listdir(f"{PROC}/{pid}/fd")
+        except OSError:  # gone, or not ours to look at
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"{PROC}/{pid}/fd/{fd}") == path:
+                    holders.append(int(pid))
+                    break
+            except OSError:
+                continue
+    return holders
+
+
+def command_line(pid: int) -> list[str]:
+    try:
+        with open(f"{PROC}/{pid}/cmdline", "rb") as handle:
+            raw = handle.read()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def qemu_guest_name(argv: list[str]) -> str:
+    """The guest name a QEMU command line carries (libvirt: ``-name guest=NAME,debug-threads=on``;
+    by hand: ``-name NAME``), "" when none."""
+    for flag, value in zip(argv, argv[1:]):
+        if flag in ("-name", "--name"):
+            for part in value.split(","):
+                if part.startswith("guest="):
+                    return part.removeprefix("guest=")
+            first = value.split(",", 1)[0]
+            return "" if "=" in first else first
+    return ""

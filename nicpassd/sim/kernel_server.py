@@ -23,6 +23,13 @@ point), ``stop``.
 
     python -m nicpassd.sim.kernel_server --root DIR [TOPOLOGY]   # serve (foreground)
     python -m nicpassd.sim.kernel_server --root DIR --stop       # stop the one serving DIR
+
+A second writer, for playing libvirt, driverctl or a careless admin against a running
+``nicpassd --simulate --root DIR --keep-kernel`` (each exactly as ``echo VALUE > /sys/...`` or
+``modprobe NAME`` would: the same errors, the same uevents):
+
+    python -m nicpassd.sim.kernel_server --root DIR --write sys/bus/pci/devices/0000:01:00.0/driver_override vfio-pci
+    python -m nicpassd.sim.kernel_server --root DIR --modprobe vfio-pci
 """
 
 from __future__ import annotations
@@ -286,16 +293,42 @@ class Handler(socketserver.StreamRequestHandler):
         raise OSError(errno.EINVAL, f"unknown request {op!r}")
 
 
+def second_writer(paths: HostPaths, write: list[str] | None, module: str | None) -> int:
+    """Someone else's write into the running simulated kernel, reported as a shell would."""
+    if not alive(paths):
+        print(f"no simulated kernel serves {paths.root} (start nicpassd --simulate --root {paths.root} "
+              "--keep-kernel first)", file=sys.stderr)
+        return 1
+    kernel = RemoteKernel(paths)
+    try:
+        if module:
+            kernel.load_module(module)
+        if write:
+            attribute, value = write
+            kernel.write(paths.under("/" + attribute.lstrip("/")), value + "\n")
+    except OSError as exc:
+        what = f"modprobe {module}" if module and not write else f"write to {write[0]}"
+        print(f"{what}: {os.strerror(exc.errno) if exc.errno else exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nicpassd.sim.kernel_server")
     parser.add_argument("topology", nargs="?", default=None)
     parser.add_argument("--root", type=Path, required=True)
     parser.add_argument("--stop", action="store_true", help="stop the kernel serving --root")
     parser.add_argument("--no-udev-rule", action="store_true", help="do not run the early-binding udev helper")
+    parser.add_argument("--write", nargs=2, metavar=("ATTRIBUTE", "VALUE"),
+                        help="write VALUE (and a newline, as echo does) to ATTRIBUTE (relative to --root, e.g. "
+                             "sys/bus/pci/devices/0000:01:00.0/driver_override) of the kernel serving --root")
+    parser.add_argument("--modprobe", metavar="MODULE", help="load a driver module into the kernel serving --root")
     args = parser.parse_args(argv)
     paths = HostPaths(args.root)
     if args.stop:
         return 0 if stop(paths) else 1
+    if args.write or args.modprobe:
+        return second_writer(paths, args.write, args.modprobe)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s simkernel[%(process)d] %(levelname)s %(message)s")
     from nicpassd.host.early_binding import udev_rule
     from nicpassd.sim.kernel import SimKernel

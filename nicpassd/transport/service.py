@@ -81,6 +81,19 @@ def explanation_to_dbus(info: Explanation) -> dict:
         "persisted": Variant("b", info.persisted), "desired_driver": Variant("s", info.desired_driver),
         "driver": Variant("s", info.driver), "interfaces": Variant("as", list(info.interfaces)),
         "drift": Variant("s", info.drift), "overridable": Variant("b", info.overridable),
+        "last_violation": Variant("s", info.last_violation),
+    }
+
+
+def violation_to_dbus(violation) -> dict:
+    return {
+        "address": Variant("s", violation.address), "kind": Variant("s", violation.kind),
+        "interfaces": Variant("as", list(violation.interfaces)), "reasons": Variant("as", list(violation.reasons)),
+        "old_driver": Variant("s", violation.old_driver), "new_driver": Variant("s", violation.new_driver),
+        "driver_override": Variant("s", violation.driver_override), "culprit": Variant("s", violation.culprit),
+        "culprit_pid": Variant("u", violation.culprit_pid), "guest": Variant("s", violation.guest),
+        "vm_uuid": Variant("s", violation.vm_uuid), "detected": Variant("t", int(violation.detected)),
+        "outcome": Variant("s", violation.outcome), "summary": Variant("s", violation.summary),
     }
 
 
@@ -242,6 +255,11 @@ class ManagerInterface(ServiceInterface):
     def Version(self) -> "s":
         return __version__
 
+    @dbus_property(access=PropertyAccess.READ)
+    def ViolationCount(self) -> "u":
+        """Out-of-band changes of protected or leased devices seen since the daemon started."""
+        return self.engine.sentinel.count
+
     @method()
     @dbus_errors
     @authorized(ACTION_MANAGE)
@@ -389,9 +407,22 @@ class ManagerInterface(ServiceInterface):
             "pid": Variant("u", lease.pid),
         } for lease in self.engine.leases.leases.values()]
 
+    @method()
+    @dbus_errors
+    async def GetViolations(self) -> "aa{sv}":
+        """The last out-of-band change of each device that had one (taken from the management
+        path, or a leased device rebound), with its culprit and what was done."""
+        return [violation_to_dbus(v) for _, v in sorted(self.engine.sentinel.last.items())]
+
     @signal()
     def LeaseChanged(self, lease_id: str, vm_uuid: str, state: str) -> "sss":
         return [lease_id, vm_uuid, state]
+
+    @signal()
+    def ProtectionViolated(self, device: str, details: dict) -> "sa{sv}":
+        """A protected (or leased) device was changed by someone else: once when it is found
+        (outcome "detected"), once with what was done (healed: ..., heal failed: ..., ...)."""
+        return [device, details]
 
 
 class DeviceExporter:
@@ -427,6 +458,8 @@ def export_service(bus, engine: Engine, authorizer: Authorizer) -> ManagerInterf
     bus.export(MANAGER_PATH, manager)
     DeviceExporter(bus, engine)
     engine.lease_listeners.append(lambda lease, state: manager.LeaseChanged(lease.lease_id, lease.vm_uuid, state))
+    engine.sentinel.listeners.append(lambda violation: manager.ProtectionViolated(violation.address,
+                                                                                   violation_to_dbus(violation)))
     return manager
 
 

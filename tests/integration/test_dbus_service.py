@@ -151,9 +151,10 @@ MUTATIONS = [
     ("Forget", "sa{sv}", "3b:00.1", "0"),
     ("Prepare", "ssasa{sv}", "vm", "uuid-x", "1", "3b:00.1", "0"),
     ("Release", "sa{sv}", "uuid-x", "0"),
+    ("ReleaseProtection", "sa{sv}", "01:00.0", "0"),
 ]
 READS = [
-    ("Check", ""), ("Explain", "s", "3b:00.0"), ("GetProtected", ""), ("ListLeases", ""),
+    ("Check", ""), ("Explain", "s", "3b:00.0"), ("GetProtected", ""), ("ListLeases", ""), ("GetViolations", ""),
 ]
 
 

@@ -132,6 +132,8 @@ def default_responder(msg: Message, bus: FakeBus):
                             ["vfio", "warn", "vfio-pci not loaded.", "run modprobe vfio-pci."]]]
     if member == "GetProtected":
         return "a(sas)", [[["0000:01:00.0", ["carries the default route"]]]]
+    if member == "GetViolations":
+        return "aa{sv}", [[]]
     if member == "ListLeases":
         return "aa{sv}", [[{"lease_id": Variant("s", "l-1"), "vm_name": Variant("s", "web"),
                             "vm_uuid": Variant("s", "u-1"), "state": Variant("s", "active"),

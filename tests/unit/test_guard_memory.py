@@ -145,3 +145,12 @@ def test_remembered_round_trips(tmp_path):
     memory = GuardMemory(tmp_path / "guard.json", {ENO1: entry})
     memory.save_soon()
     assert GuardMemory.load(tmp_path).entries == {ENO1: entry}
+
+
+async def test_a_taken_management_nic_can_be_given_back_by_hand(sim):
+    take_by_hand(sim, ENO1, override="vfio-pci")
+    await settle()
+    await sim.engine.unbind(ENO1)  # back to its host driver: the guard does not stand in the way
+    assert (sim.driver(ENO1), sim.override(ENO1)) == ("igb", "")
+    with pytest.raises(Protected):
+        await sim.engine.bind(ENO1, "vfio-pci")

@@ -1,0 +1,229 @@
+"""The guard on every path into the kernel (nicpassd/engine/sentinel.py): a second writer into the
+simulated sysfs takes the management NIC the way libvirt, driverctl and a shell user each do; the
+sentinel finds it from the first event, names the culprit, reports, and heals — or, with heal off,
+only reports. A device that is not protected is left alone; a leased device rebound by someone
+else breaks its lease."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+import sys
+
+import pytest
+
+from nicpassd.engine.config import Config, DaemonSettings, GuardSettings
+from nicpassd.engine.leases import BROKEN
+
+ENO1, ENO2, NIC, PF2 = "0000:01:00.0", "0000:01:00.1", "0000:af:00.0", "0000:3b:00.1"
+VM = "6f1c2d3e-0000-4000-8000-00000000000a"
+DEVICES = "sys/bus/pci/devices"
+
+
+async def settle(sim) -> None:
+    for _ in range(3):
+        for _ in range(10):
+            await asyncio.sleep(0)
+        await sim.engine.sentinel.idle()
+        await sim.engine.reconciler.idle()
+
+
+def shell_user(sim, address: str) -> None:
+    """modprobe vfio-pci; echo vfio-pci > driver_override; echo A > driver/unbind; echo A > drivers_probe"""
+    sim.kernel.load_module("vfio-pci")
+    sim.kernel.write(sim.dir(address) / "driver_override", "vfio-pci\n")
+    sim.kernel.write(sim.dir(address) / "driver" / "unbind", f"{address}\n")
+    sim.kernel.write(sim.paths.drivers_probe, f"{address}\n")
+
+
+def libvirt(sim, address: str) -> None:
+    """virPCIDeviceBindWithDriverOverride (virsh nodedev-detach, attach-device managed='yes'):
+    the override, the unbind through the driver's own directory, then drivers_probe."""
+    sim.kernel.load_module("vfio-pci")
+    sim.kernel.write(sim.dir(address) / "driver_override", "vfio-pci")
+    driver = sim.driver(address)
+    sim.kernel.write(sim.paths.pci_drivers / driver / "unbind", address)
+    sim.kernel.write(sim.paths.drivers_probe, address)
+
+
+def driverctl(sim, address: str) -> None:
+    """driverctl set-override ADDR vfio-pci: override, unbind through the device's driver link, probe."""
+    sim.kernel.load_module("vfio-pci")
+    sim.kernel.write(sim.dir(address) / "driver_override", "vfio-pci\n")
+    sim.kernel.write(sim.dir(address) / "driver" / "unbind", address)
+    sim.kernel.write(sim.paths.drivers_probe, address)
+
+
+def careless_admin(sim, address: str) -> None:
+    """echo A > /sys/bus/pci/devices/A/driver/unbind, and nothing else."""
+    sim.kernel.write(sim.dir(address) / "driver" / "unbind", f"{address}\n")
+
+
+WRITERS = {"shell": shell_user, "libvirt": libvirt, "driverctl": driverctl, "unbind only": careless_admin}
+
+
+@pytest.fixture
+def watched(make_sim):
+    def build(**guard):
+        sim = make_sim(config=Config(guard=GuardSettings(**guard),
+                                     daemon=DaemonSettings(write_timeout=2.0, bind_verify_timeout=0.5)))
+        sim.engine.sentinel.start_healing()
+        return sim
+    return build
+
+
+@pytest.mark.parametrize("writer", WRITERS, ids=WRITERS)
+async def test_the_management_nic_taken_out_of_band_is_found_and_healed(watched, writer, caplog):
+    sim = watched()
+    seen = []
+    sim.engine.sentinel.listeners.append(seen.append)
+    caplog.set_level(logging.INFO)
+    WRITERS[writer](sim, ENO1)
+    await settle(sim)
+    assert (sim.driver(ENO1), sim.override(ENO1)) == ("igb", "")  # back on its host driver
+    assert "eno1" in sim.netdevs()
+    assert [v.outcome for v in seen][0] == "detected"
+    assert seen[-1].outcome.startswith("healed: back on igb, eno1 is back")
+    assert seen[0].culprit == "unknown writer" and seen[0].old_driver == "igb"
+    assert seen[0].new_driver in ("", "vfio-pci")
+    assert sim.engine.sentinel.count == 1 and not sim.engine.sentinel.active
+    crit = [r for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert crit and crit[0].device == ENO1 and crit[0].culprit == "unknown writer"
+    assert "was taken from igb by unknown writer" in crit[0].getMessage()
+    assert sim.engine.explain(ENO1).last_violation.endswith(seen[-1].outcome)
+    assert ENO1 in sim.engine.protected and sim.engine.protected.reasons(ENO1)[0].startswith("IPv4 default route")
+
+
+@pytest.mark.parametrize("writer", WRITERS, ids=WRITERS)
+async def test_with_heal_off_it_is_reported_and_nothing_is_undone(watched, writer):
+    sim = watched(heal=False)
+    seen = []
+    sim.engine.sentinel.listeners.append(seen.append)
+    WRITERS[writer](sim, ENO1)
+    await settle(sim)
+    expected = "" if writer == "unbind only" else "vfio-pci"
+    assert sim.driver(ENO1) == expected
+    assert [v.outcome.split(":")[0] for v in seen] == ["detected", "not healed"]
+    assert ENO1 in sim.engine.protected  # still protected: remembered
+    assert any(f.id == f"guard-taken-{ENO1}" and f.level == "fail" for f in sim.engine.check())
+
+
+async def test_a_device_that_is_not_protected_is_left_alone(watched):
+    sim = watched()
+    driverctl(sim, NIC)
+    await settle(sim)
+    assert sim.driver(NIC) == "vfio-pci" and sim.engine.sentinel.count == 0
+
+
+async def test_a_device_persisted_for_vfio_pci_is_never_fought(watched):
+    """Only a desire the guard refused can exist for it (written before it was the management NIC)."""
+    sim = watched()
+    from nicpassd.engine.store import DeviceDesire, identity_of
+
+    snapshot = sim.engine.snapshot
+    sim.engine.store.put(DeviceDesire(address=ENO1, identity=identity_of(snapshot.functions[ENO1], snapshot),
+                                      driver="vfio-pci"))
+    seen = []
+    sim.engine.sentinel.listeners.append(seen.append)
+    shell_user(sim, ENO1)
+    await settle(sim)
+    assert sim.driver(ENO1) == "vfio-pci"
+    assert seen[-1].outcome == "not healed: persisted for vfio-pci by an admin"
+
+
+async def test_the_culprit_is_the_process_holding_the_vfio_group(watched, tmp_path):
+    sim = watched(heal=False)
+    group = sim.engine.snapshot.functions[ENO1].iommu_group
+    vfio = sim.paths.root / "dev" / "vfio" / str(group)
+    vfio.parent.mkdir(parents=True, exist_ok=True)
+    vfio.touch()
+    # A stand-in QEMU: holds the group open, with libvirt's -name guest=... on its command line.
+    qemu = subprocess.Popen([sys.executable, "-c", "import sys, time; f = open(sys.argv[1]); print(1, flush=True); "
+                             "time.sleep(60)", str(vfio), "-name", "guest=web01,debug-threads=on"],
+                            stdout=subprocess.PIPE)
+    try:
+        qemu.stdout.readline()
+        seen = []
+        sim.engine.sentinel.listeners.append(seen.append)
+        libvirt(sim, ENO1)
+        await settle(sim)
+        assert seen[0].culprit_pid == qemu.pid and seen[0].guest == "web01"
+        assert seen[0].culprit == f"{sys.executable.rsplit('/', 1)[-1]} (pid {qemu.pid}, guest web01)"
+    finally:
+        qemu.kill()
+        qemu.wait()
+
+
+async def test_someone_else_rebinding_a_leased_device_breaks_its_lease(watched):
+    sim = watched()
+    await sim.engine.set_vf_count(PF2, 2)
+    vf = sim.vfs(PF2)[0]
+    states = []
+    sim.engine.lease_listeners.append(lambda lease, state: states.append(state))
+    await sim.engine.prepare("web", VM, [vf])
+    sim.kernel.write(sim.dir(vf) / "driver_override", "\n")
+    sim.kernel.write(sim.dir(vf) / "driver" / "unbind", vf)
+    sim.kernel.write(sim.paths.drivers_probe, vf)
+    await settle(sim)
+    assert sim.engine.leases.of_vm(VM)[0].state == BROKEN and states[-1] == BROKEN
+    assert sim.engine.sentinel.last[vf].kind == "lease"
+    await sim.engine.release(VM)  # a broken lease still ends
+    assert sim.engine.leases.of_vm(VM) == []
+
+
+async def test_something_that_keeps_taking_it_is_healed_a_bounded_number_of_times(watched):
+    from nicpassd.engine import sentinel
+
+    sim = watched()
+    seen = []
+    sim.engine.sentinel.listeners.append(seen.append)
+    for _ in range(sentinel.FIGHT_LIMIT + 1):
+        careless_admin(sim, ENO1)
+        await settle(sim)
+    assert seen[-1].outcome.startswith("not healed: taken 5 times in 60 s")
+    assert sim.driver(ENO1) == ""
+
+
+async def test_a_management_nic_captured_before_start_is_healed_at_boot(watched):
+    from nicpassd.engine.engine import Engine
+    from nicpassd.engine.leases import LeaseTable
+    from nicpassd.engine.store import StateStore
+
+    sim = watched()
+    await sim.engine.view.memory.flush()
+    sim.engine.leasing.close()
+    shell_user(sim, ENO1)  # the daemon is down: vfio-pci.ids= at boot, say
+    engine = Engine(sim.engine.host, sim.engine.config, StateStore(sim.paths.state_dir),
+                    LeaseTable(sim.paths.runtime_dir))
+    sim.engine = engine
+    engine.refresh()
+    assert engine.sentinel.active[ENO1].outcome == "detected"  # found before healing is on
+    engine.sentinel.start_healing()  # what the daemon does after the undo journal, before its boot reconcile
+    await engine.sentinel.idle()
+    assert sim.driver(ENO1) == "igb" and engine.sentinel.last[ENO1].outcome.startswith("healed")
+
+
+async def test_check_fails_on_what_would_capture_the_management_nic_at_boot(watched):
+    sim = watched()
+    modprobe_d = sim.paths.root / "etc" / "modprobe.d"
+    modprobe_d.mkdir(parents=True)
+    (modprobe_d / "vfio.conf").write_text("# from a passthrough how-to\noptions vfio-pci ids=8086:1521,10de:1b80\n"
+                                          "softdep igb pre: vfio-pci\n")
+    (modprobe_d / "blacklist-nic.conf").write_text("blacklist igb\n")
+    findings = {f.id: f for f in sim.engine.check()}
+    assert findings[f"boot-capture-modprobe-{ENO1}"].level == "fail"
+    assert "vfio.conf:2: 'options vfio-pci ids=8086:1521,10de:1b80' captures 0000:01:00.0 (eno1)" in \
+        findings[f"boot-capture-modprobe-{ENO1}"].message
+    assert findings[f"boot-capture-blacklist-{ENO1}"].level == "fail"
+    assert findings[f"boot-capture-softdep-{ENO1}"].level == "warn"
+    assert "nicpassctl bind DEVICE" in findings[f"boot-capture-modprobe-{ENO1}"].remedy
+    # the same ids on the kernel command line
+    (sim.paths.root / "proc" / "cmdline").write_text("BOOT_IMAGE=/vmlinuz intel_iommu=on vfio_pci.ids=8086:1521\n")
+    sim.engine.refresh()
+    assert findings_level(sim, f"boot-capture-cmdline-{ENO1}") == "fail"
+    assert not [f for f in sim.engine.check() if f.id.startswith("boot-capture") and NIC in f.id]
+
+
+def findings_level(sim, finding_id: str) -> str:
+    return next(f.level for f in sim.engine.check() if f.id == finding_id)
