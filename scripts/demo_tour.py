@@ -18,6 +18,9 @@ from support.bus import PrivateBus  # noqa: E402
 from support.daemon import SimulatedDaemon  # noqa: E402
 from support.unprivileged import busctl_as_nobody  # noqa: E402
 
+from nicpassd.paths import HostPaths  # noqa: E402
+from nicpassd.sim import kernel_server  # noqa: E402
+
 BOLD, DIM, RESET = ("\033[1m", "\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "", "")
 
 
@@ -32,6 +35,18 @@ def run(bus: PrivateBus, *args: str) -> int:
     if result.returncode:
         print(f"{DIM}(exit {result.returncode}){RESET}", flush=True)
     return result.returncode
+
+
+def someone_else(root: Path, *steps: tuple[str, str]) -> None:
+    """Writes into the simulated kernel by another writer, shown as the shell commands they are."""
+    for attribute, value in steps:
+        if attribute == "modprobe":
+            print(f"{DIM}$ modprobe {value}{RESET}", flush=True)
+            argv = ["--modprobe", value]
+        else:
+            print(f"{DIM}$ echo {value} > /{attribute}{RESET}", flush=True)
+            argv = ["--write", attribute, value]
+        subprocess.run([sys.executable, "-m", "nicpassd.sim.kernel_server", "--root", str(root), *argv], check=True)
 
 
 def tour(bus: PrivateBus, root: Path) -> None:
@@ -50,6 +65,13 @@ def tour(bus: PrivateBus, root: Path) -> None:
     say("Dangerous requests are refused with the reason and the exit code scripts can test")
     run(bus, "bind", "eno2")
     run(bus, "vfs", "3b:00.0", "65")
+    say("Someone else takes the management NIC behind nicpassd's back, as `virsh nodedev-detach` or\n"
+        "# driverctl would: nicpassd sees it at the first uevent, reports it (journal: crit) and gives it back")
+    eno1 = "sys/bus/pci/devices/0000:01:00.0"
+    someone_else(root, ("modprobe", "vfio-pci"), (f"{eno1}/driver_override", "vfio-pci"),
+                 (f"{eno1}/driver/unbind", "0000:01:00.0"), ("sys/bus/pci/drivers_probe", "0000:01:00.0"))
+    time.sleep(1)
+    run(bus, "guard")
     say("A NIC whose IOMMU group holds a USB controller: bindable, but not viable for a VM")
     run(bus, "show", "af:00.0")
     say("An unprivileged user may read, but not change anything (polkit; here: root only)")
@@ -68,16 +90,20 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="nicpassd-demo-"))
     bus = PrivateBus()
     try:
-        say(f"Starting a private system bus and `nicpassd --simulate --root {workdir}/host`")
-        daemon = SimulatedDaemon(bus, workdir / "host", args.topology)
+        say(f"Starting a private system bus and `nicpassd --simulate --root {workdir}/host --keep-kernel`\n"
+            "# (the simulated kernel runs in a process of its own, so that others can write to it too)")
+        daemon = SimulatedDaemon(bus, workdir / "host", args.topology, extra_args=("--keep-kernel",))
         tour(bus, workdir / "host")
         say("Reboot the simulated host: the kernel starts fresh, /var/lib/nicpassd is kept")
         daemon.stop()
-        daemon = SimulatedDaemon(bus, workdir / "host", args.topology)
+        kernel_server.stop(HostPaths(workdir / "host"))
+        daemon = SimulatedDaemon(bus, workdir / "host", args.topology, extra_args=("--keep-kernel",))
         run(bus, "list")
         if args.keep:
             say("Still running. In another shell:")
             print(f"export DBUS_SYSTEM_BUS_ADDRESS='{bus.address}'\n{REPO}/.venv/bin/nicpassctl monitor")
+            print(f"{REPO}/.venv/bin/python -m nicpassd.sim.kernel_server --root {workdir}/host "
+                  "--write sys/bus/pci/devices/0000:01:00.0/driver/unbind 0000:01:00.0   # take eno1 again")
             print(f"daemon log: {daemon.log}   (Ctrl-C here stops everything)")
             try:
                 while daemon.process.poll() is None:
@@ -87,6 +113,7 @@ def main() -> int:
         daemon.stop()
         return 0
     finally:
+        kernel_server.stop(HostPaths(workdir / "host"))
         bus.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
