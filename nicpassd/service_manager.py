@@ -62,7 +62,8 @@ class _StructuredFields(logging.Filter):
     """Turns ``extra={"device": ...}`` into journal fields (NICPASSD_DEVICE=...)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        for key in ("device", "vm_uuid", "action"):
+        for key in ("device", "vm_uuid", "action", "interface", "old_driver", "new_driver", "culprit",
+                    "culprit_pid", "guest", "reasons", "outcome"):
             value = getattr(record, key, None)
             if value is not None:
                 setattr(record, f"NICPASSD_{key.upper()}", value)

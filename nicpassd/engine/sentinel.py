@@ -124,11 +124,19 @@ class Sentinel:
                          detected=time.time())
 
     def _culprit(self, function: PciFunction) -> tuple[str, int, str]:
-        users = self.view.host.vfio_users(function.iommu_group) if function.driver == VFIO else []
-        if not users:
-            return "unknown writer", 0, ""
-        pid, program, guest = users[0]
-        return f"{program or 'a process'} (pid {pid}{f', guest {guest}' if guest else ''})", pid, guest
+        """Who has it, as far as the kernel and libvirt let us see: the process holding its VFIO
+        group (readable for root's processes: Proxmox's QEMU), else a running libvirt domain whose
+        live XML holds it (libvirt's QEMU runs as another user), else nobody we can name."""
+        host = self.view.host
+        users = host.vfio_users(function.iommu_group) if function.driver == VFIO else []
+        if users:
+            pid, program, guest = users[0]
+            return f"{program or 'a process'} (pid {pid}{f', guest {guest}' if guest else ''})", pid, guest
+        domains = host.libvirt_domains_with(function.address)
+        if domains:
+            guest, pid = domains[0]
+            return f"libvirt domain {guest}{f' (QEMU pid {pid})' if pid else ''}", pid, guest
+        return "unknown writer", 0, ""
 
     def _found(self, violation: Violation) -> None:
         self.count += 1

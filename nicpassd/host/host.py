@@ -91,6 +91,35 @@ class Host:
             users.append((pid, os.path.basename(argv[0]) if argv else "", procfs.qemu_guest_name(argv)))
         return users
 
+    def libvirt_domains_with(self, address: str) -> list[tuple[str, int]]:
+        """(name, QEMU pid or 0) of each running libvirt domain whose live XML holds ``address``
+        (/run/libvirt/qemu/NAME.xml, a <domstatus> around the domain; a hot-attached hostdev is in
+        it). Readable where /proc/PID/fd of QEMU is not: libvirt runs QEMU as another user."""
+        import nicpassd_domain_xml
+
+        found = []
+        directory = self.paths.under("/run/libvirt/qemu")
+        try:
+            names = sorted(name for name in os.listdir(directory) if name.endswith(".xml"))
+        except OSError:
+            return found
+        for name in names:
+            try:
+                text = (directory / name).read_text(errors="replace")
+            except OSError:
+                continue
+            start, end = text.find("<domain"), text.rfind("</domain>")
+            if start < 0 or end < 0:
+                continue
+            try:
+                domain, _uuid, devices = nicpassd_domain_xml.domain_devices(text[start:end + len("</domain>")])
+            except ValueError:
+                continue
+            if address in devices:
+                domain = domain or name.removesuffix(".xml")
+                found.append((domain, procfs.read_pidfile(directory / f"{domain}.pid")))
+        return found
+
     def modprobe_config(self) -> list[tuple[str, int, str]]:
         """Every line of modprobe.d (/etc, /run, /usr/lib, /lib): what modules get at load time."""
         return modprobe.read_modprobe_config([self.paths.under(d) for d in

@@ -227,3 +227,20 @@ async def test_check_fails_on_what_would_capture_the_management_nic_at_boot(watc
 
 def findings_level(sim, finding_id: str) -> str:
     return next(f.level for f in sim.engine.check() if f.id == finding_id)
+
+
+async def test_the_culprit_is_the_libvirt_domain_whose_live_xml_holds_it(watched):
+    """libvirt runs QEMU as another user: its /proc/PID/fd is not ours to read, its status XML is."""
+    sim = watched(heal=False)
+    status = sim.paths.root / "run" / "libvirt" / "qemu"
+    status.mkdir(parents=True)
+    (status / "web02.xml").write_text(
+        "<domstatus state='running' pid='4242'><monitor path='/x'/><domain type='kvm' id='3'><name>web02</name>"
+        "<uuid>" + VM + "</uuid><devices><hostdev mode='subsystem' type='pci' managed='yes'><source>"
+        "<address domain='0x0000' bus='0x01' slot='0x00' function='0x0'/></source></hostdev></devices>"
+        "</domain></domstatus>")
+    seen = []
+    sim.engine.sentinel.listeners.append(seen.append)
+    libvirt(sim, ENO1)
+    await settle(sim)
+    assert (seen[0].culprit, seen[0].guest) == ("libvirt domain web02", "web02")
