@@ -19,7 +19,7 @@ import pytest
 from nicpassd.engine.config import ReleaseSettings
 from nicpassd.engine.engine import Engine
 from nicpassd.engine.leases import Lease, LeaseTable
-from nicpassd.engine.leasing import STATE_EXPIRED, STATE_VM_GONE
+from nicpassd.engine.lease_watch import STATE_EXPIRED, STATE_VM_GONE
 from nicpassd.host.procfs import process_start_time
 from nicpassd.engine.store import StateStore
 from nicpassd.errors import Busy, InvalidArgument, KernelError, NotFound, Protected
@@ -248,7 +248,7 @@ async def test_activate_ties_the_lease_to_the_qemu_process(sim, qemu):
     assert (lease.state, lease.expires, lease.pid) == ("active", 0.0, process.pid)
     assert lease.pid_start == process_start_time(process.pid) > 0
     assert events == [(VM_A, "reserved"), (VM_A, "active")]
-    assert sim.engine.leasing._timer is None  # no reservation left to time out
+    assert sim.engine.leasing.watch._timer is None  # no reservation left to time out
 
 
 async def test_activate_without_a_lease_or_with_a_dead_pid_is_refused(sim, qemu):
@@ -284,7 +284,7 @@ async def test_the_exit_of_qemu_ends_the_lease_through_its_pidfd(make_sim, qemu)
     process.wait()
     await until(lambda: events[-1] == (VM_A, STATE_VM_GONE))
     assert sim.engine.leases.leases == {} and sim.driver(VFS[0]) == "iavf"
-    assert sim.engine.leasing._watches == {}
+    assert sim.engine.leasing.watch._watches == {}
     await sim.engine.release(VM_A)  # libvirt's release end comes afterwards: harmless
 
 
@@ -296,14 +296,14 @@ async def test_an_unused_reservation_expires_on_one_timer(sim):
     await sim.engine.prepare("web", VM_A, [VFS[0]], reservation=0.3)
     await sim.engine.prepare("db", VM_B, [VFS[1]], reservation=5)
     leasing = sim.engine.leasing
-    assert leasing._timer is not None and leasing._timer_at == sim.engine.leases.leases[
+    assert leasing.watch._timer is not None and leasing.watch._timer_at == sim.engine.leases.leases[
         next(iter(sim.engine.leases.leases))].expires  # armed for the earliest expiry only
-    assert [handle for handle in loop._scheduled if not handle.cancelled()].count(leasing._timer) == 1
+    assert [handle for handle in loop._scheduled if not handle.cancelled()].count(leasing.watch._timer) == 1
     await until(lambda: (VM_A, STATE_EXPIRED) in events)
     assert sim.engine.leases.holder() == {VFS[1]: VM_B}
-    assert leasing._timer is not None and abs(leasing._timer_at - sim.engine.leases.of_vm(VM_B)[0].expires) < 1e-6
+    assert leasing.watch._timer is not None and abs(leasing.watch._timer_at - sim.engine.leases.of_vm(VM_B)[0].expires) < 1e-6
     await sim.engine.release(VM_B)
-    assert leasing._timer is None  # nothing left to expire: no wakeups at all
+    assert leasing.watch._timer is None  # nothing left to expire: no wakeups at all
 
 
 async def test_an_expired_reservation_whose_qemu_runs_is_adopted_not_pulled(sim, qemu):
@@ -384,8 +384,8 @@ async def test_leases_survive_a_daemon_restart_and_timers_and_pidfds_are_rearmed
     await until(lambda: VM_B not in engine.leases.holder().values())
     assert events == [(VM_B, STATE_VM_GONE)]
     assert engine.leases.holder() == {VFS[0]: VM_A, VFS[2]: "00000000-0000-4000-8000-00000000000c"}
-    assert list(engine.leasing._watches) == [engine.leases.of_vm(VM_A)[0].lease_id]
-    assert engine.leasing._timer is not None
+    assert list(engine.leasing.watch._watches) == [engine.leases.of_vm(VM_A)[0].lease_id]
+    assert engine.leasing.watch._timer is not None
     running.kill()
     running.wait()
     await until(lambda: VM_A not in engine.leases.holder().values())
