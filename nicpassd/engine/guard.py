@@ -32,6 +32,7 @@ from typing import Callable, Protocol
 from nicpassd.engine.config import GuardSettings
 from nicpassd.errors import Protected
 from nicpassd.host.model import HostSnapshot, IfAddress, Route
+from nicpassd.host.routing import table_reason
 
 # Kinds of reasons. Those in MANAGEMENT can never be overridden.
 DEFAULT_ROUTE = "default-route"
@@ -153,11 +154,12 @@ def _family(version: int) -> str:
     return "IPv4" if version == 4 else "IPv6"
 
 
-def _route_text(route: Route) -> str:
+def _route_text(route: Route, rules: tuple = ()) -> str:
     via = f" via {route.gateway}" if route.gateway else ""
+    where = table_reason(route, rules)
     if route.is_default:
-        return f"{_family(route.family)} default route {route.prefix}{via}"
-    return f"route {route.prefix}{via}"
+        return f"{_family(route.family)} default route {route.prefix}{via}{where}"
+    return f"route {route.prefix}{via}{where}"
 
 
 class Held(Protocol):
@@ -178,7 +180,7 @@ def compute_protected(snapshot: HostSnapshot, settings: GuardSettings, remember:
     builder = _Builder(snapshot)
     for route in snapshot.routes:
         if route.is_default:
-            builder.protect_interface(route.dev, _route_text(route), DEFAULT_ROUTE)
+            builder.protect_interface(route.dev, _route_text(route, snapshot.rules), DEFAULT_ROUTE)
     _management_prefixes(builder, settings)
     for name in settings.management_interfaces:
         if not builder.protect_interface(name, "configured management interface", MANAGEMENT_INTERFACE):

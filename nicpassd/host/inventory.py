@@ -196,7 +196,7 @@ class Inventory:
         drivers = self.paths.pci_drivers
         changes["loaded_drivers"] = frozenset(os.listdir(drivers)) if drivers.is_dir() else frozenset()
         if network_changed:
-            changes["routes"] = sysfs.read_routes(self.paths)
+            changes["routes"], changes["rules"] = sysfs.read_routing(self.paths)
             if hasattr(previous, "addresses") and hasattr(sysfs, "read_addresses"):
                 changes["addresses"] = sysfs.read_addresses(self.paths)
         if devices_changed and hasattr(previous, "root_storage") and hasattr(sysfs, "read_root_storage"):

@@ -51,16 +51,33 @@ class NetLink:
     carrier: bool = False
 
 
+MAIN_TABLE = 254
+
+
 @dataclass(frozen=True)
 class Route:
+    """One next hop of a unicast route: an ECMP route is one ``Route`` per next hop."""
+
     family: int
     prefix: str
     dev: str
     gateway: str = ""
+    table: int = MAIN_TABLE
 
     @property
     def is_default(self) -> bool:
         return self.prefix in ("0.0.0.0/0", "::/0")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A policy-routing rule that sends traffic to a table (``ip rule``)."""
+
+    family: int
+    priority: int
+    table: int  # 0 for an l3mdev (VRF) rule: each VRF's own table
+    selector: str = ""  # "from 10.1.0.0/16", "iif eth1", ... ("" = all)
+    l3mdev: bool = False
 
 
 @dataclass(frozen=True)
@@ -97,6 +114,7 @@ class HostSnapshot:
     groups: dict[int, tuple[str, ...]] = field(default_factory=dict)
     links: dict[str, NetLink] = field(default_factory=dict)
     routes: tuple[Route, ...] = ()
+    rules: tuple[Rule, ...] = ()
     addresses: tuple[IfAddress, ...] = ()
     root_storage: tuple[RootStorage, ...] = ()
     iommu_present: bool = False

@@ -11,10 +11,11 @@ import ipaddress
 import logging
 import os
 import re
+import socket
 from pathlib import Path
 
 from nicpassd.host import kernelio
-from nicpassd.host.model import HostSnapshot, IfAddress, NetLink, PciFunction, RootStorage, Route
+from nicpassd.host.model import HostSnapshot, IfAddress, NetLink, PciFunction, RootStorage, Route, Rule
 from nicpassd.paths import HostPaths
 
 log = logging.getLogger(__name__)
@@ -201,7 +202,40 @@ def _ipv4_from_le_hex(text: str) -> ipaddress.IPv4Address:
     return ipaddress.IPv4Address(bytes.fromhex(text)[::-1])
 
 
+def read_routing(paths: HostPaths) -> tuple[tuple[Route, ...], tuple[Rule, ...]]:
+    """Every reachable route (one per next hop) and the policy rules, over rtnetlink
+    (host/routing.py); /proc's main table when no netlink answers for the root."""
+    from nicpassd.host import routing
+
+    source = routing.routing_source_for(paths)
+    if source is None:
+        return read_proc_routes(paths), ()
+    try:
+        data = source.dumps()
+    except OSError as exc:
+        log.warning("cannot dump the routing tables over netlink (%s); reading the main table from /proc", exc)
+        return read_proc_routes(paths), ()
+    if isinstance(source, routing.NetlinkRouting):
+        def index_to_name(index: int) -> str:
+            try:
+                return socket.if_indextoname(index)
+            except OSError:
+                return f"if{index}"
+    else:
+        names = {}
+        for name in os.listdir(paths.class_net) if paths.class_net.is_dir() else ():
+            text = _read(paths.class_net / name / "ifindex")
+            if text.isdigit():
+                names[int(text)] = name
+        index_to_name = lambda index: names.get(index, f"if{index}")  # noqa: E731
+    return routing.routing_from_dumps(*data, index_to_name)
+
+
 def read_routes(paths: HostPaths) -> tuple[Route, ...]:
+    return read_routing(paths)[0]
+
+
+def read_proc_routes(paths: HostPaths) -> tuple[Route, ...]:
     """Routes of the main table from /proc/net/route and /proc/net/ipv6_route."""
     routes: list[Route] = []
     for line in _read(paths.proc_net / "route").splitlines()[1:]:
@@ -349,11 +383,13 @@ def read_snapshot(paths: HostPaths) -> HostSnapshot:
     drivers_dir = paths.pci_drivers
     loaded = frozenset(os.listdir(drivers_dir)) if drivers_dir.is_dir() else frozenset()
     class_iommu = paths.class_iommu
+    routes, rules = read_routing(paths)
     return HostSnapshot(
         functions=functions,
         groups=groups,
         links=read_links(paths),
-        routes=read_routes(paths),
+        routes=routes,
+        rules=rules,
         addresses=read_addresses(paths),
         root_storage=read_root_storage(paths),
         iommu_present=class_iommu.is_dir() and any(class_iommu.iterdir()),

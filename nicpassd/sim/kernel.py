@@ -341,32 +341,72 @@ class SimKernel:
 
     # ---------------------------------------------------------------- routes
     def _write_routes(self) -> None:
+        """/proc/net/route and ipv6_route (the main table, a multipath route's first hop: what
+        procfs shows) and the answers to rtnetlink's route, rule and nexthop dumps (every table,
+        every next hop: host/routing.py reads them as the kernel's)."""
+        from nicpassd.host import routing
+
         v4, v6 = ["Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT"], []
         self._write_addresses()
+        index = {name: int((self.paths.class_net / name / "ifindex").read_text())
+                 for name in os.listdir(self.paths.class_net)}
+        nexthops = {hop.id: hop for hop in self.topology.nexthops}
+        dump_routes, dump_nexthops = [], []
+        for hop in self.topology.nexthops:
+            if hop.group or hop.dev in index:
+                family = ipaddress.ip_address(hop.gateway).version if hop.gateway else 4
+                dump_nexthops.append(routing.encode_nexthop(hop.id, family=family, oif=index.get(hop.dev, 0),
+                                                            gateway=hop.gateway, group=hop.group))
         for route in self.topology.routes:
-            if not (self.paths.class_net / route.dev).exists():
+            hops = [(hop.dev, hop.gateway) for hop in route.nexthops] or [(route.dev, route.gateway)]
+            hops = [(dev, gateway) for dev, gateway in hops if dev in index]  # gone with their interface
+            if route.nexthop and route.nexthop in nexthops:
+                dump_routes.append(routing.encode_route(route.family, route.prefix, route.table, nh_id=route.nexthop))
+                continue
+            if not hops:
                 continue  # the kernel drops the routes of an interface that goes away
+            dump_routes.append(routing.encode_route(
+                route.family, route.prefix, route.table, oif=index[hops[0][0]] if len(hops) == 1 else 0,
+                gateway=hops[0][1] if len(hops) == 1 else "",
+                nexthops=tuple((index[dev], gateway) for dev, gateway in hops) if len(hops) > 1 else ()))
+            if route.table != 254:
+                continue
+            dev, gateway_text = hops[0]
             net = ipaddress.ip_network(route.prefix)
             if route.family == 4:
-                gateway = ipaddress.IPv4Address(route.gateway or "0.0.0.0")
-                flags = 0x1 | (0x2 if route.gateway else 0)
+                gateway = ipaddress.IPv4Address(gateway_text or "0.0.0.0")
+                flags = 0x1 | (0x2 if gateway_text else 0)
                 v4.append("\t".join([
-                    route.dev, _le_hex(net.network_address), _le_hex(gateway), f"{flags:04X}", "0", "0",
+                    dev, _le_hex(net.network_address), _le_hex(gateway), f"{flags:04X}", "0", "0",
                     str(route.metric), _le_hex(net.netmask), "0", "0", "0"]))
             else:
-                gateway6 = ipaddress.IPv6Address(route.gateway or "::")
-                flags = 0x1 | (0x2 if route.gateway else 0)
+                gateway6 = ipaddress.IPv6Address(gateway_text or "::")
+                flags = 0x1 | (0x2 if gateway_text else 0)
                 v6.append(" ".join([
                     net.network_address.packed.hex(), f"{net.prefixlen:02x}", "0" * 32, "00",
                     gateway6.packed.hex(), f"{route.metric:08x}", "00000001", "00000000",
-                    f"{flags:08x}", f"{route.dev:>8}"]))
+                    f"{flags:08x}", f"{dev:>8}"]))
         (self.paths.proc_net / "route").write_text("\n".join(v4) + "\n")
         (self.paths.proc_net / "ipv6_route").write_text("".join(line + "\n" for line in v6))
+        rules = [(4, 0, 255, "", False), (4, 32766, 254, "", False), (4, 32767, 253, "", False),
+                 (6, 0, 255, "", False), (6, 32766, 254, "", False)]
+        rules += [(rule.family, rule.priority, rule.table, rule.source, rule.l3mdev) for rule in self.topology.rules]
+        dump_rules = [routing.encode_rule(family, priority, table, source=source, l3mdev=l3mdev)
+                      for family, priority, table, source, l3mdev in sorted(rules)]
+        for name, parts in ((routing.SIM_ROUTES, dump_routes), (routing.SIM_RULES, dump_rules),
+                            (routing.SIM_NEXTHOPS, dump_nexthops)):
+            self.paths.under(name).write_bytes(b"".join(parts) + routing.done())
 
-    def set_routes(self, routes: list) -> None:
-        """Replace the routing table (the simulated netlink) and announce it."""
+    def set_routes(self, routes: list, *, rules: list | None = None, nexthops: list | None = None) -> None:
+        """Replace the routing tables (and the rules, the nexthop objects when given: the
+        simulated netlink) and announce it."""
         with self._lock:
-            self.topology = self.topology.model_copy(update={"routes": tuple(routes)})
+            update: dict = {"routes": tuple(routes)}
+            if rules is not None:
+                update["rules"] = tuple(rules)
+            if nexthops is not None:
+                update["nexthops"] = tuple(nexthops)
+            self.topology = self.topology.model_copy(update=update)
             self._write_routes()
         self._emit("change", "route", "")
 

@@ -21,9 +21,10 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from nicpassd.host.sysfs import read_groups, read_routes, read_serial
+from nicpassd.host.sysfs import read_groups, read_routing, read_serial
 from nicpassd.paths import HostPaths
 from nicpassd.sim.topology import Address, Function, Link, Route, Topology, dump_topology_json
+from nicpassd.sim.topology import Rule as RuleSpec
 
 # Drivers that only hold a function for a guest: they say nothing about the host driver.
 STUB_DRIVERS = frozenset({"vfio-pci", "pci-stub"})
@@ -318,11 +319,26 @@ class _Recorder:
         return local
 
     def routes(self) -> list[Route]:
-        # The host reader parses no metric: routes are recorded with metric 0.
+        # The host reader parses no metric: routes are recorded with metric 0. An ECMP route is
+        # recorded as one route per next hop (the same to the guard).
         return [
-            Route(dev=r.dev, dst="default" if r.is_default else r.prefix, gateway=r.gateway, family=r.family)
-            for r in read_routes(self.paths)
+            Route(dev=r.dev, dst="default" if r.is_default else r.prefix, gateway=r.gateway, family=r.family,
+                  table=r.table)
+            for r in read_routing(self.paths)[0]
         ]
+
+    def rules(self) -> list[RuleSpec]:
+        """The policy rules beyond the kernel's own (local, main, default)."""
+        recorded = []
+        for rule in read_routing(self.paths)[1]:
+            if (rule.priority, rule.table) in ((0, 255), (32766, 254), (32767, 253)):
+                continue
+            source = rule.selector.removeprefix("from ") if rule.selector.startswith("from ") else ""
+            if rule.selector and not source:
+                self.notes.append(f"rule {rule.priority} ({rule.selector}) recorded without its selector")
+            recorded.append(RuleSpec(priority=rule.priority, table=rule.table, source=source.split(" ")[0],
+                                     family=rule.family, l3mdev=rule.l3mdev))
+        return recorded
 
     # --------------------------------------------------------------- topology
     def record(self) -> Topology:
@@ -343,6 +359,7 @@ class _Recorder:
             "links": links,
             "addresses": [a for a in addresses if a.dev in known],
             "routes": [r for r in routes if r.dev in known],
+            "rules": self.rules(),
         }
         cmdline = _read(self.paths.proc_cmdline)
         if cmdline:

@@ -104,9 +104,10 @@ class Link(_Strict):
     """A virtual network interface stacked on other interfaces."""
 
     name: str
-    kind: Literal["bond", "bridge", "vlan", "macvlan", "team", "dummy"]
-    lowers: tuple[str, ...] = ()
+    kind: Literal["bond", "bridge", "vlan", "macvlan", "team", "dummy", "vrf"]
+    lowers: tuple[str, ...] = ()  # for a vrf: its member interfaces
     vlan_id: int | None = None
+    table: int | None = None  # a vrf's routing table
     mac: str = ""
 
 
@@ -121,23 +122,59 @@ class Address(_Strict):
         return value
 
 
-class Route(_Strict):
+class Hop(_Strict):
+    """One next hop of an ECMP route, or of a nexthop object."""
+
     dev: str
+    gateway: str = ""
+
+
+class Nexthop(_Strict):
+    """``ip nexthop add id ID dev DEV via GW`` or ``… id ID group A/B``."""
+
+    id: int = Field(gt=0)
+    dev: str = ""
+    gateway: str = ""
+    group: tuple[int, ...] = ()
+
+
+class Rule(_Strict):
+    """``ip rule add priority P from SOURCE lookup TABLE``; ``l3mdev`` the VRF rule."""
+
+    priority: int = Field(ge=0)
+    table: int = 0
+    source: str = ""
+    family: Literal[4, 6] = 4
+    l3mdev: bool = False
+
+
+class Route(_Strict):
+    dev: str = ""  # "" when the route has ``nexthops`` or a ``nexthop`` object
     dst: str = "default"  # "default" means 0.0.0.0/0 or ::/0 per family
     gateway: str = ""
     family: Literal[4, 6] | None = None
     metric: int = 0
+    table: int = 254  # main
+    nexthops: tuple[Hop, ...] = ()  # ECMP
+    nexthop: int = 0  # a nexthop object's id
+
+    @property
+    def devs(self) -> tuple[str, ...]:
+        return (self.dev,) if self.dev else tuple(hop.dev for hop in self.nexthops)
 
     @model_validator(mode="after")
     def _family(self) -> "Route":
+        if not self.dev and not self.nexthops and not self.nexthop:
+            raise ValueError(f"route {self.dst}: needs a dev, nexthops or a nexthop object")
         family = self.family
         if self.dst != "default":
             family_from_dst = ipaddress.ip_network(self.dst, strict=False).version
             if family and family != family_from_dst:
                 raise ValueError(f"route {self.dst}: family {family} does not match")
             family = family_from_dst
-        elif self.gateway:
-            family = family or ipaddress.ip_address(self.gateway).version
+        elif self.gateway or any(hop.gateway for hop in self.nexthops):
+            gateway = self.gateway or next(hop.gateway for hop in self.nexthops if hop.gateway)
+            family = family or ipaddress.ip_address(gateway).version
         object.__setattr__(self, "family", family or 4)
         return self
 
@@ -157,6 +194,8 @@ class Topology(_Strict):
     links: tuple[Link, ...] = ()
     addresses: tuple[Address, ...] = ()
     routes: tuple[Route, ...] = ()
+    rules: tuple[Rule, ...] = ()  # beyond the kernel's own (local, main, default)
+    nexthops: tuple[Nexthop, ...] = ()
     root: str = ""  # block device mounted on /: a disk of some function or its partition ("sda2")
 
     @model_validator(mode="after")
@@ -179,9 +218,15 @@ class Topology(_Strict):
             for lower in link.lowers:
                 if lower not in known:
                     raise ValueError(f"link {link.name}: lower device {lower!r} is not defined")
-        for item in (*self.addresses, *self.routes):
-            if item.dev not in known:
-                raise ValueError(f"{item.dev!r} in addresses/routes is not a defined interface")
+        devs = [item.dev for item in self.addresses] + [dev for route in self.routes for dev in route.devs]
+        devs += [hop.dev for hop in self.nexthops if hop.dev]
+        for dev in devs:
+            if dev not in known:
+                raise ValueError(f"{dev!r} in addresses/routes is not a defined interface")
+        ids = {hop.id for hop in self.nexthops}
+        for route in self.routes:
+            if route.nexthop and route.nexthop not in ids:
+                raise ValueError(f"route {route.dst}: nexthop object {route.nexthop} is not defined")
         return self
 
 
