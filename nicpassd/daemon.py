@@ -115,8 +115,17 @@ async def serve(args, paths: HostPaths, config) -> int:
         from nicpassd.host.netlink import RtnlEvents
 
         events = UdevEvents(loop, engine.on_uevent)
-        # Routes, addresses and links move the protected set: netlink pushes each change.
+        # Routes, addresses and links move the protected set: netlink pushes each change; so does
+        # sock_diag for a closed session (the admin's way in).
         routing = RtnlEvents(loop, engine.on_uevent)
+        try:
+            from nicpassd.host.sessions import SessionEvents
+
+            closed_sessions = SessionEvents(loop, engine.on_uevent)
+        except OSError as exc:
+            log.warning("cannot follow closed TCP sessions over sock_diag (%s); they are seen at the next refresh",
+                        exc)
+            closed_sessions = None
 
     await _apply_desired_state(engine)  # before owning the name: VMs started after us find their NICs
     engine.leasing.start()  # leases survive a restart: re-arm expiry timer and QEMU pidfds (after recovery)
@@ -154,6 +163,8 @@ async def serve(args, paths: HostPaths, config) -> int:
     if events is not None:
         events.close()
         routing.close()
+        if closed_sessions is not None:
+            closed_sessions.close()
     if disconnected.done():
         log.error("lost the D-Bus connection; exiting so systemd restarts us")
         return 1

@@ -33,6 +33,17 @@ class GuardSettings(_Section):
     # A device of the management path (or root storage) taken by anyone but nicpassd is given
     # back to its host driver; false: reported only (sentinel.py).
     heal: bool = True
+    # Sources of the management path beyond routes and configuration; each can be switched off.
+    sessions: bool = True  # the interface an established session to session_ports arrives on
+    session_ports: tuple[int, ...] = (22, 8006, 9090)  # SSH, the Proxmox web UI, Cockpit
+
+    @field_validator("session_ports")
+    @classmethod
+    def _ports(cls, values: tuple[int, ...]) -> tuple[int, ...]:
+        for value in values:
+            if not 0 < value < 65536:
+                raise ValueError(f"session_ports: {value} is not a TCP port")
+        return values
 
     @field_validator("management_prefixes")
     @classmethod

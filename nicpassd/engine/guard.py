@@ -41,11 +41,13 @@ MANAGEMENT_INTERFACE = "management-interface"
 LAST_WAY_IN = "last-way-in"
 NEVER_TOUCH = "never-touch"
 ROOT_STORAGE = "root-storage"
+SESSION = "session"
 PF_OF_VF = "pf-of-protected-vf"
 PF_OF_MANAGEMENT_VF = "pf-of-management-vf"
 IOMMU_GROUP = "iommu-group"
 MANAGEMENT = frozenset({DEFAULT_ROUTE, MANAGEMENT_PREFIX, MANAGEMENT_INTERFACE, LAST_WAY_IN, NEVER_TOUCH,
-                        ROOT_STORAGE, PF_OF_MANAGEMENT_VF})
+                        ROOT_STORAGE, PF_OF_MANAGEMENT_VF, SESSION})
+SERVICES = {22: "SSH", 8006: "Proxmox web UI", 9090: "Cockpit"}
 PCI_ADDRESS = re.compile(r"^(?:[0-9a-f]{4}:)?[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 
 
@@ -182,6 +184,8 @@ def compute_protected(snapshot: HostSnapshot, settings: GuardSettings, remember:
         if route.is_default:
             builder.protect_interface(route.dev, _route_text(route, snapshot.rules), DEFAULT_ROUTE)
     _management_prefixes(builder, settings)
+    if settings.sessions:
+        _sessions(builder, settings)
     for name in settings.management_interfaces:
         if not builder.protect_interface(name, "configured management interface", MANAGEMENT_INTERFACE):
             if name not in snapshot.links:
@@ -215,6 +219,53 @@ def compute_protected(snapshot: HostSnapshot, settings: GuardSettings, remember:
                             address in snapshot.functions)
         for address, reasons in builder.reasons.items()
     }, tuple(builder.notes))
+
+
+def route_to(snapshot: HostSnapshot, destination: str, source: str = "") -> Route | None:
+    """The route the kernel would send ``destination`` by (from ``source``): the rules in order
+    (a "from PREFIX" rule when ``source`` is in it), the longest prefix of the table each looks up."""
+    target = _ip(destination)
+    origin = _ip(source) if source else None
+    tables: list[int] = []
+    for rule in sorted(snapshot.rules, key=lambda r: r.priority):
+        if rule.family != target.version or rule.l3mdev or rule.table in tables:
+            continue
+        if rule.selector.startswith("from ") and " " not in rule.selector[5:]:
+            if origin is None or origin not in ipaddress.ip_network(rule.selector[5:], strict=False):
+                continue
+        elif rule.selector:
+            continue  # iif/oif/fwmark selectors: not for an answer leaving the host
+        tables.append(rule.table)
+    if not snapshot.rules:
+        tables = [254]
+    for table in tables:
+        best: Route | None = None
+        best_length = -1
+        for route in snapshot.routes:
+            if route.table != table or route.family != target.version:
+                continue
+            network = ipaddress.ip_network(route.prefix)
+            if target in network and network.prefixlen > best_length:
+                best, best_length = route, network.prefixlen
+        if best is not None:
+            return best
+    return None
+
+
+def _sessions(builder: _Builder, settings: GuardSettings) -> None:
+    """The admin's own way in: an established session to an SSH or web console port arrives on
+    the interface the answer leaves by (the route back to its peer)."""
+    snapshot = builder.snapshot
+    for session in snapshot.sessions:
+        if session.local_port not in settings.session_ports:
+            continue
+        if _ip(session.peer).is_loopback:
+            continue
+        route = route_to(snapshot, session.peer, session.local)
+        if route is None or route.dev == "lo":
+            continue
+        service = SERVICES.get(session.local_port, f"TCP port {session.local_port}")
+        builder.protect_interface(route.dev, f"{service} session from {session.peer}", SESSION)
 
 
 def _management_prefixes(builder: _Builder, settings: GuardSettings) -> None:

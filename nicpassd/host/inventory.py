@@ -21,6 +21,7 @@ import os
 from typing import Callable, Iterable
 
 from nicpassd.host import sysfs
+from nicpassd.host.sessions import read_sessions
 from nicpassd.host.events import UEvent
 from nicpassd.host.model import HostSnapshot, NetLink, PciFunction
 from nicpassd.paths import HostPaths
@@ -195,6 +196,9 @@ class Inventory:
         changes: dict[str, object] = {"functions": result, "groups": groups, "links": links}
         drivers = self.paths.pci_drivers
         changes["loaded_drivers"] = frozenset(os.listdir(drivers)) if drivers.is_dir() else frozenset()
+        # Sessions come and go without an event of their own (only a closed one is announced):
+        # one sock_diag dump per refresh keeps the admin's way in current for every guard check.
+        changes["sessions"] = read_sessions(self.paths)
         if network_changed:
             changes["routes"], changes["rules"] = sysfs.read_routing(self.paths)
             if hasattr(previous, "addresses") and hasattr(sysfs, "read_addresses"):

@@ -81,6 +81,16 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class Session:
+    """An established TCP connection to a local port (sock_diag)."""
+
+    local: str
+    local_port: int
+    peer: str
+    peer_port: int
+
+
+@dataclass(frozen=True)
 class IfAddress:
     """An address configured on an interface (``ip addr``): ``address`` in interface form."""
 
@@ -115,6 +125,7 @@ class HostSnapshot:
     links: dict[str, NetLink] = field(default_factory=dict)
     routes: tuple[Route, ...] = ()
     rules: tuple[Rule, ...] = ()
+    sessions: tuple[Session, ...] = ()
     addresses: tuple[IfAddress, ...] = ()
     root_storage: tuple[RootStorage, ...] = ()
     iommu_present: bool = False

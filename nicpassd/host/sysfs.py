@@ -384,12 +384,15 @@ def read_snapshot(paths: HostPaths) -> HostSnapshot:
     loaded = frozenset(os.listdir(drivers_dir)) if drivers_dir.is_dir() else frozenset()
     class_iommu = paths.class_iommu
     routes, rules = read_routing(paths)
+    from nicpassd.host.sessions import read_sessions
+
     return HostSnapshot(
         functions=functions,
         groups=groups,
         links=read_links(paths),
         routes=routes,
         rules=rules,
+        sessions=read_sessions(paths),
         addresses=read_addresses(paths),
         root_storage=read_root_storage(paths),
         iommu_present=class_iommu.is_dir() and any(class_iommu.iterdir()),

@@ -396,6 +396,23 @@ class SimKernel:
         for name, parts in ((routing.SIM_ROUTES, dump_routes), (routing.SIM_RULES, dump_rules),
                             (routing.SIM_NEXTHOPS, dump_nexthops)):
             self.paths.under(name).write_bytes(b"".join(parts) + routing.done())
+        self._write_sessions()
+
+    def _write_sessions(self) -> None:
+        """The answer to a sock_diag dump of established TCP sockets (host/sessions.py)."""
+        from nicpassd.host import sessions
+        from nicpassd.host.model import Session
+
+        self.paths.under(sessions.SIM_DUMP).write_bytes(sessions.encode_dump([
+            Session(item.local, item.port, item.peer, item.peer_port) for item in self.topology.sessions]))
+
+    def set_sessions(self, items: list) -> None:
+        """Replace the established TCP sessions (``sim.topology.Session``); a closed one is
+        announced as the kernel's SKNLGRP_INET_TCP_DESTROY would be."""
+        with self._lock:
+            self.topology = self.topology.model_copy(update={"sessions": tuple(items)})
+            self._write_sessions()
+        self._emit("change", "route", "")
 
     def set_routes(self, routes: list, *, rules: list | None = None, nexthops: list | None = None) -> None:
         """Replace the routing tables (and the rules, the nexthop objects when given: the

@@ -148,6 +148,21 @@ class Rule(_Strict):
     l3mdev: bool = False
 
 
+class Session(_Strict):
+    """An established TCP connection to this host (what sock_diag lists): ``local`` address and
+    ``port`` of this host, the ``peer``'s address and port."""
+
+    local: str
+    port: int = Field(22, gt=0, lt=65536)
+    peer: str
+    peer_port: int = Field(50000, gt=0, lt=65536)
+
+    @field_validator("local", "peer")
+    @classmethod
+    def _ip(cls, value: str) -> str:
+        return str(ipaddress.ip_address(value))
+
+
 class Route(_Strict):
     dev: str = ""  # "" when the route has ``nexthops`` or a ``nexthop`` object
     dst: str = "default"  # "default" means 0.0.0.0/0 or ::/0 per family
@@ -196,6 +211,7 @@ class Topology(_Strict):
     routes: tuple[Route, ...] = ()
     rules: tuple[Rule, ...] = ()  # beyond the kernel's own (local, main, default)
     nexthops: tuple[Nexthop, ...] = ()
+    sessions: tuple[Session, ...] = ()
     root: str = ""  # block device mounted on /: a disk of some function or its partition ("sda2")
 
     @model_validator(mode="after")
