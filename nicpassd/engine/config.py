@@ -36,6 +36,7 @@ class GuardSettings(_Section):
     # Sources of the management path beyond routes and configuration; each can be switched off.
     sessions: bool = True  # the interface an established session to session_ports arrives on
     session_ports: tuple[int, ...] = (22, 8006, 9090)  # SSH, the Proxmox web UI, Cockpit
+    tunnels: bool = True  # a protected tunnel protects its underlay (the route to its remote, its dev)
 
     @field_validator("session_ports")
     @classmethod

@@ -101,8 +101,9 @@ def refuse_if_protected(protected: ProtectedSet, address: str, action: str, *, f
 
 
 class _Builder:
-    def __init__(self, snapshot: HostSnapshot) -> None:
+    def __init__(self, snapshot: HostSnapshot, *, tunnels: bool = True) -> None:
         self.snapshot = snapshot
+        self.follow_tunnels = tunnels
         self.reasons: dict[str, list[str]] = {}
         self.kinds: dict[str, set[str]] = {}
         self.notes: list[str] = []
@@ -137,6 +138,21 @@ class _Builder:
                 found = True
             for lower in reversed(link.lowers):
                 stack.append((lower, [*chain, lower]))
+            tunnel = self.snapshot.tunnels.get(current) if self.follow_tunnels else None
+            if tunnel is not None:
+                for underlay, what in self.underlays(tunnel):
+                    stack.append((underlay, [*chain, f"{underlay} ({what})"]))
+        return found
+
+    def underlays(self, tunnel) -> list[tuple[str, str]]:
+        """(interface, why) a tunnel rides on: its lower device, else the route to each remote."""
+        if tunnel.dev:
+            return [(tunnel.dev, f"{tunnel.kind} {tunnel.name}'s lower device")]
+        found = []
+        for remote in tunnel.remotes:
+            route = route_to(self.snapshot, remote, tunnel.local)
+            if route is not None and route.dev not in (tunnel.name, "lo"):
+                found.append((route.dev, f"{tunnel.kind} underlay to {remote}"))
         return found
 
 
@@ -179,7 +195,7 @@ def compute_protected(snapshot: HostSnapshot, settings: GuardSettings, remember:
     """The protected set of ``snapshot``. ``remember`` (``GuardMemory.observe``) is told the live
     management path before the closure and answers with the functions that were on it and are
     taken now: they are protected as management, their PF and group mates with them."""
-    builder = _Builder(snapshot)
+    builder = _Builder(snapshot, tunnels=settings.tunnels)
     for route in snapshot.routes:
         if route.is_default:
             builder.protect_interface(route.dev, _route_text(route, snapshot.rules), DEFAULT_ROUTE)

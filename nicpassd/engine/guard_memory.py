@@ -11,8 +11,9 @@ function that was on the management path (its reasons and chain, its identity), 
   NIC) without its netdev: still protected, with a reason that says it was the management path
   until when and what is gone (the healer and ``Check`` read it);
 - not present: remembered, listed (``present`` False), until it comes back;
-- present, on a host driver, with its netdev, while the live management path is seen on another
-  device: the path moved elsewhere, forgotten;
+- present, on a host driver, with its netdev: not protected for what it was (the protection
+  follows the live path within one event); forgotten once the live management path is seen on
+  another device, remembered meanwhile (so that taking it is still taking the management NIC);
 - present with another identity (another card in the slot): forgotten;
 - released by an admin (``release``: ``nicpassctl guard --release``).
 
@@ -158,18 +159,21 @@ class GuardMemory:
                 del self.entries[address]
                 changed = True
                 continue
-            state = taken_state(entry, function)
-            if not state and (live_network or not entry.is_network):
-                log.info("%s is no longer on the host's management path (it is healthy and the path is elsewhere)",
-                         address, extra={"device": address, "action": "guard"})
-                del self.entries[address]
-                changed = True
-                continue
             if not entry.until:
                 entry = replace(entry, until=now)
                 self.entries[address] = entry
                 changed = True
-            held[address] = Held(entry, state or "its routes are gone")
+            state = taken_state(entry, function)
+            if state:
+                held[address] = Held(entry, state)
+            elif live_network or not entry.is_network:
+                log.info("%s is no longer on the host's management path (it is healthy and the path is elsewhere)",
+                         address, extra={"device": address, "action": "guard"})
+                del self.entries[address]
+                changed = True
+            # else: healthy, and no management path is seen anywhere (routes being reconfigured,
+            # a tunnel gone): not protected for what it was, but remembered, so that taking it
+            # now is still seen as taking the management NIC.
         self.held = held
         if changed:
             self.save_soon()

@@ -22,6 +22,7 @@ from typing import Callable, Iterable
 
 from nicpassd.host import sysfs
 from nicpassd.host.sessions import read_sessions
+from nicpassd.host.tunnels import read_tunnels
 from nicpassd.host.events import UEvent
 from nicpassd.host.model import HostSnapshot, NetLink, PciFunction
 from nicpassd.paths import HostPaths
@@ -201,6 +202,7 @@ class Inventory:
         changes["sessions"] = read_sessions(self.paths)
         if network_changed:
             changes["routes"], changes["rules"] = sysfs.read_routing(self.paths)
+            changes["tunnels"] = read_tunnels(self.paths)
             if hasattr(previous, "addresses") and hasattr(sysfs, "read_addresses"):
                 changes["addresses"] = sysfs.read_addresses(self.paths)
         if devices_changed and hasattr(previous, "root_storage") and hasattr(sysfs, "read_root_storage"):

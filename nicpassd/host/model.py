@@ -81,6 +81,17 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class Tunnel:
+    """A tunnel interface and what it rides on: remote endpoint(s), local address, lower device."""
+
+    name: str
+    kind: str  # wireguard, vxlan, geneve, gre, ipip, sit, vti, xfrm, ...
+    remotes: tuple[str, ...] = ()
+    local: str = ""
+    dev: str = ""
+
+
+@dataclass(frozen=True)
 class Session:
     """An established TCP connection to a local port (sock_diag)."""
 
@@ -126,6 +137,7 @@ class HostSnapshot:
     routes: tuple[Route, ...] = ()
     rules: tuple[Rule, ...] = ()
     sessions: tuple[Session, ...] = ()
+    tunnels: dict[str, Tunnel] = field(default_factory=dict)
     addresses: tuple[IfAddress, ...] = ()
     root_storage: tuple[RootStorage, ...] = ()
     iommu_present: bool = False

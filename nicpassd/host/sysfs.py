@@ -385,6 +385,7 @@ def read_snapshot(paths: HostPaths) -> HostSnapshot:
     class_iommu = paths.class_iommu
     routes, rules = read_routing(paths)
     from nicpassd.host.sessions import read_sessions
+    from nicpassd.host.tunnels import read_tunnels
 
     return HostSnapshot(
         functions=functions,
@@ -393,6 +394,7 @@ def read_snapshot(paths: HostPaths) -> HostSnapshot:
         routes=routes,
         rules=rules,
         sessions=read_sessions(paths),
+        tunnels=read_tunnels(paths),
         addresses=read_addresses(paths),
         root_storage=read_root_storage(paths),
         iommu_present=class_iommu.is_dir() and any(class_iommu.iterdir()),

@@ -397,6 +397,20 @@ class SimKernel:
                             (routing.SIM_NEXTHOPS, dump_nexthops)):
             self.paths.under(name).write_bytes(b"".join(parts) + routing.done())
         self._write_sessions()
+        self._write_tunnels()
+
+    def _write_tunnels(self) -> None:
+        """The tunnels' link info (host/tunnels.py), for the tunnel interfaces that exist."""
+        import json
+
+        from nicpassd.host import tunnels
+
+        items = [{"name": link.name, "kind": link.kind, "remotes": list(link.remotes), "local": link.local,
+                  "dev": link.dev}
+                 for link in self.topology.links
+                 if link.kind in ("wireguard", "vxlan", "geneve", "gre", "ipip", "vti")
+                 and (self.paths.class_net / link.name).exists()]
+        self.paths.under(tunnels.SIM_TUNNELS).write_text(json.dumps(items))
 
     def _write_sessions(self) -> None:
         """The answer to a sock_diag dump of established TCP sockets (host/sessions.py)."""
@@ -434,6 +448,21 @@ class SimKernel:
             self.topology = self.topology.model_copy(update={"addresses": tuple(addresses)})
             self._write_addresses()
         self._emit("change", "route", "")
+
+    def delete_link(self, name: str) -> None:
+        """``ip link del NAME`` of a virtual interface: gone with its routes (RTM_DELLINK)."""
+        with self._lock:
+            if not any(link.name == name for link in self.topology.links):
+                raise _oserror(errno.ENODEV, f"no virtual interface {name}")
+            self.topology = self.topology.model_copy(update={
+                "links": tuple(link for link in self.topology.links if link.name != name)})
+            for entry in os.listdir(self.paths.class_net):
+                for prefix in ("lower_", "upper_"):
+                    (self.paths.class_net / entry / f"{prefix}{name}").unlink(missing_ok=True)
+            (self.paths.class_net / name).unlink()
+            shutil.rmtree(self.paths.sys / "devices/virtual/net" / name, ignore_errors=True)
+            self._write_routes()
+        self._emit("remove", "net", name)
 
     def set_carrier(self, name: str, carrier: bool) -> None:
         """A cable pulled or plugged on interface ``name`` (RTM_NEWLINK)."""

@@ -104,8 +104,12 @@ class Link(_Strict):
     """A virtual network interface stacked on other interfaces."""
 
     name: str
-    kind: Literal["bond", "bridge", "vlan", "macvlan", "team", "dummy", "vrf"]
+    kind: Literal["bond", "bridge", "vlan", "macvlan", "team", "dummy", "vrf", "wireguard", "vxlan", "geneve",
+                  "gre", "ipip", "vti"]
     lowers: tuple[str, ...] = ()  # for a vrf: its member interfaces
+    remotes: tuple[str, ...] = ()  # a tunnel's remote endpoint(s) (WireGuard: its peers' endpoints)
+    local: str = ""  # a tunnel's local address
+    dev: str = ""  # a tunnel's lower device (vxlan dev, gre link)
     vlan_id: int | None = None
     table: int | None = None  # a vrf's routing table
     mac: str = ""
