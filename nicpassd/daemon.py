@@ -126,6 +126,9 @@ async def serve(args, paths: HostPaths, config) -> int:
             log.warning("cannot follow closed TCP sessions over sock_diag (%s); they are seen at the next refresh",
                         exc)
             closed_sessions = None
+        from nicpassd.host.storage import MountEvents
+
+        mounts = MountEvents(loop, engine.on_uevent, paths)  # a network mount that goes stops protecting
 
     await _apply_desired_state(engine)  # before owning the name: VMs started after us find their NICs
     engine.leasing.start()  # leases survive a restart: re-arm expiry timer and QEMU pidfds (after recovery)
@@ -165,6 +168,7 @@ async def serve(args, paths: HostPaths, config) -> int:
         routing.close()
         if closed_sessions is not None:
             closed_sessions.close()
+        mounts.close()
     if disconnected.done():
         log.error("lost the D-Bus connection; exiting so systemd restarts us")
         return 1

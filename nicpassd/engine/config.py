@@ -37,6 +37,8 @@ class GuardSettings(_Section):
     sessions: bool = True  # the interface an established session to session_ports arrives on
     session_ports: tuple[int, ...] = (22, 8006, 9090)  # SSH, the Proxmox web UI, Cockpit
     tunnels: bool = True  # a protected tunnel protects its underlay (the route to its remote, its dev)
+    storage: bool = True  # the NIC reaching NFS/CIFS/Ceph/GlusterFS, iSCSI, NVMe-oF servers, libvirt pools
+    cluster: bool = True  # corosync link addresses and Ceph public/cluster networks as management prefixes
 
     @field_validator("session_ports")
     @classmethod

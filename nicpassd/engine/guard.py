@@ -42,11 +42,13 @@ LAST_WAY_IN = "last-way-in"
 NEVER_TOUCH = "never-touch"
 ROOT_STORAGE = "root-storage"
 SESSION = "session"
+NETWORK_STORAGE = "network-storage"
+CLUSTER = "cluster"
 PF_OF_VF = "pf-of-protected-vf"
 PF_OF_MANAGEMENT_VF = "pf-of-management-vf"
 IOMMU_GROUP = "iommu-group"
 MANAGEMENT = frozenset({DEFAULT_ROUTE, MANAGEMENT_PREFIX, MANAGEMENT_INTERFACE, LAST_WAY_IN, NEVER_TOUCH,
-                        ROOT_STORAGE, PF_OF_MANAGEMENT_VF, SESSION})
+                        ROOT_STORAGE, PF_OF_MANAGEMENT_VF, SESSION, NETWORK_STORAGE, CLUSTER})
 SERVICES = {22: "SSH", 8006: "Proxmox web UI", 9090: "Cockpit"}
 PCI_ADDRESS = re.compile(r"^(?:[0-9a-f]{4}:)?[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 
@@ -202,6 +204,12 @@ def compute_protected(snapshot: HostSnapshot, settings: GuardSettings, remember:
     _management_prefixes(builder, settings)
     if settings.sessions:
         _sessions(builder, settings)
+    if settings.storage:
+        for item in snapshot.network_storage:
+            route = route_to(snapshot, item.server)
+            if route is not None and route.dev != "lo":
+                builder.protect_interface(route.dev, f"{item.kind} server {item.server} of {item.what}",
+                                          NETWORK_STORAGE)
     for name in settings.management_interfaces:
         if not builder.protect_interface(name, "configured management interface", MANAGEMENT_INTERFACE):
             if name not in snapshot.links:
@@ -286,26 +294,31 @@ def _sessions(builder: _Builder, settings: GuardSettings) -> None:
 
 def _management_prefixes(builder: _Builder, settings: GuardSettings) -> None:
     """Routes inside a management prefix, the most specific routes that carry traffic to it, and
-    addresses inside it."""
+    addresses inside it: the configured prefixes, and (``cluster``) the cluster's links."""
+    prefixes = [(text, f"management prefix {ipaddress.ip_network(text)}", MANAGEMENT_PREFIX)
+                for text in settings.management_prefixes]
+    if settings.cluster:
+        prefixes += [(item.prefix, item.reason, CLUSTER) for item in builder.snapshot.cluster]
+    for text, what, kind in prefixes:
+        _protect_prefix(builder, ipaddress.ip_network(text), what, kind)
+
+
+def _protect_prefix(builder: _Builder, prefix, what: str, kind: str) -> None:
     snapshot = builder.snapshot
     routes = [(route, ipaddress.ip_network(route.prefix)) for route in snapshot.routes]
-    for text in settings.management_prefixes:
-        prefix = ipaddress.ip_network(text)
-        inside = [(route, net) for route, net in routes if net.version == prefix.version and net.subnet_of(prefix)]
-        for route, _net in inside:
-            builder.protect_interface(route.dev, f"{_route_text(route)} in management prefix {prefix}", MANAGEMENT_PREFIX)
-        covering = [(route, net) for route, net in routes
-                    if net.version == prefix.version and prefix.subnet_of(net) and net != prefix]
-        if covering:
-            longest = max(net.prefixlen for _route, net in covering)
-            for route, net in covering:
-                if net.prefixlen == longest:
-                    builder.protect_interface(route.dev, f"{_route_text(route)} carries management prefix {prefix}",
-                                              MANAGEMENT_PREFIX)
-        for address in snapshot.addresses:
-            if address.family == prefix.version and _ip(address.ip) in prefix:
-                builder.protect_interface(address.dev, f"address {address.address} in management prefix {prefix}",
-                                          MANAGEMENT_PREFIX)
+    inside = [(route, net) for route, net in routes if net.version == prefix.version and net.subnet_of(prefix)]
+    for route, _net in inside:
+        builder.protect_interface(route.dev, f"{_route_text(route)} in {what}", kind)
+    covering = [(route, net) for route, net in routes
+                if net.version == prefix.version and prefix.subnet_of(net) and net != prefix]
+    if covering:
+        longest = max(net.prefixlen for _route, net in covering)
+        for route, net in covering:
+            if net.prefixlen == longest:
+                builder.protect_interface(route.dev, f"{_route_text(route)} carries {what}", kind)
+    for address in snapshot.addresses:
+        if address.family == prefix.version and _ip(address.ip) in prefix:
+            builder.protect_interface(address.dev, f"address {address.address} in {what}", kind)
 
 
 def _last_way_in(builder: _Builder) -> None:

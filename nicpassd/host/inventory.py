@@ -22,6 +22,8 @@ from typing import Callable, Iterable
 
 from nicpassd.host import sysfs
 from nicpassd.host.sessions import read_sessions
+from nicpassd.host.cluster import read_cluster
+from nicpassd.host.storage import read_network_storage
 from nicpassd.host.tunnels import read_tunnels
 from nicpassd.host.events import UEvent
 from nicpassd.host.model import HostSnapshot, NetLink, PciFunction
@@ -203,6 +205,8 @@ class Inventory:
         if network_changed:
             changes["routes"], changes["rules"] = sysfs.read_routing(self.paths)
             changes["tunnels"] = read_tunnels(self.paths)
+            changes["network_storage"] = read_network_storage(self.paths)
+            changes["cluster"] = read_cluster(self.paths)
             if hasattr(previous, "addresses") and hasattr(sysfs, "read_addresses"):
                 changes["addresses"] = sysfs.read_addresses(self.paths)
         if devices_changed and hasattr(previous, "root_storage") and hasattr(sysfs, "read_root_storage"):

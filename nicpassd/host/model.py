@@ -92,6 +92,24 @@ class Tunnel:
 
 
 @dataclass(frozen=True)
+class ClusterPrefix:
+    """A network a cluster's links run on (corosync, Ceph), and where it was configured."""
+
+    prefix: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class NetStorage:
+    """Storage reached over the network: what (a mount point, a session), of which kind, on
+    which server address."""
+
+    kind: str  # NFS, CIFS, Ceph, GlusterFS, iSCSI, NVMe-oF, libvirt pool
+    server: str
+    what: str
+
+
+@dataclass(frozen=True)
 class Session:
     """An established TCP connection to a local port (sock_diag)."""
 
@@ -138,6 +156,8 @@ class HostSnapshot:
     rules: tuple[Rule, ...] = ()
     sessions: tuple[Session, ...] = ()
     tunnels: dict[str, Tunnel] = field(default_factory=dict)
+    network_storage: tuple[NetStorage, ...] = ()
+    cluster: tuple[ClusterPrefix, ...] = ()
     addresses: tuple[IfAddress, ...] = ()
     root_storage: tuple[RootStorage, ...] = ()
     iommu_present: bool = False

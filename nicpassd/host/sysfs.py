@@ -385,6 +385,8 @@ def read_snapshot(paths: HostPaths) -> HostSnapshot:
     class_iommu = paths.class_iommu
     routes, rules = read_routing(paths)
     from nicpassd.host.sessions import read_sessions
+    from nicpassd.host.cluster import read_cluster
+    from nicpassd.host.storage import read_network_storage
     from nicpassd.host.tunnels import read_tunnels
 
     return HostSnapshot(
@@ -395,6 +397,8 @@ def read_snapshot(paths: HostPaths) -> HostSnapshot:
         rules=rules,
         sessions=read_sessions(paths),
         tunnels=read_tunnels(paths),
+        network_storage=read_network_storage(paths),
+        cluster=read_cluster(paths),
         addresses=read_addresses(paths),
         root_storage=read_root_storage(paths),
         iommu_present=class_iommu.is_dir() and any(class_iommu.iterdir()),

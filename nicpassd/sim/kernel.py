@@ -507,6 +507,7 @@ class SimKernel:
             (directory / "dev").write_text(f"{major}:{minor}\n")
             (block / disk).symlink_to(os.path.relpath(directory, block))
             (by_number / f"{major}:{minor}").symlink_to(os.path.relpath(directory, by_number))
+        self._write_network_storage()
         found = root_disk(self.topology)
         if found is None:
             return
@@ -523,11 +524,39 @@ class SimKernel:
             (part / "dev").write_text(devnum + "\n")
             (block / name).symlink_to(os.path.relpath(part, block))
             (by_number / devnum).symlink_to(os.path.relpath(part, by_number))
+        self._root_mount = f"22 1 {devnum} / / rw,relatime shared:1 - ext4 /dev/{name} rw,errors=remount-ro\n"
+        self._write_network_storage()
+
+    def _write_network_storage(self) -> None:
+        """/proc/self/mountinfo (/, /proc and the topology's mounts), iSCSI connections and NVMe
+        over TCP controllers in /sys/class (host/storage.py)."""
         self_dir = self.paths.under("/proc/self")
         self_dir.mkdir(parents=True, exist_ok=True)
-        (self_dir / "mountinfo").write_text(
-            f"22 1 {devnum} / / rw,relatime shared:1 - ext4 /dev/{name} rw,errors=remount-ro\n"
-            "23 22 0:21 / /proc rw,nosuid,nodev,noexec,relatime shared:12 - proc proc rw\n")
+        lines = [getattr(self, "_root_mount", ""),
+                 "23 22 0:21 / /proc rw,nosuid,nodev,noexec,relatime shared:12 - proc proc rw\n"]
+        for number, mount in enumerate(self.topology.mounts):
+            target = mount.target.replace(" ", "\\040")  # mountinfo escapes a space as \040
+            lines.append(f"{40 + number} 22 0:{60 + number} / {target} rw,relatime - "
+                         f"{mount.fstype} {mount.source} {mount.options}\n")
+        (self_dir / "mountinfo").write_text("".join(lines))
+        for kind, addresses in (("iscsi_connection", self.topology.iscsi), ("nvme", self.topology.nvme_of)):
+            directory = self.paths.sys / "class" / kind
+            shutil.rmtree(directory, ignore_errors=True)
+            for number, address in enumerate(addresses):
+                entry = directory / (f"connection{number + 1}:0" if kind == "iscsi_connection" else f"nvme{number + 5}")
+                entry.mkdir(parents=True)
+                if kind == "iscsi_connection":
+                    (entry / "persistent_address").write_text(address + "\n")
+                else:
+                    (entry / "transport").write_text("tcp\n")
+                    (entry / "address").write_text(f"traddr={address},trsvcid=4420\n")
+
+    def set_mounts(self, mounts: list) -> None:
+        """mount/umount (``sim.topology.Mount``): announced as the kernel's mountinfo poll flag is."""
+        with self._lock:
+            self.topology = self.topology.model_copy(update={"mounts": tuple(mounts)})
+            self._write_network_storage()
+        self._emit("change", "route", "")
 
     # --------------------------------------------------------------- drivers
     def _attach_driver(self, device: SimDevice, driver: str, *, emit: bool = True) -> None:

@@ -167,6 +167,16 @@ class Session(_Strict):
         return str(ipaddress.ip_address(value))
 
 
+class Mount(_Strict):
+    """A file system of /proc/self/mountinfo: ``fstype``, ``source``, mount point ``target`` and
+    the super-block ``options`` (the kernel adds ``addr=SERVER`` for NFS and CIFS)."""
+
+    fstype: str
+    source: str
+    target: str
+    options: str = "rw"
+
+
 class Route(_Strict):
     dev: str = ""  # "" when the route has ``nexthops`` or a ``nexthop`` object
     dst: str = "default"  # "default" means 0.0.0.0/0 or ::/0 per family
@@ -216,6 +226,9 @@ class Topology(_Strict):
     rules: tuple[Rule, ...] = ()  # beyond the kernel's own (local, main, default)
     nexthops: tuple[Nexthop, ...] = ()
     sessions: tuple[Session, ...] = ()
+    mounts: tuple[Mount, ...] = ()  # beyond / and /proc
+    iscsi: tuple[str, ...] = ()  # iSCSI connections' target addresses
+    nvme_of: tuple[str, ...] = ()  # NVMe over TCP controllers' target addresses
     root: str = ""  # block device mounted on /: a disk of some function or its partition ("sda2")
 
     @model_validator(mode="after")
