@@ -24,7 +24,12 @@ from pydantic import ValidationError
 from nicpassd.host.sysfs import read_groups, read_routing, read_serial
 from nicpassd.paths import HostPaths
 from nicpassd.sim.topology import Address, Function, Link, Route, Topology, dump_topology_json
+from nicpassd.sim.topology import Mount
 from nicpassd.sim.topology import Rule as RuleSpec
+from nicpassd.host.storage import NETWORK_FILESYSTEMS, read_block_transports
+from nicpassd.host.tunnels import read_tunnels
+
+TUNNEL_KINDS = frozenset({"wireguard", "vxlan", "geneve", "gre", "ipip", "vti"})
 
 # Drivers that only hold a function for a guest: they say nothing about the host driver.
 STUB_DRIVERS = frozenset({"vfio-pci", "pci-stub"})
@@ -205,6 +210,7 @@ class _Recorder:
     def links(self, netdevs: set[str]) -> list[Link]:
         candidates: dict[str, tuple[str, list[str]]] = {}
         skipped: list[str] = []
+        self._tunnels = {name: tunnel for name, tunnel in read_tunnels(self.paths).items() if tunnel.kind in TUNNEL_KINDS}
         for name in _listdir(self.paths.class_net):
             net_dir = self.paths.class_net / name
             if name in netdevs:
@@ -215,7 +221,7 @@ class _Recorder:
                 continue
             entries = _listdir(net_dir)
             lowers = [entry.removeprefix("lower_") for entry in entries if entry.startswith("lower_")]
-            kind = self._kind(net_dir, lowers)
+            kind = self._tunnels[name].kind if name in self._tunnels else self._kind(net_dir, lowers)
             if kind:
                 candidates[name] = (kind, lowers)
             else:
@@ -268,6 +274,9 @@ class _Recorder:
             vid = re.search(r"VID:\s*(\d+)", _read(self.paths.proc_net / "vlan" / name))
             if vid:
                 fields["vlan_id"] = int(vid.group(1))
+        tunnel = self._tunnels.get(name)
+        if tunnel is not None:
+            fields.update(remotes=list(tunnel.remotes), local=tunnel.local, dev=tunnel.dev)
         return Link.model_validate(fields)
 
     @staticmethod
@@ -340,6 +349,19 @@ class _Recorder:
                                      family=rule.family, l3mdev=rule.l3mdev))
         return recorded
 
+    def network_storage(self) -> dict:
+        """Network mounts as the mount table shows them, iSCSI and NVMe-oF target addresses."""
+        mounts = []
+        for line in _read(self.paths.under("/proc/self/mountinfo")).splitlines():
+            head, _, tail = line.partition(" - ")
+            fields, rest = head.split(), tail.split()
+            if len(fields) >= 5 and len(rest) >= 3 and rest[0] in NETWORK_FILESYSTEMS:
+                mounts.append(Mount(fstype=rest[0], source=rest[1], target=fields[4].replace("\\040", " "),
+                                    options=rest[2]))
+        blocks = read_block_transports(self.paths)
+        return {"mounts": mounts, "iscsi": [b.server for b in blocks if b.kind == "iSCSI"],
+                "nvme_of": [b.server for b in blocks if b.kind == "NVMe-oF"]}
+
     # --------------------------------------------------------------- topology
     def record(self) -> Topology:
         functions = self.functions()
@@ -360,6 +382,7 @@ class _Recorder:
             "addresses": [a for a in addresses if a.dev in known],
             "routes": [r for r in routes if r.dev in known],
             "rules": self.rules(),
+            **self.network_storage(),
         }
         cmdline = _read(self.paths.proc_cmdline)
         if cmdline:

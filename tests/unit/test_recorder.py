@@ -201,3 +201,49 @@ def test_unrecorded_lowers_drop_a_vlan_but_not_a_bridge(tmp_path, name):
     links = {link.name: link for link in record(kernel.paths).links}
     assert links["br9"].lowers == ("enp2s0",)
     assert name not in links and f"{name}.5" not in links
+
+
+GUARD_SOURCES = """
+[[functions]]
+address = "0000:af:00.0"
+vendor = "8086"
+device = "10d3"
+driver = "e1000e"
+netdev = "enp175s0f0"
+iommu_group = 40
+
+[[links]]
+name = "wg0"
+kind = "wireguard"
+remotes = ["203.0.113.5"]
+
+[[routes]]
+dev = "enp175s0f0"
+dst = "203.0.113.5/32"
+gateway = "192.0.2.1"
+
+[[routes]]
+dev = "wg0"
+dst = "default"
+table = 100
+
+[[rules]]
+priority = 1000
+table = 100
+source = "198.51.100.0/24"
+
+[[mounts]]
+fstype = "nfs4"
+source = "192.0.2.50:/vz"
+target = "/var/lib/vz"
+options = "rw,addr=192.0.2.50"
+"""
+
+
+def test_the_guards_sources_are_recorded(tmp_path):
+    """Tunnels, policy-routing tables and rules, network mounts: what the guard reads is recorded."""
+    topology = parse_topology(GUARD_SOURCES)
+    _, recorded = _round_trip(tmp_path, topology)
+    assert recorded.links == tuple(link.model_copy(update={"mac": recorded.links[0].mac}) for link in topology.links)
+    assert {(r.dev, r.prefix, r.table) for r in recorded.routes} == {(r.dev, r.prefix, r.table) for r in topology.routes}
+    assert recorded.rules == topology.rules and recorded.mounts == topology.mounts
