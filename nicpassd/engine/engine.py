@@ -140,6 +140,13 @@ class Engine:
     def resolve(self, device: str) -> str:
         return self.view.resolve(device)
 
+    def catch_up(self) -> None:
+        """Before answering a question about protection (guard, explain, check): take in what
+        changed without an event of its own (a new TCP session), unless a change is being
+        applied (then what is known is what that change decided on)."""
+        if not self.ops.lock.locked():
+            self.view.refresh_changed()
+
     # -------------------------------------------------------------------- API
     async def reconcile(self) -> list[StepOutcome]:
         """Bring every device to its persisted desired state now: what was done and not done."""

@@ -372,11 +372,13 @@ class ManagerInterface(ServiceInterface):
     @method()
     @dbus_errors
     async def Check(self) -> "a(ssss)":
+        self.engine.catch_up()
         return [[f.id, f.level.value, f.message, f.remedy] for f in self.engine.check()]
 
     @method()
     @dbus_errors
     async def Explain(self, device: "s") -> "a{sv}":
+        self.engine.catch_up()
         return explanation_to_dbus(self.engine.explain(device))
 
     @method()
@@ -394,6 +396,7 @@ class ManagerInterface(ServiceInterface):
     @method()
     @dbus_errors
     async def GetProtected(self) -> "a(sas)":
+        self.engine.catch_up()
         return [[entry.address, list(entry.reasons)]
                 for entry in sorted(self.engine.protected.entries.values(), key=lambda e: e.address)]
 
