@@ -92,6 +92,7 @@ class Sentinel:
         self.count = 0  # violations found since start (the metrics' counter)
         self.listeners: list[Callable[[Violation], None]] = []
         self.healing = False  # the daemon turns it on once the boot recovery is done
+        self.fight_limit = FIGHT_LIMIT  # heals of one device per FIGHT_WINDOW
         self._heals: dict[str, collections.deque[float]] = {}
         self._tasks: set[asyncio.Task] = set()
         self._breaking: set[str] = set()  # lease ids being marked broken
@@ -237,7 +238,7 @@ class Sentinel:
             now = time.monotonic()
             while stamps and now - stamps[0] > FIGHT_WINDOW:
                 stamps.popleft()
-            if len(stamps) >= FIGHT_LIMIT:
+            if len(stamps) >= self.fight_limit:
                 self._settle(violation, f"not healed: taken {len(stamps)} times in {FIGHT_WINDOW:g} s; "
                                         "find what keeps taking it")
                 return

@@ -86,3 +86,14 @@ async def test_the_ceph_cluster_network_is_protected_unless_switched_off(make_si
         expected = ("route 198.51.100.0/24 in Ceph cluster network 198.51.100.0/24 (in /etc/ceph/ceph.conf): "
                     "enp175s0f0") if enabled else None
         assert (sim.engine.protected.reasons(NIC)[0] if NIC in sim.engine.protected else None) == expected
+
+
+async def test_the_protection_goes_with_the_configuration(sim):
+    (sim.paths.root / "etc/pve").mkdir(parents=True)
+    (sim.paths.root / "etc/pve/corosync.conf").write_text(COROSYNC)
+    cluster_network(sim)
+    sim.engine.refresh()
+    assert NIC in sim.engine.protected
+    (sim.paths.root / "etc/pve/corosync.conf").unlink()  # the node left the cluster
+    sim.engine.refresh()
+    assert NIC not in sim.engine.protected
