@@ -45,13 +45,19 @@ NLMSG_NOOP, NLMSG_ERROR, NLMSG_DONE, NLMSG_OVERRUN = 1, 2, 3, 4
 RTM_NEWLINK, RTM_DELLINK = 16, 17
 RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
 RTM_NEWROUTE, RTM_DELROUTE = 24, 25
+RTM_NEWRULE, RTM_DELRULE = 32, 33
+RTM_NEWNEXTHOP, RTM_DELNEXTHOP = 104, 105
 IFA_ADDRESS, IFA_LOCAL, IFA_LABEL, IFA_FLAGS = 1, 2, 3, 8
 IFLA_IFNAME = 3
 RTA_OIF = 4
 # Legacy multicast group bits for bind(): RTMGRP_LINK, _IPV4_IFADDR, _IPV4_ROUTE, _IPV6_IFADDR, _IPV6_ROUTE.
 RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE = 0x1, 0x10, 0x40
 RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE = 0x100, 0x400
-GROUPS = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE
+RTMGRP_IPV4_RULE, RTMGRP_IPV6_RULE = 0x80, 1 << (19 - 1)  # RTNLGRP_IPV4_RULE 8, RTNLGRP_IPV6_RULE 19
+GROUPS = (RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE
+          | RTMGRP_IPV4_RULE | RTMGRP_IPV6_RULE)
+RTNLGRP_NEXTHOP = 32  # past the 32 bits of bind(): joined with NETLINK_ADD_MEMBERSHIP
+SOL_NETLINK, NETLINK_ADD_MEMBERSHIP = 270, 1
 IFA_F_DADFAILED = 0x08
 
 NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
@@ -267,11 +273,12 @@ def describe(kind: int, payload: bytes) -> str:
     return ""
 
 
-WATCHED = {RTM_NEWLINK, RTM_DELLINK, RTM_NEWADDR, RTM_DELADDR, RTM_NEWROUTE, RTM_DELROUTE}
+WATCHED = {RTM_NEWLINK, RTM_DELLINK, RTM_NEWADDR, RTM_DELADDR, RTM_NEWROUTE, RTM_DELROUTE, RTM_NEWRULE, RTM_DELRULE,
+           RTM_NEWNEXTHOP, RTM_DELNEXTHOP}
 
 
 class RtnlEvents:
-    """Route, address and link changes from the kernel, on the asyncio loop.
+    """Route, rule, nexthop, address and link changes from the kernel, on the asyncio loop.
 
     Each message becomes ``UEvent("change", "route", interface)``; the engine coalesces a burst
     into one refresh. A receive-buffer overrun (``ENOBUFS``: events were lost) is reported as one
@@ -283,6 +290,10 @@ class RtnlEvents:
         self.callback = callback
         self.sock = _open(groups)
         self.sock.setblocking(False)
+        try:  # nexthop objects (kernel 5.3+): their group is past what bind() can name
+            self.sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, RTNLGRP_NEXTHOP)
+        except OSError as exc:
+            log.info("no netlink events for nexthop objects (%s)", exc)
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
         except OSError as exc:

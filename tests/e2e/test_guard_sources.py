@@ -21,6 +21,14 @@ def netdev(g, address: str) -> str:
     return g.fn(address)["net"][0]
 
 
+def fresh(g) -> None:
+    """No leftover of an earlier scenario on the test NICs (each scenario cleans up after itself;
+    one that failed half-way must not fail the next)."""
+    g.sh("ip rule del priority 1000 2>/dev/null || true; ip route flush table 100 2>/dev/null || true;"
+         " ip link del mgmt-vrf 2>/dev/null || true; ip link del wg-mgmt 2>/dev/null || true;"
+         f" for d in {' '.join(netdev(g, a) for a in (IGB, E1000E) if g.fn(a)['net'])}; do ip addr flush dev $d; done")
+
+
 def refused_with(g, address: str, reason: str, timeout: float = 20) -> list[str]:
     """Wait until binding ``address`` is refused (exit 3) with ``reason`` among its reasons."""
     deadline = time.monotonic() + timeout
@@ -44,6 +52,7 @@ def released(g, address: str, timeout: float = 20) -> None:
 
 
 def test_a_management_route_in_a_policy_routing_table(g):
+    fresh(g)
     dev = netdev(g, E1000E)
     g.sh(f"ip addr add 198.51.100.10/24 dev {dev}; ip link set {dev} up;"
          f" ip route add default via 198.51.100.1 dev {dev} table 100;"
@@ -53,10 +62,12 @@ def test_a_management_route_in_a_policy_routing_table(g):
         g.sh("ip rule del priority 1000")
         released(g, E1000E)
     finally:
-        g.sh(f"ip rule del priority 1000 2>/dev/null; ip route flush table 100; ip addr flush dev {dev}")
+        g.sh(f"ip rule del priority 1000 2>/dev/null || true; ip route flush table 100 || true;"
+             f" ip addr flush dev {dev}")
 
 
 def test_an_ecmp_default_route_protects_both_nics(g):
+    fresh(g)
     dev = netdev(g, E1000E)
     g.sh(f"ip addr add 198.51.100.10/24 dev {dev}; ip link set {dev} up;"
          f" ip route replace default nexthop via 10.0.2.2 dev enp1s0 nexthop via 198.51.100.1 dev {dev}")
@@ -65,11 +76,12 @@ def test_an_ecmp_default_route_protects_both_nics(g):
         guard = {entry["address"]: entry for entry in g.ctl_json("guard")}
         assert any("via 10.0.2.2: enp1s0" in r for r in guard["0000:01:00.0"]["reasons"])
     finally:
-        g.sh(f"ip route replace default via 10.0.2.2 dev enp1s0; ip addr flush dev {dev}")
+        g.sh(f"ip route replace default via 10.0.2.2 dev enp1s0; ip addr flush dev {dev} || true")
     released(g, E1000E)
 
 
 def test_a_vrf_carrying_a_management_route(g):
+    fresh(g)
     dev = netdev(g, E1000E)
     g.sh(f"modprobe vrf; ip link add mgmt-vrf type vrf table 10; ip link set mgmt-vrf up;"
          f" ip link set {dev} master mgmt-vrf; ip link set {dev} up; ip addr add 198.51.100.10/24 dev {dev};"
@@ -79,7 +91,7 @@ def test_a_vrf_carrying_a_management_route(g):
         g.sh("ip link del mgmt-vrf")
         released(g, E1000E)
     finally:
-        g.sh(f"ip link del mgmt-vrf 2>/dev/null; ip addr flush dev {dev}")
+        g.sh(f"ip link del mgmt-vrf 2>/dev/null || true; ip addr flush dev {dev}")
 
 
 # WireGuard without wireguard-tools: the interface's private key and one peer (any 32 bytes are a
@@ -112,6 +124,7 @@ sys.exit(1 if error else 0)
 
 
 def test_a_wireguard_tunnel_protects_the_igb_it_rides_on(g):
+    fresh(g)
     dev = netdev(g, IGB)
     g.vm.write_file("/tmp/wg_set.py", WG_SET)
     g.sh(f"modprobe wireguard; ip addr add 203.0.113.10/24 dev {dev}; ip link set {dev} up;"
@@ -124,7 +137,8 @@ def test_a_wireguard_tunnel_protects_the_igb_it_rides_on(g):
         g.sh("ip link del wg-mgmt")
         released(g, IGB)
     finally:
-        g.sh(f"ip link del wg-mgmt 2>/dev/null; ip addr flush dev {dev}; rm -f {CONFIG}; systemctl reload nicpassd")
+        g.sh(f"ip link del wg-mgmt 2>/dev/null || true; ip addr flush dev {dev}; rm -f {CONFIG};"
+             " systemctl reload nicpassd")
 
 
 SERVER = r'''
@@ -144,6 +158,7 @@ time.sleep(600)
 def test_an_ssh_session_from_a_namespace_protects_the_nic_it_arrives_on(g):
     """A listener on port 22 stands in for sshd; the client is a process in a network namespace
     that owns the igb's interface, so the session crosses the QEMU hub and arrives on the e1000e."""
+    fresh(g)
     e1000e, igb = netdev(g, E1000E), netdev(g, IGB)
     g.vm.write_file("/tmp/session_server.py", SERVER)
     g.vm.write_file("/tmp/session_client.py", CLIENT)
@@ -157,5 +172,6 @@ def test_an_ssh_session_from_a_namespace_protects_the_nic_it_arrives_on(g):
         g.sh("pkill -f session_client.py")
         released(g, E1000E)
     finally:
-        g.sh(f"pkill -f session_client.py; pkill -f session_server.py; ip -n client link set {igb} netns 1;"
-             f" ip netns del client; ip addr flush dev {e1000e}; ip addr flush dev {igb} 2>/dev/null; true")
+        g.sh(f"pkill -f session_client.py || true; pkill -f session_server.py || true;"
+             f" ip -n client link set {igb} netns 1 || true; ip netns del client || true; ip addr flush dev {e1000e};"
+             f" ip addr flush dev {igb} 2>/dev/null || true")

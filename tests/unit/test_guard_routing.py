@@ -196,3 +196,36 @@ def test_a_real_kernels_tables_rules_ecmp_nexthops_and_vrfs(netns):
     if got["vrf"]:  # the vrf module is there
         assert [4, "0.0.0.0/0", "d2", "203.0.113.1", 10] in routes
         assert any(rule[3] for rule in got["rules"])  # the kernel's l3mdev rule
+
+
+EVENTS_CHILD = textwrap.dedent("""
+    import asyncio, json, subprocess
+    from nicpassd.host.netlink import RtnlEvents
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        events = []
+        listener = RtnlEvents(loop, events.append)
+        seen = {}
+        for name, command in (("rule-add", "ip rule add priority 1000 from 198.51.100.0/24 lookup 100"),
+                              ("rule-del", "ip rule del priority 1000")):
+            before = len(events)
+            subprocess.run(command.split(), check=True)
+            deadline = loop.time() + 3
+            while len(events) == before and loop.time() < deadline:
+                await asyncio.sleep(0.005)
+            seen[name] = len(events) - before
+        listener.close()
+        print(json.dumps(seen))
+
+    asyncio.run(main())
+""")
+
+
+def test_a_rule_change_is_an_event(netns):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    result = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", EVENTS_CHILD], capture_output=True,
+                            text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout)
+    assert seen["rule-add"] >= 1 and seen["rule-del"] >= 1, seen
