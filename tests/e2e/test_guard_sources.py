@@ -169,9 +169,9 @@ def test_an_ssh_session_from_a_namespace_protects_the_nic_it_arrives_on(g):
          " (setsid ip netns exec client python3 /tmp/session_client.py >/dev/null 2>&1 &)")
     try:
         refused_with(g, E1000E, f"SSH session from 198.51.100.7: {e1000e}", timeout=40)
-        g.sh("pkill -f session_client.py")
+        g.sh("pkill -f '[s]ession_client.py'")  # the brackets: not this shell's own command line
         released(g, E1000E)
     finally:
-        g.sh(f"pkill -f session_client.py || true; pkill -f session_server.py || true;"
+        g.sh(f"pkill -f '[s]ession_client.py' || true; pkill -f '[s]ession_server.py' || true;"
              f" ip -n client link set {igb} netns 1 || true; ip netns del client || true; ip addr flush dev {e1000e};"
              f" ip addr flush dev {igb} 2>/dev/null || true")

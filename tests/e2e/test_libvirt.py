@@ -90,3 +90,44 @@ def test_hook_refuses_the_management_nic(g):
     fn = g.fn("0000:01:00.0")
     assert fn["driver"] == "virtio-pci", fn
     assert g.state()["default_route_devs"] == ["enp1s0"]
+
+
+HOSTDEV = """<hostdev mode='subsystem' type='pci' managed='yes'>
+  <source><address domain='0x0000' bus='0x01' slot='0x00' function='0x0'/></source>
+</hostdev>
+"""
+
+
+def test_virsh_attach_device_live_of_the_management_nic_is_healed(g):
+    """libvirt runs no hook for device hotplug: `virsh attach-device --live` of the management NIC
+    (managed='yes': libvirt unbinds it, writes driver_override, probes vfio-pci, QEMU opens it)
+    reaches nicpassd only as kernel events. The NIC must end on virtio-pci with its default route,
+    and the domain must not keep it."""
+    from .conftest import MGMT, SESSION_NOTES
+    from .test_guard_heal import mgmt_back, violations
+
+    xml = domain_xml(IGB).replace("""    <hostdev mode='subsystem' type='pci' managed='no'>
+      <source><address domain='0x0000' bus='0x02' slot='0x00' function='0x0'/></source>
+    </hostdev>
+""", "")
+    assert "hostdev" not in xml
+    g.vm.write_file("/tmp/e2e-vm1.xml", xml)
+    g.vm.write_file("/tmp/e2e-mgmt-hostdev.xml", HOSTDEV)
+    g.run([*VIRSH, "define", "/tmp/e2e-vm1.xml"]).check()
+    try:
+        started = g.run([*VIRSH, "start", "--paused", VM], timeout=300)
+        assert started.returncode == 0, started.stderr
+        attach = g.run([*VIRSH, "attach-device", VM, "/tmp/e2e-mgmt-hostdev.xml", "--live"], timeout=300)
+        hostdevmgr = g.run("head -c 600 /run/libvirt/hostdevmgr/*.xml 2>&1 | tr -s ' \n' ' '").stdout
+        seconds = mgmt_back(g, timeout=180)
+        live = g.run([*VIRSH, "dumpxml", VM]).stdout
+        assert "bus='0x01'" not in live, "the domain kept the management NIC"
+        violation = violations(g)[MGMT]["last_violation"]
+        SESSION_NOTES.append(f"attach-device --live of the management NIC: virsh exit {attach.returncode} "
+                             f"({attach.stderr.strip()[:160]}); back {seconds:.1f}s after; culprit "
+                             f"{violation['culprit']!r}; outcome {violation['outcome'][:120]!r}; "
+                             f"libvirt's hostdev bookkeeping right after: {hostdevmgr[:400]}")
+        assert violation["outcome"].startswith("healed"), violation
+    finally:
+        g.run([*VIRSH, "destroy", VM], timeout=120)
+        g.run([*VIRSH, "undefine", VM])
