@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from nicpassd.host.model import MAIN_TABLE, Route, Rule
-from nicpassd.host.netlink import (NLM_F_MULTI, NLMSG_DONE, RTATTR, RTMSG, _align, attributes, dump, encode,
+from nicpassd.host.netlink import (NLM_F_MULTI, NLMSG_DONE, RTMSG, _align, attributes, dump, encode,
                                    encode_attribute, messages)
 from nicpassd.paths import HostPaths
 

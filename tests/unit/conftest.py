@@ -221,3 +221,18 @@ async def make_sim(sim_root):
 async def sim(make_sim) -> Sim:
     """The default simulated host (built-in topology) with an engine."""
     return make_sim()
+
+
+@pytest.fixture
+def netns():
+    """A throwaway network namespace (support/netns.py), deleted after the test."""
+    from support import netns as namespaces
+
+    try:
+        name = namespaces.create()
+    except namespaces.NetnsUnavailable as exc:
+        pytest.skip(str(exc))
+    try:
+        yield name
+    finally:
+        namespaces.delete(name)

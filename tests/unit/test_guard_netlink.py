@@ -4,17 +4,12 @@ readers for real, inside a throwaway network namespace (never this machine's own
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 import textwrap
-import uuid
 from pathlib import Path
 
-import pytest
+from support.netns import run_python
 
-from nicpassd.host import netlink, sysfs
+from nicpassd.host import netlink
 from nicpassd.host.model import IfAddress
 from nicpassd.paths import HostPaths
 
@@ -105,24 +100,10 @@ CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.fixture
-def netns():
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("needs root and iproute2 to make a network namespace")
-    name = f"nicpassd-test-{uuid.uuid4().hex[:8]}"
-    made = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot create a network namespace: {made.stderr.strip()}")
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "delete", name], capture_output=True)
 
 
 def test_listener_and_readers_see_a_real_kernel_in_a_network_namespace(netns):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    result = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", CHILD], capture_output=True,
-                            text=True, timeout=60, env=env)
+    result = run_python(netns, CHILD)
     assert result.returncode == 0, result.stderr
     got = json.loads(result.stdout)
     events = got["events"]

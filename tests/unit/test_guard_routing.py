@@ -7,17 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
-import subprocess
-import sys
 import textwrap
-import uuid
 from pathlib import Path
 
-import pytest
+from support.netns import run_python
 
-from nicpassd.engine.config import Config, DaemonSettings
 from nicpassd.host import routing, sysfs
 from nicpassd.host.model import Route as HostRoute
 from nicpassd.sim.topology import Hop, Nexthop, Route, Rule
@@ -166,24 +160,10 @@ CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.fixture
-def netns():
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("needs root and iproute2 to make a network namespace")
-    name = f"nicpassd-test-{uuid.uuid4().hex[:8]}"
-    made = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot create a network namespace: {made.stderr.strip()}")
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "delete", name], capture_output=True)
 
 
 def test_a_real_kernels_tables_rules_ecmp_nexthops_and_vrfs(netns):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    result = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", CHILD], capture_output=True,
-                            text=True, timeout=60, env=env)
+    result = run_python(netns, CHILD)
     assert result.returncode == 0, result.stderr
     got = json.loads(result.stdout)
     routes = got["routes"]
@@ -223,9 +203,7 @@ EVENTS_CHILD = textwrap.dedent("""
 
 
 def test_a_rule_change_is_an_event(netns):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    result = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", EVENTS_CHILD], capture_output=True,
-                            text=True, timeout=60, env=env)
+    result = run_python(netns, EVENTS_CHILD)
     assert result.returncode == 0, result.stderr
     seen = json.loads(result.stdout)
     assert seen["rule-add"] >= 1 and seen["rule-del"] >= 1, seen

@@ -7,15 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
-import subprocess
-import sys
 import textwrap
-import uuid
 from pathlib import Path
 
-import pytest
+from support.netns import run_python
 
 from nicpassd.engine.config import Config, DaemonSettings, GuardSettings
 from nicpassd.host import sessions
@@ -118,25 +113,10 @@ CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.fixture
-def netns():
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("needs root and iproute2 to make a network namespace")
-    name = f"nicpassd-test-{uuid.uuid4().hex[:8]}"
-    made = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot create a network namespace: {made.stderr.strip()}")
-    subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "delete", name], capture_output=True)
 
 
 def test_a_real_kernel_lists_a_session_and_announces_its_close(netns):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    result = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", CHILD], capture_output=True,
-                            text=True, timeout=60, env=env)
+    result = run_python(netns, CHILD)
     assert result.returncode == 0, result.stderr
     got = json.loads(result.stdout)
     ports = {(local_port, peer_port) for _local, local_port, _peer, peer_port in got["sessions"]}

@@ -130,36 +130,21 @@ print(json.dumps({name: [t.kind, list(t.remotes), t.local, t.dev] for name, t in
 """
 
 
-def test_a_real_kernels_vxlan_and_geneve_link_info(tmp_path):
-    import os
-    import shutil
+def test_a_real_kernels_vxlan_and_geneve_link_info(netns):
+    import json
     import subprocess
-    import sys
-    import uuid
-    from pathlib import Path
 
     import pytest
+    from support.netns import run_python
 
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("needs root and iproute2 to make a network namespace")
-    name = f"nicpassd-test-{uuid.uuid4().hex[:8]}"
-    if subprocess.run(["ip", "netns", "add", name], capture_output=True).returncode != 0:
-        pytest.skip("cannot create a network namespace")
-    try:
-        probe = subprocess.run(["ip", "netns", "exec", name, "ip", "link", "add", "t0", "type", "vxlan", "id", "1",
-                                "dstport", "4789"], capture_output=True, text=True)
-        if probe.returncode != 0:
-            pytest.skip(f"this kernel has no vxlan: {probe.stderr.strip()}")
-        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "del", "t0"], check=True)
-        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
-        result = subprocess.run(["ip", "netns", "exec", name, sys.executable, "-c", CHILD], capture_output=True,
-                                text=True, timeout=60, env=env)
-        assert result.returncode == 0, result.stderr
-        import json
-
-        got = json.loads(result.stdout)
-        assert got["vx0"] == ["vxlan", ["198.51.100.20"], "192.0.2.10", "d0"]
-        if "gn0" in got:
-            assert got["gn0"] == ["geneve", ["203.0.113.3"], "", ""]
-    finally:
-        subprocess.run(["ip", "netns", "delete", name], capture_output=True)
+    probe = subprocess.run(["ip", "netns", "exec", netns, "ip", "link", "add", "t0", "type", "vxlan", "id", "1",
+                            "dstport", "4789"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"this kernel has no vxlan: {probe.stderr.strip()}")
+    subprocess.run(["ip", "netns", "exec", netns, "ip", "link", "del", "t0"], check=True)
+    result = run_python(netns, CHILD)
+    assert result.returncode == 0, result.stderr
+    got = json.loads(result.stdout)
+    assert got["vx0"] == ["vxlan", ["198.51.100.20"], "192.0.2.10", "d0"]
+    if "gn0" in got:
+        assert got["gn0"] == ["geneve", ["203.0.113.3"], "", ""]
