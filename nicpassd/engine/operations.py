@@ -107,11 +107,14 @@ class Operations:
     async def bind(self, address: str, driver: str, *, restore_on_failure: bool = True) -> None:
         """driver_override, unbind, drivers_probe, then verify (kernel rules §8), journaled.
         ``driver`` "" means the host driver: clear the override and let the kernel pick."""
-        async with self.journaled("bind", [address], target={"driver": driver}):
-            await self._bind(address, driver, restore_on_failure=restore_on_failure)
+        # driver and driver_override are all a bind changes and all its journal entry needs: two
+        # cheap reads, not the whole function (its config space costs a trap per read under a
+        # hypervisor).
+        before = self.host.binding(address)
+        async with self.journaled("bind", [address], target={"driver": driver}, before={address: before}):
+            await self._bind(address, before, driver, restore_on_failure=restore_on_failure)
 
-    async def _bind(self, address: str, driver: str, *, restore_on_failure: bool) -> None:
-        before = self.host.present(address)
+    async def _bind(self, address: str, before: PciFunction, driver: str, *, restore_on_failure: bool) -> None:
         override = driver if driver in PASSTHROUGH_DRIVERS else ""
         if before.driver and satisfies(before.driver, driver) and before.driver_override == override:
             return
@@ -246,7 +249,7 @@ class Operations:
     async def restore_binding(self, address: str, before: PciFunction) -> str:
         """Best effort back to ``before``'s driver and driver_override; says what it did."""
         try:
-            now = self.host.present(address)
+            now = self.host.binding(address)
             await self.host.set_driver_override(address, before.driver_override)
             if not before.driver and now.driver and now.driver not in PASSTHROUGH_DRIVERS:
                 # "No driver" is no state to go back to over a host driver the kernel bound by

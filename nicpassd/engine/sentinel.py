@@ -124,12 +124,13 @@ class Sentinel:
                          entry.driver, function.driver, function.driver_override, culprit, pid, guest,
                          detected=time.time())
 
-    def _culprit(self, function: PciFunction) -> tuple[str, int, str]:
+    def _culprit(self, function: PciFunction, driver: str | None = None) -> tuple[str, int, str]:
         """Who has it, as far as the kernel and libvirt let us see: the process holding its VFIO
         group (readable for root's processes: Proxmox's QEMU), else a running libvirt domain whose
         live XML holds it (libvirt's QEMU runs as another user), else nobody we can name."""
         host = self.view.host
-        users = host.vfio_users(function.iommu_group) if function.driver == VFIO else []
+        driver = function.driver if driver is None else driver
+        users = host.vfio_users(function.iommu_group) if driver == VFIO else []
         if users:
             pid, program, guest = users[0]
             return f"{program or 'a process'} (pid {pid}{f', guest {guest}' if guest else ''})", pid, guest
@@ -243,9 +244,9 @@ class Sentinel:
                                         "find what keeps taking it")
                 return
             stamps.append(now)
-            function = host.function(address)
-            if function is not None and function.driver == VFIO:  # QEMU may have opened it meanwhile
-                culprit, pid, guest = self._culprit(function)
+            function = view.snapshot.functions.get(address)
+            if function is not None and host.driver_of(address) == VFIO:  # QEMU may have opened it meanwhile
+                culprit, pid, guest = self._culprit(function, VFIO)
                 if pid:
                     violation = replace(violation, culprit=culprit, culprit_pid=pid, guest=guest)
             try:
@@ -261,12 +262,13 @@ class Sentinel:
 
     async def _netdev_back(self, address: str, wanted: tuple[str, ...]) -> str:
         deadline = time.monotonic() + max(self._config().daemon.bind_verify_timeout, 1.0)
+        interval = 0.002
         while True:
-            function = self.view.host.function(address)
-            interfaces = function.interfaces if function else ()
+            interfaces = self.view.host.interfaces_of(address)
             if interfaces or time.monotonic() >= deadline:
                 break
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(interval)
+            interval = min(interval * 2, 0.05)
         if not interfaces:
             return f"; its interface {', '.join(wanted)} did not come back"
         return f", {', '.join(interfaces)} is back (bond, bridge and addresses are the network manager's to restore)"

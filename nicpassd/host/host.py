@@ -54,6 +54,22 @@ class Host:
         """Just the driver link: the cheap read of a verification loop ("" for none or gone)."""
         return kernelio.link_name(f"{self._pci_root}/{address}/driver")
 
+    def interfaces_of(self, address: str) -> tuple[str, ...]:
+        """The netdevs on a function (``net/``, or under a virtio device), cheaply."""
+        base = f"{self._pci_root}/{address}"
+        try:
+            entries = os.listdir(base)
+        except OSError:
+            return ()
+        names: list[str] = []
+        for directory in ([f"{base}/net"] if "net" in entries else []) + [
+                f"{base}/{entry}/net" for entry in entries if entry.startswith("virtio")]:
+            try:
+                names += os.listdir(directory)
+            except OSError:
+                continue
+        return tuple(sorted(names))
+
     def driver_registered(self, name: str) -> bool:
         return (self.paths.pci_drivers / name).is_dir()
 
