@@ -65,6 +65,21 @@ class IdentityChanged(NicpassError):
     name = "IdentityChanged"
 
 
+class NotPersisted(NicpassError):
+    """nicpassd could not save its own state (EACCES, EROFS, ENOSPC...): the change was undone."""
+
+    name = "NotPersisted"
+
+    @classmethod
+    def of(cls, exc: OSError, what: str = "the change was undone") -> "NotPersisted":
+        import errno
+
+        code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        return cls(f"cannot save nicpassd's state in {exc.filename or 'its directory'}: {exc.strerror or exc} "
+                   f"({code}); {what}",
+                   "make /var/lib/nicpassd and /run/nicpassd writable, with free space, then retry")
+
+
 ALL_ERRORS: tuple[type[NicpassError], ...] = (
-    InvalidArgument, NotFound, Protected, Busy, NotSupported, KernelError, Timeout, IdentityChanged,
+    InvalidArgument, NotFound, Protected, Busy, NotSupported, KernelError, Timeout, IdentityChanged, NotPersisted,
 )

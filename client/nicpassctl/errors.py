@@ -24,6 +24,7 @@ ERROR_CODES: dict[str, ExitCode] = {
     _NP + "KernelError": ExitCode.FAILED,
     _NP + "Timeout": ExitCode.FAILED,
     _NP + "IdentityChanged": ExitCode.FAILED,
+    _NP + "NotPersisted": ExitCode.FAILED,
     _FD + "AccessDenied": ExitCode.NOT_AUTHORIZED,
     _FD + "InteractiveAuthorizationRequired": ExitCode.NOT_AUTHORIZED,
     _FD + "AuthFailed": ExitCode.NOT_AUTHORIZED,

@@ -35,7 +35,7 @@ from nicpassd.engine.reconcile import Reconciler
 from nicpassd.engine.results import Explanation, Finding, StepOutcome
 from nicpassd.engine.sentinel import Sentinel
 from nicpassd.engine.store import DeviceDesire, RuntimeHolds, StateStore, identity_of
-from nicpassd.errors import InvalidArgument, NicpassError, NotFound, NotSupported
+from nicpassd.errors import InvalidArgument, NicpassError, NotFound, NotPersisted, NotSupported
 from nicpassd.host.events import UEvent
 from nicpassd.host.host import Host
 from nicpassd.host.kernelio import PASSTHROUGH_DRIVERS, VFIO
@@ -169,10 +169,15 @@ class Engine:
             view.refresh()
             self._guard(address, f"change the VF count of {view.label(address)}", force=force, caller=caller)
             view.refuse_if_leased([address, *view.present(address).virtfns], "change the VFs of")
+            before = self.host.present(address)
+            before_drivers = [self.host.driver_of(vf) for vf in before.virtfns]
             await self.ops.set_vf_count(address, count, driver)
+            try:
+                await self._commit([address], persist, num_vfs=count, vf_driver=driver if count else "")
+            except NotPersisted as exc:
+                raise exc.with_note(await self.ops.restore_vfs(address, before, before_drivers)) from None
             log.info("%s now has %d VFs%s%s", view.label(address), count, f" on {driver}" if driver else "",
                      "" if persist else " (runtime only)", extra={"device": address, "action": "vfs"})
-            await self._commit([address], persist, num_vfs=count, vf_driver=driver if count else "")
             view.refresh()
         self.reconciler.poke()
 
@@ -183,9 +188,7 @@ class Engine:
         mates); ``force`` overrides a guard entry that is not on the management path."""
         view = self.view
         address = view.resolve(device)
-        if driver not in ("", *PASSTHROUGH_DRIVERS) and driver not in view.snapshot.loaded_drivers:
-            raise InvalidArgument(f"driver {driver!r} is not a loaded PCI driver",
-                                  "use \"vfio-pci\", or \"\" for the device's host driver")
+        self._check_driver(address, driver)
         async with self.ops.lock:
             view.refresh()
             view.present(address)  # NotFound if it went away since it was resolved
@@ -207,14 +210,36 @@ class Engine:
                 if present.num_vfs and driver in PASSTHROUGH_DRIVERS:
                     raise InvalidArgument(f"{view.label(each)} has {present.num_vfs} VFs; unbinding its PF driver "
                                           "would orphan them", f"remove them first with `nicpassctl vfs {each} 0`")
+            befores = {each: self.host.binding(each) for each in targets}
             await self._bind_together(targets, driver)
+            try:
+                await self._commit(targets, persist, driver=driver if driver in PASSTHROUGH_DRIVERS else "")
+            except NotPersisted as exc:
+                notes = [f"{each}: {await self.ops.restore_binding(each, before)}" for each, before in befores.items()]
+                raise exc.with_note("; ".join(notes)) from None
             for mate in targets[1:]:
                 log.info("%s bound to %s with the IOMMU group of %s", view.label(mate), target, address)
             log.info("%s bound to %s%s", view.label(address), target, "" if persist else " (runtime only)",
                      extra={"device": address, "action": "bind"})
-            await self._commit(targets, persist, driver=driver if driver in PASSTHROUGH_DRIVERS else "")
             view.refresh()
         self.reconciler.poke()
+
+    def _check_driver(self, address: str, driver: str) -> None:
+        """A bind names a passthrough driver, the device's own host driver, or "" for it. Any other
+        driver would be made to probe the device through driver_override whatever its ID table
+        says (kernel rules §7): refused before anything is written."""
+        if driver in ("", *PASSTHROUGH_DRIVERS):
+            return
+        function = self.view.present(address)
+        remembered = self.view.memory.entries.get(address)
+        own = {function.driver} - {"", *PASSTHROUGH_DRIVERS}
+        if remembered is not None and remembered.driver:
+            own.add(remembered.driver)
+        if driver not in own:
+            raise InvalidArgument(
+                f"{driver!r} is not a driver of {self.view.label(address)}"
+                f"{' (its host driver is ' + ', '.join(sorted(own)) + ')' if own else ''}",
+                "use \"vfio-pci\" or \"pci-stub\" for passthrough, or \"\" to give it back to its host driver")
 
     async def _bind_together(self, targets: list[str], driver: str) -> None:
         """Bind each target (verified); on a failure, every one already moved goes back."""
@@ -236,13 +261,13 @@ class Engine:
 
     async def forget(self, device: str, *, restore: bool = False) -> None:
         address = self.view.resolve(device)
-        if restore:
-            await self.bind(address, "", persist=False)
-        async with self.ops.lock:
-            await self.store.commit({address: None})
-            await self.holds.release_async(address)
+        async with self.ops.lock:  # forgotten first: a state that cannot be saved changes nothing
+            await self._saved(self.store.commit({address: None}))
+            await self._saved(self.holds.release_async(address))
             self.reconciler.forget_failures(address)
             self.view.refresh()
+        if restore:
+            await self.bind(address, "", persist=False)
 
     async def release_protection(self, device: str, *, caller: str = "") -> None:
         """An admin's word that a remembered management device (guard_memory.py) is no longer
@@ -273,13 +298,20 @@ class Engine:
 
     async def _commit(self, addresses: list[str], persist: bool, **changes: object) -> None:
         """After an API change: persist it (a persisted change ends a runtime one), or hold the
-        devices as changed at runtime (the reconciler leaves them alone)."""
+        devices as changed at runtime (the reconciler leaves them alone). ``NotPersisted`` when
+        the file cannot be written: the caller puts the kernel back as it was."""
         if not persist:
-            await self.holds.hold_async(*addresses, op="runtime")
+            await self._saved(self.holds.hold_async(*addresses, op="runtime"))
             return
-        await self.store.commit({address: self._desire(address, **changes) for address in addresses})
-        await self.holds.release_async(*addresses)
+        await self._saved(self.store.commit({address: self._desire(address, **changes) for address in addresses}))
+        await self._saved(self.holds.release_async(*addresses))
         self.reconciler.forget_failures(*addresses)
+
+    async def _saved(self, write) -> None:
+        try:
+            await write
+        except OSError as exc:
+            raise NotPersisted.of(exc) from None
 
     def _desire(self, address: str, **changes: object) -> DeviceDesire | None:
         function = self.host.function(address) or self.view.snapshot.functions[address]

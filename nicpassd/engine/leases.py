@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -53,18 +54,43 @@ class Lease:
 _FIELDS = {f.name for f in dataclasses.fields(Lease)}
 
 
+PCI_ADDRESS = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
+# The VM that holds what an unreadable lease file may have leased, until an admin releases it.
+UNKNOWN_VM = "00000000-0000-0000-0000-000000000000"
+_TYPES = {"lease_id": str, "vm_name": str, "vm_uuid": str, "state": str, "pidfile": str,
+          "expires": (int, float), "created": (int, float), "pid": int, "pid_start": int}
+
+
 def _lease_from(item: dict) -> Lease:
+    """One lease of the file, every field checked: a wrong type or value is an unreadable file."""
+    if not isinstance(item, dict):
+        raise ValueError("a lease is not an object")
     known = {key: value for key, value in item.items() if key in _FIELDS}
-    lease = Lease(**known)
-    lease.devices = [str(device) for device in lease.devices]
-    return lease
+    for key, kind in _TYPES.items():
+        if key in known and (not isinstance(known[key], kind) or isinstance(known[key], bool)):
+            raise ValueError(f"lease field {key!r} is {known[key]!r}")
+    if known.get("state", RESERVED) not in (RESERVED, ACTIVE, BROKEN):
+        raise ValueError(f"lease state {known['state']!r}")
+    devices = known.get("devices")
+    if not isinstance(devices, list) or not all(isinstance(d, str) and PCI_ADDRESS.fullmatch(d) for d in devices):
+        raise ValueError(f"lease devices {devices!r}")
+    changes = known.get("changes", {})
+    if not isinstance(changes, dict) or not all(
+            isinstance(v, dict) and all(isinstance(x, str) for x in v.values()) for v in changes.values()):
+        raise ValueError("lease changes are not {address: {field: text}}")
+    if any(known.get(key, 0) < 0 for key in ("expires", "pid", "pid_start")):
+        raise ValueError("a negative time or pid in a lease")
+    return Lease(**known)
 
 
 class LeaseTable:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.path = directory / LEASE_FILE
+        self.recovered = False  # the file was unreadable: what it may have leased is held (fail closed)
         self.leases: dict[str, Lease] = self._load()
+        if self.recovered and self.leases:
+            self.save()  # the hold survives the next restart too
 
     def _load(self) -> dict[str, Lease]:
         try:
@@ -77,8 +103,7 @@ class LeaseTable:
         except FileNotFoundError:
             return {}
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            log.error("ignoring unreadable lease file %s: %s", self.path, exc)
-            return {}
+            return self._fail_closed(exc)
         table: dict[str, Lease] = {}
         taken: dict[str, str] = {}
         for lease in leases:
@@ -90,6 +115,30 @@ class LeaseTable:
             taken.update({device: lease.vm_uuid for device in lease.devices})
             table[lease.lease_id] = lease
         return table
+
+    def _fail_closed(self, exc: Exception) -> dict[str, Lease]:
+        """An unreadable lease file never frees a device: it is kept aside (never overwritten), and
+        every device it names is held by UNKNOWN_VM until an admin releases that."""
+        try:
+            raw = self.path.read_bytes()
+        except OSError:
+            raw = b""
+        broken = self.path.with_name(f"{LEASE_FILE}.broken-{time.strftime('%Y%m%dT%H%M%S')}")
+        try:
+            self.path.replace(broken)
+        except OSError as error:
+            log.error("cannot keep the unreadable lease file aside: %s", error)
+        devices = sorted(set(PCI_ADDRESS.findall(raw.decode(errors="replace"))))
+        self.recovered = True
+        log.critical("the lease file %s is unreadable (%s); kept as %s. %s: they are held by VM %s until an "
+                     "admin checks that no VM uses them and runs `nicpassctl release %s`", self.path, exc, broken.name,
+                     f"It names {', '.join(devices)}" if devices else "It names no device",
+                     UNKNOWN_VM, UNKNOWN_VM)
+        if not devices:
+            return {}
+        lease = Lease(f"recovered-{uuid.uuid4().hex[:8]}", "(unreadable lease file)", UNKNOWN_VM, devices,
+                      state=ACTIVE)
+        return {lease.lease_id: lease}
 
     def holder(self) -> dict[str, str]:
         """device address -> VM uuid holding it."""

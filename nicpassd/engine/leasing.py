@@ -238,6 +238,14 @@ class LeaseKeeper:
         for address in addresses:  # the guard never yields to a lease: no force here
             view.guard_check(address, f"hand {view.label(address)} to VM {vm_name}")
         view.refuse_if_leased(addresses, "lease", allow_vm=vm_uuid)
+        if self.table.recovered:  # the lease file was lost: a device a VM has open is in use all the same
+            for address in addresses:
+                users = self.host.vfio_users(view.present(address).iommu_group)
+                if users:
+                    pid, program, guest = users[0]
+                    raise Busy(f"{view.label(address)} is open through /dev/vfio by {program or 'a process'} (pid "
+                               f"{pid}{f', guest {guest}' if guest else ''}), a VM nicpassd has no lease for",
+                               "stop that VM first")
         for address in addresses:
             function = view.present(address)
             if function.num_vfs:

@@ -25,7 +25,7 @@ from typing import Any, AsyncIterator, Callable, Iterable
 from nicpassd.engine import vf_count
 from nicpassd.engine.config import Config
 from nicpassd.engine.journal import DeviceBefore, Entry, Journal
-from nicpassd.errors import KernelError, NicpassError
+from nicpassd.errors import KernelError, NicpassError, NotPersisted
 from nicpassd.host.host import Host
 from nicpassd.host.kernelio import PASSTHROUGH_DRIVERS, VFIO
 from nicpassd.host.model import PciFunction
@@ -64,7 +64,10 @@ class Operations:
             devices = {address: DeviceBefore(function) for address, function in before.items()}
         else:
             devices = self.before_of(addresses)
-        entry = await self.journal.record(kind, devices, target=target, vm_uuid=vm_uuid)
+        try:
+            entry = await self.journal.record(kind, devices, target=target, vm_uuid=vm_uuid)
+        except OSError as exc:  # before the first kernel write: nothing to undo
+            raise NotPersisted.of(exc, "nothing was changed") from None
         self._journal_depth = 1
         try:
             yield entry

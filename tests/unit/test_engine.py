@@ -459,3 +459,47 @@ async def test_uevents_refresh_the_inventory_after_unplug(sim):
     await settle()
     assert NIC not in sim.engine.views
     assert len(deltas) == 1 and NIC in deltas[0].removed  # the burst became one refresh
+
+
+@pytest.mark.parametrize("driver", ["ahci", "xhci_hcd", "i40e", "../../evil", "bogus"])
+async def test_bind_takes_only_passthrough_drivers_or_the_devices_own(sim, driver):
+    """driver_override makes any driver probe the device, whatever its ID table says: a NIC on
+    e1000e must not be handed to ahci (issue 19). Refused before any write."""
+    sim.writer.clear()
+    with pytest.raises(InvalidArgument, match="is not a driver of 0000:af:00.0 .*its host driver is e1000e"):
+        await sim.engine.bind(NIC, driver)
+    assert sim.writer.writes == [] and sim.driver(NIC) == "e1000e"
+    await sim.engine.bind(NIC, "e1000e")  # its own host driver: accepted (nothing to do)
+    assert sim.driver(NIC) == "e1000e"
+
+
+def _unwritable(directory) -> None:
+    """What EROFS/ENOSPC/EACCES do to nicpassd's writes, for root too: its directory is a file."""
+    import shutil
+
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    directory.write_text("not a directory\n")
+
+
+async def test_a_change_that_cannot_be_persisted_is_undone(sim):
+    """Issue 19: with /var/lib/nicpassd unwritable, SetVfCount left sriov_numvfs at 2, persisted
+    nothing and answered a generic failure. Now: a typed NotPersisted, and the kernel as it was."""
+    from nicpassd.errors import NotPersisted
+
+    _unwritable(sim.paths.state_dir)
+    with pytest.raises(NotPersisted, match="cannot save nicpassd's state in .*the change was undone"):
+        await sim.engine.set_vf_count(PF, 2)
+    assert sim.numvfs(PF) == 0
+    with pytest.raises(NotPersisted):
+        await sim.engine.bind(NIC, "vfio-pci")
+    assert (sim.driver(NIC), sim.override(NIC)) == ("e1000e", "")
+
+
+async def test_a_runtime_change_that_cannot_be_held_is_undone(sim):
+    from nicpassd.errors import NotPersisted
+
+    _unwritable(sim.paths.runtime_dir)
+    with pytest.raises(NotPersisted):
+        await sim.engine.bind(NIC, "vfio-pci", persist=False)
+    assert (sim.driver(NIC), sim.override(NIC)) == ("e1000e", "")

@@ -460,3 +460,32 @@ async def test_a_crash_during_prepare_is_undone_or_finished_at_the_next_start(si
     else:  # rolled back to the host driver
         assert engine.leases.holder() == {}
         assert [(sim.driver(vf), sim.override(vf)) for vf in VFS[:2]] == [("iavf", "")] * 2
+
+
+# ------------------------------------------------------------------ a lease file that is lost
+@pytest.mark.parametrize("damage", ["truncated", "wrong type", "bad state", "bad device"])
+async def test_an_unreadable_lease_file_fails_closed(sim, damage):
+    """Issue 19: a corrupt lease file handed a VM's device to a second VM. Now the file is kept
+    aside, every device it names stays held by UNKNOWN_VM (also across a restart), a second VM is
+    refused, and an admin's release frees them."""
+    from nicpassd.engine.leases import UNKNOWN_VM
+
+    await with_vfs(sim)
+    await sim.engine.prepare("vm1", VM_A, [VFS[0]])
+    path = sim.paths.runtime_dir / "leases.json"
+    text = path.read_text()
+    damaged = {"truncated": text[: len(text) // 2],
+               "wrong type": text.replace('"expires": ', '"expires": "soon", "x": '),
+               "bad state": text.replace('"reserved"', '"borrowed"'),
+               "bad device": text.replace(VFS[0], VFS[0] + "/../x")}[damage]
+    path.write_text(damaged)
+    engine = restart(sim)
+    broken = [p for p in sim.paths.runtime_dir.iterdir() if p.name.startswith("leases.json.broken-")]
+    assert len(broken) == 1 and broken[0].read_text() == damaged  # kept, never overwritten
+    assert engine.leases.holder() == {VFS[0]: UNKNOWN_VM}
+    with pytest.raises(Busy, match=f"leased to VM {UNKNOWN_VM}"):
+        await engine.prepare("vm2", VM_B, [VFS[0]])
+    assert restart(sim).leases.holder() == {VFS[0]: UNKNOWN_VM}  # the hold was written: still there
+    await sim.engine.release(UNKNOWN_VM)
+    await sim.engine.prepare("vm2", VM_B, [VFS[0]])
+    assert sim.engine.leases.holder() == {VFS[0]: VM_B}

@@ -193,7 +193,8 @@ async def test_a_management_nic_captured_before_start_is_healed_at_boot(watched)
     sim = watched()
     await sim.engine.view.memory.flush()
     sim.engine.leasing.close()
-    shell_user(sim, ENO1)  # the daemon is down: vfio-pci.ids= at boot, say
+    sim.engine.sentinel.healing = False  # the daemon is down (its engine still hears the kernel here)
+    shell_user(sim, ENO1)  # vfio-pci.ids= at boot, say
     engine = Engine(sim.engine.host, sim.engine.config, StateStore(sim.paths.state_dir),
                     LeaseTable(sim.paths.runtime_dir))
     sim.engine = engine
