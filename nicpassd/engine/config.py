@@ -97,8 +97,8 @@ class ReleaseSettings(_Section):
 
 
 class DaemonSettings(_Section):
-    write_timeout: float = Field(30.0, gt=0)
-    bind_verify_timeout: float = Field(3.0, gt=0)
+    write_timeout: float = Field(30.0, gt=0, le=3600)
+    bind_verify_timeout: float = Field(3.0, gt=0, le=600)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
@@ -115,6 +115,8 @@ def load_config(path: Path) -> Config:
         return Config()
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}): fix the file") from exc
     try:
         return Config.model_validate(tomllib.loads(text))
     except (tomllib.TOMLDecodeError, ValidationError) as exc:

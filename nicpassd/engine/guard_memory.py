@@ -115,6 +115,8 @@ class GuardMemory:
                 memory.entries[entry.address] = entry
         except FileNotFoundError:
             pass
+        except OSError as exc:  # its directory is not one (the store refuses to start on that)
+            log.critical("cannot read the guard's memory %s: %s", path, exc)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             # Fail towards protection: the file is kept for a human; nothing is forgotten silently.
             broken = path.with_name(f"{MEMORY_FILE}.broken-{int(time.time())}")

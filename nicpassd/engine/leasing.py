@@ -23,6 +23,7 @@ layer, and QEMU processes are seen only through the host layer (``Host.open_pidf
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -38,6 +39,23 @@ from nicpassd.host.kernelio import PASSTHROUGH_DRIVERS, VFIO
 from nicpassd.host.procfs import valid_pid as _valid_pid
 
 log = logging.getLogger(__name__)
+
+# A VM's id as hooks pass it: libvirt's <uuid>, Proxmox's smbios uuid or "pve-VMID". It names
+# leases and appears in logs and files: letters, digits and . _ : - only, never "..".
+VM_ID = re.compile(r"^[0-9A-Za-z][0-9A-Za-z_.:-]{0,127}$")
+UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+MAX_VM_NAME = 256
+
+
+def check_vm(vm_name: str, vm_uuid: str) -> None:
+    if not vm_uuid:
+        raise InvalidArgument("a VM uuid is required")
+    if not VM_ID.match(vm_uuid) or ".." in vm_uuid:
+        raise InvalidArgument(f"{vm_uuid[:40]!r} is not a VM id (a UUID, or letters, digits and . _ : -)")
+    if len(vm_name) > MAX_VM_NAME or any(not ch.isprintable() for ch in vm_name):
+        raise InvalidArgument(f"VM name {vm_name[:40]!r} is longer than {MAX_VM_NAME} characters or holds control "
+                              "characters")
+
 
 RESERVATION_SECONDS = 120.0
 MAX_RESERVATION_SECONDS = 3600.0
@@ -85,9 +103,7 @@ class LeaseKeeper:
         """Lease ``devices`` to the VM, ready for passthrough; None when ``skip_unmanaged`` left none.
         ``group``: take every non-bridge IOMMU group mate of the devices along (``HostView.group_mates``:
         refused when a mate is protected, force or not) instead of requiring the group viable."""
-        vm_uuid = vm_uuid.strip()
-        if not vm_uuid:
-            raise InvalidArgument("a VM uuid is required")
+        check_vm(vm_name, vm_uuid)
         if not devices:
             raise InvalidArgument("no devices given to prepare")
         if pid and not _valid_pid(pid):

@@ -18,9 +18,9 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from nicpassd.atomicfile import atomic_write, atomic_write_async, remove_stale_temps
 from nicpassd.host.model import HostSnapshot, PciFunction
@@ -118,14 +118,21 @@ def identity_of(function: PciFunction, snapshot: HostSnapshot) -> Identity:
     )
 
 
-class DeviceDesire(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+PCI_ADDRESS = r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$"
+PersistedDriver = Literal["", "vfio-pci", "pci-stub"]
 
-    address: str
+
+class DeviceDesire(BaseModel):
+    """One device's desired state. Strict: a value nicpassd would not write is a broken file
+    (a driver of "../../evil" was once bound at boot; a num_vfs of -5 accepted)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    address: str = Field(pattern=PCI_ADDRESS)
     identity: Identity
-    driver: str = ""  # "vfio-pci" to keep the function on vfio-pci; "" = leave the driver alone
-    num_vfs: int | None = None  # for a PF: VFs to create
-    vf_driver: str = ""  # for a PF: driver for its VFs ("" = host driver)
+    driver: PersistedDriver = ""  # "vfio-pci" to keep the function on vfio-pci; "" = leave the driver alone
+    num_vfs: int | None = Field(None, ge=0, le=4096)  # for a PF: VFs to create
+    vf_driver: PersistedDriver = ""  # for a PF: driver for its VFs ("" = host driver)
 
     @property
     def empty(self) -> bool:
@@ -136,8 +143,15 @@ class DesiredState(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     version: int = SCHEMA_VERSION
-    generation: int = 0  # v2: +1 per commit, so the undo journal can tell whether a commit happened
+    generation: int = Field(0, ge=0)  # v2: +1 per commit, so the undo journal can tell whether a commit happened
     devices: dict[str, DeviceDesire] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _keys_are_addresses(self) -> "DesiredState":
+        for key, desire in self.devices.items():
+            if key != desire.address:
+                raise ValueError(f"device key {key!r} is not its address {desire.address!r}")
+        return self
 
 
 # ------------------------------------------------------------------------------ migrations
@@ -191,6 +205,8 @@ class StateStore:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.path = directory / STATE_FILE
+        if directory.exists() and not directory.is_dir():
+            raise StateStoreError(f"{directory} is not a directory; nicpassd keeps its desired state there")
         remove_stale_temps(directory, TEMP_PREFIX)
         self.state = self._load()
 
@@ -199,6 +215,9 @@ class StateStore:
             raw = self.path.read_text()
         except FileNotFoundError:
             return DesiredState()
+        except (OSError, UnicodeDecodeError) as exc:  # a directory in its place, not UTF-8...
+            raise StateStoreError(f"cannot read {self.path}: {exc}; nicpassd does not start on a state it cannot "
+                                  "read (fix or move the file; it is never changed)") from exc
         try:
             data = json.loads(raw)
         except json.JSONDecodeError as exc:

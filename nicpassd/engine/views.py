@@ -50,9 +50,18 @@ def label(function: PciFunction) -> str:
     return function.address
 
 
+MAX_DEVICE_ARGUMENT = 64  # an interface name is at most 15 bytes, a PCI address 12
+
+
 def resolve_device(snapshot: HostSnapshot, argument: str) -> str:
-    """A full or short PCI address, or a current interface name, to a known PCI address."""
-    text = argument.strip()
+    """A full or short PCI address, or a current interface name, to a known PCI address. Taken
+    as written: whitespace or control characters are not part of any (a name with a trailing
+    newline is another string than the interface's)."""
+    if len(argument) > MAX_DEVICE_ARGUMENT or any(ch.isspace() or not ch.isprintable() for ch in argument):
+        raise InvalidArgument(f"{_shown(argument)} is not a device: a PCI address (0000:3b:00.0 or 3b:00.0) or an "
+                              "interface name has no whitespace or control characters",
+                              "list the devices with `nicpassctl list`")
+    text = argument
     if FULL_ADDRESS.match(text) or SHORT_ADDRESS.match(text):
         address = text.lower() if len(text) > 7 else f"0000:{text.lower()}"
         if address not in snapshot.functions:
@@ -69,6 +78,12 @@ def resolve_device(snapshot: HostSnapshot, argument: str) -> str:
         f"{argument!r} is neither a PCI address (0000:3b:00.0 or 3b:00.0) nor a current network interface",
         "list the devices with `nicpassctl list`",
     )
+
+
+def _shown(text: str, limit: int = 40) -> str:
+    """Caller input in a message: escaped, and cut short (it may be 1 MB long)."""
+    shown = repr(text[:limit])
+    return shown + ("…" if len(text) > limit else "")
 
 
 def _desired_driver(function: PciFunction, store: StateStore) -> tuple[DeviceDesire | None, str]:

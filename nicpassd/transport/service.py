@@ -17,6 +17,7 @@ from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, m
 
 from nicpassd import __version__
 from nicpassd.engine.engine import Engine, InventoryDelta
+from nicpassd.engine.leasing import UUID
 from nicpassd.engine.results import Explanation
 from nicpassd.engine.views import DeviceView
 from nicpassd.errors import InvalidArgument, NicpassError
@@ -40,6 +41,36 @@ def device_path(address: str) -> str:
     return f"{MANAGER_PATH}/devices/{address.replace(':', '_').replace('.', '_')}"
 
 
+MAX_ERROR_TEXT = 2000  # a refusal's sentence, over D-Bus and in the log
+
+
+class RefusalLog:
+    """Refusals in the log without letting a caller flood it: each line cut short and escaped,
+    and at most ``burst`` lines per caller per ``window`` seconds (then one line saying how many
+    were left out). journald's own rate limit would drop the daemon's other lines too."""
+
+    def __init__(self, burst: int = 10, window: float = 60.0) -> None:
+        self.burst, self.window = burst, window
+        self._seen: dict[str, tuple[float, int]] = {}  # sender -> (window start, refusals in it)
+
+    def log(self, sender: str, method: str, text: str) -> None:
+        import time
+
+        now = time.monotonic()
+        start, count = self._seen.get(sender, (now, 0))
+        if now - start > self.window:
+            if count > self.burst:
+                log.info("%d more refusal(s) of %s left out of the log", count - self.burst, sender)
+            start, count = now, 0
+        count += 1
+        self._seen[sender] = (start, count)
+        if len(self._seen) > 1024:  # callers come and go: forget the oldest
+            self._seen.pop(next(iter(self._seen)))
+        if count <= self.burst:
+            log.info("%s of %s refused: %s", method, sender or "an unknown caller",
+                     text[:300].encode("unicode_escape").decode() + ("…" if len(text) > 300 else ""))
+
+
 def dbus_errors(fn):
     """Engine errors become typed D-Bus errors; anything unexpected is logged, never leaked."""
     @functools.wraps(fn)
@@ -49,8 +80,11 @@ def dbus_errors(fn):
         except DBusError:
             raise
         except NicpassError as exc:
-            log.info("%s refused: %s", fn.__name__, exc)
-            raise DBusError(ERROR_PREFIX + exc.name, str(exc)) from None
+            text = str(exc)
+            refusals = getattr(args[0], "refusals", None) if args else None
+            if refusals is not None:
+                refusals.log(caller()[0], fn.__name__, text)
+            raise DBusError(ERROR_PREFIX + exc.name, text[:MAX_ERROR_TEXT]) from None
         except Exception:
             log.exception("%s failed unexpectedly", fn.__name__)
             raise DBusError("org.freedesktop.DBus.Error.Failed",
@@ -95,6 +129,9 @@ def violation_to_dbus(violation) -> dict:
         "vm_uuid": Variant("s", violation.vm_uuid), "detected": Variant("t", int(violation.detected)),
         "outcome": Variant("s", violation.outcome), "summary": Variant("s", violation.summary),
     }
+
+
+MAX_DOMAIN_XML = 4 * 1024 * 1024  # libvirt's own limit for a domain XML is 10 MB; one with PCI devices is KBs
 
 
 def _option(options: dict, name: str, kind: type, default):
@@ -230,6 +267,7 @@ class ManagerInterface(ServiceInterface):
         super().__init__(MANAGER_IFACE)
         self.engine = engine
         self.authorizer = authorizer
+        self.refusals = RefusalLog()
 
     async def authorize(self, action: str) -> None:
         sender, interactive = caller()
@@ -333,11 +371,15 @@ class ManagerInterface(ServiceInterface):
         Prepare ("" for none). Returns the lease id, "" when nothing was left to lease. Plain
         arguments, so that the hook can call it with dbus-send (which cannot send a{sv}) instead
         of starting Python: the daemon, already running, reads the XML."""
+        if len(domain_xml) > MAX_DOMAIN_XML:
+            raise InvalidArgument(f"the domain XML is {len(domain_xml)} characters; at most {MAX_DOMAIN_XML} are read")
         name, uuid, devices = domain_devices(domain_xml)
         if not devices:
             return ""
         if not uuid:
             raise InvalidArgument("its domain XML has no <uuid>")
+        if not UUID.match(uuid):
+            raise InvalidArgument(f"its domain XML's <uuid> {uuid[:40]!r} is not a UUID")
         lease = await self.engine.prepare(name, uuid, devices, pidfile=pidfile, skip_unmanaged=True)
         return lease.lease_id if lease is not None else ""
 

@@ -215,6 +215,7 @@ async def test_prepare_domain_reads_the_libvirt_xml_in_the_daemon(service, clien
         ("<domain><devices><hostdev>", "InvalidArgument", "its domain XML cannot be read"),
         (xml(hostdev("0000:01:00.0")), "Protected", "protected"),
         (xml(hostdev(vfs[3])).replace("<domain", "<!DOCTYPE domain><domain"), "InvalidArgument", "DOCTYPE"),
+        (xml(hostdev(vfs[2]), head="<name>x</name><uuid>../../x</uuid>"), "InvalidArgument", "is not a UUID"),
     ]:
         reply = await call(client, "PrepareDomain", "ss", [domain, ""])
         assert reply.error_name == f"org.nicpass.NicPass1.Error.{error}" and text in reply.body[0], reply.body

@@ -151,3 +151,4 @@ def test_timeouts():
     assert err.code == 1 and "300 seconds" in err.sentence and "--timeout" in err.sentence
     assert "may still complete" in err.sentence
     assert "may still complete" not in timed_out(25, False).sentence
+

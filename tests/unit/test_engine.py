@@ -260,9 +260,18 @@ async def test_prepare_of_a_protected_device_is_refused(sim):
 
 
 # ------------------------------------------------------------------------------ resolve
-@pytest.mark.parametrize("argument", [PF, "3b:00.0", "0000:3B:00.0", "enp59s0f0", " enp59s0f0 "])
+@pytest.mark.parametrize("argument", [PF, "3b:00.0", "0000:3B:00.0", "enp59s0f0"])
 async def test_resolve_accepts_addresses_and_interface_names(sim, argument):
     assert sim.engine.resolve(argument) == PF
+
+
+@pytest.mark.parametrize("argument", [" enp59s0f0 ", "0000:3b:00.0\n", " 3b:00.0", "3b:00.0\x00", "x" * 100_000])
+async def test_resolve_takes_names_as_written(sim, argument):
+    """Issue 19: whitespace and control characters made another string resolve to a device, and a
+    100,000-character argument went into the log whole. Refused, and shown cut short."""
+    with pytest.raises(InvalidArgument, match="has no whitespace or control characters") as refused:
+        sim.engine.resolve(argument)
+    assert len(refused.value.message) < 300
 
 
 @pytest.mark.parametrize("name, lowers", [("bond0", "eno1, eno2"), ("br0", "bond0")])

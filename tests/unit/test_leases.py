@@ -489,3 +489,15 @@ async def test_an_unreadable_lease_file_fails_closed(sim, damage):
     await sim.engine.release(UNKNOWN_VM)
     await sim.engine.prepare("vm2", VM_B, [VFS[0]])
     assert sim.engine.leases.holder() == {VFS[0]: VM_B}
+
+
+@pytest.mark.parametrize("vm_uuid", ["../../x", "a/b", "", " ", "x" * 200, "pve-1..2"])
+async def test_prepare_takes_only_vm_ids(sim, vm_uuid):
+    """Issue 19: PrepareDomain leased under a <uuid> of ../../x. A VM id is a UUID or letters,
+    digits and . _ : - (Proxmox's pve-VMID); nothing is changed for anything else."""
+    await with_vfs(sim)
+    with pytest.raises(InvalidArgument):
+        await sim.engine.prepare("web", vm_uuid, [VFS[0]])
+    assert sim.driver(VFS[0]) == "iavf" and sim.engine.leases.leases == {}
+    lease = await sim.engine.prepare("web", "pve-101", [VFS[0]])
+    assert lease.vm_uuid == "pve-101"

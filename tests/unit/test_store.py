@@ -271,3 +271,60 @@ def test_runtime_holds_survive_a_restart_and_tolerate_garbage(tmp_path):
     assert "0000:af:00.0" in again and "0000:3b:00.0" not in again
     (tmp_path / "runtime.json").write_text("{broken")
     assert RuntimeHolds(tmp_path).holds == {}
+
+
+# ------------------------------------------------------------------ bad files (issue 19)
+def _state_with(tmp_path, **change):
+    from nicpassd.engine.store import DeviceDesire, StateStore
+
+    store = StateStore(tmp_path)
+    store.put(DeviceDesire(address="0000:3b:00.0", identity=Identity(vendor_id="8086", device_id="1572"), num_vfs=2))
+    data = json.loads((tmp_path / "state.json").read_text())
+    entry = data["devices"]["0000:3b:00.0"]
+    for key, value in change.items():
+        if key == "key":
+            data["devices"] = {value: entry}
+        else:
+            entry[key] = value
+    return json.dumps(data)
+
+
+@pytest.mark.parametrize("text, why", [
+    ("num_vfs", -5), ("driver", "../../evil"), ("vf_driver", "ahci"), ("key", "not-an-address"),
+    ("address", "0000:3b:00.0\n"),
+])
+def test_a_state_with_values_nicpassd_never_writes_is_refused_unchanged(tmp_path, text, why):
+    from nicpassd.engine.store import StateStore, StateStoreError
+
+    bad = _state_with(tmp_path, **{text: why})
+    (tmp_path / "state.json").write_text(bad)
+    with pytest.raises(StateStoreError):
+        StateStore(tmp_path)
+    assert (tmp_path / "state.json").read_text() == bad
+
+
+def test_unreadable_state_files_are_refused_cleanly(tmp_path):
+    from nicpassd.engine.store import StateStore, StateStoreError
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a/state.json").write_bytes(b'{"version": 2, "devices": {"\xff": 1}}')
+    with pytest.raises(StateStoreError, match="cannot read"):
+        StateStore(tmp_path / "a")
+    (tmp_path / "b/state.json").mkdir(parents=True)  # a directory in its place
+    with pytest.raises(StateStoreError, match="cannot read"):
+        StateStore(tmp_path / "b")
+    (tmp_path / "c").write_text("")  # the state directory is a file
+    with pytest.raises(StateStoreError, match="is not a directory"):
+        StateStore(tmp_path / "c")
+
+
+def test_a_config_that_is_not_utf8_or_out_of_range_is_refused(tmp_path):
+    from nicpassd.engine.config import ConfigError, load_config
+
+    path = tmp_path / "nicpassd.toml"
+    path.write_bytes(b"[guard]\nmanagement_interfaces = [\"\xff\"]\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(path)
+    path.write_text("[daemon]\nwrite_timeout = 1e308\n")
+    with pytest.raises(ConfigError, match="write_timeout"):
+        load_config(path)
