@@ -46,6 +46,7 @@ class Inventory:
         self._dirty_net: set[str] = set()
         self._network_changed = False
         self._devices_changed = False  # a PCI function came or went (root storage may have moved)
+        self._replugged: set[str] = set()  # functions that came or went: their serial is read anew
         self._everything = True  # nothing read yet
 
     # ------------------------------------------------------------------ what changed
@@ -54,6 +55,7 @@ class Inventory:
             self._dirty_pci.add(event.sys_name)
             if event.action in ("add", "remove"):
                 self._devices_changed = True
+                self._replugged.add(event.sys_name)
         elif event.subsystem == "net" and event.sys_name:
             self._dirty_net.add(event.sys_name)
             self._network_changed = True
@@ -77,6 +79,7 @@ class Inventory:
 
     # ----------------------------------------------------------------------- reading
     def full(self) -> HostSnapshot:
+        self._replugged.clear()
         self._dirty_pci.clear()
         self._dirty_net.clear()
         self._network_changed = self._devices_changed = False
@@ -93,6 +96,8 @@ class Inventory:
         previous = self.snapshot
         dirty_pci, dirty_net = set(self._dirty_pci), set(self._dirty_net)
         network_changed, devices_changed = self._network_changed, self._devices_changed
+        replugged = set(self._replugged)
+        self._replugged.clear()
         self._dirty_pci.clear()
         self._dirty_net.clear()
         self._network_changed = self._devices_changed = False
@@ -152,7 +157,8 @@ class Inventory:
             old = functions.get(address)
             if old is not None and old.physfn:
                 pending.add(old.physfn)  # its PF lost or changed a virtfnN link
-            function = sysfs.read_function(self.paths, address)
+            known = old.serial if old is not None and address not in replugged else None
+            function = sysfs.read_function(self.paths, address, serial=known)
             fresh_functions[address] = function
             if function is None:  # gone
                 self._classes.pop(address, None)

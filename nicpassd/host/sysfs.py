@@ -73,7 +73,10 @@ def _devices_root(paths: HostPaths) -> str:
     return os.fspath(paths.pci_devices)
 
 
-def read_function(paths: HostPaths, address: str) -> PciFunction | None:
+def read_function(paths: HostPaths, address: str, *, serial: str | None = None) -> PciFunction | None:
+    """One function as the kernel shows it. ``serial``: its PCIe serial number when the caller
+    already knows it (it cannot change while the function stays): reading it means 4 KiB of
+    config space, a trap per read under a hypervisor, on every refresh."""
     base = f"{_devices_root(paths)}/{address}"
     try:
         entries = os.listdir(base)
@@ -125,7 +128,7 @@ def read_function(paths: HostPaths, address: str) -> PciFunction | None:
         sriov_capable=sriov_capable,
         autoprobe=_read_str(f"{base}/sriov_drivers_autoprobe", "1") != "0",
         permanent_mac=permanent_mac,
-        serial=read_serial(f"{base}/config") if "config" in present else "",
+        serial=serial if serial is not None else (read_serial(f"{base}/config") if "config" in present else ""),
     )
 
 
