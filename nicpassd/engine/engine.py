@@ -53,6 +53,9 @@ class Engine:
         self.journal = Journal(host.paths.runtime_dir)
         self.ops = Operations(host, config, self.journal, self.view.label)
         self.holds = RuntimeHolds(host.paths.runtime_dir)  # devices changed with --runtime
+        for address in self.journal.suspects:  # an unreadable undo journal: leave what it names alone
+            self.holds.hold(address, f"the undo journal was unreadable (kept as {self.journal.broken_as}); it "
+                                     "may be half-way through a change")
         self.reconciler = Reconciler(self.view, self.ops, self.holds)  # .auto = True in the daemon
         self.leasing = LeaseKeeper(self.view, self.ops, lambda: self.config)
         self.sentinel = Sentinel(self.view, self.ops, lambda: self.config, self.leasing.announce)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import logging
 import time
 import uuid
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 JOURNAL_FILE = "journal.json"
 VERSION = 1
 KINDS = ("vf-count", "bind", "prepare")
+PCI_ADDRESS = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
 _FUNCTION_FIELDS = {f.name: f for f in dataclasses.fields(PciFunction)}
 
 
@@ -95,27 +97,42 @@ class Journal:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.path = directory / JOURNAL_FILE
+        self.suspects: list[str] = []  # devices an unreadable journal named
+        self.broken_as = ""
         remove_stale_temps(directory, f".{JOURNAL_FILE}-")
         self.entries: dict[str, Entry] = self._load()
 
     def _load(self) -> dict[str, Entry]:
         try:
-            raw = self.path.read_text()
+            raw = self.path.read_bytes()
         except FileNotFoundError:
             return {}
+        except OSError as exc:  # a directory in its place
+            return self._unreadable(b"", exc)
         try:
-            data = json.loads(raw)
+            data = json.loads(raw.decode())
             if data.get("version") != VERSION:
                 raise ValueError(f"version {data.get('version')!r}, expected {VERSION}")
             entries = [Entry.from_json(item) for item in data["entries"]]
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            # Written atomically, so this is not a torn write: keep it for a human, start empty.
-            broken = self.path.with_name(f"{JOURNAL_FILE}.broken")
-            self.path.replace(broken)
-            log.error("the undo journal %s is unreadable (%s); moved to %s, nothing is rolled back",
-                      self.path, exc, broken.name)
-            return {}
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:  # UnicodeDecodeError is a ValueError
+            return self._unreadable(raw, exc)
         return {entry.id: entry for entry in entries}
+
+    def _unreadable(self, raw: bytes, exc: Exception) -> dict[str, Entry]:
+        """Written atomically, so this is no torn write: kept for a human (never overwritten), and
+        every device it names is held: it may be half-way through a change nobody can undo."""
+        broken = self.path.with_name(f"{JOURNAL_FILE}.broken-{time.strftime('%Y%m%dT%H%M%S')}")
+        try:
+            self.path.replace(broken)
+        except OSError as error:
+            log.error("cannot keep the unreadable undo journal aside: %s", error)
+        self.suspects = sorted(set(PCI_ADDRESS.findall(raw.decode(errors="replace"))))
+        log.critical("the undo journal %s is unreadable (%s); kept as %s, nothing is rolled back. %s", self.path,
+                     exc, broken.name, f"{', '.join(self.suspects)} may be half-way through a change: nicpassd leaves "
+                     "them alone until an admin gives each its state (nicpassctl bind/unbind/vfs)"
+                     if self.suspects else "It names no device.")
+        self.broken_as = broken.name
+        return {}
 
     def pending(self) -> list[Entry]:
         return sorted(self.entries.values(), key=lambda entry: entry.started)

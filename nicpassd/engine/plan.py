@@ -101,6 +101,13 @@ def _vf_claims(desires: dict[str, DeviceDesire], pf: str, count: int) -> tuple[t
                         and 0 <= desire.identity.vf_index < count))
 
 
+def _held(label: str, holds: Container[str], address: str) -> str:
+    why = holds.get(address, "runtime") if isinstance(holds, dict) else "runtime"
+    if why == "runtime":
+        return f"{label} was changed with --runtime; left as it is until it is re-plugged or the host reboots"
+    return f"{label} is left as it is: {why}"
+
+
 def make_plan(snapshot: HostSnapshot, desires: dict[str, DeviceDesire], protected: ProtectedSet,
               leased: dict[str, str], holds: Container[str], blocked: dict[str, str]) -> Plan:
     """Pure: what to do to bring the kernel to ``desires``, and what not to do, and why."""
@@ -133,8 +140,7 @@ def make_plan(snapshot: HostSnapshot, desires: dict[str, DeviceDesire], protecte
                    f"not applied: `nicpassctl forget {address}` if the card was replaced on purpose")
             continue
         if address in holds:
-            refuse(address, Action.CHECK, SKIPPED, f"{label} was changed with --runtime; left as it is until it is "
-                                                "re-plugged or the host reboots")
+            refuse(address, Action.CHECK, SKIPPED, _held(label, holds, address))
             continue
         if address in blocked:
             refuse(address, Action.CHECK, SKIPPED, blocked[address])
@@ -168,7 +174,7 @@ def make_plan(snapshot: HostSnapshot, desires: dict[str, DeviceDesire], protecte
             continue
         label = _label(function)
         if address in holds:
-            refuse(address, Action.BIND, SKIPPED, f"{label} was changed with --runtime; left as it is")
+            refuse(address, Action.BIND, SKIPPED, _held(label, holds, address))
             continue
         if address in blocked:
             refuse(address, Action.BIND, SKIPPED, blocked[address])

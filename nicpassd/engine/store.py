@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import time
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -305,9 +307,22 @@ class RuntimeHolds:
             return {str(key): str(value) for key, value in holds.items()}
         except FileNotFoundError:
             return {}
-        except (ValueError, TypeError, KeyError) as exc:
-            log.error("ignoring unreadable %s: %s", self.path, exc)
-            return {}
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            # Fail closed: a runtime change nobody can see any more is still no reason to undo it.
+            try:
+                raw = self.path.read_bytes()
+            except OSError:
+                raw = b""
+            broken = self.path.with_name(f"{RUNTIME_FILE}.broken-{time.strftime('%Y%m%dT%H%M%S')}")
+            try:
+                self.path.replace(broken)
+            except OSError:
+                pass
+            held = sorted(set(re.findall(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]", raw.decode(errors="replace"))))
+            log.critical("%s is unreadable (%s); kept as %s. %s", self.path, exc, broken.name,
+                         f"{', '.join(held)} stay as they are (held) until re-plugged or given a state with "
+                         "nicpassctl" if held else "It names no device.")
+            return dict.fromkeys(held, f"its runtime hold file was unreadable (kept as {broken.name})")
 
     def __contains__(self, address: str) -> bool:
         return address in self.holds

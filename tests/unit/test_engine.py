@@ -482,10 +482,12 @@ async def test_bind_takes_only_passthrough_drivers_or_the_devices_own(sim, drive
     assert sim.driver(NIC) == "e1000e"
 
 
-def _unwritable(directory) -> None:
-    """What EROFS/ENOSPC/EACCES do to nicpassd's writes, for root too: its directory is a file."""
+async def _unwritable(sim, directory) -> None:
+    """What EROFS/ENOSPC/EACCES do to nicpassd's writes, for root too: its directory is a file.
+    The engine's own background writes (the guard's memory) are finished first."""
     import shutil
 
+    await sim.engine.view.memory.flush()
     shutil.rmtree(directory, ignore_errors=True)
     directory.parent.mkdir(parents=True, exist_ok=True)
     directory.write_text("not a directory\n")
@@ -496,7 +498,7 @@ async def test_a_change_that_cannot_be_persisted_is_undone(sim):
     nothing and answered a generic failure. Now: a typed NotPersisted, and the kernel as it was."""
     from nicpassd.errors import NotPersisted
 
-    _unwritable(sim.paths.state_dir)
+    await _unwritable(sim, sim.paths.state_dir)
     with pytest.raises(NotPersisted, match="cannot save nicpassd's state in .*the change was undone"):
         await sim.engine.set_vf_count(PF, 2)
     assert sim.numvfs(PF) == 0
@@ -508,7 +510,7 @@ async def test_a_change_that_cannot_be_persisted_is_undone(sim):
 async def test_a_runtime_change_that_cannot_be_held_is_undone(sim):
     from nicpassd.errors import NotPersisted
 
-    _unwritable(sim.paths.runtime_dir)
+    await _unwritable(sim, sim.paths.runtime_dir)
     with pytest.raises(NotPersisted):
         await sim.engine.bind(NIC, "vfio-pci", persist=False)
     assert (sim.driver(NIC), sim.override(NIC)) == ("e1000e", "")

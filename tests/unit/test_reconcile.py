@@ -390,7 +390,30 @@ async def test_an_unreadable_journal_is_set_aside(sim):
     from nicpassd.engine.journal import Journal
 
     assert Journal(sim.paths.runtime_dir).pending() == []
-    assert (sim.paths.runtime_dir / "journal.json.broken").exists()
+    # kept under a name of its own (issue 19: a second broken journal must not overwrite the first)
+    assert [p.read_text() for p in sim.paths.runtime_dir.glob("journal.json.broken-*")] == ["{garbage"]
+
+
+async def test_an_unreadable_journal_leaves_the_devices_it_names_alone(make_sim):
+    """Issue 19: fail closed. A device an unreadable journal names may be half-way through a
+    change: the reconciler leaves it alone (its Drift says why) until an admin gives it a state."""
+    sim = make_sim()
+    want(sim, NIC, driver="vfio-pci")
+    path = sim.paths.runtime_dir / "journal.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('{"version": 1, "entries": [{"id": "x", "kind": "bind", "devices": {"' + NIC + '": {')
+    from nicpassd.engine.engine import Engine
+    from nicpassd.engine.leases import LeaseTable
+    from nicpassd.engine.store import StateStore
+
+    engine = Engine(sim.engine.host, sim.config, StateStore(sim.paths.state_dir), LeaseTable(sim.paths.runtime_dir))
+    engine.refresh()
+    rows = [outcome.row for outcome in await engine.reconcile()]
+    assert rows == [(NIC, "check", "skipped: 0000:af:00.0 (enp175s0f0) is left as it is: the undo journal was "
+                     f"unreadable (kept as {engine.journal.broken_as}); it may be half-way through a change")]
+    assert sim.driver(NIC) == "e1000e"
+    await engine.bind(NIC, "vfio-pci")  # the admin gives it its state: that ends the hold
+    assert sim.driver(NIC) == "vfio-pci" and NIC not in engine.holds
 
 
 async def test_recovery_takes_back_an_override_written_just_before_the_crash(sim):

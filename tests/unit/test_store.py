@@ -328,3 +328,13 @@ def test_a_config_that_is_not_utf8_or_out_of_range_is_refused(tmp_path):
     path.write_text("[daemon]\nwrite_timeout = 1e308\n")
     with pytest.raises(ConfigError, match="write_timeout"):
         load_config(path)
+
+
+def test_an_unreadable_runtime_hold_file_holds_what_it_names(tmp_path):
+    """Issue 19: an unreadable holds file was ignored, so the reconciler undid runtime changes."""
+    from nicpassd.engine.store import RuntimeHolds
+
+    (tmp_path / "runtime.json").write_text('{"version": 1, "holds": {"0000:af:00.0": ')
+    holds = RuntimeHolds(tmp_path)
+    assert "0000:af:00.0" in holds and holds.holds["0000:af:00.0"].startswith("its runtime hold file was unreadable")
+    assert [p.name.startswith("runtime.json.broken-") for p in tmp_path.iterdir()] == [True]
