@@ -30,7 +30,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from nicpassd.atomicfile import atomic_write, atomic_write_async
+from nicpassd.atomicfile import atomic_write, atomic_write_async, keep_aside
 from nicpassd.host.kernelio import PASSTHROUGH_DRIVERS
 from nicpassd.host.model import HostSnapshot, PciFunction
 
@@ -119,11 +119,10 @@ class GuardMemory:
             log.critical("cannot read the guard's memory %s: %s", path, exc)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             # Fail towards protection: the file is kept for a human; nothing is forgotten silently.
-            broken = path.with_name(f"{MEMORY_FILE}.broken-{int(time.time())}")
-            path.replace(broken)
+            broken, _named = keep_aside(path)
             log.critical("the guard's memory %s is unreadable (%s); kept as %s. Devices that were on the "
                          "management path before this start are protected only if they still are", path, exc,
-                         broken.name)
+                         broken)
         return memory
 
     # -------------------------------------------------------------- observing

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import logging
 import time
 import uuid
@@ -30,14 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nicpassd.atomicfile import atomic_write, atomic_write_async, remove_stale_temps
+from nicpassd.atomicfile import atomic_write, atomic_write_async, keep_aside, remove_stale_temps
 from nicpassd.host.model import PciFunction
 
 log = logging.getLogger(__name__)
 JOURNAL_FILE = "journal.json"
 VERSION = 1
 KINDS = ("vf-count", "bind", "prepare")
-PCI_ADDRESS = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
 _FUNCTION_FIELDS = {f.name: f for f in dataclasses.fields(PciFunction)}
 
 
@@ -108,30 +106,24 @@ class Journal:
         except FileNotFoundError:
             return {}
         except OSError as exc:  # a directory in its place
-            return self._unreadable(b"", exc)
+            return self._unreadable(exc)
         try:
             data = json.loads(raw.decode())
             if data.get("version") != VERSION:
                 raise ValueError(f"version {data.get('version')!r}, expected {VERSION}")
             entries = [Entry.from_json(item) for item in data["entries"]]
         except (ValueError, TypeError, KeyError, AttributeError) as exc:  # UnicodeDecodeError is a ValueError
-            return self._unreadable(raw, exc)
+            return self._unreadable(exc)
         return {entry.id: entry for entry in entries}
 
-    def _unreadable(self, raw: bytes, exc: Exception) -> dict[str, Entry]:
+    def _unreadable(self, exc: Exception) -> dict[str, Entry]:
         """Written atomically, so this is no torn write: kept for a human (never overwritten), and
         every device it names is held: it may be half-way through a change nobody can undo."""
-        broken = self.path.with_name(f"{JOURNAL_FILE}.broken-{time.strftime('%Y%m%dT%H%M%S')}")
-        try:
-            self.path.replace(broken)
-        except OSError as error:
-            log.error("cannot keep the unreadable undo journal aside: %s", error)
-        self.suspects = sorted(set(PCI_ADDRESS.findall(raw.decode(errors="replace"))))
+        self.broken_as, self.suspects = keep_aside(self.path)
         log.critical("the undo journal %s is unreadable (%s); kept as %s, nothing is rolled back. %s", self.path,
-                     exc, broken.name, f"{', '.join(self.suspects)} may be half-way through a change: nicpassd leaves "
+                     exc, self.broken_as, f"{', '.join(self.suspects)} may be half-way through a change: nicpassd leaves "
                      "them alone until an admin gives each its state (nicpassctl bind/unbind/vfs)"
                      if self.suspects else "It names no device.")
-        self.broken_as = broken.name
         return {}
 
     def pending(self) -> list[Entry]:

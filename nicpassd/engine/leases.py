@@ -22,7 +22,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from nicpassd.atomicfile import atomic_write, atomic_write_async
+from nicpassd.atomicfile import atomic_write, atomic_write_async, keep_aside
 
 log = logging.getLogger(__name__)
 LEASE_FILE = "leases.json"
@@ -119,19 +119,10 @@ class LeaseTable:
     def _fail_closed(self, exc: Exception) -> dict[str, Lease]:
         """An unreadable lease file never frees a device: it is kept aside (never overwritten), and
         every device it names is held by UNKNOWN_VM until an admin releases that."""
-        try:
-            raw = self.path.read_bytes()
-        except OSError:
-            raw = b""
-        broken = self.path.with_name(f"{LEASE_FILE}.broken-{time.strftime('%Y%m%dT%H%M%S')}")
-        try:
-            self.path.replace(broken)
-        except OSError as error:
-            log.error("cannot keep the unreadable lease file aside: %s", error)
-        devices = sorted(set(PCI_ADDRESS.findall(raw.decode(errors="replace"))))
+        broken, devices = keep_aside(self.path)
         self.recovered = True
         log.critical("the lease file %s is unreadable (%s); kept as %s. %s: they are held by VM %s until an "
-                     "admin checks that no VM uses them and runs `nicpassctl release %s`", self.path, exc, broken.name,
+                     "admin checks that no VM uses them and runs `nicpassctl release %s`", self.path, exc, broken,
                      f"It names {', '.join(devices)}" if devices else "It names no device",
                      UNKNOWN_VM, UNKNOWN_VM)
         if not devices:

@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import json
 import logging
-import re
-import time
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from nicpassd.atomicfile import atomic_write, atomic_write_async, remove_stale_temps
+from nicpassd.atomicfile import atomic_write, atomic_write_async, keep_aside, remove_stale_temps
 from nicpassd.host.model import HostSnapshot, PciFunction
 
 log = logging.getLogger(__name__)
@@ -309,20 +307,11 @@ class RuntimeHolds:
             return {}
         except (OSError, ValueError, TypeError, KeyError) as exc:
             # Fail closed: a runtime change nobody can see any more is still no reason to undo it.
-            try:
-                raw = self.path.read_bytes()
-            except OSError:
-                raw = b""
-            broken = self.path.with_name(f"{RUNTIME_FILE}.broken-{time.strftime('%Y%m%dT%H%M%S')}")
-            try:
-                self.path.replace(broken)
-            except OSError:
-                pass
-            held = sorted(set(re.findall(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]", raw.decode(errors="replace"))))
-            log.critical("%s is unreadable (%s); kept as %s. %s", self.path, exc, broken.name,
+            broken, held = keep_aside(self.path)
+            log.critical("%s is unreadable (%s); kept as %s. %s", self.path, exc, broken,
                          f"{', '.join(held)} stay as they are (held) until re-plugged or given a state with "
                          "nicpassctl" if held else "It names no device.")
-            return dict.fromkeys(held, f"its runtime hold file was unreadable (kept as {broken.name})")
+            return dict.fromkeys(held, f"its runtime hold file was unreadable (kept as {broken})")
 
     def __contains__(self, address: str) -> bool:
         return address in self.holds
