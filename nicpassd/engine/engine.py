@@ -194,10 +194,9 @@ class Engine:
         self._check_driver(address, driver)
         async with self.ops.lock:
             view.refresh()
-            view.present(address)  # NotFound if it went away since it was resolved
+            present = view.present(address)  # NotFound if it went away since it was resolved
             target = driver or "its host driver"
             action = f"bind {view.label(address)} to {target}"
-            present = view.present(address)
             taken_back = not driver and not group and (present.driver in PASSTHROUGH_DRIVERS or not present.driver
                                                        or present.driver_override in PASSTHROUGH_DRIVERS)
             if not taken_back:

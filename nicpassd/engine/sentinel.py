@@ -74,12 +74,6 @@ class Violation:
         return f"{when}: taken from {self.old_driver or 'no driver'} (now {now}) by {self.culprit}: {self.outcome}"
 
 
-def binding_text(function: PciFunction | None) -> tuple[str, str]:
-    if function is None:
-        return "", ""
-    return function.driver, function.driver_override
-
-
 class Sentinel:
     def __init__(self, view: HostView, ops: Operations, config: Callable[[], Config],
                  leases_changed: Callable[[Lease, str], None]) -> None:
@@ -107,10 +101,8 @@ class Sentinel:
             function = snapshot.functions.get(address)
             if function is None or not entry.driver or address not in self.view.protected:
                 continue
-            if function.driver == entry.driver and not function.driver_override:
-                continue
-            if function.driver_override == entry.driver and function.driver == entry.driver:
-                continue
+            if function.driver == entry.driver and function.driver_override in ("", entry.driver):
+                continue  # on its host driver
             seen.add(address)
             if address not in self.active:
                 self._found(self._violation(address, entry, function))
@@ -158,7 +150,6 @@ class Sentinel:
             if lease.state == BROKEN or lease.lease_id in self._breaking:
                 continue
             broken = [address for address in lease.devices if address in snapshot.functions
-                      and binding_text(snapshot.functions[address]) != (VFIO, VFIO)
                       and snapshot.functions[address].driver not in PASSTHROUGH_DRIVERS]
             if not broken:
                 continue
