@@ -220,7 +220,19 @@ def test_an_unprivileged_caller_authenticates_as_itself(private_bus):
             "me = h.Connection(5, sys.argv[2]); me.call(*bus, 'ListNames'); "
             "print(me.unique_name, h.Connection(5, sys.argv[2]).call(*bus, 'GetConnectionUnixUser', 's', "
             "[me.unique_name])[0])")
-    ran = run_as_nobody("/usr/bin/python3", "-S", "-I", "-B", "-c", code, str(HOOKS), private_bus.address)
+    # nobody must be able to read the helper: a clone may sit in a directory only root can enter
+    # (mktemp -d makes it 0700), as the installed helper never does (/usr/lib/nicpassd is 0755).
+    import shutil
+    import tempfile
+
+    readable = Path(tempfile.mkdtemp(prefix="nicpassd-hook-", dir="/tmp"))
+    try:
+        readable.chmod(0o755)
+        shutil.copy(HOOKS / "nicpassd_hook.py", readable / "nicpassd_hook.py")
+        (readable / "nicpassd_hook.py").chmod(0o644)
+        ran = run_as_nobody("/usr/bin/python3", "-S", "-I", "-B", "-c", code, str(readable), private_bus.address)
+    finally:
+        shutil.rmtree(readable, ignore_errors=True)
     assert ran.returncode == 0, ran.stderr
     name, uid = ran.stdout.split()
     assert name.startswith(":") and uid == "65534"
