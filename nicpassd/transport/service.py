@@ -31,6 +31,7 @@ BUS_NAME = "org.nicpass.NicPass1"
 MANAGER_PATH = "/org/nicpass/NicPass1"
 MANAGER_IFACE = "org.nicpass.NicPass1.Manager"
 DEVICE_IFACE = "org.nicpass.NicPass1.Device"
+OBJECT_MANAGER_IFACE = "org.freedesktop.DBus.ObjectManager"
 ERROR_PREFIX = "org.nicpass.NicPass1.Error."
 ACTION_MANAGE = "org.nicpass.NicPass1.manage"
 ACTION_LEASE = "org.nicpass.NicPass1.lease"
@@ -167,6 +168,12 @@ PROPERTY_SIGNATURES = {
 
 def _dbus_value(field: str, value):
     return list(value) if isinstance(value, tuple) else value
+
+
+def device_properties(view: DeviceView) -> dict[str, Variant]:
+    """The Device interface's properties, as GetManagedObjects and GetAll answer them."""
+    return {name: Variant(PROPERTY_SIGNATURES.get(field, "s"), _dbus_value(field, getattr(view, field)))
+            for field, name in PROPERTY_NAMES.items()}
 
 
 class DeviceInterface(ServiceInterface):
@@ -471,14 +478,33 @@ class ManagerInterface(ServiceInterface):
 
 
 class DeviceExporter:
-    """Keeps one exported object per device in step with the engine's inventory."""
+    """Keeps one exported object per device in step with the engine's inventory, and the answer to
+    GetManagedObjects on the manager's path: built once per inventory change, not once per call
+    (a flood of readers then costs the daemon the marshalling only, and writes do not starve)."""
 
     def __init__(self, bus, engine: Engine) -> None:
         self.bus = bus
         self.objects: dict[str, DeviceInterface] = {}
+        self._managed_objects: dict | None = None
         for view in engine.views.values():
             self._add(view)
         engine.inventory_listeners.append(self.apply)
+        bus.add_message_handler(self.answer_managed_objects)
+
+    def managed_objects(self) -> dict:
+        if self._managed_objects is None:
+            self._managed_objects = {device_path(address): {DEVICE_IFACE: device_properties(interface.view)}
+                                     for address, interface in self.objects.items()}
+        return self._managed_objects
+
+    def answer_managed_objects(self, message: Message) -> Message | None:
+        if (message.member != "GetManagedObjects" or message.path != MANAGER_PATH
+                or message.interface != OBJECT_MANAGER_IFACE or message.message_type != MessageType.METHOD_CALL):
+            return None
+        if message.signature:
+            return Message.new_error(message, "org.freedesktop.DBus.Error.InvalidArgs",
+                                     "GetManagedObjects takes no arguments")
+        return Message.new_method_return(message, "a{oa{sa{sv}}}", [self.managed_objects()])
 
     def _add(self, view: DeviceView) -> None:
         interface = DeviceInterface(view)
@@ -486,6 +512,8 @@ class DeviceExporter:
         self.bus.export(device_path(view.address), interface)
 
     def apply(self, delta: InventoryDelta) -> None:
+        if delta.removed or delta.added or delta.changed:
+            self._managed_objects = None
         for address in delta.removed:
             interface = self.objects.pop(address, None)
             if interface is not None:

@@ -55,6 +55,37 @@ async def test_managed_objects_carry_every_spec_property(service, client):
     assert any("br0 → bond0 → eno1" in reason for reason in mgmt["ProtectionReasons"].value)
 
 
+async def get_all_of_every_device(client, paths) -> dict:
+    answers = {}
+    for path in paths:
+        reply = await call(client, "GetAll", "s", [DEVICE_IFACE], path=path,
+                           interface="org.freedesktop.DBus.Properties")
+        assert reply.message_type == MessageType.METHOD_RETURN, reply.body
+        answers[path] = {DEVICE_IFACE: reply.body[0]}
+    return answers
+
+
+async def test_managed_objects_answer_kept_between_changes_is_never_stale(service, client):
+    """GetManagedObjects is answered from a copy kept until the inventory changes (issue 19: reads
+    must not starve writes): after every change it equals what each object answers itself."""
+    before = await managed_objects(client)
+    assert before == await get_all_of_every_device(client, before)
+    reply = await call(client, "SetVfCount", "sua{sv}", ["0000:3b:00.0", 2, {}])
+    assert reply.message_type == MessageType.METHOD_RETURN, reply.body
+    grown = await managed_objects(client)
+    vfs = {path for path, ifaces in grown.items() if ifaces[DEVICE_IFACE]["PhysicalFunction"].value == "0000:3b:00.0"}
+    assert len(vfs) == 2 and set(before) < set(grown)
+    assert grown == await get_all_of_every_device(client, grown)
+    vf = sorted(vfs)[0]
+    reply = await call(client, "Bind", "ssa{sv}", [grown[vf][DEVICE_IFACE]["Address"].value, "vfio-pci", {}])
+    assert reply.message_type == MessageType.METHOD_RETURN, reply.body
+    bound = await managed_objects(client)
+    assert bound[vf][DEVICE_IFACE]["Driver"].value == "vfio-pci"
+    assert bound == await get_all_of_every_device(client, bound)
+    reply = await call(client, "GetManagedObjects", "s", ["x"], interface="org.freedesktop.DBus.ObjectManager")
+    assert reply.message_type == MessageType.ERROR and reply.error_name == "org.freedesktop.DBus.Error.InvalidArgs"
+
+
 async def test_set_vf_count_creates_vf_objects_and_signals(service, client):
     added, changed = [], []
 
