@@ -30,7 +30,7 @@ from nicpassd.engine.hostview import HostView, InventoryDelta
 from nicpassd.engine.journal import Journal
 from nicpassd.engine.leases import Lease, LeaseTable
 from nicpassd.engine.leasing import LeaseKeeper
-from nicpassd.engine.operations import Operations
+from nicpassd.engine.operations import Operations, satisfies
 from nicpassd.engine.reconcile import Reconciler
 from nicpassd.engine.results import Explanation, Finding, StepOutcome
 from nicpassd.engine.sentinel import Sentinel
@@ -45,6 +45,11 @@ __all__ = ["Engine", "InventoryDelta"]
 
 log = logging.getLogger(__name__)
 
+
+
+def on_host_driver(function: PciFunction) -> bool:
+    """Where a bind to "" (its host driver) would leave it already: nothing for such a bind to do."""
+    return satisfies(function.driver, "") and not function.driver_override
 
 class Engine:
     def __init__(self, host: Host, config: Config, store: StateStore, leases: LeaseTable) -> None:
@@ -199,10 +204,12 @@ class Engine:
             action = f"bind {view.label(address)} to {target}"
             taken_back = not driver and not group and (present.driver in PASSTHROUGH_DRIVERS or not present.driver
                                                        or present.driver_override in PASSTHROUGH_DRIVERS)
-            if not taken_back:
+            already_home = not driver and not group and on_host_driver(present)
+            if not (taken_back or already_home):
                 self._guard(address, action, force=force, caller=caller)
             # else: giving a device that is off its host driver back to it takes nothing from the
-            # host; it is how an admin returns a protected device someone else took.
+            # host; it is how an admin returns a protected device someone else took. And a device
+            # already on its host driver stays as it is: nothing to guard.
             targets = [address, *(view.group_mates(address, action) if group else ())]
             view.refuse_if_leased(targets, "rebind")
             if driver not in PASSTHROUGH_DRIVERS:
@@ -264,10 +271,19 @@ class Engine:
     async def forget(self, device: str, *, restore: bool = False) -> None:
         address = self.view.resolve(device)
         async with self.ops.lock:  # forgotten first: a state that cannot be saved changes nothing
-            await self._saved(self.store.commit({address: None}))
-            await self._saved(self.holds.release_async(address))
+            view = self.view
+            view.refresh()
+            present = view.present(address)
+            if restore and not on_host_driver(present):
+                # What would refuse the restore refuses the whole call, before anything is forgotten.
+                view.refuse_if_leased([address], "rebind")
+                view.refuse_if_mate_leased(address, "its host driver")
+            if self.store.get(address) is not None:
+                await self._saved(self.store.commit({address: None}))
+            if address in self.holds:
+                await self._saved(self.holds.release_async(address))
             self.reconciler.forget_failures(address)
-            self.view.refresh()
+            view.refresh()
         if restore:
             await self.bind(address, "", persist=False)
 

@@ -67,11 +67,17 @@ async def test_force_overrides_a_group_mate_and_is_logged_with_the_caller(make_s
 
 async def test_force_never_overrides_the_management_path(make_sim):
     sim = make_sim(SHARED_GROUP)
-    for call in (sim.engine.bind("eno1", "vfio-pci", force=True), sim.engine.set_vf_count("eno1", 2, force=True),
-                 sim.engine.unbind(A)):
+    for call in (sim.engine.bind("eno1", "vfio-pci", force=True), sim.engine.set_vf_count("eno1", 2, force=True)):
         with pytest.raises(Protected, match="IPv4 default route 0.0.0.0/0 via 192.0.2.1: eno1"):
             await call
     assert (sim.driver(A), sim.numvfs(A), sim.override(A)) == ("i40e", 0, "")
+    # Giving it "back" to the host driver it is on takes nothing from the host: a no-op, not a refusal.
+    written, write = [], sim.kernel.write
+    sim.kernel.write = lambda path, data: (written.append((path, data)), write(path, data))[1]
+    await sim.engine.unbind(A)
+    await sim.engine.forget(A, restore=True)
+    assert (sim.driver(A), sim.numvfs(A), sim.override(A), written) == ("i40e", 0, "", [])
+    sim.kernel.write = write
     await sim.engine.set_vf_count("eno2", 2, force=True)  # the mate's VFs: allowed with force
     assert sim.numvfs(B) == 2
 
