@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Protocol
@@ -35,6 +36,14 @@ LIST_FILE = "var/lib/nicpassd/early-binding.json"
 MARKER_DIR = "var/lib/nicpassd/early-binding.d"  # the udev rule's TEST (see _sync_markers)
 VF_MARKER = "vfs"
 VERSION = 1
+PCI_ADDRESS = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
+HEX_ID = re.compile(r"[0-9a-f]{4}")
+SERIAL = re.compile(r"(?:[0-9a-f]{2}-){7}[0-9a-f]{2}")
+ENTRY_KEYS = {"driver", "vendor", "device", "subsystem_vendor", "subsystem_device", "serial"}
+
+
+class BadList(ValueError):
+    """The early-binding list is not what nicpassd writes: the helper binds nothing early."""
 
 
 class Kernel(Protocol):
@@ -99,13 +108,49 @@ def _sync_markers(directory: Path, wanted: set[str]) -> None:
 
 
 def read_list(root: Path) -> dict:
+    """The list, checked field by field ({} when there is none). ``BadList`` names the file and the
+    field: a list that is not exactly what the daemon writes (a hand edit, a torn or foreign file)
+    binds nothing early, rather than writing whatever it says into a driver_override at boot."""
+    path = root / LIST_FILE
     try:
-        data = json.loads((root / LIST_FILE).read_text())
+        data = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         return {}
-    if not isinstance(data, dict) or data.get("version") != VERSION:
-        raise ValueError(f"{root / LIST_FILE}: not a version {VERSION} early-binding list")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise BadList(f"{path}: unreadable ({exc}); nicpassd rewrites it at its next reconcile "
+                      "(`nicpassctl reconcile`)") from None
+    problem = _list_problem(data)
+    if problem:
+        raise BadList(f"{path}: {problem}; nicpassd rewrites it at its next reconcile (`nicpassctl reconcile`)")
     return data
+
+
+def _list_problem(data: object) -> str:
+    if not isinstance(data, dict) or data.get("version") != VERSION:
+        return f"not a version {VERSION} early-binding list"
+    unknown = set(data) - {"version", "devices", "vf_drivers"}
+    if unknown:
+        return f"unknown key(s) {', '.join(sorted(map(str, unknown)))}"
+    for section in ("devices", "vf_drivers"):
+        entries = data.get(section, {})
+        if not isinstance(entries, dict):
+            return f"{section} is not an object"
+        for address, entry in entries.items():
+            where = f"{section}.{address!r}"
+            if not PCI_ADDRESS.fullmatch(address):
+                return f"{where}: not a PCI address (DDDD:BB:SS.F)"
+            if not isinstance(entry, dict) or not set(entry) <= ENTRY_KEYS or "driver" not in entry:
+                return f"{where}: not an entry of {', '.join(sorted(ENTRY_KEYS))}"
+            if not all(isinstance(value, str) for value in entry.values()):
+                return f"{where}: every field is a string"
+            if entry["driver"] not in kernelio.PASSTHROUGH_DRIVERS:
+                return f"{where}.driver: {entry['driver']!r} is not one of {', '.join(kernelio.PASSTHROUGH_DRIVERS)}"
+            for key in ("vendor", "device", "subsystem_vendor", "subsystem_device"):
+                if entry.get(key) and not HEX_ID.fullmatch(entry[key]):
+                    return f"{where}.{key}: {entry[key]!r} is not four hex digits"
+            if entry.get("serial") and not SERIAL.fullmatch(entry["serial"]):
+                return f"{where}.serial: {entry['serial']!r} is not a PCIe serial (xx-xx-xx-xx-xx-xx-xx-xx)"
+    return ""
 
 
 # ----------------------------------------------------------------------------- the helper
@@ -199,7 +244,10 @@ def udev_rule(kernel, address: str) -> None:
     """The rule and its helper as a rule of the simulated kernel (``SimKernel(rules=[udev_rule])``):
     run on "add", before the probe, writing through the simulated kernel's write boundary."""
     if rule_matches(kernel.paths.root, address):
-        apply(kernel.paths.root, address, kernel)
+        try:
+            apply(kernel.paths.root, address, kernel)
+        except BadList:
+            pass  # the helper binds nothing early (it says so on stderr, which udev keeps)
 
 
 def main(argv: list[str] | None = None, kernel: Kernel | None = None) -> int:
@@ -208,11 +256,15 @@ def main(argv: list[str] | None = None, kernel: Kernel | None = None) -> int:
     root = Path(os.environ.get("NICPASSD_ROOT", "/"))
     if len(args) == 3 and args[0] == "--root":
         root, args = Path(args[1]), args[2:]
-    if len(args) != 1:
-        print("usage: nicpassd-udev-override [--root DIR] PCI_ADDRESS", file=sys.stderr)
+    if len(args) != 1 or not PCI_ADDRESS.fullmatch(args[0]):
+        print("usage: nicpassd-udev-override [--root DIR] PCI_ADDRESS (DDDD:BB:SS.F)", file=sys.stderr)
         return 2
     try:
         driver = apply(root, args[0], kernel or SysfsKernel(root))
+    except BadList as exc:
+        print(f"nicpassd-udev-override: {args[0]}: nothing bound early: {exc}", file=sys.stderr)
+        _journal(root, f"{args[0]}: nothing bound early: {exc}")
+        return 1
     except Exception as exc:  # noqa: BLE001 - udev logs stderr; never a traceback at boot
         print(f"nicpassd-udev-override: {args[0]}: {exc}", file=sys.stderr)
         return 1

@@ -220,3 +220,58 @@ async def test_what_the_helper_did_goes_to_the_system_log(make_sim, monkeypatch)
     assert logged == []
     early_binding._journal(early_binding.Path("/"), f"{NIC}: driver_override vfio-pci (persisted)")
     assert logged == [(syslog.LOG_INFO, f"{NIC}: driver_override vfio-pci (persisted)")]
+
+
+# --- a list that is not what the daemon wrote binds nothing early ---------------------------------
+def _tampered(listing: dict, change) -> bytes:
+    data = json.loads(json.dumps(listing))
+    change(data)
+    return json.dumps(data).encode()
+
+
+BAD_LISTS = {
+    "a driver that is not a passthrough driver": lambda d: d["devices"][NIC].update(driver="ahci"),
+    "a driver that is a path": lambda d: d["devices"][NIC].update(driver="../../evil"),
+    "a key that is not a PCI address": lambda d: d["devices"].update({"../../x": d["devices"][NIC]}),
+    "an id that is not hex": lambda d: d["devices"][NIC].update(vendor="80 86"),
+    "a serial of another shape": lambda d: d["devices"][NIC].update(serial="x"),
+    "a field of the wrong type": lambda d: d["devices"][NIC].update(driver=["vfio-pci"]),
+    "an unknown field": lambda d: d["devices"][NIC].update(extra="1"),
+    "devices not an object": lambda d: d.update(devices=[NIC]),
+    "another version": lambda d: d.update(version=2),
+}
+
+
+async def test_a_tampered_list_binds_nothing_and_says_which_field(make_sim):
+    sim = await persisted_nic(make_sim)
+    path = sim.paths.root / early_binding.LIST_FILE
+    good = json.loads(path.read_bytes())
+    cases = {name: _tampered(good, change) for name, change in BAD_LISTS.items()}
+    cases["truncated"] = path.read_bytes()[:40]
+    cases["not UTF-8"] = b'{"version": 1, "devices": {"\xff": {}}}'
+    for name, payload in cases.items():
+        path.write_bytes(payload)
+        written = []
+
+        class Recording:
+            def write(self, target, data):
+                written.append((target, data))
+
+            def load_module(self, module):
+                written.append(("modprobe", module))
+
+        rc = early_binding.main(["--root", str(sim.paths.root), NIC], kernel=Recording())
+        assert (rc, written) == (1, []), name
+        try:
+            early_binding.read_list(sim.paths.root)
+        except early_binding.BadList as exc:
+            assert str(path) in str(exc) and "nicpassctl reconcile" in str(exc), (name, exc)
+        else:
+            raise AssertionError(f"{name}: accepted")
+        assert path.read_bytes() == payload, name  # the helper never rewrites it
+
+
+def test_the_helper_takes_a_pci_address_only(tmp_path, capsys):
+    for name in ("../../../etc", "0000:af:00.0/../x", "af:00.0", ""):
+        assert early_binding.main(["--root", str(tmp_path), name]) == 2, name
+    assert "PCI_ADDRESS" in capsys.readouterr().err
