@@ -56,24 +56,27 @@ async def atomic_write_async(path: Path, payload: bytes, *, mode: int = 0o600, p
     await asyncio.to_thread(atomic_write, path, payload, mode=mode, prefix=prefix)
 
 
-PCI_ADDRESS = r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]"
-
-
 def keep_aside(path: Path) -> tuple[str, list[str]]:
     """An unreadable file of nicpassd's, kept for a human under a name of its own
     (``NAME.broken-TIME``: a second one never overwrites the first). Returns that name and the
     PCI addresses the file names, for the caller to fail closed on: an unreadable record of what
     was leased, held or half-changed must not free what it may have named."""
-    import re
     import time
+
+    from nicpassd.host.kernelio import PCI_ADDRESS
 
     try:
         raw = path.read_bytes()
     except OSError:
         raw = b""
-    broken = path.with_name(f"{path.name}.broken-{time.strftime('%Y%m%dT%H%M%S')}")
+    stamp = time.strftime('%Y%m%dT%H%M%S')
+    broken = path.with_name(f"{path.name}.broken-{stamp}")
+    n = 1
+    while os.path.lexists(broken):  # twice in one second: the first one is kept too
+        n += 1
+        broken = path.with_name(f"{path.name}.broken-{stamp}-{n}")
     try:
         path.replace(broken)
     except OSError as exc:
         log.error("cannot keep the unreadable %s aside: %s", path, exc)
-    return broken.name, sorted(set(re.findall(PCI_ADDRESS, raw.decode(errors="replace"))))
+    return broken.name, sorted(set(PCI_ADDRESS.findall(raw.decode(errors="replace"))))

@@ -12,6 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from dbus_fast.errors import AuthError
+
 from nicpassd import __version__
 from nicpassd.engine.config import ConfigError, load_config
 from nicpassd.engine.engine import Engine
@@ -137,6 +139,10 @@ async def serve(args, paths: HostPaths, config) -> int:
         bus = await start_service(engine, args.bus_address)
     except ServiceError as exc:
         log.error("%s", exc)
+        return 1
+    except (OSError, AuthError) as exc:  # no bus (yet): systemd's Restart= tries again
+        log.error("cannot connect to the system bus %s: %s", args.bus_address or
+                  os.environ.get("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/run/dbus/system_bus_socket"), exc)
         return 1
 
     stop = asyncio.Event()

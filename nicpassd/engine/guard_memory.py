@@ -26,10 +26,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from nicpassd.host import kernelio
 from nicpassd.atomicfile import atomic_write, atomic_write_async, keep_aside
 from nicpassd.host.kernelio import PASSTHROUGH_DRIVERS
 from nicpassd.host.model import HostSnapshot, PciFunction
@@ -62,6 +64,41 @@ class Remembered:
         if self.serial and function.serial and self.serial != function.serial:
             return False
         return True
+
+
+_DRIVER = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_TEXT_FIELDS = ("vendor_id", "device_id", "serial", "permanent_mac", "driver")
+_LIST_FIELDS = ("reasons", "kinds", "interfaces")
+
+
+def _remembered_from(item: object) -> Remembered:
+    """One entry, checked field by field (ValueError/TypeError name the field): the remembered
+    host driver is what ``Bind`` accepts besides vfio-pci, so a hand-edited one must not widen that."""
+    if not isinstance(item, dict):
+        raise TypeError(f"an entry is {type(item).__name__}, not an object")
+    address = item.get("address")
+    if not isinstance(address, str) or not kernelio.PCI_ADDRESS.fullmatch(address):
+        raise ValueError(f"address {address!r} is not a PCI address")
+    unknown = set(item) - {f.name for f in fields(Remembered)}
+    if unknown:
+        raise ValueError(f"{address}: unknown field(s) {', '.join(sorted(unknown))}")
+    for name in _TEXT_FIELDS:
+        if not isinstance(item.get(name, ""), str):
+            raise TypeError(f"{address}: {name} is not a string")
+    driver = item.get("driver", "")
+    if driver and (not _DRIVER.fullmatch(driver) or driver in PASSTHROUGH_DRIVERS):
+        raise ValueError(f"{address}: driver {driver!r} is not a host driver's name")
+    for name in _LIST_FIELDS:
+        value = item.get(name, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise TypeError(f"{address}: {name} is not a list of strings")
+    for name in ("since", "until"):
+        value = item.get(name, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e11:
+            raise ValueError(f"{address}: {name} {value!r} is not a time")
+    if not isinstance(item.get("is_network", True), bool):
+        raise TypeError(f"{address}: is_network is not true or false")
+    return Remembered(**{**item, **{name: tuple(item.get(name, ())) for name in _LIST_FIELDS}})
 
 
 @dataclass
@@ -110,19 +147,18 @@ class GuardMemory:
             if data.get("version") != VERSION:
                 raise ValueError(f"version {data.get('version')!r}, expected {VERSION}")
             for item in data["entries"]:
-                entry = Remembered(**{**item, "reasons": tuple(item["reasons"]), "kinds": tuple(item["kinds"]),
-                                      "interfaces": tuple(item.get("interfaces", ()))})
+                entry = _remembered_from(item)
                 memory.entries[entry.address] = entry
         except FileNotFoundError:
             pass
-        except OSError as exc:  # its directory is not one (the store refuses to start on that)
-            log.critical("cannot read the guard's memory %s: %s", path, exc)
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        except (IsADirectoryError, ValueError, TypeError, KeyError, AttributeError) as exc:
             # Fail towards protection: the file is kept for a human; nothing is forgotten silently.
             broken, _named = keep_aside(path)
             log.critical("the guard's memory %s is unreadable (%s); kept as %s. Devices that were on the "
                          "management path before this start are protected only if they still are", path, exc,
                          broken)
+        except OSError as exc:  # unreadable where it is (permissions, its directory is not one)
+            log.critical("cannot read the guard's memory %s: %s", path, exc)
         return memory
 
     # -------------------------------------------------------------- observing

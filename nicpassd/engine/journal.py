@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nicpassd.host import kernelio
 from nicpassd.atomicfile import atomic_write, atomic_write_async, keep_aside, remove_stale_temps
 from nicpassd.host.model import PciFunction
 
@@ -80,6 +81,8 @@ class Entry:
     def from_json(cls, data: dict[str, Any]) -> "Entry":
         if data.get("kind") not in KINDS:
             raise ValueError(f"unknown journal entry kind {data.get('kind')!r}")
+        if not isinstance(data["devices"], dict) or not all(kernelio.PCI_ADDRESS.fullmatch(a) for a in data["devices"]):
+            raise ValueError(f"journal entry devices {list(data['devices'])[:5]!r} are not PCI addresses")
         devices = {address: DeviceBefore(function_from_json(item["before"]), list(item.get("vf_drivers", [])),
                                          list(item.get("vf_overrides", [])))
                    for address, item in data["devices"].items()}

@@ -16,12 +16,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from nicpassd.host import kernelio
 from nicpassd.atomicfile import atomic_write, atomic_write_async, keep_aside
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,6 @@ class Lease:
 _FIELDS = {f.name for f in dataclasses.fields(Lease)}
 
 
-PCI_ADDRESS = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
 # The VM that holds what an unreadable lease file may have leased, until an admin releases it.
 UNKNOWN_VM = "00000000-0000-0000-0000-000000000000"
 _TYPES = {"lease_id": str, "vm_name": str, "vm_uuid": str, "state": str, "pidfile": str,
@@ -72,7 +71,7 @@ def _lease_from(item: dict) -> Lease:
     if known.get("state", RESERVED) not in (RESERVED, ACTIVE, BROKEN):
         raise ValueError(f"lease state {known['state']!r}")
     devices = known.get("devices")
-    if not isinstance(devices, list) or not all(isinstance(d, str) and PCI_ADDRESS.fullmatch(d) for d in devices):
+    if not isinstance(devices, list) or not all(isinstance(d, str) and kernelio.PCI_ADDRESS.fullmatch(d) for d in devices):
         raise ValueError(f"lease devices {devices!r}")
     changes = known.get("changes", {})
     if not isinstance(changes, dict) or not all(
@@ -102,7 +101,7 @@ class LeaseTable:
             leases = [_lease_from(item) for item in data.get("leases", [])]
         except FileNotFoundError:
             return {}
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:  # OSError: a directory in its place
             return self._fail_closed(exc)
         table: dict[str, Lease] = {}
         taken: dict[str, str] = {}

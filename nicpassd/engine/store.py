@@ -22,6 +22,7 @@ from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from nicpassd.host import kernelio
 from nicpassd.atomicfile import atomic_write, atomic_write_async, keep_aside, remove_stale_temps
 from nicpassd.host.model import HostSnapshot, PciFunction
 
@@ -302,7 +303,10 @@ class RuntimeHolds:
             holds = data["holds"]
             if not isinstance(holds, dict):
                 raise TypeError("holds is not an object")
-            return {str(key): str(value) for key, value in holds.items()}
+            for key, value in holds.items():
+                if not kernelio.PCI_ADDRESS.fullmatch(key) or not isinstance(value, str):
+                    raise ValueError(f"hold {key!r}: {value!r} is not a PCI address and why it is held")
+            return dict(holds)
         except FileNotFoundError:
             return {}
         except (OSError, ValueError, TypeError, KeyError) as exc:

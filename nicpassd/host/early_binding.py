@@ -36,7 +36,6 @@ LIST_FILE = "var/lib/nicpassd/early-binding.json"
 MARKER_DIR = "var/lib/nicpassd/early-binding.d"  # the udev rule's TEST (see _sync_markers)
 VF_MARKER = "vfs"
 VERSION = 1
-PCI_ADDRESS = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
 HEX_ID = re.compile(r"[0-9a-f]{4}")
 SERIAL = re.compile(r"(?:[0-9a-f]{2}-){7}[0-9a-f]{2}")
 ENTRY_KEYS = {"driver", "vendor", "device", "subsystem_vendor", "subsystem_device", "serial"}
@@ -137,7 +136,7 @@ def _list_problem(data: object) -> str:
             return f"{section} is not an object"
         for address, entry in entries.items():
             where = f"{section}.{address!r}"
-            if not PCI_ADDRESS.fullmatch(address):
+            if not kernelio.PCI_ADDRESS.fullmatch(address):
                 return f"{where}: not a PCI address (DDDD:BB:SS.F)"
             if not isinstance(entry, dict) or not set(entry) <= ENTRY_KEYS or "driver" not in entry:
                 return f"{where}: not an entry of {', '.join(sorted(ENTRY_KEYS))}"
@@ -256,7 +255,7 @@ def main(argv: list[str] | None = None, kernel: Kernel | None = None) -> int:
     root = Path(os.environ.get("NICPASSD_ROOT", "/"))
     if len(args) == 3 and args[0] == "--root":
         root, args = Path(args[1]), args[2:]
-    if len(args) != 1 or not PCI_ADDRESS.fullmatch(args[0]):
+    if len(args) != 1 or not kernelio.PCI_ADDRESS.fullmatch(args[0]):
         print("usage: nicpassd-udev-override [--root DIR] PCI_ADDRESS (DDDD:BB:SS.F)", file=sys.stderr)
         return 2
     try:

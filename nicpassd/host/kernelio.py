@@ -8,6 +8,7 @@ beyond the standard library's ``os``.
 from __future__ import annotations
 
 import os
+import re
 
 DSN_CAPABILITY = 0x0003
 # The drivers a passthrough binding means: the device is held for a VM (or for nobody), not by
@@ -15,6 +16,9 @@ DSN_CAPABILITY = 0x0003
 VFIO = "vfio-pci"
 PASSTHROUGH_DRIVERS = ("vfio-pci", "pci-stub")
 DRIVER_MODULES = {"vfio-pci": "vfio_pci", "pci-stub": "pci_stub"}
+# A PCI function's full address as the kernel names it (use with fullmatch): the one grammar every
+# file nicpassd reads and every name a caller gives is checked against.
+PCI_ADDRESS = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
 
 
 def write_sysfs(path: "os.PathLike[str] | str", data: str) -> None:
