@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from support.daemon import SimulatedDaemon
 
 EX_CONFIG = 78
@@ -85,3 +86,80 @@ def test_second_daemon_on_the_same_bus_refuses_to_start(private_bus, polkit, tmp
                             env_extra={"DBUS_SYSTEM_BUS_ADDRESS": private_bus.address})
         assert result.returncode == 1
         assert "another nicpassd" in result.stderr
+
+
+# --- bad files at start: the daemon as systemd sees it (tests/unit/test_bad_files.py: the rest) --
+BAD_FILES = {
+    "config": ("etc/nicpassd/nicpassd.toml", {
+        "truncated": b"[daemon]\nwrite_tim", "not UTF-8": b"\xff\xfe[daemon]\n", "wrong type": b'[daemon]\nwrite_timeout = "soon"\n',
+        "out of range": b"[daemon]\nwrite_timeout = 1e308\n"}),
+    "state": ("var/lib/nicpassd/state.json", {
+        "truncated": b'{"version": 2, "devi', "not UTF-8": b'\xff{"version": 2}',
+        "wrong type": b'{"version": 2, "generation": 0, "devices": {"0000:3b:00.0": "vfio-pci"}}',
+        "out of range": b'{"version": 2, "generation": -1, "devices": {}}'}),
+}
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not UTF-8", "wrong type", "out of range", "directory"])
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_a_bad_config_or_state_exits_78_and_leaves_the_file(private_bus, tmp_path, name, damage):
+    """systemd's RestartPreventExitStatus=78: a bad file is no restart loop. The message names the
+    file; the file is left exactly as it was."""
+    relative, contents = BAD_FILES[name]
+    path = tmp_path / "root" / relative
+    path.parent.mkdir(parents=True)
+    if damage == "directory":
+        path.mkdir()
+    else:
+        path.write_bytes(contents[damage])
+    result = run_daemon("--simulate", "--root", str(tmp_path / "root"))
+    assert result.returncode == EX_CONFIG, result.stderr[-2000:]
+    assert path.name in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert path.is_dir() if damage == "directory" else path.read_bytes() == contents[damage]
+
+
+def test_a_state_directory_that_is_a_file_exits_78(private_bus, tmp_path):
+    state_dir = tmp_path / "root/var/lib/nicpassd"
+    state_dir.parent.mkdir(parents=True)
+    state_dir.write_text("not a directory")
+    result = run_daemon("--simulate", "--root", str(tmp_path / "root"))
+    assert result.returncode == EX_CONFIG, result.stderr[-2000:]
+    assert "/var/lib/nicpassd" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_read_only_state_directory_changes_nothing_in_the_kernel(private_bus, polkit, tmp_path):
+    """/var/lib/nicpassd on a read-only mount (EROFS): every mutation answers NotPersisted and the
+    kernel stays as it was. The daemon runs in a mount namespace of its own (unshare -m), so the
+    read-only bind mount is its alone."""
+    root = tmp_path / "root"
+    state_dir = root / "var/lib/nicpassd"
+    state_dir.mkdir(parents=True)
+    log = tmp_path / "nicpassd.log"
+    script = (f'mount --bind "{state_dir}" "{state_dir}" && mount -o remount,bind,ro "{state_dir}" && '
+              f'exec "{sys.executable}" -m nicpassd --simulate --root "{root}"')
+    env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=private_bus.address)
+    with open(log, "wb") as out:
+        daemon = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                                  stdout=out, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
+    try:
+        private_bus.wait_for_name("org.nicpass.NicPass1", 20, process=daemon)
+
+        def busctl(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run(["busctl", "--system", "call", "org.nicpass.NicPass1", "/org/nicpass/NicPass1",
+                                   "org.nicpass.NicPass1.Manager", *args], env=env, capture_output=True, text=True,
+                                  timeout=30)
+
+        pf = root / "sys/bus/pci/devices/0000:3b:00.0"
+        nic = root / "sys/bus/pci/devices/0000:af:00.0"
+        for call in (("SetVfCount", "sua{sv}", "0000:3b:00.0", "2", "0"),
+                     ("Bind", "ssa{sv}", "0000:af:00.0", "vfio-pci", "0")):
+            result = busctl(*call)
+            assert result.returncode != 0 and "Read-only file system" in result.stderr, (call, result)
+        assert (pf / "sriov_numvfs").read_text().strip() == "0"
+        assert os.path.basename(os.readlink(nic / "driver")) == "e1000e"
+        assert (nic / "driver_override").read_text().strip() in ("", "(null)")
+        assert daemon.poll() is None
+    finally:
+        daemon.terminate()
+        daemon.wait(10)
+    assert "Traceback" not in log.read_text()
