@@ -76,6 +76,9 @@ def test_unit_keeps_what_the_daemon_needs():
     assert one["Type"] == "notify" and one["NotifyAccess"] == "main"
     assert one["BusName"] == "org.nicpass.NicPass1"
     assert one["WatchdogSec"] and one["Restart"] == "on-failure"
+    # The daemon's exit status for a bad config or state file (EX_CONFIG): not a restart loop.
+    from nicpassd.daemon import EXIT_CONFIG
+    assert one["RestartPreventExitStatus"].split() == [str(EXIT_CONFIG)]
     # Leases and the undo journal live in /run/nicpassd and must outlive a daemon restart.
     assert one["RuntimeDirectory"] == "nicpassd" and one["RuntimeDirectoryPreserve"] == "yes"
     assert one["StateDirectory"] == "nicpassd" and one["ConfigurationDirectory"] == "nicpassd"
