@@ -37,6 +37,7 @@ HOTPLUG_BDF = "0000:04:00.0"  # the first free root port, rp-hp0
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "e2e: needs the QEMU guest (scripts/e2e runs these)")
+    config.addinivalue_line("markers", "bench: a guest benchmark (scripts/bench-kernel runs these, scripts/e2e not)")
 
 
 # Scenarios that fail because of a nicpassd bug already reported to its owner. They run and are
@@ -47,6 +48,11 @@ KNOWN_BUGS: dict[str, str] = {
 
 
 def pytest_collection_modifyitems(config, items):
+    if E2E and os.environ.get("NICPASSD_E2E_BENCH") != "1":
+        benches = [item for item in items if item.get_closest_marker("bench")]
+        if benches:
+            config.hook.pytest_deselected(items=benches)
+            items[:] = [item for item in items if not item.get_closest_marker("bench")]
     if E2E:
         if os.environ.get("NICPASSD_E2E_STRICT") != "1":
             for item in items:

@@ -1,0 +1,359 @@
+#!/usr/bin/env python3
+"""The real-kernel benchmark, run inside the e2e guest (tests/e2e/test_bench_kernel.py starts it).
+
+One boot, the same kernel, the igb PF with 7 VFs. Each kind of work is timed, in rounds, as:
+
+- a bare loop of the same sysfs writes (what a careful shell script does), in this process;
+- driverctl (Debian's package), where it does the same work;
+- nicpassctl, the whole command (a process start included);
+- the daemon alone: the same D-Bus calls nicpassctl makes, from a connection opened beforehand.
+
+Work: bind 7 VFs to vfio-pci; 0 -> 7 VFs on the host driver; 0 -> 7 VFs on vfio-pci; the boot
+reconcile of 7 persisted vfio-pci VFs (daemon start to all bound); the libvirt hook with 1 and 4
+hostdevs (prepare begin, started begin, release end, run as libvirt runs it).
+
+Every nicpassd run is checked: the kernel shows what was asked, and the daemon logged nothing at
+error or above (else: exit 1, the reason printed). Prints one JSON object (medians in seconds,
+every sample, the kernel version).
+
+    python3 bench.py [--rounds 3] [--profile FILE]
+
+--profile: the daemon runs under cProfile for the daemon-alone runs of the first three kinds of
+work, and the profile is written to FILE (pstats); the other figures come from the daemon as
+systemd runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PCI = Path("/sys/bus/pci/devices")
+PF = "0000:02:00.0"
+HOST_VF_DRIVER = "igbvf"
+VFIO = "vfio-pci"
+BUS_NAME = "org.nicpass.NicPass1"
+MANAGER_PATH = "/org/nicpass/NicPass1"
+MANAGER = "org.nicpass.NicPass1.Manager"
+COUNT = 7
+
+
+class Failed(Exception):
+    pass
+
+
+# --- the kernel, read and written directly ------------------------------------------------------
+def write(path: Path | str, data: str) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, data.encode())
+    finally:
+        os.close(fd)
+
+
+def read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def driver(address: str) -> str:
+    link = PCI / address / "driver"
+    return os.path.basename(os.readlink(link)) if link.is_symlink() else ""
+
+
+def vfs() -> list[str]:
+    links = sorted(PCI.joinpath(PF).glob("virtfn*"), key=lambda p: int(p.name[6:]))
+    return [os.path.basename(os.readlink(link)) for link in links]
+
+
+def run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(argv, capture_output=True, text=True)
+    if check and result.returncode:
+        raise Failed(f"{' '.join(argv)}: exit {result.returncode}: {result.stderr.strip()[-800:]}")
+    return result
+
+
+def settle() -> None:
+    run("udevadm", "settle", "--timeout=60")
+
+
+def expect(what: str, ok) -> None:
+    deadline = time.monotonic() + 60
+    while not ok():
+        if time.monotonic() > deadline:
+            raise Failed(f"not converged: {what}; the kernel shows "
+                         f"{ {vf: (driver(vf), read(PCI / vf / 'driver_override')) for vf in vfs()} }, "
+                         f"sriov_numvfs {read(PCI / PF / 'sriov_numvfs')}")
+        time.sleep(0.05)
+
+
+def all_on(wanted: str) -> bool:
+    present = vfs()
+    return len(present) == COUNT and all(driver(vf) == wanted for vf in present)
+
+
+def bare_bind(addresses: list[str], target: str) -> None:
+    """The bind sequence for each: driver_override, unbind from the current driver, drivers_probe."""
+    for address in addresses:
+        write(PCI / address / "driver_override", (target if target == VFIO else "") + "\n")
+        current = driver(address)
+        if current and current != target:
+            write(f"/sys/bus/pci/drivers/{current}/unbind", address)
+        if not driver(address):
+            write("/sys/bus/pci/drivers_probe", address)
+
+
+def bare_vfs(count: int, target: str) -> None:
+    if read(PCI / PF / "sriov_numvfs") != "0":
+        write(PCI / PF / "sriov_numvfs", "0")
+    if count:
+        if target == VFIO:
+            write(PCI / PF / "sriov_drivers_autoprobe", "0")
+        write(PCI / PF / "sriov_numvfs", str(count))
+        if target == VFIO:
+            bare_bind(vfs(), VFIO)
+            write(PCI / PF / "sriov_drivers_autoprobe", "1")
+    settle()
+
+
+def clean() -> None:
+    """No VFs, nothing persisted by anyone, no override: between measurements, untimed."""
+    run("nicpassctl", "forget", PF, check=False)
+    for vf in vfs():
+        run("nicpassctl", "forget", vf, check=False)
+        run("driverctl", "--nosave", "unset-override", vf, check=False)
+    for path in Path("/etc/driverctl.d").glob("pci-*"):
+        path.unlink()
+    for vf in vfs():
+        write(PCI / vf / "driver_override", "\n")
+    write(PCI / PF / "sriov_drivers_autoprobe", "1")
+    bare_vfs(0, "")
+
+
+def seven_vfs_on_host_driver() -> list[str]:
+    clean()
+    bare_vfs(COUNT, HOST_VF_DRIVER)
+    expect("7 VFs on igbvf", lambda: all_on(HOST_VF_DRIVER))
+    return vfs()
+
+
+# --- the daemon, over D-Bus -----------------------------------------------------------------------
+class Daemon:
+    """One connection, opened before any timing (nicpassctl pays for its own: that is in its figure)."""
+
+    def __init__(self) -> None:
+        from dbus_fast import Message, MessageType, Variant
+        from dbus_fast.aio import MessageBus
+        from dbus_fast.constants import BusType
+
+        self.Message, self.MessageType, self.Variant = Message, MessageType, Variant
+        self.loop = asyncio.new_event_loop()
+
+        async def connect():
+            return await MessageBus(bus_type=BusType.SYSTEM).connect()
+        self.bus = self.loop.run_until_complete(connect())
+
+    def call(self, member: str, signature: str, *body) -> None:
+        reply = self.loop.run_until_complete(self.bus.call(self.Message(
+            destination=BUS_NAME, path=MANAGER_PATH, interface=MANAGER, member=member, signature=signature,
+            body=list(body))))
+        if reply.message_type != self.MessageType.METHOD_RETURN:
+            raise Failed(f"{member}{body}: {reply.error_name}: {reply.body}")
+
+    def close(self) -> None:
+        self.bus.disconnect()
+        self.loop.close()
+
+
+def daemon_up(timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while run("busctl", "--system", "status", BUS_NAME, check=False).returncode:
+        if time.monotonic() > deadline:
+            raise Failed("nicpassd did not come back on the bus")
+        time.sleep(0.1)
+
+
+# --- the measurements ------------------------------------------------------------------------------
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bench_bind(rounds: int, daemon: Daemon) -> dict[str, list[float]]:
+    samples: dict[str, list[float]] = {"bare": [], "driverctl": [], "nicpassctl": [], "daemon": []}
+    run("modprobe", "vfio-pci")
+    for _ in range(rounds):
+        present = seven_vfs_on_host_driver()
+        samples["bare"].append(timed(lambda: bare_bind(present, VFIO)))
+        expect("bare: 7 VFs on vfio-pci", lambda: all_on(VFIO))
+
+        present = seven_vfs_on_host_driver()
+        samples["driverctl"].append(timed(lambda: [run("driverctl", "set-override", vf, VFIO) for vf in present]))
+        expect("driverctl: 7 VFs on vfio-pci", lambda: all_on(VFIO))
+
+        present = seven_vfs_on_host_driver()
+        samples["nicpassctl"].append(timed(lambda: run("nicpassctl", "bind", *present, "--driver", VFIO)))
+        expect("nicpassctl: 7 VFs on vfio-pci", lambda: all_on(VFIO))
+
+        present = seven_vfs_on_host_driver()
+        samples["daemon"].append(timed(lambda: [daemon.call("Bind", "ssa{sv}", vf, VFIO, {}) for vf in present]))
+        expect("daemon: 7 VFs on vfio-pci", lambda: all_on(VFIO))
+    return samples
+
+
+def bench_vfs(rounds: int, daemon: Daemon, target: str) -> dict[str, list[float]]:
+    samples: dict[str, list[float]] = {"bare": [], "nicpassctl": [], "daemon": []}
+    wanted = target or HOST_VF_DRIVER
+    flags = ["--vfio"] if target == VFIO else []
+    options = {"driver": daemon.Variant("s", VFIO)} if target == VFIO else {}
+    for _ in range(rounds):
+        clean()
+        samples["bare"].append(timed(lambda: bare_vfs(COUNT, target)))
+        expect(f"bare: 7 VFs on {wanted}", lambda: all_on(wanted))
+
+        clean()
+        samples["nicpassctl"].append(timed(lambda: run("nicpassctl", "vfs", PF, str(COUNT), *flags)))
+        expect(f"nicpassctl: 7 VFs on {wanted}", lambda: all_on(wanted))
+
+        clean()
+        samples["daemon"].append(timed(lambda: daemon.call("SetVfCount", "sua{sv}", PF, COUNT, options)))
+        expect(f"daemon: 7 VFs on {wanted}", lambda: all_on(wanted))
+    return samples
+
+
+def bench_boot_reconcile(rounds: int) -> dict[str, list[float]]:
+    """Daemon start (systemctl start returns at READY=1) to all 7 persisted VFs bound, against the
+    bare writes of the same end state."""
+    samples: dict[str, list[float]] = {"bare": [], "nicpassd start": [], "nicpassd start to READY": []}
+    for _ in range(rounds):
+        clean()
+        samples["bare"].append(timed(lambda: bare_vfs(COUNT, VFIO)))
+        expect("bare: 7 VFs on vfio-pci", lambda: all_on(VFIO))
+
+        clean()
+        run("nicpassctl", "vfs", PF, str(COUNT), "--vfio")
+        run("systemctl", "stop", "nicpassd")
+        for vf in vfs():
+            write(PCI / vf / "driver_override", "\n")
+        write(PCI / PF / "sriov_numvfs", "0")
+        settle()
+        start = time.perf_counter()
+        run("systemctl", "start", "nicpassd")
+        ready = time.perf_counter() - start
+        expect("boot reconcile: 7 VFs on vfio-pci", lambda: all_on(VFIO))
+        samples["nicpassd start"].append(time.perf_counter() - start)
+        samples["nicpassd start to READY"].append(ready)
+        daemon_up()
+    clean()
+    return samples
+
+
+DOMAIN = ("<domain type='kvm'><name>{name}</name><uuid>{uuid}</uuid><memory>65536</memory><devices>{hostdevs}"
+          "</devices></domain>")
+HOSTDEV = ("<hostdev mode='subsystem' type='pci' managed='yes'><source><address domain='0x0000' bus='0x{bus}' "
+           "slot='0x{slot}' function='0x{function}'/></source></hostdev>")
+HOOK = "/etc/libvirt/hooks/qemu.d/50-nicpassd"
+
+
+def bench_hook(rounds: int, devices: int) -> dict[str, list[float]]:
+    samples: dict[str, list[float]] = {"prepare begin": [], "started begin": [], "release end": [], "/bin/true": []}
+    present = seven_vfs_on_host_driver()[:devices]
+    hostdevs = "".join(HOSTDEV.format(bus=a[5:7], slot=a[8:10], function=a[11]) for a in present)
+    name, uuid = f"bench{devices}", f"00000000-0000-4000-8000-{devices:012d}"
+    xml = DOMAIN.format(name=name, uuid=uuid, hostdevs=hostdevs)
+    pidfile = Path(f"/run/libvirt/qemu/{name}.pid")
+    pidfile.parent.mkdir(parents=True, exist_ok=True)
+
+    def hook(op: str, sub: str) -> None:
+        result = subprocess.run([HOOK, name, op, sub, "-"], input=xml, capture_output=True, text=True)
+        if result.returncode:
+            raise Failed(f"hook {op} {sub}: exit {result.returncode}: {result.stderr.strip()[-800:]}")
+
+    for _ in range(rounds):
+        samples["/bin/true"].append(timed(lambda: run("/bin/true")))
+        samples["prepare begin"].append(timed(lambda: hook("prepare", "begin")))
+        expect(f"hook: {devices} VFs on vfio-pci", lambda: all(driver(vf) == VFIO for vf in present))
+        qemu = subprocess.Popen(["sleep", "600"])  # the VM's process, as libvirt's pidfile names it
+        pidfile.write_text(f"{qemu.pid}\n")
+        samples["started begin"].append(timed(lambda: hook("started", "begin")))
+        qemu.kill()
+        qemu.wait()
+        samples["release end"].append(timed(lambda: hook("release", "end")))
+        pidfile.unlink()
+    clean()
+    return samples
+
+
+def errors_logged_since(cursor_time: str) -> list[str]:
+    out = run("journalctl", "-u", "nicpassd", "-p", "err", "--since", cursor_time, "-o", "cat", "--no-pager",
+              check=False).stdout
+    return [line for line in out.splitlines() if line.strip() and not line.startswith("-- ")]
+
+
+def profile_daemon(path: str) -> None:
+    """Stop the unit; run the same daemon under cProfile (its own main, its own environment)."""
+    run("systemctl", "stop", "nicpassd")
+    python = "/usr/lib/nicpassd/venv/bin/python"
+    subprocess.Popen([python, "-m", "cProfile", "-o", path, "-m", "nicpassd"], stdin=subprocess.DEVNULL,
+                     stdout=open("/tmp/nicpassd-profiled.log", "wb"), stderr=subprocess.STDOUT,
+                     env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    daemon_up()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--profile", default="")
+    parser.add_argument("--only", default="", help="comma-separated: bind,vfs,vfs-vfio,boot,hook")
+    args = parser.parse_args()
+    only = set(filter(None, args.only.split(",")))
+    since = time.strftime("%Y-%m-%d %H:%M:%S")
+    results: dict[str, object] = {"kernel": os.uname().release, "rounds": args.rounds}
+    try:
+        if args.profile:
+            profile_daemon(args.profile)
+        daemon = Daemon()
+        try:
+            if not only or "bind" in only:
+                results["bind 7 VFs to vfio-pci"] = bench_bind(args.rounds, daemon)
+            if not only or "vfs" in only:
+                results["0 -> 7 VFs on the host driver"] = bench_vfs(args.rounds, daemon, "")
+            if not only or "vfs-vfio" in only:
+                results["0 -> 7 VFs on vfio-pci"] = bench_vfs(args.rounds, daemon, VFIO)
+        finally:
+            daemon.close()
+        if args.profile:
+            run("pkill", "-TERM", "-f", "cProfile -o")
+            for _ in range(100):
+                if run("pgrep", "-f", "cProfile -o", check=False).returncode:
+                    break
+                time.sleep(0.1)
+            run("systemctl", "start", "nicpassd")
+            daemon_up()
+        if not args.profile and (not only or "boot" in only):
+            results["boot reconcile of 7 persisted vfio-pci VFs"] = bench_boot_reconcile(args.rounds)
+        if not args.profile and (not only or "hook" in only):
+            results["libvirt hook, 1 hostdev"] = bench_hook(args.rounds, 1)
+            results["libvirt hook, 4 hostdevs"] = bench_hook(args.rounds, 4)
+        clean()
+    except Failed as exc:
+        results["failed"] = str(exc)
+    logged = errors_logged_since(since)
+    if logged:
+        results["daemon errors"] = logged[:20]
+    print(json.dumps(results))
+    return 1 if "failed" in results or logged else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
