@@ -147,9 +147,12 @@ def read_groups(paths: HostPaths) -> dict[int, tuple[str, ...]]:
     if not root.is_dir():
         return groups
     for entry in os.listdir(root):
-        devices = root / entry / "devices"
-        if entry.isdigit() and devices.is_dir():
-            groups[int(entry)] = tuple(sorted(os.listdir(devices)))
+        if not entry.isdigit():
+            continue
+        try:
+            groups[int(entry)] = tuple(sorted(os.listdir(root / entry / "devices")))
+        except OSError:  # a VF's group goes with the VF: gone between the two listdirs
+            continue
     return groups
 
 
@@ -172,9 +175,12 @@ def _link_kind(net_dir: Path, device: str) -> str:
 def read_link(paths: HostPaths, name: str) -> NetLink | None:
     """One interface of /sys/class/net, None when it does not exist (read_links reads them all)."""
     net_dir = paths.class_net / name
-    if not net_dir.exists():
+    try:
+        entries = os.listdir(net_dir)
+    except NotADirectoryError:
+        entries = []
+    except FileNotFoundError:  # never there, or gone meanwhile (a VF's netdev as its driver unbinds)
         return None
-    entries = os.listdir(net_dir) if net_dir.is_dir() else []
     device = _link_name(net_dir / "device") if "device" in entries else ""
     if device and _link_name(net_dir / "device" / "subsystem") != "pci":
         device = _pci_ancestor(net_dir / "device")  # virtio-net: the netdev hangs off virtioN
