@@ -205,12 +205,18 @@ def _names(sentence: str, device: str) -> bool:
     return re.search(rf"(?<![\w:.-]){re.escape(device)}(?![\w:-]|\.\w)", sentence) is not None
 
 
-async def _each(client, args, call, success) -> ExitCode:
-    """Run ``call(device)`` for every device; report each failure; exit with the first one's code."""
+async def _each(client, args, call, success, batch=None) -> ExitCode:
+    """Run ``call(device)`` for every device; report each failure; exit with the first one's code.
+    ``batch(devices)``, when given and there are several devices, does them in one call and
+    returns {device: DaemonError or None} (None: an older daemon without it; each is called)."""
+    outcomes = await batch(list(args.device)) if batch is not None and len(args.device) > 1 else None
     results, first = [], ExitCode.OK
     for device in args.device:
         try:
-            await call(device)
+            if outcomes is None:
+                await call(device)
+            elif outcomes[device] is not None:
+                raise outcomes[device]
         except (CliError, DaemonError) as exc:
             err = from_exception(exc, action_for(argparse.Namespace(**{**vars(args), "device": device})))
             if err.code == ExitCode.DAEMON_UNREACHABLE:
@@ -230,6 +236,22 @@ async def _each(client, args, call, success) -> ExitCode:
     return first
 
 
+def _bind_each(client, driver: str, options: dict[str, Any]):
+    """BindEach: the devices' kernel work in one batch (one pass of writes, one state write)."""
+    async def batch(devices: list[str]) -> dict[str, DaemonError | None] | None:
+        try:
+            (answer,) = await client.manager("BindEach", "assa{sv}", [devices, driver], options=options, mutate=True)
+        except DaemonError as exc:
+            if exc.name == "org.freedesktop.DBus.Error.UnknownMethod":
+                return None  # a daemon from before BindEach: one Bind per device
+            raise
+        outcomes: dict[str, DaemonError | None] = {}
+        for device, name, message in answer:
+            outcomes[device] = DaemonError(name, message, "BindEach") if name else None
+        return outcomes
+    return batch
+
+
 async def cmd_bind(client, args) -> ExitCode:
     persist = not args.runtime
     options: dict[str, Any] = {"persist": persist}
@@ -245,7 +267,8 @@ async def cmd_bind(client, args) -> ExitCode:
         how = "persisted" if persist else "runtime only"
         return f"{device}: bound to {target} ({how})", {"driver": args.driver, "persist": persist}
 
-    return await _each(client, args, call, success)
+    batch = None if options.get("group") else _bind_each(client, args.driver, options)
+    return await _each(client, args, call, success, batch)
 
 
 async def cmd_unbind(client, args) -> ExitCode:
@@ -258,7 +281,8 @@ async def cmd_unbind(client, args) -> ExitCode:
         how = "persisted binding forgotten" if persist else "runtime only, persisted binding kept"
         return f"{device}: given back to its host driver ({how})", {"persist": persist}
 
-    return await _each(client, args, call, success)
+    # Unbind is Bind to "" (the host driver) with the same persistence.
+    return await _each(client, args, call, success, _bind_each(client, "", {"persist": persist}))
 
 
 async def cmd_forget(client, args) -> ExitCode:

@@ -174,7 +174,7 @@ class Engine:
         if driver not in ("", VFIO):
             raise InvalidArgument(f"VF driver {driver!r} is not supported; use \"vfio-pci\" or leave it empty")
         async with self.ops.lock:
-            view.refresh()
+            view.refresh_for([address])
             self._guard(address, f"change the VF count of {view.label(address)}", force=force, caller=caller)
             view.refuse_if_leased([address, *view.present(address).virtfns], "change the VFs of")
             before = self.host.present(address)
@@ -186,7 +186,7 @@ class Engine:
                 raise exc.with_note(await self.ops.restore_vfs(address, before, before_drivers)) from None
             log.info("%s now has %d VFs%s%s", view.label(address), count, f" on {driver}" if driver else "",
                      "" if persist else " (runtime only)", extra={"device": address, "action": "vfs"})
-            view.refresh()
+            view.refresh_for([address, *before.virtfns, *self.host.present(address).virtfns])
         self.reconciler.poke()
 
     async def bind(self, device: str, driver: str, *, persist: bool = True, force: bool = False,
@@ -198,27 +198,9 @@ class Engine:
         address = view.resolve(device)
         self._check_driver(address, driver)
         async with self.ops.lock:
-            view.refresh()
-            present = view.present(address)  # NotFound if it went away since it was resolved
+            view.refresh_for([address])
+            targets = self._admit_bind(address, driver, group=group, force=force, caller=caller)
             target = driver or "its host driver"
-            action = f"bind {view.label(address)} to {target}"
-            taken_back = not driver and not group and (present.driver in PASSTHROUGH_DRIVERS or not present.driver
-                                                       or present.driver_override in PASSTHROUGH_DRIVERS)
-            already_home = not driver and not group and on_host_driver(present)
-            if not (taken_back or already_home):
-                self._guard(address, action, force=force, caller=caller)
-            # else: giving a device that is off its host driver back to it takes nothing from the
-            # host; it is how an admin returns a protected device someone else took. And a device
-            # already on its host driver stays as it is: nothing to guard.
-            targets = [address, *(view.group_mates(address, action) if group else ())]
-            view.refuse_if_leased(targets, "rebind")
-            if driver not in PASSTHROUGH_DRIVERS:
-                view.refuse_if_mate_leased(address, target)
-            for each in targets:
-                present = view.present(each)
-                if present.num_vfs and driver in PASSTHROUGH_DRIVERS:
-                    raise InvalidArgument(f"{view.label(each)} has {present.num_vfs} VFs; unbinding its PF driver "
-                                          "would orphan them", f"remove them first with `nicpassctl vfs {each} 0`")
             befores = {each: self.host.binding(each) for each in targets}
             await self._bind_together(targets, driver)
             try:
@@ -230,8 +212,80 @@ class Engine:
                 log.info("%s bound to %s with the IOMMU group of %s", view.label(mate), target, address)
             log.info("%s bound to %s%s", view.label(address), target, "" if persist else " (runtime only)",
                      extra={"device": address, "action": "bind"})
-            view.refresh()
+            view.refresh_for(targets)
         self.reconciler.poke()
+
+    def _admit_bind(self, address: str, driver: str, *, group: bool, force: bool, caller: str) -> list[str]:
+        """What a bind of ``address`` must pass before anything is written (the guard, leases, VFs
+        a PF driver would orphan); returns the functions it binds (the group mates with ``group``)."""
+        view = self.view
+        present = view.present(address)  # NotFound if it went away since it was resolved
+        target = driver or "its host driver"
+        action = f"bind {view.label(address)} to {target}"
+        taken_back = not driver and not group and (present.driver in PASSTHROUGH_DRIVERS or not present.driver
+                                                   or present.driver_override in PASSTHROUGH_DRIVERS)
+        already_home = not driver and not group and on_host_driver(present)
+        if not (taken_back or already_home):
+            self._guard(address, action, force=force, caller=caller)
+        # else: giving a device that is off its host driver back to it takes nothing from the
+        # host; it is how an admin returns a protected device someone else took. And a device
+        # already on its host driver stays as it is: nothing to guard.
+        targets = [address, *(view.group_mates(address, action) if group else ())]
+        view.refuse_if_leased(targets, "rebind")
+        if driver not in PASSTHROUGH_DRIVERS:
+            view.refuse_if_mate_leased(address, target)
+        for each in targets:
+            present = view.present(each)
+            if present.num_vfs and driver in PASSTHROUGH_DRIVERS:
+                raise InvalidArgument(f"{view.label(each)} has {present.num_vfs} VFs; unbinding its PF driver "
+                                      "would orphan them", f"remove them first with `nicpassctl vfs {each} 0`")
+        return targets
+
+    async def bind_each(self, devices: list[str], driver: str, *, persist: bool = True, force: bool = False,
+                        caller: str = "") -> dict[str, NicpassError | None]:
+        """``bind`` of each device, with the outcome of each (None = bound) as separate binds would
+        have it, but as one batch the way a careful shell loop does it: one pass of
+        driver_overrides, unbinds and probes, verified together, one state write, one refresh."""
+        view = self.view
+        outcomes: dict[str, NicpassError | None] = {}
+        addresses: dict[str, str] = {}
+        for device in devices:
+            try:
+                addresses[device] = view.resolve(device)
+                self._check_driver(addresses[device], driver)
+            except NicpassError as exc:
+                outcomes[device] = exc
+                addresses.pop(device, None)
+        async with self.ops.lock:
+            wanted = list(dict.fromkeys(addresses.values()))
+            view.refresh_for(wanted)
+            admitted: list[str] = []
+            refused: dict[str, NicpassError] = {}
+            for address in wanted:
+                try:
+                    self._admit_bind(address, driver, group=False, force=force, caller=caller)
+                    admitted.append(address)
+                except NicpassError as exc:
+                    refused[address] = exc
+            befores = {address: self.host.binding(address) for address in admitted}
+            failed: dict[str, NicpassError] = await self.ops.bind_each(admitted, driver) if admitted else {}
+            bound = [address for address in admitted if address not in failed]
+            if bound:
+                try:
+                    await self._commit(bound, persist, driver=driver if driver in PASSTHROUGH_DRIVERS else "")
+                except NotPersisted as exc:
+                    for address in bound:
+                        failed[address] = exc.with_note(await self.ops.restore_binding(address, befores[address]))
+                    bound = []
+            target = driver or "its host driver"
+            for address in bound:
+                log.info("%s bound to %s%s", view.label(address), target, "" if persist else " (runtime only)",
+                         extra={"device": address, "action": "bind"})
+            view.refresh_for(wanted)
+        self.reconciler.poke()
+        for device, address in addresses.items():
+            outcomes[device] = refused.get(address) or failed.get(address)
+        return {device: outcomes[device] for device in devices}
 
     def _check_driver(self, address: str, driver: str) -> None:
         """A bind names a passthrough driver, the device's own host driver, or "" for it. Any other
@@ -272,7 +326,7 @@ class Engine:
         address = self.view.resolve(device)
         async with self.ops.lock:  # forgotten first: a state that cannot be saved changes nothing
             view = self.view
-            view.refresh()
+            view.refresh_for([address])
             present = view.present(address)
             if restore and not on_host_driver(present):
                 # What would refuse the restore refuses the whole call, before anything is forgotten.
@@ -283,7 +337,7 @@ class Engine:
             if address in self.holds:
                 await self._saved(self.holds.release_async(address))
             self.reconciler.forget_failures(address)
-            view.refresh()
+            view.refresh_for([address])
         if restore:
             await self.bind(address, "", persist=False)
 

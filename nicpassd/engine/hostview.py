@@ -67,6 +67,15 @@ class HostView:
         self.snapshot = self.inventory.update()
         return self.publish()
 
+    def refresh_for(self, addresses: Iterable[str]) -> InventoryDelta:
+        """``refresh`` for a change to ``addresses``: those functions, the routing the guard
+        builds the management path from, and whatever events named — not every PCI function
+        (on a real kernel each is a dozen sysfs reads, and under a hypervisor each read traps).
+        The uevents keep the rest current."""
+        self.inventory.mark(addresses)
+        self.inventory.mark_routing()
+        return self.refresh_changed()
+
     def note(self, event: UEvent) -> None:
         self.inventory.note(event)
 

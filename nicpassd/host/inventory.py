@@ -73,6 +73,11 @@ class Inventory:
     def mark_all(self) -> None:
         self._everything = True
 
+    def mark_routing(self) -> None:
+        """Routes, rules, addresses, tunnels and network storage re-read at the next ``update``:
+        a few netlink dumps and /proc reads, what the guard's management path is built from."""
+        self._network_changed = True
+
     @property
     def dirty(self) -> bool:
         return bool(self._everything or self._dirty_pci or self._dirty_net or self._network_changed)

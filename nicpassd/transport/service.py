@@ -132,6 +132,7 @@ def violation_to_dbus(violation) -> dict:
     }
 
 
+MAX_DEVICES = 4096  # one call's devices: more PCI functions than a host has
 MAX_DOMAIN_XML = 4 * 1024 * 1024  # libvirt's own limit for a domain XML is 10 MB; one with PCI devices is KBs
 
 
@@ -329,6 +330,33 @@ class ManagerInterface(ServiceInterface):
         group = _option(options, "group", bool, False)
         who = await self._authorize_force(force)
         await self.engine.bind(device, driver, persist=persist, force=force, group=group, caller=who)
+
+    @method()
+    @dbus_errors
+    @authorized(ACTION_MANAGE)
+    async def BindEach(self, devices: "as", driver: "s", options: "a{sv}") -> "a(sss)":
+        """``Bind`` of each device (``driver`` "" gives each back to its host driver, as Unbind
+        does), as one batch: one pass of kernel writes verified together, one state write. Each
+        device succeeds or fails on its own: returns (device, error name, message) per device in
+        order, the error name "" when it was bound. options: ``persist`` b (default true),
+        ``force`` b (as for Bind)."""
+        _known_options(options, ("persist", "force"))
+        persist = _option(options, "persist", bool, True)
+        force = _option(options, "force", bool, False)
+        if not devices or len(devices) > MAX_DEVICES:
+            raise InvalidArgument(f"{len(devices)} devices given; BindEach takes 1 to {MAX_DEVICES}")
+        who = await self._authorize_force(force)
+        outcomes = await self.engine.bind_each(list(devices), driver, persist=persist, force=force, caller=who)
+        answer = []
+        for device in devices:
+            error = outcomes[device]
+            if error is None:
+                answer.append([device, "", ""])
+                continue
+            text = str(error)
+            self.refusals.log(caller()[0], "BindEach", text)
+            answer.append([device, ERROR_PREFIX + error.name, text[:MAX_ERROR_TEXT]])
+        return answer
 
     @method()
     @dbus_errors

@@ -31,11 +31,12 @@ def report(results: dict) -> list[str]:
             continue
         lines.append(f"{work}:")
         lines += [_row(name, values) for name, values in samples.items()]
-        bare = samples.get("bare") or samples.get("/bin/true")
-        for name in ("daemon", "nicpassctl", "nicpassd start", "prepare begin"):
-            if name in samples and bare:
-                lines.append(f"  {name} / {'bare' if 'bare' in samples else '/bin/true'}: "
-                             f"{statistics.median(samples[name]) / statistics.median(bare):.2f}x")
+        base = next((name for name in ("bare", "/bin/true", "python -c pass") if name in samples), None)
+        for name in ("daemon", "nicpassctl", "nicpassd start", "prepare begin", "nicpassctl --version",
+                     "nicpassctl list"):
+            if name in samples and base:
+                lines.append(f"  {name} / {base}: "
+                             f"{statistics.median(samples[name]) / statistics.median(samples[base]):.2f}x")
         if "driverctl" in samples:
             lines.append(f"  nicpassctl / driverctl: "
                          f"{statistics.median(samples['nicpassctl']) / statistics.median(samples['driverctl']):.2f}x")

@@ -153,6 +153,8 @@ PLAUSIBLE = {
     "SetVfCount": st.tuples(GOOD_DEVICES, st.integers(0, 8), good_options("persist", "driver")),
     "Bind": st.tuples(GOOD_DEVICES, st.sampled_from(["vfio-pci", "", "pci-stub"]), good_options("persist", "group")),
     "Unbind": st.tuples(GOOD_DEVICES, good_options("persist")),
+    "BindEach": st.tuples(st.lists(GOOD_DEVICES, max_size=4), st.sampled_from(["vfio-pci", ""]),
+                          good_options("persist", "force")),
     "Forget": st.tuples(GOOD_DEVICES, good_options("restore")),
     "Prepare": st.tuples(st.sampled_from(["vm1", "vm2"]), st.sampled_from(UUIDS[:3]),
                          st.lists(GOOD_DEVICES, min_size=1, max_size=3), st.just({})),

@@ -227,3 +227,25 @@ async def test_a_burst_that_fills_the_socket_does_not_kill_the_connection(servic
     reply = await call(client, "GetProtected")
     assert reply.message_type == MessageType.METHOD_RETURN
     assert service.bus.connected and client.connected
+
+
+async def test_bind_each_answers_per_device_and_binds_in_one_batch(service, client, polkit):
+    reply = await call(client, "SetVfCount", "sua{sv}", ["0000:3b:00.0", 3, {"persist": Variant("b", False)}])
+    assert reply.message_type == MessageType.METHOD_RETURN, reply.body
+    vfs = sorted(a for a in service.kernel.devices() if a.startswith("0000:3b:02."))
+    reply = await call(client, "BindEach", "assa{sv}", [[*vfs, "0000:01:00.0", "bogus"], "vfio-pci", {}])
+    assert reply.message_type == MessageType.METHOD_RETURN, reply.body
+    answer = reply.body[0]
+    assert [(d, e.rsplit(".", 1)[-1] if e else "") for d, e, _m in answer] == [
+        *[(vf, "") for vf in vfs], ("0000:01:00.0", "Protected"), ("bogus", "InvalidArgument")]
+    assert "protected" in answer[3][2]
+    assert [driver_of(service, vf) for vf in vfs] == ["vfio-pci"] * 3
+    reply = await call(client, "BindEach", "assa{sv}", [vfs, "", {"persist": Variant("b", True)}])
+    assert [e for _d, e, _m in reply.body[0]] == ["", "", ""]
+    assert [driver_of(service, vf) for vf in vfs] == ["iavf"] * 3
+    reply = await call(client, "BindEach", "assa{sv}", [[], "vfio-pci", {}])
+    assert reply.error_name == "org.nicpass.NicPass1.Error.InvalidArgument"
+    polkit.set_allowed_uids([])
+    reply = await call(client, "BindEach", "assa{sv}", [vfs, "vfio-pci", {}])
+    assert reply.error_name == "org.freedesktop.DBus.Error.AccessDenied"
+    assert [driver_of(service, vf) for vf in vfs] == ["iavf"] * 3

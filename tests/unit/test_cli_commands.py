@@ -319,24 +319,54 @@ def test_vfs_access_denied(capsys):
         "administrator to grant org.nicpass.NicPass1.manage\n")
 
 
-def test_bind_each_device_and_first_failure_code(capsys):
+OUTCOMES = {"b": (NP + "Busy", "0000:3b:02.1 is leased to VM web; stop the VM first."),
+            "c": (NP + "Protected", "c is protected.")}
+EXPECTED_OUT = "a: bound to vfio-pci (persisted)\nd: bound to vfio-pci (persisted)\n"
+EXPECTED_ERR = ("nicpassctl: b: 0000:3b:02.1 is leased to VM web; stop the VM first.\n"
+                "nicpassctl: c is protected.\n")
+
+
+def test_bind_of_several_devices_is_one_batch_with_an_outcome_each(capsys):
     def responder(msg, bus):
-        dev = msg.body[0]
-        if dev == "b":
-            raise DaemonErr(NP + "Busy", "0000:3b:02.1 is leased to VM web; stop the VM first.")
-        if dev == "c":
-            raise DaemonErr(NP + "Protected", "c is protected.")
+        assert msg.member == "BindEach"
+        return "a(sss)", [[[d, *OUTCOMES.get(d, ("", ""))] for d in msg.body[0]]]
+
+    h = Harness(responder)
+    assert h.run("bind", "a", "b", "c", "d") == 4  # the first failure's code
+    (m,) = h.calls
+    assert (m.member, m.signature, m.body[:2]) == ("BindEach", "assa{sv}", [list("abcd"), "vfio-pci"])
+    assert unwrap_opts(m.body[2]) == {"persist": True}
+    assert m.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION
+    cap = capsys.readouterr()
+    assert (cap.out, cap.err) == (EXPECTED_OUT, EXPECTED_ERR)
+
+
+def test_bind_of_several_devices_falls_back_to_bind_each_with_an_older_daemon(capsys):
+    def responder(msg, bus):
+        if msg.member == "BindEach":
+            raise DaemonErr(FD + "UnknownMethod", "No such method 'BindEach'")
+        if msg.body[0] in OUTCOMES:
+            raise DaemonErr(*OUTCOMES[msg.body[0]])
         return "", []
 
     h = Harness(responder)
     assert h.run("bind", "a", "b", "c", "d") == 4
-    assert [(m.member, m.signature, m.body[:2]) for m in h.calls] == [
+    assert [(m.member, m.signature, m.body[:2]) for m in h.calls[1:]] == [
         ("Bind", "ssa{sv}", [d, "vfio-pci"]) for d in "abcd"]
-    assert all(unwrap_opts(m.body[2]) == {"persist": True} for m in h.calls)
+    assert all(unwrap_opts(m.body[2]) == {"persist": True} for m in h.calls[1:])
     cap = capsys.readouterr()
-    assert cap.out == "a: bound to vfio-pci (persisted)\nd: bound to vfio-pci (persisted)\n"
-    assert cap.err == ("nicpassctl: b: 0000:3b:02.1 is leased to VM web; stop the VM first.\n"
-                       "nicpassctl: c is protected.\n")
+    assert (cap.out, cap.err) == (EXPECTED_OUT, EXPECTED_ERR)
+
+
+def test_unbind_of_several_devices_is_bind_each_to_the_host_driver(capsys):
+    def responder(msg, bus):
+        return "a(sss)", [[[d, "", ""] for d in msg.body[0]]]
+
+    h = Harness(responder)
+    assert h.run("unbind", "a", "b", "--runtime") == 0
+    (m,) = h.calls
+    assert (m.member, m.body[:2], unwrap_opts(m.body[2])) == ("BindEach", [["a", "b"], ""], {"persist": False})
+    assert capsys.readouterr().out.count("given back to its host driver (runtime only") == 2
 
 
 def test_bind_json_results(capsys):

@@ -151,6 +151,35 @@ async def test_unbind_gives_back_the_host_driver_and_clears_the_override(sim):
     assert NIC not in json.loads(sim.state_json().read_text())["devices"]
 
 
+async def test_bind_each_does_the_kernel_work_in_one_pass_and_answers_per_device(sim):
+    """Issue 22: the writes a careful shell loop does, phase by phase (all overrides, then the
+    unbinds, then the probes), one state write; each device succeeds or fails on its own."""
+    await with_vfs(sim, 3)
+    vfs = sim.vfs(PF)
+    commits = sim.engine.store.generation
+    outcomes = await sim.engine.bind_each([*vfs, ENO1, "nonsense", vfs[0]], "vfio-pci")
+    assert [type(outcomes[d]).__name__ if outcomes[d] else None for d in [*vfs, ENO1, "nonsense"]] == [
+        None, None, None, "Protected", "InvalidArgument"]
+    writes = [(attr, data) for _parent, attr, data in sim.writer.writes]
+    assert [attr for attr, _ in writes] == ["driver_override"] * 3 + ["unbind"] * 3 + ["drivers_probe"] * 3
+    assert [sim.driver(vf) for vf in vfs] == ["vfio-pci"] * 3 and sim.driver(ENO1) == "igb"
+    assert sim.engine.store.generation == commits + 1  # one state write for the three
+    assert {d: sim.engine.store.get(d).driver for d in vfs} == dict.fromkeys(vfs, "vfio-pci")
+    sim.writer.clear()
+    outcomes = await sim.engine.bind_each(vfs, "")  # what `nicpassctl unbind` of several asks
+    assert outcomes == dict.fromkeys(vfs) and [sim.driver(vf) for vf in vfs] == ["iavf"] * 3
+    assert all(sim.engine.store.get(vf) is None for vf in vfs)
+
+
+async def test_bind_each_restores_the_batch_when_the_state_cannot_be_written(sim):
+    await with_vfs(sim, 2)
+    vfs = sim.vfs(PF)
+    await _unwritable(sim, sim.paths.state_dir)
+    outcomes = await sim.engine.bind_each(vfs, "vfio-pci")
+    assert {d: type(e).__name__ for d, e in outcomes.items()} == dict.fromkeys(vfs, "NotPersisted")
+    assert [(sim.driver(vf), sim.override(vf)) for vf in vfs] == [("iavf", "")] * 2
+
+
 async def test_bind_of_a_pf_with_vfs_to_vfio_is_refused(sim):
     await with_vfs(sim, 2)
     with pytest.raises(InvalidArgument, match="2 VFs"):
