@@ -21,12 +21,9 @@ DEVICE is a PCI address (0000:3b:00.0 or 3b:00.0) or a network interface name.""
 
 
 def client_version() -> str:
-    try:
-        from importlib.metadata import version
+    from . import __version__
 
-        return version("nicpassd")
-    except Exception:  # not installed as a distribution (e.g. run from a source tree)
-        return "unknown"
+    return __version__
 
 
 class _VersionAction(argparse.Action):

@@ -44,9 +44,10 @@ def test_usage_errors_exit_2(argv, capsys):
 
 
 def test_version_is_offline(capsys):
+    import nicpassd
+
     assert cli.main(["--version"], client_factory=_no_bus) == 0
-    out = capsys.readouterr().out
-    assert out.startswith("nicpassctl ")
+    assert capsys.readouterr().out == f"nicpassctl {nicpassd.__version__}\n"  # one version for both
 
 
 def test_help_exits_0(capsys):
@@ -117,7 +118,8 @@ def test_fast_paths_do_not_import_dbus():
 
     code = (
         "import sys; from nicpassctl import cli; rc = cli.main(['--version']);"
-        "bad = [m for m in sys.modules if m.split('.')[0] in ('dbus_fast', 'asyncio')];"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('dbus_fast', 'asyncio', 'nicpassd')"
+        " or m == 'importlib.metadata'];"
         "print(bad); sys.exit(1 if bad else 0)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
