@@ -106,7 +106,7 @@ async def serve(args, paths: HostPaths, config) -> int:
         log.error("%s", exc)
         return EXIT_CONFIG
     engine = Engine(host, config, store, LeaseTable(paths.runtime_dir))
-    engine.refresh()
+    # The first read of the kernel is _apply_desired_state's, once events are subscribed to.
 
     if kernel is not None:
         kernel.subscribe(on_loop(loop, engine.on_uevent))

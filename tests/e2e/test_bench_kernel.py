@@ -56,6 +56,8 @@ def test_bench_kernel(g, guest):
     (guest.run_dir / "bench-kernel.json").write_text(json.dumps(results, indent=1))
     for line in report(results):
         log(line)
+    for line in results.get("boot journal", [])[-25:]:
+        log(f"  | {line}")
     if profile:
         stats = g.run(["/usr/lib/nicpassd/venv/bin/python", "-c",
                        "import pstats; s = pstats.Stats('/tmp/nicpassd.prof'); s.sort_stats('cumulative')"

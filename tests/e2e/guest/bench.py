@@ -233,7 +233,7 @@ def bench_vfs(rounds: int, daemon: Daemon, target: str) -> dict[str, list[float]
     return samples
 
 
-def bench_boot_reconcile(rounds: int) -> dict[str, list[float]]:
+def bench_boot_reconcile(rounds: int) -> tuple[dict[str, list[float]], list[str]]:
     """Daemon start (systemctl start returns at READY=1) to all 7 persisted VFs bound, against the
     bare writes of the same end state."""
     samples: dict[str, list[float]] = {"bare": [], "nicpassd start": [], "nicpassd start to READY": []}
@@ -256,8 +256,11 @@ def bench_boot_reconcile(rounds: int) -> dict[str, list[float]]:
         samples["nicpassd start"].append(time.perf_counter() - start)
         samples["nicpassd start to READY"].append(ready)
         daemon_up()
+    # Where the last start's time went: the daemon's journal with monotonic stamps.
+    journal = run("journalctl", "-u", "nicpassd", "-o", "short-monotonic", "--no-pager", "-n", "40",
+                  check=False).stdout.splitlines()
     clean()
-    return samples
+    return samples, journal
 
 
 DOMAIN = ("<domain type='kvm'><name>{name}</name><uuid>{uuid}</uuid><memory>65536</memory><devices>{hostdevs}"
@@ -355,7 +358,8 @@ def main() -> int:
             run("systemctl", "start", "nicpassd")
             daemon_up()
         if not args.profile and (not only or "boot" in only):
-            results["boot reconcile of 7 persisted vfio-pci VFs"] = bench_boot_reconcile(args.rounds)
+            results["boot reconcile of 7 persisted vfio-pci VFs"], results["boot journal"] = \
+                bench_boot_reconcile(args.rounds)
         if not args.profile and (not only or "client" in only):
             results["client start-up"] = bench_client(args.rounds)
         if not args.profile and (not only or "hook" in only):
