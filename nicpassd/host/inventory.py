@@ -162,8 +162,10 @@ class Inventory:
             old = functions.get(address)
             if old is not None and old.physfn:
                 pending.add(old.physfn)  # its PF lost or changed a virtfnN link
-            known = old.serial if old is not None and address not in replugged else None
-            function = sysfs.read_function(self.paths, address, serial=known)
+            # While a function stays, its identity (ids, class, PF, group, serial) stays: only what
+            # can change is read again. A function that came or went is read in full.
+            known = old if old is not None and address not in replugged else None
+            function = sysfs.read_function(self.paths, address, known=known)
             fresh_functions[address] = function
             if function is None:  # gone
                 self._classes.pop(address, None)

@@ -6,6 +6,7 @@ with one (they decide whether the group is viable) and the PF of every VF.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import ipaddress
 import logging
@@ -73,38 +74,26 @@ def _devices_root(paths: HostPaths) -> str:
     return os.fspath(paths.pci_devices)
 
 
-def read_function(paths: HostPaths, address: str, *, serial: str | None = None) -> PciFunction | None:
-    """One function as the kernel shows it. ``serial``: its PCIe serial number when the caller
-    already knows it (it cannot change while the function stays): reading it means 4 KiB of
-    config space, a trap per read under a hypervisor, on every refresh."""
+def read_function(paths: HostPaths, address: str, *, serial: str | None = None,
+                  known: PciFunction | None = None) -> PciFunction | None:
+    """One function as the kernel shows it. ``known``: the same function as read before, while it
+    stayed (no remove/add since): what cannot change while a function exists (its ids, class,
+    PF, IOMMU group, PCIe serial) is taken from it instead of read again. On a real kernel every
+    sysfs read is a syscall, under a hypervisor config-space reads trap, and a refresh reads the
+    functions events named. ``serial``: its serial alone, when that is all the caller knows."""
+    if known is not None:
+        return _reread_function(paths, address, known)
     base = f"{_devices_root(paths)}/{address}"
     try:
         entries = os.listdir(base)
     except OSError:  # gone (or a dangling link while the kernel removes it)
         return None
     present = set(entries)
-    # The netdevs: <fn>/net/<name>, or for virtio-net <fn>/virtioN/net/<name> (the netdev hangs
-    # off the virtio device on the function, not off the function itself).
-    net_dirs = [f"{base}/net"] if "net" in present else []
-    net_dirs += [f"{base}/{entry}/net" for entry in sorted(entries) if entry.startswith("virtio")]
-    where: dict[str, str] = {}
-    for net_dir in net_dirs:
-        try:
-            names = os.listdir(net_dir)
-        except OSError:  # no netdev there (or gone meanwhile)
-            continue
-        for name in names:
-            where.setdefault(name, net_dir)
-    interfaces: tuple[str, ...] = tuple(sorted(where))
+    interfaces, permanent_mac = _netdevs(base, entries, present)
     virtfns = sorted((entry for entry in entries if entry.startswith("virtfn")),
                      key=lambda name: int(name.removeprefix("virtfn")))
     sriov_capable = "sriov_totalvfs" in present
     override = _read_str(f"{base}/driver_override")
-    permanent_mac = ""
-    for name in interfaces:
-        if _read_str(f"{where[name]}/{name}/addr_assign_type") == "0":
-            permanent_mac = _read_str(f"{where[name]}/{name}/address")
-            break
     group = _readlink_name(f"{base}/iommu_group") if "iommu_group" in present else ""
 
     def hex_id(attr: str) -> str:
@@ -126,10 +115,59 @@ def read_function(paths: HostPaths, address: str, *, serial: str | None = None) 
         total_vfs=_int_or(_read_str(f"{base}/sriov_totalvfs")) if sriov_capable else 0,
         num_vfs=_int_or(_read_str(f"{base}/sriov_numvfs")) if "sriov_numvfs" in present else 0,
         sriov_capable=sriov_capable,
-        autoprobe=_read_str(f"{base}/sriov_drivers_autoprobe", "1") != "0",
+        autoprobe=_read_str(f"{base}/sriov_drivers_autoprobe", "1") != "0" if sriov_capable else True,
         permanent_mac=permanent_mac,
         serial=serial if serial is not None else (read_serial(f"{base}/config") if "config" in present else ""),
     )
+
+
+def _reread_function(paths: HostPaths, address: str, known: PciFunction) -> PciFunction | None:
+    """``read_function`` of what can change: driver, override, netdevs, VFs, SR-IOV settings."""
+    base = f"{_devices_root(paths)}/{address}"
+    try:
+        entries = os.listdir(base)
+    except OSError:
+        return None
+    present = set(entries)
+    interfaces, permanent_mac = _netdevs(base, entries, present)
+    override = _read_str(f"{base}/driver_override")
+    sriov_capable = "sriov_totalvfs" in present
+    virtfns = sorted((entry for entry in entries if entry.startswith("virtfn")),
+                     key=lambda name: int(name.removeprefix("virtfn")))
+    return dataclasses.replace(
+        known,
+        driver=_readlink_name(f"{base}/driver") if "driver" in present else "",
+        driver_override="" if override == "(null)" else override,
+        interfaces=interfaces,
+        virtfns=tuple(_readlink_name(f"{base}/{name}") for name in virtfns),
+        # A PF driver may lower the VFs it supports when it binds (pci_sriov_set_totalvfs).
+        total_vfs=_int_or(_read_str(f"{base}/sriov_totalvfs")) if sriov_capable else 0,
+        num_vfs=_int_or(_read_str(f"{base}/sriov_numvfs")) if "sriov_numvfs" in present else 0,
+        sriov_capable=sriov_capable,
+        autoprobe=_read_str(f"{base}/sriov_drivers_autoprobe", "1") != "0" if sriov_capable else known.autoprobe,
+        permanent_mac=permanent_mac,
+    )
+
+
+def _netdevs(base: str, entries: list[str], present: set[str]) -> tuple[tuple[str, ...], str]:
+    """The function's netdevs — <fn>/net/<name>, or for virtio-net <fn>/virtioN/net/<name> (the
+    netdev hangs off the virtio device on the function) — and the permanent MAC of the first one
+    that has its own."""
+    net_dirs = [f"{base}/net"] if "net" in present else []
+    net_dirs += [f"{base}/{entry}/net" for entry in sorted(entries) if entry.startswith("virtio")]
+    where: dict[str, str] = {}
+    for net_dir in net_dirs:
+        try:
+            names = os.listdir(net_dir)
+        except OSError:  # no netdev there (or gone meanwhile)
+            continue
+        for name in names:
+            where.setdefault(name, net_dir)
+    interfaces = tuple(sorted(where))
+    for name in interfaces:
+        if _read_str(f"{where[name]}/{name}/addr_assign_type") == "0":
+            return interfaces, _read_str(f"{where[name]}/{name}/address")
+    return interfaces, ""
 
 
 def _pci_ancestor(device: Path) -> str:

@@ -129,3 +129,22 @@ def test_an_unknown_kind_of_event_means_a_full_read(ksim):
     assert inventory.dirty
     ksim.kernel.write(ksim.dir("0000:3b:00.0") / "sriov_numvfs", "2")  # its events were not noted
     assert inventory.update() == sysfs.read_snapshot(ksim.paths)
+
+
+def test_identity_is_read_once_while_the_function_stays(ksim):
+    """Issue 22: what cannot change while a function exists (ids, class, PF, IOMMU group, serial)
+    is not read again at every event for it; a function that came or went is read in full."""
+    from nicpassd.host.events import UEvent
+
+    nic = "0000:af:00.0"
+    inventory = Inventory(ksim.paths)
+    inventory.full()
+    # Behind the inventory's back (no kernel does this: it is how the test sees what is read).
+    (ksim.dir(nic) / "subsystem_device").write_text("0xbeef\n")
+    ksim.kernel.write(ksim.dir(nic) / "driver_override", "pci-stub\n")
+    inventory.mark([nic])
+    function = inventory.update().functions[nic]
+    assert (function.subsystem_device_id, function.driver_override) == ("a01f", "pci-stub")  # ids kept
+    inventory.note(UEvent("remove", "pci", nic))
+    inventory.note(UEvent("add", "pci", nic))
+    assert inventory.update().functions[nic].subsystem_device_id == "beef"  # a new device: read in full
