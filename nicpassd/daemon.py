@@ -12,8 +12,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-from dbus_fast.errors import AuthError
-
 from nicpassd import __version__
 from nicpassd.engine.config import ConfigError, load_config
 from nicpassd.engine.engine import Engine
@@ -82,8 +80,6 @@ async def run(args: argparse.Namespace) -> int:
 
 
 async def serve(args, paths: HostPaths, config) -> int:
-    from nicpassd.transport.service import ServiceError, start_service
-
     loop = asyncio.get_running_loop()
     notifier = Notifier()
     kernel = None
@@ -134,6 +130,12 @@ async def serve(args, paths: HostPaths, config) -> int:
 
     await _apply_desired_state(engine)  # before owning the name: VMs started after us find their NICs
     engine.leasing.start()  # leases survive a restart: re-arm expiry timer and QEMU pidfds (after recovery)
+
+    # The D-Bus layer is imported only now: at boot the persisted state is applied first (its
+    # imports cost seconds under a hypervisor without a fast CPU, and nothing before needs them).
+    from dbus_fast.errors import AuthError
+
+    from nicpassd.transport.service import ServiceError, start_service
 
     try:
         bus = await start_service(engine, args.bus_address)

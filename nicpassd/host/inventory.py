@@ -52,6 +52,8 @@ class Inventory:
     # ------------------------------------------------------------------ what changed
     def note(self, event: UEvent) -> None:
         if event.subsystem == "pci" and event.sys_name:
+            if self._confirms(event):
+                return
             self._dirty_pci.add(event.sys_name)
             if event.action in ("add", "remove"):
                 self._devices_changed = True
@@ -65,6 +67,18 @@ class Inventory:
                 self._dirty_net.add(event.sys_name)
         else:
             self._everything = True
+
+    def _confirms(self, event: UEvent) -> bool:
+        """A bind or unbind that the snapshot already shows (read after it: the change that caused
+        it was nicpassd's own, read back under its lock). Re-reading the function would read what
+        is known, and on a real kernel each read of it may wait for the device's lock while its
+        driver probes. Anything else (an unknown function, another driver) is read again."""
+        if event.action not in ("bind", "unbind") or self._everything or event.sys_name in self._dirty_pci:
+            return False
+        function = self.snapshot.functions.get(event.sys_name)
+        if function is None:
+            return False
+        return function.driver == (event.driver if event.action == "bind" else "")
 
     def mark(self, addresses: Iterable[str]) -> None:
         """Functions changed without a uevent (a driver_override or autoprobe write)."""

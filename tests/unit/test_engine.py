@@ -543,3 +543,33 @@ async def test_a_runtime_change_that_cannot_be_held_is_undone(sim):
     with pytest.raises(NotPersisted):
         await sim.engine.bind(NIC, "vfio-pci", persist=False)
     assert (sim.driver(NIC), sim.override(NIC)) == ("e1000e", "")
+
+
+async def test_a_slow_event_refresh_spaces_the_next_one_of_the_burst(sim):
+    """Issue 22: on a real kernel an event-driven refresh can take 100 ms+; a burst of events then
+    is read in passes spaced by what the last one took, not once per event. Nothing is lost: the
+    last pass reads the final state."""
+    import time as clock
+
+    from nicpassd.host.events import UEvent
+
+    loop = asyncio.get_running_loop()
+    passes: list[float] = []
+    real = sim.engine.view.refresh_changed
+
+    def slow_refresh():
+        clock.sleep(0.03)  # a refresh that costs what it does on a slow kernel
+        passes.append(loop.time())
+        return real()
+
+    sim.engine.view.refresh_changed = slow_refresh
+    sim.engine.on_uevent(UEvent("bind", "pci", NIC, "vfio-pci"))  # the first: at once
+    await settle()
+    assert len(passes) == 1
+    sim.kernel.write(sim.dir(NIC) / "driver_override", "pci-stub\n")
+    sim.engine.on_uevent(UEvent("unbind", "pci", NIC, "e1000e"))  # the same burst: waits ~30 ms
+    await settle()
+    assert len(passes) == 1
+    await asyncio.sleep(0.1)
+    assert len(passes) == 2 and passes[1] - passes[0] >= 0.03
+    assert sim.engine.snapshot.functions[NIC].driver_override == "pci-stub"

@@ -148,3 +148,22 @@ def test_identity_is_read_once_while_the_function_stays(ksim):
     inventory.note(UEvent("remove", "pci", nic))
     inventory.note(UEvent("add", "pci", nic))
     assert inventory.update().functions[nic].subsystem_device_id == "beef"  # a new device: read in full
+
+
+def test_an_event_the_snapshot_already_shows_reads_nothing(ksim):
+    """A bind or unbind nicpassd read back itself (its own change, under its lock) is not read
+    again when udev announces it; any other driver, or an unknown function, is."""
+    from nicpassd.host.events import UEvent
+
+    inventory = Inventory(ksim.paths)
+    inventory.full()
+    inventory.note(UEvent("bind", "pci", "0000:af:00.0", "e1000e"))  # what the snapshot shows
+    assert not inventory.dirty
+    inventory.note(UEvent("bind", "pci", "0000:af:00.0", "vfio-pci"))  # not what it shows
+    assert inventory.dirty
+    inventory.update()
+    inventory.note(UEvent("unbind", "pci", "0000:af:00.0", "e1000e"))  # it shows a driver
+    assert inventory.dirty
+    inventory.update()
+    inventory.note(UEvent("bind", "pci", "0000:99:00.0", "igb"))  # unknown
+    assert inventory.dirty
