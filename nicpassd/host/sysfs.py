@@ -113,7 +113,10 @@ def read_function(paths: HostPaths, address: str, *, serial: str | None = None,
         physfn=_readlink_name(f"{base}/physfn") if "physfn" in present else "",
         virtfns=tuple(_readlink_name(f"{base}/{name}") for name in virtfns),
         total_vfs=_int_or(_read_str(f"{base}/sriov_totalvfs")) if sriov_capable else 0,
-        num_vfs=_int_or(_read_str(f"{base}/sriov_numvfs")) if "sriov_numvfs" in present else 0,
+        # Its virtfnN links, not sriov_numvfs: reading that takes the PF's device lock, which a VF
+        # change holds while it creates and probes every VF (a second under a hypervisor). At rest
+        # the two agree; while VFs come or go, the links are what is there.
+        num_vfs=len(virtfns),
         sriov_capable=sriov_capable,
         autoprobe=_read_str(f"{base}/sriov_drivers_autoprobe", "1") != "0" if sriov_capable else True,
         permanent_mac=permanent_mac,
@@ -142,7 +145,10 @@ def _reread_function(paths: HostPaths, address: str, known: PciFunction) -> PciF
         virtfns=tuple(_readlink_name(f"{base}/{name}") for name in virtfns),
         # A PF driver may lower the VFs it supports when it binds (pci_sriov_set_totalvfs).
         total_vfs=_int_or(_read_str(f"{base}/sriov_totalvfs")) if sriov_capable else 0,
-        num_vfs=_int_or(_read_str(f"{base}/sriov_numvfs")) if "sriov_numvfs" in present else 0,
+        # Its virtfnN links, not sriov_numvfs: reading that takes the PF's device lock, which a VF
+        # change holds while it creates and probes every VF (a second under a hypervisor). At rest
+        # the two agree; while VFs come or go, the links are what is there.
+        num_vfs=len(virtfns),
         sriov_capable=sriov_capable,
         autoprobe=_read_str(f"{base}/sriov_drivers_autoprobe", "1") != "0" if sriov_capable else known.autoprobe,
         permanent_mac=permanent_mac,

@@ -32,7 +32,7 @@ def report(results: dict) -> list[str]:
         lines.append(f"{work}:")
         lines += [_row(name, values) for name, values in samples.items()]
         base = next((name for name in ("bare", "/bin/true", "python -c pass") if name in samples), None)
-        for name in ("daemon", "nicpassctl", "nicpassd start", "prepare begin", "nicpassctl --version",
+        for name in ("daemon", "nicpassctl", "nicpassd start to all bound", "prepare begin", "nicpassctl --version",
                      "nicpassctl list"):
             if name in samples and base:
                 lines.append(f"  {name} / {base}: "
