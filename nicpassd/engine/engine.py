@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 # half its time re-reading on events, and a burst (7 VFs binding: a dozen events) is read in a
 # few passes, not one per event. The first event after a quiet spell is read at once.
 FREE_REFRESH = 0.010
+# How stale an answer to a read about protection may be (what changes without an event: TCP
+# sessions). Mutations always read what they decide on.
+CATCH_UP_WINDOW = 0.1
 
 
 
@@ -70,6 +73,7 @@ class Engine:
         self.leasing = LeaseKeeper(self.view, self.ops, lambda: self.config)
         self.sentinel = Sentinel(self.view, self.ops, lambda: self.config, self.leasing.announce)
         self._next_event_refresh = 0.0  # loop time before which an event-driven refresh waits
+        self._caught_up = float("-inf")  # loop time of the last catch_up refresh
 
     # ------------------------------------------------------------ state
     @property
@@ -166,9 +170,15 @@ class Engine:
     def catch_up(self) -> None:
         """Before answering a question about protection (guard, explain, check): take in what
         changed without an event of its own (a new TCP session), unless a change is being
-        applied (then what is known is what that change decided on)."""
-        if not self.ops.lock.locked():
+        applied (then what is known is what that change decided on). Once per CATCH_UP_WINDOW
+        unless events are pending: a flood of questions must not become a flood of refreshes
+        (each is a sock_diag dump and the guard recomputed) that the writers queue behind."""
+        if self.ops.lock.locked():
+            return
+        now = asyncio.get_running_loop().time()
+        if self.view.dirty or now - self._caught_up >= CATCH_UP_WINDOW:
             self.view.refresh_changed()
+            self._caught_up = now
 
     # -------------------------------------------------------------------- API
     async def reconcile(self) -> list[StepOutcome]:

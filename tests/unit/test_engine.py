@@ -573,3 +573,20 @@ async def test_a_slow_event_refresh_spaces_the_next_one_of_the_burst(sim):
     await asyncio.sleep(0.1)
     assert len(passes) == 2 and passes[1] - passes[0] >= 0.03
     assert sim.engine.snapshot.functions[NIC].driver_override == "pci-stub"
+
+
+async def test_questions_about_protection_refresh_once_per_window_unless_events_wait(sim):
+    """Issue 19: under 50 readers, every Explain re-read the TCP sessions and recomputed the guard,
+    and writers queued behind that. A burst of questions now refreshes once per window; a noted
+    event is read at the next question whatever the window."""
+    from nicpassd.host.events import UEvent
+
+    refreshes = []
+    real = sim.engine.view.refresh_changed
+    sim.engine.view.refresh_changed = lambda: refreshes.append(1) or real()
+    for _ in range(20):
+        sim.engine.catch_up()
+    assert len(refreshes) == 1
+    sim.engine.view.note(UEvent("change", "net", "eno1"))
+    sim.engine.catch_up()
+    assert len(refreshes) == 2
