@@ -247,7 +247,7 @@ def bind_sequence(k, env: Env, obs: dict) -> None:
     obs["driver after override (no auto unbind)"] = driver_of(k, nic)
     obs["probe while bound"] = outcome(k, "bus/pci/drivers_probe", nic)
     obs["driver after probe while bound"] = driver_of(k, nic)
-    obs["bind to vfio-pci while bound"] = outcome(k, f"bus/pci/drivers/vfio-pci/bind", nic)
+    obs["bind to vfio-pci while bound"] = outcome(k, "bus/pci/drivers/vfio-pci/bind", nic)
     obs["unbind from host driver"] = outcome(k, f"bus/pci/drivers/{host}/unbind", nic)
     obs["driver after unbind"] = driver_of(k, nic)
     obs["netdev after unbind"] = k.exists(dev(nic, "net")) and bool(k.listdir(dev(nic, "net")))

@@ -12,11 +12,11 @@ from .conftest import E1000E, MGMT, SESSION_NOTES
 
 pytestmark = pytest.mark.e2e
 
-TAKE = f"""
+TAKE = """
 modprobe vfio-pci
-echo vfio-pci > /sys/bus/pci/devices/{{dev}}/driver_override
-echo {{dev}} > /sys/bus/pci/devices/{{dev}}/driver/unbind
-echo {{dev}} > /sys/bus/pci/drivers_probe || true
+echo vfio-pci > /sys/bus/pci/devices/{dev}/driver_override
+echo {dev} > /sys/bus/pci/devices/{dev}/driver/unbind
+echo {dev} > /sys/bus/pci/drivers_probe || true
 """
 CONFIG = "/etc/nicpassd/nicpassd.toml"
 

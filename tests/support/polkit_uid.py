@@ -12,8 +12,6 @@ Run with Debian's dbusmock (its dbus-python binding):
     /usr/bin/python3 -m dbusmock --system -t tests/support/polkit_uid.py -p '{"allowed_uids": [0]}'
 """
 
-import os
-
 import dbus
 import dbus.service
 

@@ -16,15 +16,13 @@ its grammar), a directory in the file's place.
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 
 import pytest
 
 from nicpassd.engine.config import ConfigError, load_config
 from nicpassd.engine.engine import Engine
-from nicpassd.engine.journal import DeviceBefore, Journal
+from nicpassd.engine.journal import DeviceBefore
 from nicpassd.engine.leases import UNKNOWN_VM, LeaseTable
 from nicpassd.engine.store import StateStore, StateStoreError
 from nicpassd.host.kernelio import PCI_ADDRESS
