@@ -73,6 +73,7 @@ class Engine:
         self.leasing = LeaseKeeper(self.view, self.ops, lambda: self.config)
         self.sentinel = Sentinel(self.view, self.ops, lambda: self.config, self.leasing.announce)
         self._next_event_refresh = 0.0  # loop time before which an event-driven refresh waits
+        self._spaced: asyncio.TimerHandle | None = None  # that refresh, when it waits
         self._caught_up = float("-inf")  # loop time of the last catch_up refresh
 
     # ------------------------------------------------------------ state
@@ -140,17 +141,29 @@ class Engine:
         what the events name), then one reconcile run if any event was relevant to it."""
         self.view.note(event)
         self.reconciler.note(event)
+        loop = asyncio.get_running_loop()
+        if self._urgent(event) and self._spaced is not None:
+            # A protected or leased function changed driver: the sentinel must see it now, not
+            # after the spacing of a burst (a heal's latency is the management network's outage).
+            self._spaced.cancel()
+            self._spaced = None
+            loop.call_soon(self._after_events)
+            return
         if self.view.refresh_pending:
             return
         self.view.refresh_pending = True
-        loop = asyncio.get_running_loop()
         wait = self._next_event_refresh - loop.time()
-        if wait > 0:
-            loop.call_later(wait, self._after_events)
+        if wait > 0 and not self._urgent(event):
+            self._spaced = loop.call_later(wait, self._after_events)
         else:
             loop.call_soon(self._after_events)
 
+    def _urgent(self, event: UEvent) -> bool:
+        return event.subsystem == "pci" and (event.sys_name in self.view.protected.entries
+                                             or event.sys_name in self.view.leases.holder())
+
     def _after_events(self) -> None:
+        self._spaced = None
         if self.reconciler.auto and self.ops.lock.locked():
             # A change is being applied: its own events would cost a refresh per trickle of them.
             # The reconcile run queued behind it takes them all in at once, under the lock.

@@ -573,6 +573,13 @@ async def test_a_slow_event_refresh_spaces_the_next_one_of_the_burst(sim):
     await asyncio.sleep(0.1)
     assert len(passes) == 2 and passes[1] - passes[0] >= 0.03
     assert sim.engine.snapshot.functions[NIC].driver_override == "pci-stub"
+    # A protected function's event is read at once, whatever the spacing: the sentinel heals on it.
+    sim.engine.on_uevent(UEvent("bind", "pci", NIC, "vfio-pci"))  # spaced again
+    sim.engine.on_uevent(UEvent("unbind", "pci", ENO1, "igb"))
+    await settle()
+    assert len(passes) == 3
+    await asyncio.sleep(0.1)
+    assert len(passes) == 3  # the spaced one was folded into it
 
 
 async def test_questions_about_protection_refresh_once_per_window_unless_events_wait(sim):
