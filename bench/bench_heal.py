@@ -37,8 +37,6 @@ sys.path.insert(0, str(REPO))
 
 from nicpassd.engine.config import Config, DaemonSettings  # noqa: E402
 from nicpassd.engine.engine import Engine  # noqa: E402
-from nicpassd.engine.leases import LeaseTable  # noqa: E402
-from nicpassd.engine.store import StateStore  # noqa: E402
 from nicpassd.host.events import on_loop  # noqa: E402
 from nicpassd.host.host import Host  # noqa: E402
 from nicpassd.paths import HostPaths  # noqa: E402
@@ -77,8 +75,7 @@ async def run(rounds: int) -> dict:
         paths = HostPaths(root / "daemon")
         kernel = SimKernel(paths, load_topology())
         config = Config(daemon=DaemonSettings(write_timeout=10.0, bind_verify_timeout=2.0))
-        engine = Engine(Host(paths, kernel, write_timeout=10.0), config, StateStore(paths.state_dir),
-                        LeaseTable(paths.runtime_dir))
+        engine = Engine.open(Host(paths, kernel, write_timeout=10.0), config)
         kernel.subscribe(on_loop(asyncio.get_running_loop(), engine.on_uevent))
         engine.refresh()
         engine.sentinel.start_healing()

@@ -42,8 +42,6 @@ sys.path.insert(0, str(REPO / "tests"))
 from nicpassd.host.early_binding import udev_rule  # noqa: E402
 from nicpassd.engine.config import Config, DaemonSettings  # noqa: E402
 from nicpassd.engine.engine import Engine  # noqa: E402
-from nicpassd.engine.leases import LeaseTable  # noqa: E402
-from nicpassd.engine.store import StateStore  # noqa: E402
 from nicpassd.host.events import on_loop  # noqa: E402
 from nicpassd.host.host import Host  # noqa: E402
 from nicpassd.paths import HostPaths  # noqa: E402
@@ -101,8 +99,7 @@ async def run(args) -> dict:
         kernel = SimKernel(paths, load_topology(), rules=() if args.no_udev_rule else (udev_rule,))
         timed = TimedKernel(kernel)
         config = Config(daemon=DaemonSettings(write_timeout=10.0, bind_verify_timeout=2.0))
-        engine = Engine(Host(paths, timed, write_timeout=10.0), config, StateStore(paths.state_dir),
-                        LeaseTable(paths.runtime_dir))
+        engine = Engine.open(Host(paths, timed, write_timeout=10.0), config)
         loop = asyncio.get_running_loop()
         marks: dict[str, float] = {}
         verified = asyncio.Event()

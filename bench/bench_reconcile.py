@@ -42,7 +42,6 @@ from pathlib import Path
 from nicpassd.host.early_binding import udev_rule
 from nicpassd.engine.config import Config, DaemonSettings
 from nicpassd.engine.engine import Engine
-from nicpassd.engine.leases import LeaseTable
 from nicpassd.engine.recovery import recover
 from nicpassd.engine.store import DeviceDesire, Identity, StateStore
 from nicpassd.host.events import on_loop
@@ -143,8 +142,7 @@ async def daemon(args) -> dict[str, float]:
         persist(paths, args.pfs, args.vfs)
         kernel = SimKernel(paths, topology(args.pfs, args.vfs), rules=(udev_rule,) if args.udev_rule else ())
         config = Config(daemon=DaemonSettings(write_timeout=30.0, bind_verify_timeout=3.0))
-        engine = Engine(Host(paths, kernel, write_timeout=30.0), config, StateStore(paths.state_dir),
-                        LeaseTable(paths.runtime_dir))
+        engine = Engine.open(Host(paths, kernel, write_timeout=30.0), config)
         kernel.subscribe(on_loop(asyncio.get_running_loop(), engine.on_uevent))
         started = time.perf_counter()
         # What nicpassd.daemon._apply_desired_state does at start:

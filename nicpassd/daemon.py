@@ -15,8 +15,7 @@ from pathlib import Path
 from nicpassd import __version__
 from nicpassd.engine.config import ConfigError, load_config
 from nicpassd.engine.engine import Engine
-from nicpassd.engine.leases import LeaseTable
-from nicpassd.engine.store import StateStore, StateStoreError
+from nicpassd.engine.store import StateStoreError
 from nicpassd.host.events import on_loop
 from nicpassd.host.host import Host
 from nicpassd.host.writer import SysfsWriter
@@ -104,11 +103,10 @@ async def serve(args, paths: HostPaths, config) -> int:
         writer = SysfsWriter()
     host = Host(paths, writer, write_timeout=config.daemon.write_timeout)
     try:
-        store = StateStore(paths.state_dir)
+        engine = Engine.open(host, config)
     except StateStoreError as exc:
         log.error("%s", exc)
         return EXIT_CONFIG
-    engine = Engine(host, config, store, LeaseTable(paths.runtime_dir))
     # The first read of the kernel is _apply_desired_state's, once events are subscribed to.
 
     if kernel is not None:

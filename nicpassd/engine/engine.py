@@ -90,6 +90,12 @@ class Engine:
     def leases(self) -> LeaseTable:
         return self.view.leases
 
+    @classmethod
+    def open(cls, host: Host, config: Config) -> "Engine":
+        """An engine over the host's own files: the desired state (StateStoreError when it cannot
+        be read) and the lease table, where the host's paths put them."""
+        return cls(host, config, StateStore(host.paths.state_dir), LeaseTable(host.paths.runtime_dir))
+
     @property
     def config(self) -> Config:
         return self.view.config

@@ -14,8 +14,6 @@ import pytest
 
 from nicpassd.engine.config import Config, DaemonSettings
 from nicpassd.engine.engine import Engine
-from nicpassd.engine.leases import LeaseTable
-from nicpassd.engine.store import StateStore
 from nicpassd.host.events import on_loop
 from nicpassd.host.host import Host
 from nicpassd.paths import HostPaths
@@ -39,8 +37,7 @@ async def service(private_bus, polkit, tmp_path):
     paths = HostPaths(tmp_path)
     kernel = SimKernel(paths, load_topology())
     config = Config(daemon=DaemonSettings(write_timeout=2.0, bind_verify_timeout=0.5))
-    engine = Engine(Host(paths, kernel, write_timeout=2.0), config, StateStore(paths.state_dir),
-                    LeaseTable(paths.runtime_dir))
+    engine = Engine.open(Host(paths, kernel, write_timeout=2.0), config)
     kernel.subscribe(on_loop(asyncio.get_running_loop(), engine.on_uevent))
     engine.refresh()
     bus = await start_service(engine, private_bus.address)

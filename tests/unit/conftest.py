@@ -22,8 +22,6 @@ import pytest
 
 from nicpassd.engine.config import Config, DaemonSettings, GuardSettings, ReleaseSettings
 from nicpassd.engine.engine import Engine
-from nicpassd.engine.leases import LeaseTable
-from nicpassd.engine.store import StateStore
 from nicpassd.host import sysfs
 from nicpassd.host.events import UEvent, on_loop
 from nicpassd.host.host import Host
@@ -118,6 +116,15 @@ class Sim:
     def event_tuples(self) -> list[tuple[str, str, str]]:
         return [(event.action, event.subsystem, event.sys_name) for event in self.events]
 
+    def restart(self) -> Engine:
+        """A new daemon over the same kernel, /var/lib/nicpassd and /run/nicpassd (a daemon
+        restart, not a reboot): its files are read again."""
+        self.engine.leasing.close()
+        engine = Engine.open(self.engine.host, self.config)
+        engine.refresh()
+        self.engine = engine
+        return engine
+
 
 def fast_config(**guard: object) -> Config:
     return Config(guard=GuardSettings(**guard),
@@ -138,7 +145,7 @@ def attach_engine(sim: Sim, *, config: Config | None = None, write_timeout: floa
     """Put an Engine on ``sim``, fed by its uevents; must run inside the event loop of the test."""
     sim.config = config if config is not None else fast_config()
     host = Host(sim.paths, sim.writer, write_timeout=write_timeout)
-    sim.engine = Engine(host, sim.config, StateStore(sim.paths.state_dir), LeaseTable(sim.paths.runtime_dir))
+    sim.engine = Engine.open(host, sim.config)
     sim.kernel.subscribe(on_loop(asyncio.get_running_loop(), sim.engine.on_uevent))
     sim.engine.refresh()
     sim.writer.clear()

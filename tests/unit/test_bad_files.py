@@ -21,9 +21,8 @@ import logging
 import pytest
 
 from nicpassd.engine.config import ConfigError, load_config
-from nicpassd.engine.engine import Engine
 from nicpassd.engine.journal import DeviceBefore
-from nicpassd.engine.leases import UNKNOWN_VM, LeaseTable
+from nicpassd.engine.leases import UNKNOWN_VM
 from nicpassd.engine.store import StateStore, StateStoreError
 from nicpassd.host.kernelio import PCI_ADDRESS
 
@@ -84,15 +83,6 @@ async def every_file_written(sim) -> None:
     sim.writer.clear()
 
 
-def restart(sim) -> Engine:
-    """A new daemon over the same kernel, /var/lib/nicpassd and /run/nicpassd."""
-    sim.engine.leasing.close()
-    engine = Engine(sim.engine.host, sim.config, StateStore(sim.paths.state_dir), LeaseTable(sim.paths.runtime_dir))
-    engine.refresh()
-    sim.engine = engine
-    return engine
-
-
 def kept_aside(directory, name: str, bad: bytes | None) -> None:
     kept = [p for p in directory.iterdir() if p.name.startswith(f"{name}.broken-")]
     assert len(kept) == 1, (name, sorted(p.name for p in directory.iterdir()))
@@ -139,7 +129,7 @@ async def test_a_bad_guard_memory_is_kept_aside_and_the_live_path_still_protecte
     path = sim.paths.state_dir / "guard.json"
     bad = damage(path, how)
     with caplog.at_level(logging.CRITICAL):
-        engine = restart(sim)
+        engine = sim.restart()
     kept_aside(sim.paths.state_dir, "guard.json", bad)
     assert any("guard.json" in r.getMessage() and r.levelno == logging.CRITICAL for r in caplog.records)
     # What the kernel shows still protects, and is remembered anew.
@@ -158,7 +148,7 @@ async def test_a_bad_runtime_record_is_kept_aside_and_what_it_names_left_alone(s
     bad = damage(path, how)
     before = {address: (sim.driver(address), sim.override(address)) for address in [PF, *VFS]}
     with caplog.at_level(logging.CRITICAL):
-        engine = restart(sim)
+        engine = sim.restart()
     kept_aside(sim.paths.runtime_dir, name, bad)
     assert any(name in r.getMessage() and r.levelno == logging.CRITICAL for r in caplog.records), caplog.text
     suspects = named(bad)

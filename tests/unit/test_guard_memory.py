@@ -9,10 +9,7 @@ import json
 
 import pytest
 
-from nicpassd.engine.engine import Engine
 from nicpassd.engine.guard_memory import GuardMemory, Remembered
-from nicpassd.engine.leases import LeaseTable
-from nicpassd.engine.store import StateStore
 from nicpassd.errors import InvalidArgument, NotFound, Protected
 from nicpassd.host.model import HostSnapshot, PciFunction
 from nicpassd.sim.topology import Route
@@ -80,8 +77,7 @@ async def test_memory_survives_a_restart_and_a_capture_before_start_is_known(sim
     # nicpassd is down; at the next boot vfio-pci.ids= captures eno1 before nicpassd starts
     sim.engine.leasing.close()
     take_by_hand(sim, ENO1, override="vfio-pci")
-    engine = Engine(sim.engine.host, sim.config, StateStore(sim.paths.state_dir), LeaseTable(sim.paths.runtime_dir))
-    engine.refresh()
+    engine = sim.restart()
     assert ENO1 in engine.protected
     assert any("it is on vfio-pci" in r for r in engine.protected.reasons(ENO1))
     assert [f.level for f in engine.check() if f.id == f"guard-taken-{ENO1}"] == ["fail"]

@@ -17,11 +17,9 @@ import time
 import pytest
 
 from nicpassd.engine.config import ReleaseSettings
-from nicpassd.engine.engine import Engine
 from nicpassd.engine.leases import Lease, LeaseTable
 from nicpassd.engine.lease_watch import STATE_EXPIRED, STATE_VM_GONE
 from nicpassd.host.procfs import process_start_time
-from nicpassd.engine.store import StateStore
 from nicpassd.errors import Busy, InvalidArgument, KernelError, NotFound, Protected
 
 PF, PF2, MLX = "0000:3b:00.0", "0000:3b:00.1", "0000:5e:00.0"
@@ -59,15 +57,6 @@ async def sim(make_sim):
     sim = make_sim(write_timeout=WRITE_TIMEOUT)
     yield sim
     sim.engine.leasing.close()
-
-
-def restart(sim) -> Engine:
-    """A new daemon over the same kernel and /run/nicpassd (leases reloaded from the file)."""
-    sim.engine.leasing.close()
-    engine = Engine(sim.engine.host, sim.config, StateStore(sim.paths.state_dir), LeaseTable(sim.paths.runtime_dir))
-    engine.refresh()
-    sim.engine = engine
-    return engine
 
 
 # ------------------------------------------------------------------------ the lease table
@@ -377,7 +366,7 @@ async def test_leases_survive_a_daemon_restart_and_timers_and_pidfds_are_rearmed
     dying.kill()
     dying.wait()  # the VM died while nicpassd was down
 
-    engine = restart(sim)
+    engine = sim.restart()
     events = lease_events(sim)
     assert engine.views[VFS[1]].leased_to == VM_B  # as loaded
     engine.leasing.start()
@@ -398,7 +387,7 @@ async def test_a_reused_pid_is_not_mistaken_for_the_vm(sim, qemu):
     lease = sim.engine.leases.of_vm(VM_A)[0]
     lease.pid_start -= 1  # as if the PID now belonged to a younger process
     sim.engine.leases.update(lease)
-    engine = restart(sim)
+    engine = sim.restart()
     engine.leasing.start()
     await until(lambda: not engine.leases.leases)
 
@@ -408,7 +397,7 @@ async def test_a_reservation_that_expired_while_the_daemon_was_down_is_reclaimed
     await sim.engine.prepare("web", VM_A, [VFS[0]], reservation=0.05)
     sim.engine.leasing.close()
     await asyncio.sleep(0.1)
-    engine = restart(sim)
+    engine = sim.restart()
     events = lease_events(sim)
     engine.leasing.start()
     await until(lambda: events == [(VM_A, STATE_EXPIRED)])
@@ -451,7 +440,7 @@ async def test_a_crash_during_prepare_is_undone_or_finished_at_the_next_start(si
     assert [entry.kind for entry in sim.engine.journal.pending()] == ["prepare"]
     assert [sim.driver(vf) for vf in VFS[:2]] == ["vfio-pci"] * 2
 
-    engine = restart(sim)
+    engine = sim.restart()
     await recover(engine.view, engine.ops)
     assert engine.journal.pending() == []
     if lease_written:  # finished: the VM keeps its devices
@@ -479,13 +468,13 @@ async def test_an_unreadable_lease_file_fails_closed(sim, damage):
                "bad state": text.replace('"reserved"', '"borrowed"'),
                "bad device": text.replace(VFS[0], VFS[0] + "/../x")}[damage]
     path.write_text(damaged)
-    engine = restart(sim)
+    engine = sim.restart()
     broken = [p for p in sim.paths.runtime_dir.iterdir() if p.name.startswith("leases.json.broken-")]
     assert len(broken) == 1 and broken[0].read_text() == damaged  # kept, never overwritten
     assert engine.leases.holder() == {VFS[0]: UNKNOWN_VM}
     with pytest.raises(Busy, match=f"leased to VM {UNKNOWN_VM}"):
         await engine.prepare("vm2", VM_B, [VFS[0]])
-    assert restart(sim).leases.holder() == {VFS[0]: UNKNOWN_VM}  # the hold was written: still there
+    assert sim.restart().leases.holder() == {VFS[0]: UNKNOWN_VM}  # the hold was written: still there
     await sim.engine.release(UNKNOWN_VM)
     await sim.engine.prepare("vm2", VM_B, [VFS[0]])
     assert sim.engine.leases.holder() == {VFS[0]: VM_B}

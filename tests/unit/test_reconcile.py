@@ -402,12 +402,7 @@ async def test_an_unreadable_journal_leaves_the_devices_it_names_alone(make_sim)
     path = sim.paths.runtime_dir / "journal.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text('{"version": 1, "entries": [{"id": "x", "kind": "bind", "devices": {"' + NIC + '": {')
-    from nicpassd.engine.engine import Engine
-    from nicpassd.engine.leases import LeaseTable
-    from nicpassd.engine.store import StateStore
-
-    engine = Engine(sim.engine.host, sim.config, StateStore(sim.paths.state_dir), LeaseTable(sim.paths.runtime_dir))
-    engine.refresh()
+    engine = sim.restart()
     rows = [outcome.row for outcome in await engine.reconcile()]
     assert rows == [(NIC, "check", "skipped: 0000:af:00.0 (enp175s0f0) is left as it is: the undo journal was "
                      f"unreadable (kept as {engine.journal.broken_as}); it may be half-way through a change")]
