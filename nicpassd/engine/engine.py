@@ -54,10 +54,10 @@ FREE_REFRESH = 0.010
 CATCH_UP_WINDOW = 0.1
 
 
-
 def on_host_driver(function: PciFunction) -> bool:
     """Where a bind to "" (its host driver) would leave it already: nothing for such a bind to do."""
     return satisfies(function.driver, "") and not function.driver_override
+
 
 class Engine:
     def __init__(self, host: Host, config: Config, store: StateStore, leases: LeaseTable) -> None:
@@ -263,17 +263,13 @@ class Engine:
         """What a bind of ``address`` must pass before anything is written (the guard, leases, VFs
         a PF driver would orphan); returns the functions it binds (the group mates with ``group``)."""
         view = self.view
-        present = view.present(address)  # NotFound if it went away since it was resolved
+        view.present(address)  # NotFound if it went away since it was resolved
         target = driver or "its host driver"
         action = f"bind {view.label(address)} to {target}"
-        taken_back = not driver and not group and (present.driver in PASSTHROUGH_DRIVERS or not present.driver
-                                                   or present.driver_override in PASSTHROUGH_DRIVERS)
-        already_home = not driver and not group and on_host_driver(present)
-        if not (taken_back or already_home):
+        if driver or group:
             self._guard(address, action, force=force, caller=caller)
-        # else: giving a device that is off its host driver back to it takes nothing from the
-        # host; it is how an admin returns a protected device someone else took. And a device
-        # already on its host driver stays as it is: nothing to guard.
+        # else: giving a device back to its host driver takes nothing from the host, whether it
+        # is on it already or someone else took it (that is how an admin returns it).
         targets = [address, *(view.group_mates(address, action) if group else ())]
         view.refuse_if_leased(targets, "rebind")
         if driver not in PASSTHROUGH_DRIVERS:
