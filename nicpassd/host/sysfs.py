@@ -74,13 +74,12 @@ def _devices_root(paths: HostPaths) -> str:
     return os.fspath(paths.pci_devices)
 
 
-def read_function(paths: HostPaths, address: str, *, serial: str | None = None,
-                  known: PciFunction | None = None) -> PciFunction | None:
+def read_function(paths: HostPaths, address: str, *, known: PciFunction | None = None) -> PciFunction | None:
     """One function as the kernel shows it. ``known``: the same function as read before, while it
     stayed (no remove/add since): what cannot change while a function exists (its ids, class,
     PF, IOMMU group, PCIe serial) is taken from it instead of read again. On a real kernel every
     sysfs read is a syscall, under a hypervisor config-space reads trap, and a refresh reads the
-    functions events named. ``serial``: its serial alone, when that is all the caller knows."""
+    functions events named."""
     if known is not None:
         return _reread_function(paths, address, known)
     base = f"{_devices_root(paths)}/{address}"
@@ -120,7 +119,7 @@ def read_function(paths: HostPaths, address: str, *, serial: str | None = None,
         sriov_capable=sriov_capable,
         autoprobe=_read_str(f"{base}/sriov_drivers_autoprobe", "1") != "0" if sriov_capable else True,
         permanent_mac=permanent_mac,
-        serial=serial if serial is not None else (read_serial(f"{base}/config") if "config" in present else ""),
+        serial=read_serial(f"{base}/config") if "config" in present else "",
     )
 
 
