@@ -7,8 +7,11 @@ plain-socket notify) where it is not, e.g. a developer's checkout without libsys
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
+import logging.handlers
 import os
+import queue
 import socket
 import sys
 
@@ -71,10 +74,16 @@ class _StructuredFields(logging.Filter):
 
 
 def setup_logging(level: str) -> None:
+    """The journal (structured fields) under systemd, else stderr — written by a thread of its
+    own: a record handed to journald is a blocking sendmsg, which waits whenever journald is
+    behind (under a hypervisor: 10 ms and more a line), and the event loop must not wait it out
+    (the asyncio documentation's advice). Order is kept; what is queued is written at exit."""
     root = logging.getLogger()
     root.setLevel(level.upper())
     for handler in list(root.handlers):
         root.removeHandler(handler)
+        if isinstance(handler, _QueueToThread):
+            handler.stop()
     handler: logging.Handler | None = None
     if os.path.exists(JOURNAL_SOCKET) and not sys.stderr.isatty():
         try:
@@ -87,4 +96,20 @@ def setup_logging(level: str) -> None:
     if handler is None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s nicpassd[%(process)d] %(levelname)s %(message)s"))
-    root.addHandler(handler)
+    root.addHandler(_QueueToThread(handler))
+
+
+class _QueueToThread(logging.handlers.QueueHandler):
+    def __init__(self, handler: logging.Handler) -> None:
+        records: queue.SimpleQueue = queue.SimpleQueue()
+        super().__init__(records)
+        self.listener = logging.handlers.QueueListener(records, handler, respect_handler_level=True)
+        self.listener.start()
+        self._running = True
+        atexit.register(self.stop)
+
+    def stop(self) -> None:
+        """Write what is queued and end the thread (once: at a new setup or at exit)."""
+        if self._running:
+            self._running = False
+            self.listener.stop()
