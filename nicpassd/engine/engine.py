@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import replace
-from typing import Callable
+from typing import Callable, Iterable
 
 from nicpassd.engine import checks
 from nicpassd.engine.config import Config
@@ -40,6 +40,7 @@ from nicpassd.host.events import UEvent
 from nicpassd.host.host import Host
 from nicpassd.host.kernelio import PASSTHROUGH_DRIVERS, VFIO
 from nicpassd.host.model import PciFunction
+from nicpassd.stopwatch import lap
 
 __all__ = ["Engine", "InventoryDelta"]
 
@@ -126,6 +127,8 @@ class Engine:
 
     @property
     def views(self):
+        """The device views, with what a change marked read in first (``read_in_marked``)."""
+        self.read_in_marked()
         return self.view.views
 
     @property
@@ -199,6 +202,13 @@ class Engine:
             self.view.refresh_changed()
             self._caught_up = now
 
+    def read_in_marked(self) -> None:
+        """Before answering a reader from the kept views: what a change marked (it answers before
+        the re-read of what it did, which the reconcile run it pokes does) or events named is
+        read in first, unless a change is being applied."""
+        if self.view.dirty and not self.ops.lock.locked():
+            self.view.refresh_changed()
+
     # -------------------------------------------------------------------- API
     async def reconcile(self) -> list[StepOutcome]:
         """Bring every device to its persisted desired state now: what was done and not done."""
@@ -218,19 +228,23 @@ class Engine:
         if driver not in ("", VFIO):
             raise InvalidArgument(f"VF driver {driver!r} is not supported; use \"vfio-pci\" or leave it empty")
         async with self.ops.lock:
+            lap("lock")
             view.refresh_for([address])
+            lap("refresh")
             self._guard(address, f"change the VF count of {view.label(address)}", force=force, caller=caller)
             view.refuse_if_leased([address, *view.present(address).virtfns], "change the VFs of")
             before = self.host.present(address)
             before_drivers = [self.host.driver_of(vf) for vf in before.virtfns]
+            lap("guard")
             await self.ops.set_vf_count(address, count, driver)
             try:
                 await self._commit([address], persist, num_vfs=count, vf_driver=driver if count else "")
             except NotPersisted as exc:
                 raise exc.with_note(await self.ops.restore_vfs(address, before, before_drivers)) from None
+            lap("state")
             log.info("%s now has %d VFs%s%s", view.label(address), count, f" on {driver}" if driver else "",
                      "" if persist else " (runtime only)", extra={"device": address, "action": "vfs"})
-            view.refresh_for([address, *before.virtfns, *self.host.present(address).virtfns])
+            view.mark([address, *before.virtfns, *self.host.present(address).virtfns])  # read after the answer
         self.reconciler.poke()
 
     async def bind(self, device: str, driver: str, *, persist: bool = True, force: bool = False,
@@ -242,21 +256,30 @@ class Engine:
         address = view.resolve(device)
         self._check_driver(address, driver)
         async with self.ops.lock:
+            lap("lock")
             view.refresh_for([address])
+            lap("refresh")
             targets = self._admit_bind(address, driver, group=group, force=force, caller=caller)
             target = driver or "its host driver"
             befores = {each: self.host.binding(each) for each in targets}
-            await self._bind_together(targets, driver)
+            lap("guard")
+            saving = self._commit_meanwhile(targets, persist, driver=driver if driver in PASSTHROUGH_DRIVERS else "")
             try:
-                await self._commit(targets, persist, driver=driver if driver in PASSTHROUGH_DRIVERS else "")
+                await self._bind_together(targets, driver)
+            except BaseException:
+                await saving.abandon()
+                raise
+            try:
+                await saving.settle()
             except NotPersisted as exc:
                 notes = [f"{each}: {await self.ops.restore_binding(each, before)}" for each, before in befores.items()]
                 raise exc.with_note("; ".join(notes)) from None
+            lap("state")
             for mate in targets[1:]:
                 log.info("%s bound to %s with the IOMMU group of %s", view.label(mate), target, address)
             log.info("%s bound to %s%s", view.label(address), target, "" if persist else " (runtime only)",
                      extra={"device": address, "action": "bind"})
-            view.refresh_for(targets)
+            view.mark(targets)  # read in by the run poked below, once the answer is out
         self.reconciler.poke()
 
     def _admit_bind(self, address: str, driver: str, *, group: bool, force: bool, caller: str) -> list[str]:
@@ -296,9 +319,12 @@ class Engine:
             except NicpassError as exc:
                 outcomes[device] = exc
                 addresses.pop(device, None)
+        lap("resolve")
         async with self.ops.lock:
+            lap("lock")
             wanted = list(dict.fromkeys(addresses.values()))
             view.refresh_for(wanted)
+            lap("refresh")
             admitted: list[str] = []
             refused: dict[str, NicpassError] = {}
             for address in wanted:
@@ -308,20 +334,26 @@ class Engine:
                 except NicpassError as exc:
                     refused[address] = exc
             befores = {address: self.host.binding(address) for address in admitted}
-            failed: dict[str, NicpassError] = await self.ops.bind_each(admitted, driver) if admitted else {}
+            lap("guard")
+            saving = self._commit_meanwhile(admitted, persist, driver=driver if driver in PASSTHROUGH_DRIVERS else "")
+            try:
+                failed: dict[str, NicpassError] = await self.ops.bind_each(admitted, driver) if admitted else {}
+            except BaseException:
+                await saving.abandon()
+                raise
             bound = [address for address in admitted if address not in failed]
-            if bound:
-                try:
-                    await self._commit(bound, persist, driver=driver if driver in PASSTHROUGH_DRIVERS else "")
-                except NotPersisted as exc:
-                    for address in bound:
-                        failed[address] = exc.with_note(await self.ops.restore_binding(address, befores[address]))
-                    bound = []
+            try:
+                await saving.settle(failed)
+            except NotPersisted as exc:
+                for address in bound:
+                    failed[address] = exc.with_note(await self.ops.restore_binding(address, befores[address]))
+                bound = []
+            lap("state")
             target = driver or "its host driver"
             for address in bound:
                 log.info("%s bound to %s%s", view.label(address), target, "" if persist else " (runtime only)",
                          extra={"device": address, "action": "bind"})
-            view.refresh_for(wanted)
+            view.mark(wanted)  # read in by the run poked below, once the answer is out
         self.reconciler.poke()
         for device, address in addresses.items():
             outcomes[device] = refused.get(address) or failed.get(address)
@@ -419,6 +451,15 @@ class Engine:
         await self._saved(self.holds.release_async(*addresses))
         self.reconciler.forget_failures(*addresses)
 
+    def _commit_meanwhile(self, addresses: list[str], persist: bool, **changes: object) -> "CommitMeanwhile":
+        """``_commit`` started now, while the kernel carries the change out: the state file's two
+        fsyncs (a quarter of a second on a slow disk) overlap the kernel writes instead of
+        following them. ``settle`` waits for it and writes the previous desire back for the
+        devices the kernel failed. A crash meanwhile leaves the new desire on disk and the device
+        restored by the journal: the boot reconcile then applies the desire, so the device ends
+        in its desired state, as the undo journal promises."""
+        return CommitMeanwhile(self, addresses, persist, changes)
+
     async def _saved(self, write) -> None:
         try:
             await write
@@ -426,7 +467,9 @@ class Engine:
             raise NotPersisted.of(exc) from None
 
     def _desire(self, address: str, **changes: object) -> DeviceDesire | None:
-        function = self.host.function(address) or self.view.snapshot.functions[address]
+        # The snapshot read when the change began: identity does not change with a binding (and a
+        # host driver's netdev still shows the permanent MAC there), and it costs no kernel read.
+        function = self.view.snapshot.functions.get(address) or self.host.present(address)
         current = self.store.get(address)
         base = current.model_dump() if current else {"address": address}
         base.update(changes)
@@ -453,3 +496,41 @@ class Engine:
 
     def check(self) -> list[Finding]:
         return checks.check(self.view, self.config)
+
+
+class CommitMeanwhile:
+    """A state write running beside the kernel writes of the same change (``Engine._commit_meanwhile``)."""
+
+    def __init__(self, engine: Engine, addresses: list[str], persist: bool, changes: dict[str, object]) -> None:
+        self.engine = engine
+        self.previous = {address: engine.store.get(address) for address in addresses}
+        self.held = {address: engine.holds.holds[address] for address in addresses if address in engine.holds}
+        self.task = asyncio.ensure_future(engine._commit(addresses, persist, **changes)) if addresses else None
+
+    async def settle(self, failed: Iterable[str] = ()) -> None:
+        """Wait for the write (``NotPersisted`` when it failed: nothing was written); then put the
+        previous desire and holds of ``failed`` back."""
+        if self.task is None:
+            return
+        await self.task
+        failed = [address for address in failed if address in self.previous]
+        if not failed:
+            return
+        engine = self.engine
+        try:
+            await engine.store.commit({address: self.previous[address] for address in failed})
+            await engine.holds.release_async(*[address for address in failed if address not in self.held])
+            for address in failed:
+                if address in self.held:
+                    await engine.holds.hold_async(address, op=self.held[address])
+        except OSError as exc:
+            log.error("the desired state of %s could not be put back after the kernel failed the change (%s): "
+                      "the reconciler will try the change again", ", ".join(failed), exc)
+
+    async def abandon(self) -> None:
+        """The change failed as a whole: the previous desire of every device back (if the new one
+        was written at all)."""
+        try:
+            await self.settle(self.previous)
+        except NotPersisted:
+            pass  # nothing was written: nothing to put back

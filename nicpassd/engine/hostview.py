@@ -23,6 +23,7 @@ from nicpassd.host.events import UEvent
 from nicpassd.host.host import Host
 from nicpassd.host.inventory import Inventory
 from nicpassd.host.model import HostSnapshot, PciFunction
+from nicpassd.stopwatch import lap
 
 
 @dataclass
@@ -80,7 +81,9 @@ class HostView:
         self.inventory.note(event)
 
     def mark(self, addresses: Iterable[str]) -> None:
-        """Functions changed without a uevent (a driver_override or autoprobe write)."""
+        """Functions to read again at the next refresh: changed without a uevent (a
+        driver_override or autoprobe write), or changed by an API call that answers before
+        reading them (``Engine.read_in_marked`` keeps readers from seeing them stale)."""
         self.inventory.mark(addresses)
 
     @property
@@ -90,6 +93,7 @@ class HostView:
     def publish(self) -> InventoryDelta:
         """Recompute the guard and the views of the snapshot; announce the differences."""
         self.protected = compute_protected(self.snapshot, self.config.guard, remember=self._remember)
+        lap("refresh: guard")
         views = build_views(self.snapshot, self.protected, self.store, self.leases.holder(), notes=self.notes)
         delta = InventoryDelta()
         for address, view in views.items():
@@ -100,9 +104,11 @@ class HostView:
                 delta.changed.append((view, old.changed_fields(view)))
         delta.removed = [address for address in self.views if address not in views]
         self.views = views
+        lap("refresh: views")
         if delta:
             for listener in list(self.listeners):
                 listener(delta)
+            lap("refresh: publish")
         return delta
 
     def _remember(self, live):

@@ -29,6 +29,7 @@ from nicpassd.errors import KernelError, NicpassError, NotPersisted
 from nicpassd.host.host import Host
 from nicpassd.host.kernelio import PASSTHROUGH_DRIVERS, VFIO
 from nicpassd.host.model import PciFunction
+from nicpassd.stopwatch import lap
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +69,14 @@ class Operations:
             entry = await self.journal.record(kind, devices, target=target, vm_uuid=vm_uuid)
         except OSError as exc:  # before the first kernel write: nothing to undo
             raise NotPersisted.of(exc, "nothing was changed") from None
+        lap("journal")
         self._journal_depth = 1
         try:
             yield entry
         finally:
             self._journal_depth = 0
             await self.journal.finish(entry)  # not reached on SIGKILL: that is the point
+            lap("journal")
 
     @contextlib.contextmanager
     def unjournaled(self):
@@ -122,15 +125,18 @@ class Operations:
         if before.driver and satisfies(before.driver, driver) and before.driver_override == override:
             return
         if driver == VFIO:
-            await self.host.load_module(VFIO)
+            await self.host.load_driver(VFIO)
+            lap("modprobe")
         try:
             await self.host.set_driver_override(address, override)
             if before.driver and not satisfies(before.driver, driver):
                 await self.host.unbind(address, before.driver)
             if not self.host.driver_of(address):
                 await self.host.probe(address)
+            lap("writes")
             try:
                 await self._verify_driver(address, driver)
+                lap("verify")
             except KernelError:
                 if not await self._another_driver_appeared(address, before.driver, driver):
                     raise
@@ -174,6 +180,7 @@ class Operations:
             return errors
         if driver == VFIO:
             await self.host.load_driver(VFIO)
+            lap("modprobe")
         host = self.host
         writes = [host.override_write(a, override) for a in todo]
         writes += [host.unbind_write(a, befores[a].driver) for a in todo
@@ -184,6 +191,7 @@ class Operations:
         except NicpassError as exc:  # Timeout: every function of the batch is in doubt
             failed = {}
             errors = {address: exc.copy() for address in todo}
+        lap("writes")
         for address, failure in failed.items():
             errors[address] = KernelError(failure.describe())
         pending = [a for a in todo if a not in errors]
@@ -206,6 +214,7 @@ class Operations:
                 pending.remove(address)
         for address in pending:
             errors[address] = self._not_bound(address, driver)
+        lap("verify")
         return {address: error.with_note(await self.restore_binding(address, befores[address]))
                 for address, error in errors.items()}
 

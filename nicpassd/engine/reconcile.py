@@ -173,6 +173,11 @@ class Reconciler:
             if explicit:
                 self.failed.clear()
                 self.applied.clear()
+            else:
+                # An API change pokes this run and releases the lock before it returns; its D-Bus
+                # answer goes out from the done-callback of the method's task, queued behind this
+                # task's wake-up. One yield puts the re-read of what the change did after the answer.
+                await asyncio.sleep(0)
             outcomes: list[StepOutcome] = []
             failed_now: dict[str, str] = {}
             plan = Plan()

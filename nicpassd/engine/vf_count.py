@@ -18,6 +18,7 @@ from nicpassd.errors import KernelError, NicpassError
 from nicpassd.host.host import Host
 from nicpassd.host.kernelio import PASSTHROUGH_DRIVERS, VFIO
 from nicpassd.host.model import PciFunction
+from nicpassd.stopwatch import lap
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +59,18 @@ async def apply_vf_count(ops: Operations, address: str, count: int, driver: str,
                     await host.load_driver(module)
             if count and before.autoprobe != want_autoprobe:
                 await host.set_autoprobe(address, want_autoprobe)
+            lap("modprobe, autoprobe")
             if before.num_vfs:
                 await host.set_num_vfs(address, 0)
+                lap("sriov_numvfs 0")
             if count:
                 await host.set_num_vfs(address, count)
+                lap("sriov_numvfs N")
                 await _verify_vf_count(ops, address, count)
+                lap("virtfn links")
         if wants_claims:
             claims = await _claim_new_vfs(ops, address, before.autoprobe, vf_drivers)
+            lap("claims")
         if driver == VFIO:
             await ops.bind_all(list(host.present(address).virtfns), VFIO)
         elif count and before.num_vfs != count:

@@ -28,6 +28,7 @@ from nicpassd.host.tunnels import read_tunnels
 from nicpassd.host.events import UEvent
 from nicpassd.host.model import HostSnapshot, NetLink, PciFunction
 from nicpassd.paths import HostPaths
+from nicpassd.stopwatch import lap
 
 PCI_ACTIONS = ("add", "remove", "bind", "unbind", "change", "move")
 
@@ -174,21 +175,21 @@ class Inventory:
                 continue
             seen.add(address)
             old = functions.get(address)
-            if old is not None and old.physfn:
-                pending.add(old.physfn)  # its PF lost or changed a virtfnN link
             # While a function stays, its identity (ids, class, PF, group, serial) stays: only what
             # can change is read again. A function that came or went is read in full.
             known = old if old is not None and address not in replugged else None
             function = sysfs.read_function(self.paths, address, known=known)
             fresh_functions[address] = function
+            if old is not None and old.physfn and (known is None or function is None):
+                pending.add(old.physfn)  # its PF lost or changed a virtfnN link
             if function is None:  # gone
                 self._classes.pop(address, None)
                 if address in group_of:
                     reread_group(group_of[address])
                 continue
             self._classes[address] = function.class_code
-            if function.physfn:
-                pending.add(function.physfn)
+            if function.physfn and known is None:
+                pending.add(function.physfn)  # a VF that came: its PF has a new virtfnN link
             if address in group_of and group_of[address] != function.iommu_group:
                 reread_group(group_of[address])  # it left that group
             if function.iommu_group >= 0:
@@ -223,12 +224,14 @@ class Inventory:
                 if parent is not None:
                     result[parent.address] = parent
 
+        lap("refresh: functions")
         changes: dict[str, object] = {"functions": result, "groups": groups, "links": links}
         drivers = self.paths.pci_drivers
         changes["loaded_drivers"] = frozenset(os.listdir(drivers)) if drivers.is_dir() else frozenset()
         # Sessions come and go without an event of their own (only a closed one is announced):
         # one sock_diag dump per refresh keeps the admin's way in current for every guard check.
         changes["sessions"] = read_sessions(self.paths)
+        lap("refresh: sessions")
         if network_changed:
             changes["routes"], changes["rules"] = sysfs.read_routing(self.paths)
             changes["tunnels"] = read_tunnels(self.paths)
@@ -238,5 +241,6 @@ class Inventory:
                 changes["addresses"] = sysfs.read_addresses(self.paths)
         if devices_changed and hasattr(previous, "root_storage") and hasattr(sysfs, "read_root_storage"):
             changes["root_storage"] = sysfs.read_root_storage(self.paths)
+        lap("refresh: routing")
         self.snapshot = dataclasses.replace(previous, **changes)
         return self.snapshot

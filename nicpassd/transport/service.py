@@ -15,7 +15,7 @@ from dbus_fast import Message, MessageType, Variant
 from dbus_fast.errors import DBusError
 from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, method, signal
 
-from nicpassd import __version__
+from nicpassd import __version__, stopwatch
 from nicpassd.engine.engine import Engine, InventoryDelta
 from nicpassd.engine.leasing import UUID
 from nicpassd.engine.results import Explanation
@@ -99,8 +99,10 @@ def authorized(action: str):
     def decorate(fn):
         @functools.wraps(fn)
         async def wrapper(self, *args, **kwargs):
-            await self.authorize(action)
-            return await fn(self, *args, **kwargs)
+            with stopwatch.timed(fn.__name__, log):
+                await self.authorize(action)
+                stopwatch.lap("polkit")
+                return await fn(self, *args, **kwargs)
         wrapper.polkit_action = action
         return wrapper
     return decorate
@@ -512,6 +514,7 @@ class DeviceExporter:
 
     def __init__(self, bus, engine: Engine) -> None:
         self.bus = bus
+        self.engine = engine
         self.objects: dict[str, DeviceInterface] = {}
         self._managed_objects: dict | None = None
         for view in engine.views.values():
@@ -532,6 +535,7 @@ class DeviceExporter:
         if message.signature:
             return Message.new_error(message, "org.freedesktop.DBus.Error.InvalidArgs",
                                      "GetManagedObjects takes no arguments")
+        self.engine.read_in_marked()  # a change answered before its re-read: never a stale answer
         return Message.new_method_return(message, "a{oa{sa{sv}}}", [self.managed_objects()])
 
     def _add(self, view: DeviceView) -> None:

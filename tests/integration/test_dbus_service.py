@@ -248,3 +248,35 @@ async def test_bind_each_answers_per_device_and_binds_in_one_batch(service, clie
     reply = await call(client, "BindEach", "assa{sv}", [vfs, "vfio-pci", {}])
     assert reply.error_name == "org.freedesktop.DBus.Error.AccessDenied"
     assert [driver_of(service, vf) for vf in vfs] == ["iavf"] * 3
+
+
+async def test_a_change_answers_before_the_re_read_of_what_it_did_and_readers_never_see_it_stale(service, client):
+    """Issue 22: the re-read of the functions a change bound (a dozen sysfs reads each, that
+    trap under a hypervisor) is not on the caller's path: the answer comes first, then the
+    PropertiesChanged of the re-read, on the same connection, in that order. A reader asking
+    the moment the answer came is answered after the re-read."""
+    service.engine.reconciler.auto = True  # as the daemon runs it: events during a change poke a run
+    reply = await call(client, "SetVfCount", "sua{sv}", ["0000:3b:00.0", 3, {"persist": Variant("b", False)}])
+    assert reply.message_type == MessageType.METHOD_RETURN, reply.body
+    vfs = sorted(a for a in service.kernel.devices() if a.startswith("0000:3b:02."))
+    await client.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                              interface="org.freedesktop.DBus", member="AddMatch", signature="s",
+                              body=[f"type='signal',sender='{BUS_NAME}',interface='org.freedesktop.DBus.Properties'"]))
+    arrivals: list[str] = []
+
+    def on_message(message: Message) -> None:
+        if message.member == "PropertiesChanged" and "Driver" in message.body[1]:
+            arrivals.append(f"Driver of {message.path}")
+        elif message.message_type == MessageType.METHOD_RETURN and message.signature == "a(sss)":
+            arrivals.append("answer")
+
+    client.add_message_handler(on_message)
+    reply = await call(client, "BindEach", "assa{sv}", [vfs, "vfio-pci", {}])
+    assert [e for _d, e, _m in reply.body[0]] == ["", "", ""]
+    objects = await managed_objects(client)  # asked the moment the answer came
+    assert {objects[device_path(vf)][DEVICE_IFACE]["Driver"].value for vf in vfs} == {"vfio-pci"}
+    for _ in range(100):
+        if len(arrivals) >= 4:
+            break
+        await asyncio.sleep(0.01)
+    assert arrivals == ["answer", *(f"Driver of {device_path(vf)}" for vf in vfs)]

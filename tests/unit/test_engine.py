@@ -209,7 +209,26 @@ async def test_silent_bind_failure_is_kernel_error_and_the_previous_driver_is_re
     with pytest.raises(KernelError, match="did not bind to vfio-pci"):
         await sim.engine.bind(NIC, "vfio-pci")
     assert (sim.driver(NIC), sim.override(NIC)) == ("e1000e", "")
-    assert "enp175s0f0" in sim.netdevs() and not sim.state_json().exists()
+    assert "enp175s0f0" in sim.netdevs() and persisted(sim) == {}
+
+
+def persisted(sim) -> dict:
+    """The devices of the state file (none when there is no file)."""
+    return json.loads(sim.state_json().read_text())["devices"] if sim.state_json().exists() else {}
+
+
+async def test_a_batch_bind_that_fails_for_one_device_keeps_that_device_s_previous_desire(sim):
+    """The state is written while the kernel binds (the fsyncs overlap the writes); the device
+    the kernel failed gets its previous desire and runtime hold back, the others keep the new one."""
+    await with_vfs(sim, 3)
+    vfs = sim.vfs(PF)
+    await sim.engine.bind(vfs[1], "vfio-pci", persist=False)
+    await sim.engine.bind(vfs[1], "", persist=False)  # back on its host driver, held at runtime
+    sim.kernel.fail_binds_silently(vfs[1])
+    outcomes = await sim.engine.bind_each(vfs, "vfio-pci")
+    assert [type(outcomes[vf]).__name__ if outcomes[vf] else None for vf in vfs] == [None, "KernelError", None]
+    assert sorted(persisted(sim)) == [vfs[0], vfs[2]] and vfs[1] in sim.engine.holds
+    assert [sim.driver(vf) for vf in vfs] == ["vfio-pci", "iavf", "vfio-pci"]
 
 
 async def test_silent_vf_bind_failure_undoes_the_whole_vf_change(sim):

@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -328,6 +329,53 @@ def bench_client(rounds: int) -> dict[str, list[float]]:
     return samples
 
 
+CONFIG = Path("/etc/nicpassd/nicpassd.toml")
+
+
+def debug_logging(on: bool, saved: list[str | None]) -> None:
+    """The daemon's log level to debug (its per-call phase timings) and back, by SIGHUP."""
+    if on:
+        saved[:] = [CONFIG.read_text() if CONFIG.exists() else None]
+        text = saved[0] or ""
+        line = 'log_level = "debug"'
+        if re.search(r"^log_level\s*=", text, re.M):
+            text = re.sub(r"^log_level\s*=.*$", line, text, count=1, flags=re.M)
+        elif "[daemon]\n" in text:
+            text = text.replace("[daemon]\n", f"[daemon]\n{line}\n", 1)
+        else:
+            text = f"{text}\n[daemon]\n{line}\n"
+        CONFIG.parent.mkdir(parents=True, exist_ok=True)
+        CONFIG.write_text(text)
+    elif saved[0] is None:
+        CONFIG.unlink(missing_ok=True)
+    else:
+        CONFIG.write_text(saved[0])
+    run("systemctl", "reload", "nicpassd")
+    time.sleep(1)  # the reload is asynchronous: let the daemon read the file
+
+
+def bench_phases(daemon: Daemon) -> list[str]:
+    """One call of each kind of work with the daemon at debug level, outside the timed rounds
+    (debug logging costs): its own line per call says which phase took the time."""
+    saved: list[str | None] = []
+    since = time.strftime("%Y-%m-%d %H:%M:%S")
+    debug_logging(True, saved)
+    try:
+        present = seven_vfs_on_host_driver()
+        quiesce()
+        daemon.call("BindEach", "assa{sv}", present, VFIO, {})
+        expect("phases: 7 VFs on vfio-pci", lambda: all_on(VFIO))
+        for options, wanted in (({}, HOST_VF_DRIVER), ({"driver": daemon.Variant("s", VFIO)}, VFIO)):
+            clean()
+            daemon.call("SetVfCount", "sua{sv}", PF, COUNT, options)
+            expect(f"phases: 7 VFs on {wanted}", lambda: all_on(wanted))
+    finally:
+        debug_logging(False, saved)
+    out = run("journalctl", "-u", "nicpassd", "--since", since, "-o", "cat", "--no-pager", check=False).stdout
+    return [line for line in out.splitlines() if line.split(" ", 1)[0] in ("BindEach", "SetVfCount")
+            and " ms: " in line]
+
+
 def errors_logged_since(cursor_time: str) -> list[str]:
     out = run("journalctl", "-u", "nicpassd", "-p", "err", "--since", cursor_time, "-o", "cat", "--no-pager",
               check=False).stdout
@@ -348,7 +396,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--profile", default="")
-    parser.add_argument("--only", default="", help="comma-separated: bind,vfs,vfs-vfio,boot,client,hook")
+    parser.add_argument("--only", default="", help="comma-separated: bind,vfs,vfs-vfio,phases,boot,client,hook")
     args = parser.parse_args()
     only = set(filter(None, args.only.split(",")))
     since = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -364,6 +412,8 @@ def main() -> int:
                 results["0 -> 7 VFs on the host driver"] = bench_vfs(args.rounds, daemon, "")
             if not only or "vfs-vfio" in only:
                 results["0 -> 7 VFs on vfio-pci"] = bench_vfs(args.rounds, daemon, VFIO)
+            if not args.profile and (not only or "phases" in only):
+                results["phases (daemon at debug level, one call each)"] = bench_phases(daemon)
         finally:
             daemon.close()
         if args.profile:
