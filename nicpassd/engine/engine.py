@@ -24,7 +24,7 @@ import logging
 from dataclasses import replace
 from typing import Callable, Iterable
 
-from nicpassd.engine import checks
+from nicpassd.engine import checks, vf_settings
 from nicpassd.engine.config import Config
 from nicpassd.engine.hostview import HostView, InventoryDelta
 from nicpassd.engine.journal import Journal
@@ -34,12 +34,13 @@ from nicpassd.engine.operations import Operations, satisfies
 from nicpassd.engine.reconcile import Reconciler
 from nicpassd.engine.results import Explanation, Finding, StepOutcome
 from nicpassd.engine.sentinel import Sentinel
-from nicpassd.engine.store import DeviceDesire, RuntimeHolds, StateStore, identity_of
+from nicpassd.engine.store import DeviceDesire, RuntimeHolds, StateStore, VfDesire, identity_of
 from nicpassd.errors import InvalidArgument, NicpassError, NotFound, NotPersisted, NotSupported
+from nicpassd.host import kernelio
 from nicpassd.host.events import UEvent
 from nicpassd.host.host import Host
 from nicpassd.host.kernelio import PASSTHROUGH_DRIVERS, VFIO
-from nicpassd.host.model import PciFunction
+from nicpassd.host.model import PciFunction, VfSettings
 from nicpassd.stopwatch import lap
 
 __all__ = ["Engine", "InventoryDelta"]
@@ -390,6 +391,68 @@ class Engine:
             notes = [f"{each}: {await self.ops.restore_binding(each, before)}" for each, before in reversed(done)]
             raise exc.with_note("; ".join(notes)) from exc
 
+    async def set_vf_settings(self, device: str, values: dict[str, object], *, persist: bool = True,
+                              force: bool = False, caller: str = "") -> VfSettings:
+        """A VF's settings (``device``: the VF, or "PF:index"), written through its PF's driver,
+        read back, persisted in the PF's desire keyed by the VF index (or held at runtime).
+        Returns what the kernel shows after."""
+        change = vf_settings.parse_change(values)  # nothing is read or written for bad input
+        view = self.view
+        pf, index = self._vf_of(device)
+        async with self.ops.lock:
+            view.refresh_for([pf])
+            function = view.present(pf)
+            if index >= function.num_vfs:
+                raise NotFound(f"{view.label(pf)} has {function.num_vfs} VFs; there is no VF {index}",
+                               f"create it first: nicpassctl vfs {pf} {index + 1}")
+            vf = function.virtfns[index]
+            what = f"change the settings of VF {index} ({vf}) of {view.label(pf)}"
+            self._guard(vf, what, force=force, caller=caller)
+            view.refuse_if_leased([vf], f"change the settings of VF {index} of {view.label(pf)}:")
+            current = view.snapshot.vf_settings_of(vf)
+            if current is None:
+                current = next((s for s in self.host.read_vf_settings(function.interfaces[0]) if s.index == index),
+                               None) if function.interfaces else None
+            if current is None:
+                raise NotSupported(f"{view.label(pf)} reports no settings for its VFs (driver: "
+                                   f"{function.driver or 'none'})", "VF settings need the PF on its host driver")
+            after = await self.ops.set_vf_settings(pf, index, change, current)
+            if persist:
+                desire = self.store.get(pf)
+                kept = dict(desire.vf_settings) if desire else {}
+                merged = {**(kept[str(index)].model_dump(exclude_none=True) if str(index) in kept else {}),
+                          **change.asked()}
+                kept[str(index)] = VfDesire(**merged)
+                try:
+                    await self._saved(self.store.commit({pf: self._desire(pf, vf_settings=kept)}))
+                    await self._saved(self.holds.release_async(vf))
+                except NotPersisted as exc:
+                    await self.ops.set_vf_settings(pf, index, vf_settings.undo_of(current, change), after)
+                    raise exc.with_note("the previous VF settings were put back") from None
+            else:
+                await self._saved(self.holds.hold_async(vf, op="runtime"))
+            view.mark([pf])
+        self.reconciler.poke()
+        return after
+
+    def _vf_of(self, device: str) -> tuple[str, int]:
+        """(PF address, VF index) of a VF argument or of "PF:index"."""
+        view = self.view
+        head, sep, tail = device.rpartition(":")
+        if sep and tail.isdigit() and head and not kernelio.PCI_ADDRESS.fullmatch(device):
+            pf = view.resolve(head)
+            if view.snapshot.functions[pf].physfn:
+                raise InvalidArgument(f"{view.label(pf)} is a VF; PF:index names a VF by its PF",
+                                      f"name the VF itself ({pf}) or its PF {view.snapshot.functions[pf].physfn}")
+            return pf, int(tail)
+        address = view.resolve(device)
+        function = view.snapshot.functions[address]
+        parent = view.snapshot.functions.get(function.physfn) if function.physfn else None
+        if parent is None or address not in parent.virtfns:
+            raise InvalidArgument(f"{view.label(address)} is not a VF; VF settings are set on a VF",
+                                  f"name a VF, or one as PF:index (e.g. {address}:0)")
+        return parent.address, parent.virtfns.index(address)
+
     async def unbind(self, device: str, *, persist: bool = True) -> None:
         """Give the device back to its host driver; forget the persisted binding too."""
         await self.bind(device, "", persist=persist)
@@ -476,7 +539,7 @@ class Engine:
         base["identity"] = identity_of(function, self.view.snapshot)
         desire = DeviceDesire.model_validate(base)
         # Zero VFs and no driver is nothing left to persist: the device is forgotten.
-        return None if not (desire.driver or desire.num_vfs or desire.vf_driver) else desire
+        return None if not (desire.driver or desire.num_vfs or desire.vf_driver or desire.vf_settings) else desire
 
     # ----------------------------------------------------------------- leases
     async def prepare(self, vm_name: str, vm_uuid: str, devices: list[str], **options) -> Lease | None:

@@ -50,7 +50,7 @@ class HostView:
         self.notes: dict[str, str] = {}
         # The management path as it was: loaded before the first publish (guard_memory.py).
         self.memory = GuardMemory.load(host.paths.state_dir)
-        self.inventory = Inventory(host.paths, host.snapshot)  # incremental re-reads on uevents
+        self.inventory = Inventory(host.paths, host.snapshot, host.read_vf_settings)  # incremental re-reads on uevents
         # Events noted since the last refresh, whoever refreshes (the API, a reconcile run, the
         # coalescing callback of ``Engine.on_uevent``).
         self.refresh_pending = False

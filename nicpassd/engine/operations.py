@@ -22,13 +22,14 @@ import logging
 import time
 from typing import Any, AsyncIterator, Callable, Iterable
 
-from nicpassd.engine import vf_count
+from nicpassd.engine import vf_count, vf_settings
 from nicpassd.engine.config import Config
 from nicpassd.engine.journal import DeviceBefore, Entry, Journal
 from nicpassd.errors import KernelError, NicpassError, NotPersisted
 from nicpassd.host.host import Host
 from nicpassd.host.kernelio import PASSTHROUGH_DRIVERS, VFIO
-from nicpassd.host.model import PciFunction
+from nicpassd.host.model import PciFunction, VfSettings
+from nicpassd.host.vf_netlink import VfChange
 from nicpassd.stopwatch import lap
 
 log = logging.getLogger(__name__)
@@ -286,6 +287,20 @@ class Operations:
         target = {"num_vfs": count, "vf_driver": driver}
         async with self.journaled("vf-count", [address], target=target):
             return await vf_count.apply_vf_count(self, address, count, driver, vf_drivers)
+
+    async def set_vf_settings(self, pf: str, index: int, change: VfChange, current: VfSettings) -> VfSettings:
+        """VF settings through the PF's driver, read back (``nicpassd.engine.vf_settings``)."""
+        return await vf_settings.apply(self, pf, index, change, current)
+
+    async def reprobe(self, address: str) -> None:
+        """Unbind a function from its driver and probe it again (a VF's driver takes a new
+        administrative MAC when it probes), verified back on the same driver."""
+        driver = self.host.driver_of(address)
+        if not driver:
+            return
+        await self.host.unbind(address, driver)
+        await self.host.probe(address)
+        await self._verify_driver(address, driver)
 
     async def restore_vfs(self, address: str, before: PciFunction, drivers: list[str]) -> str:
         return await vf_count.restore_vfs(self, address, before, drivers)

@@ -34,6 +34,7 @@ class Step:
     # vfs: single VFs persisted on a passthrough driver, (VF index, driver): created with the
     # PF's autoprobe off and bound explicitly (kernel rules §5), never raced by their host driver
     vf_drivers: tuple[tuple[int, str], ...] = ()
+    settings: tuple[tuple[str, object], ...] = ()  # vf: (setting, value) to write, VF index in count
 
     def __str__(self) -> str:
         return f"{self.address}  {self.action.value:<6} {self.text}"
@@ -168,6 +169,10 @@ def make_plan(snapshot: HostSnapshot, desires: dict[str, DeviceDesire], protecte
                                    count=desire.num_vfs, driver=desire.vf_driver, vf_drivers=vf_drivers))
             recreating.add(address)
 
+    for address, desire in desires.items():
+        if desire.vf_settings and address not in refused and address not in recreating:
+            _plan_vf_settings(plan, snapshot, address, desire, leased, holds, blocked, guard_problem)
+
     for address, function in snapshot.functions.items():
         wanted, source = desired_driver(snapshot, desires, address)
         if not wanted or source in refused or function.physfn in recreating or satisfied(function, wanted):
@@ -192,6 +197,38 @@ def make_plan(snapshot: HostSnapshot, desires: dict[str, DeviceDesire], protecte
             plan.steps.append(Step(address, Action.BIND, f"{function.driver or 'no driver'} → {wanted}",
                                    driver=wanted, pf=function.physfn))
     return plan
+
+
+def _plan_vf_settings(plan: Plan, snapshot: HostSnapshot, pf: str, desire: DeviceDesire, leased: dict[str, str],
+                      holds: Container[str], blocked: dict[str, str], guard_problem) -> None:
+    """A ``vf`` step per VF of ``pf`` whose settings differ from the persisted ones."""
+    function = snapshot.functions.get(pf)
+    if function is None or not function.interfaces:
+        return
+    for key, wanted in sorted(desire.vf_settings.items(), key=lambda item: int(item[0])):
+        index = int(key)
+        if index >= len(function.virtfns):
+            continue  # not created (yet): applied when the VF count is
+        vf = function.virtfns[index]
+        current = snapshot.vf_settings_of(vf)
+        todo = {name: value for name, value in wanted.model_dump(exclude_none=True).items()
+                if current is not None and getattr(current, name) != value}
+        if not todo:
+            continue
+        label = f"VF {index} ({vf}) of {_label(function)}"
+        problem = guard_problem(vf, f"change the settings of {label}")
+        if vf in holds:
+            plan.refusals.append(not_applied(vf, Action.VF, SKIPPED, _held(label, holds, vf)))
+        elif vf in blocked:
+            plan.refusals.append(not_applied(vf, Action.VF, SKIPPED, blocked[vf]))
+        elif vf in leased:
+            plan.refusals.append(not_applied(vf, Action.VF, "Busy", f"{label} is leased to VM {leased[vf]}"))
+        elif problem:
+            plan.refusals.append(not_applied(vf, Action.VF, "Protected", problem))
+        else:
+            text = ", ".join(f"{name.replace('_', ' ')} {value}" for name, value in todo.items())
+            plan.steps.append(Step(vf, Action.VF, f"VF {index}: {text}", count=index, pf=pf,
+                                   settings=tuple(todo.items())))
 
 
 def find_moves(snapshot: HostSnapshot, desires: dict[str, DeviceDesire]) -> tuple[dict[str, str], list[StepOutcome]]:

@@ -38,9 +38,10 @@ from nicpassd.engine.operations import Operations
 from nicpassd.engine.plan import Plan, Step, find_moves, make_plan
 from nicpassd.engine.results import SKIPPED, Action, StepOutcome
 from nicpassd.engine.store import DeviceDesire, RuntimeHolds, identity_of
-from nicpassd.errors import NicpassError
+from nicpassd.errors import NicpassError, NotFound
 from nicpassd.host.events import UEvent
 from nicpassd.host.kernelio import PASSTHROUGH_DRIVERS
+from nicpassd.host.vf_netlink import VfChange
 
 log = logging.getLogger(__name__)
 
@@ -305,10 +306,16 @@ class Reconciler:
         extra: list[StepOutcome] = []
         try:
             for step in batch:  # the guard, asked again just before the write
-                what = (f"change the VF count of {view.label(step.address)}" if step.action is Action.VFS
-                        else f"bind {view.label(step.address)} to {step.driver}")
+                what = {Action.VFS: f"change the VF count of {view.label(step.address)}",
+                        Action.VF: f"change the settings of VF {step.count} ({step.address})"}.get(
+                            step.action, f"bind {view.label(step.address)} to {step.driver}")
                 view.guard_check(step.address, what)  # no force: persisted desires never override
-            if first.action is Action.VFS:
+            if first.action is Action.VF:
+                current = view.snapshot.vf_settings_of(first.address)
+                if current is None:
+                    raise NotFound(f"{first.address} reports no VF settings any more")
+                await ops.set_vf_settings(first.pf, first.count, VfChange(**dict(first.settings)), current)
+            elif first.action is Action.VFS:
                 view.refuse_if_leased([first.address, *view.present(first.address).virtfns], "change the VFs of")
                 claims = await ops.set_vf_count(first.address, first.count, first.driver,  # journaled
                                                 dict(first.vf_drivers))
@@ -318,7 +325,7 @@ class Reconciler:
         except NicpassError as exc:
             errors = {address: errors.get(address, exc) for address in addresses}
         finally:
-            touched = set(addresses)
+            touched = set(addresses) | {step.pf for step in batch if step.pf}
             for address in addresses:
                 function = view.host.function(address)
                 if function is not None:

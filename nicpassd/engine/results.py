@@ -19,6 +19,7 @@ class Action(StrEnum):
     FOLLOW = "follow"  # a persisted card found at another address: its desire re-keyed there
     VFS = "vfs"  # set a PF's VF count
     BIND = "bind"  # move a function to its desired driver
+    VF = "vf"  # bring a VF's settings (MAC, VLAN, ...) to the persisted ones
     CHECK = "check"  # a desire looked at and not applied (absent, identity changed, held)
 
 

@@ -20,14 +20,14 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from nicpassd.host import kernelio
 from nicpassd.atomicfile import atomic_write, atomic_write_async, keep_aside, remove_stale_temps
 from nicpassd.host.model import HostSnapshot, PciFunction
 
 log = logging.getLogger(__name__)
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 STATE_FILE = "state.json"
 TEMP_PREFIX = ".state-"
 RUNTIME_FILE = "runtime.json"
@@ -123,6 +123,27 @@ PCI_ADDRESS = r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$"
 PersistedDriver = Literal["", "vfio-pci", "pci-stub"]
 
 
+class VfDesire(BaseModel):
+    """A VF's persisted settings (kept in its PF's desire, keyed by the VF index: a VF's identity is
+    its PF and its index). None: that setting is left as the driver has it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    mac: str | None = Field(None, pattern=r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+    vlan: int | None = Field(None, ge=0, le=4095)
+    qos: int | None = Field(None, ge=0, le=7)
+    vlan_proto: Literal["802.1Q", "802.1ad"] | None = None
+    spoofchk: bool | None = None
+    trust: bool | None = None
+    link_state: Literal["auto", "enable", "disable"] | None = None
+    min_tx_rate: int | None = Field(None, ge=0, le=1_000_000)
+    max_tx_rate: int | None = Field(None, ge=0, le=1_000_000)
+
+    @model_serializer(mode="wrap")
+    def _only_what_is_set(self, handler):
+        return {name: value for name, value in handler(self).items() if value is not None}
+
+
 class DeviceDesire(BaseModel):
     """One device's desired state. Strict: a value nicpassd would not write is a broken file
     (a driver of "../../evil" was once bound at boot; a num_vfs of -5 accepted)."""
@@ -134,10 +155,18 @@ class DeviceDesire(BaseModel):
     driver: PersistedDriver = ""  # "vfio-pci" to keep the function on vfio-pci; "" = leave the driver alone
     num_vfs: int | None = Field(None, ge=0, le=4096)  # for a PF: VFs to create
     vf_driver: PersistedDriver = ""  # for a PF: driver for its VFs ("" = host driver)
+    vf_settings: dict[str, VfDesire] = Field(default_factory=dict)  # v3: for a PF: VF index -> settings
+
+    @model_validator(mode="after")
+    def _vf_indexes(self) -> "DeviceDesire":
+        for key in self.vf_settings:
+            if not key.isdigit() or int(key) > 4095 or key != str(int(key)):
+                raise ValueError(f"VF settings key {key!r} is not a VF index")
+        return self
 
     @property
     def empty(self) -> bool:
-        return not self.driver and self.num_vfs is None and not self.vf_driver
+        return not self.driver and self.num_vfs is None and not self.vf_driver and not self.vf_settings
 
 
 class DesiredState(BaseModel):
@@ -174,8 +203,13 @@ def _v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
     return {**data, "version": 2, "generation": 0, "devices": devices}
 
 
+def _v2_to_v3(data: dict[str, Any]) -> dict[str, Any]:
+    """v3 adds a PF's ``vf_settings`` (none in a v2 file)."""
+    return {**data, "version": 3}
+
+
 # version N -> function turning a version-N document into a version N+1 document
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2}
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2, 2: _v2_to_v3}
 
 
 def migrate(data: dict[str, Any], *, target: int = SCHEMA_VERSION) -> tuple[dict[str, Any], int]:

@@ -9,15 +9,31 @@ threads with the write timeout (kernel rules §3): one write at a time (``set_*`
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 from pathlib import Path
 
 from nicpassd.errors import KernelError
-from nicpassd.host import kernelio, modprobe, procfs, sysfs
-from nicpassd.host.model import HostSnapshot, PciFunction
+from nicpassd.host import kernelio, modprobe, procfs, sysfs, vf_netlink
+from nicpassd.host.model import HostSnapshot, PciFunction, VfSettings
+from nicpassd.host.vf_netlink import VfChange
 from nicpassd.host.writer import (BatchFailure, BatchWrite, KernelWriter, describe_oserror, run_blocking,
                                   write_attribute, write_batch)
 from nicpassd.paths import HostPaths
+
+log = logging.getLogger(__name__)
+
+
+class VfRefused(Exception):
+    """The PF's driver refused a VF setting: which one, the errno, the driver's words."""
+
+    def __init__(self, setting: str, code: int, detail: str, applied: list[str] | None = None) -> None:
+        super().__init__(f"{setting}: {detail or errno.errorcode.get(code, code)}")
+        self.setting = setting
+        self.code = code
+        self.detail = detail
+        self.applied = list(applied or ())  # the requests before it, which the kernel carried out
 
 
 class Host:
@@ -169,6 +185,32 @@ class Host:
 
     def probe_write(self, address: str) -> BatchWrite:
         return BatchWrite(address, self.paths.drivers_probe, address)
+
+    # -------------------------------------------------------------- VF settings
+    def read_vf_settings(self, interface: str) -> tuple[VfSettings, ...]:
+        """The VF settings a PF's driver holds (one RTM_GETLINK of the PF): () when the PF has no
+        VFs or its driver reports none."""
+        try:
+            return tuple(vf_netlink.parse_link(self.writer.netlink(vf_netlink.encode_get(interface))))
+        except OSError as exc:  # the interface went meanwhile, or no netlink on this root
+            log.debug("reading the VF settings of %s failed: %s", interface, exc)
+            return ()
+
+    async def set_vf(self, interface: str, index: int, change: VfChange, current: VfSettings) -> None:
+        """``ip link set INTERFACE vf INDEX ...``: one request per setting, in the kernel's order,
+        in a worker thread with the write timeout. ``VfRefused`` names the first setting the
+        driver refused (the ones before it are applied)."""
+        applied: list[str] = []
+        for setting, attribute in vf_netlink.vf_attributes(index, change, current):
+            request = vf_netlink.encode_set(interface, attribute)
+            try:
+                answer = await run_blocking(lambda: self.writer.netlink(request), timeout=self.write_timeout,
+                                            what=f"setting the {setting} of VF {index} of {interface}")
+                vf_netlink.check_ack(answer)
+            except OSError as exc:
+                raise VfRefused(setting, exc.errno or 0, getattr(exc, "detail", "") or exc.strerror or "",
+                                applied) from None
+            applied.append(setting)
 
     async def write_batch(self, writes: list[BatchWrite]) -> dict[str, BatchFailure]:
         """The writes in order in one worker thread; the failures by function (each function

@@ -26,7 +26,7 @@ from nicpassd.host.cluster import read_cluster
 from nicpassd.host.storage import read_network_storage
 from nicpassd.host.tunnels import read_tunnels
 from nicpassd.host.events import UEvent
-from nicpassd.host.model import HostSnapshot, NetLink, PciFunction
+from nicpassd.host.model import HostSnapshot, NetLink, PciFunction, VfSettings
 from nicpassd.paths import HostPaths
 from nicpassd.stopwatch import lap
 
@@ -38,9 +38,11 @@ def _network(class_code: str) -> bool:
 
 
 class Inventory:
-    def __init__(self, paths: HostPaths, full: Callable[[], HostSnapshot] | None = None) -> None:
+    def __init__(self, paths: HostPaths, full: Callable[[], HostSnapshot] | None = None,
+                 vf_settings: Callable[[str], tuple[VfSettings, ...]] | None = None) -> None:
         self.paths = paths
         self._read_full = full or (lambda: sysfs.read_snapshot(paths))
+        self._read_vf_settings = vf_settings or (lambda interface: ())
         self.snapshot = HostSnapshot()
         self._classes: dict[str, str] = {}  # every PCI function present -> class (raw text)
         self._dirty_pci: set[str] = set()
@@ -107,8 +109,24 @@ class Inventory:
         root = os.fspath(self.paths.pci_devices)
         addresses = os.listdir(root) if os.path.isdir(root) else []
         self._classes = {address: sysfs._read_str(f"{root}/{address}/class") for address in addresses}
-        self.snapshot = self._read_full()
+        snapshot = self._read_full()
+        self.snapshot = dataclasses.replace(snapshot, vf_settings=self._vf_settings(snapshot.functions, {}, set()))
         return self.snapshot
+
+    def _vf_settings(self, functions: dict[str, PciFunction], previous: dict[str, tuple[VfSettings, ...]],
+                     stale: set[str]) -> dict[str, tuple[VfSettings, ...]]:
+        """The VF settings of each PF with VFs and a netdev (one RTM_GETLINK each): read for the
+        PFs in ``stale`` (and those not read before), kept for the others. The kernel announces a
+        change of them as a link change of the PF (RTM_NEWLINK), which marks it stale."""
+        found: dict[str, tuple[VfSettings, ...]] = {}
+        for address, function in functions.items():
+            if not function.num_vfs or not function.interfaces:
+                continue
+            if address in previous and address not in stale:
+                found[address] = previous[address]
+            else:
+                found[address] = self._read_vf_settings(function.interfaces[0])
+        return found
 
     def update(self) -> HostSnapshot:
         if self._everything:
@@ -224,8 +242,13 @@ class Inventory:
                 if parent is not None:
                     result[parent.address] = parent
 
+        # A PF re-read is one whose VF settings may have changed: its link change (RTM_NEWLINK,
+        # what the kernel sends after `ip link set PF vf N ...`) dirties it above.
+        stale = {address for address, function in fresh_functions.items() if function is not None}
+        vf_settings = self._vf_settings(result, previous.vf_settings, stale)
         lap("refresh: functions")
-        changes: dict[str, object] = {"functions": result, "groups": groups, "links": links}
+        changes: dict[str, object] = {"functions": result, "groups": groups, "links": links,
+                                      "vf_settings": vf_settings}
         drivers = self.paths.pci_drivers
         changes["loaded_drivers"] = frozenset(os.listdir(drivers)) if drivers.is_dir() else frozenset()
         # Sessions come and go without an event of their own (only a closed one is announced):

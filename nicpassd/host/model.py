@@ -41,6 +41,23 @@ class PciFunction:
 
 
 @dataclass(frozen=True)
+class VfSettings:
+    """One VF's settings as its PF's driver holds them (``ip link show PF``'s "vf N" line)."""
+
+    index: int
+    mac: str = ""  # the administrative MAC; "" when none is set (all zeroes)
+    vlan: int = 0  # 0 = no VLAN enforced
+    qos: int = 0
+    vlan_proto: str = "802.1Q"
+    spoofchk: bool | None = None  # None: the driver does not report it
+    trust: bool | None = None
+    link_state: str = "auto"  # auto, enable, disable
+    min_tx_rate: int = 0  # Mbit/s, 0 = none
+    max_tx_rate: int = 0
+    rss_query: bool | None = None
+
+
+@dataclass(frozen=True)
 class NetLink:
     name: str
     kind: str  # physical, bond, bridge, vlan, macvlan, team, virtual
@@ -163,6 +180,18 @@ class HostSnapshot:
     iommu_present: bool = False
     cmdline: str = ""
     loaded_drivers: frozenset[str] = frozenset()
+    vf_settings: dict[str, tuple[VfSettings, ...]] = field(default_factory=dict)  # PF address -> its VFs'
+
+    def vf_settings_of(self, address: str) -> VfSettings | None:
+        """A VF's settings as its PF's driver holds them (None: not a VF, or not reported)."""
+        function = self.functions.get(address)
+        if function is None or not function.physfn or function.physfn not in self.functions:
+            return None
+        parent = self.functions[function.physfn]
+        if address not in parent.virtfns:
+            return None
+        index = parent.virtfns.index(address)
+        return next((vf for vf in self.vf_settings.get(parent.address, ()) if vf.index == index), None)
 
     def group_members(self, address: str) -> tuple[str, ...]:
         function = self.functions.get(address)

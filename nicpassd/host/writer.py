@@ -32,15 +32,26 @@ class KernelWriter(Protocol):
     def load_module(self, name: str) -> None:
         """Make sure a kernel module is loaded; raise OSError on failure."""
 
+    def netlink(self, request: bytes) -> bytes:
+        """Send one rtnetlink request (VF settings: nicpassd.host.vf_netlink); return the answer."""
+
 
 class SysfsWriter:
-    """The production writer: plain writes to sysfs, modprobe for modules."""
+    """The production writer: plain writes to sysfs, modprobe for modules, rtnetlink requests."""
 
     def write(self, path: Path, data: str) -> None:
         kernelio.write_sysfs(path, data)
 
     def load_module(self, name: str) -> None:
         kernelio.load_module(name)
+
+    def netlink(self, request: bytes) -> bytes:
+        from nicpassd.host.vf_netlink import exchange
+
+        return exchange(request, timeout=NETLINK_TIMEOUT)
+
+
+NETLINK_TIMEOUT = 30.0  # the RTNL lock can be held that long by a driver; the caller's timeout is shorter
 
 
 def describe_oserror(exc: OSError) -> str:

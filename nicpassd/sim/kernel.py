@@ -29,9 +29,11 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from nicpassd.host import netlink
+from nicpassd.host import vf_netlink as wire
 from nicpassd.host.events import UEvent, UEventCallback
-from nicpassd.host.model import IfAddress
+from nicpassd.host.model import IfAddress, VfSettings
 from nicpassd.paths import HostPaths
+from nicpassd.sim import vf_settings as sim_vf_settings
 from nicpassd.sim.topology import Function, Topology, root_disk
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,7 @@ class SimDevice:
     autoprobe: bool = True
     physfn: str = ""
     vf_index: int = -1
+    vf_settings: list[VfSettings] = field(default_factory=list)  # a PF's, held by its driver
 
 
 @dataclass
@@ -271,7 +274,10 @@ class SimKernel:
         net_dir = self._device_dir(address) / "net" / name
         net_dir.mkdir(parents=True)
         if device.physfn:
-            mac, assign_type = _vf_mac(address), "1"  # VF drivers pick a random MAC
+            # The VF driver takes the administrative MAC its PF holds, else picks a random one.
+            settings = self._devices[device.physfn].vf_settings
+            admin = settings[device.vf_index].mac if device.vf_index < len(settings) else ""
+            mac, assign_type = admin or _vf_mac(address), "1"
         else:
             mac, assign_type = device.spec.mac or _vf_mac(address), "0"
         self._net_attrs(net_dir, mac, assign_type, carrier=device.spec.carrier)
@@ -640,6 +646,7 @@ class SimKernel:
             if pf.autoprobe and not self._probe_late(pf, vf):
                 self._probe(vf)
         pf.numvfs = enabled
+        pf.vf_settings = sim_vf_settings.defaults(pf.driver, enabled)
         self._set_attr(spec.address, "sriov_numvfs", str(enabled))
         # sriov_enable(): KOBJ_CHANGE on the PF once its VFs are added; the PF is bound to its
         # driver (sriov_numvfs needs it), so the event carries DRIVER.
@@ -650,6 +657,7 @@ class SimKernel:
         for index in range(pf.numvfs):
             self._remove_vf(pf, index)
         pf.numvfs = 0
+        pf.vf_settings = []
         self._set_attr(pf.spec.address, "sriov_numvfs", "0")
 
     def _remove_vf(self, pf: SimDevice, index: int) -> None:
@@ -700,6 +708,35 @@ class SimKernel:
             raise _oserror(errno.ENOENT, f"module {name} not found in directory /lib/modules")
         with self._lock:
             self._add_driver(driver)
+
+    def netlink(self, request: bytes) -> bytes:
+        """Answer one rtnetlink request about a PF's VFs (RTM_GETLINK, RTM_SETLINK of
+        ``nicpassd.host.vf_netlink``) with the bytes the kernel would."""
+        with self._lock:
+            kind = wire.NLMSGHDR.unpack_from(request)[1]
+            if kind == wire.RTM_GETLINK:
+                name = wire.parse_get(request)
+                pf = self._device_with_netdev(name)
+                if pf is None:
+                    return wire.encode_error(errno.ENODEV, request, "Cannot find device")
+                mac = (self._device_dir(pf.spec.address) / "net" / name / "address").read_text().strip()
+                return wire.encode_link(name, mac, pf.vf_settings, wire.NLMSGHDR.unpack_from(request)[3])
+            name, attributes = wire.parse_set(request)
+            pf = self._device_with_netdev(name)
+            if pf is None:
+                return wire.encode_error(errno.ENODEV, request, "Cannot find device")
+            settings = list(pf.vf_settings)
+            try:
+                for attribute, value in attributes:
+                    sim_vf_settings.apply(pf.driver, settings, attribute, value, link_up=pf.spec.carrier)
+            except sim_vf_settings.Refused as refusal:
+                return wire.encode_error(refusal.code, request, refusal.detail)
+            pf.vf_settings = settings
+            self._emit("change", "route", name)  # do_setlink() notifies: RTM_NEWLINK of the PF
+            return wire.encode_error(0, request)
+
+    def _device_with_netdev(self, name: str) -> SimDevice | None:
+        return next((device for device in self._devices.values() if device.netdev and device.netdev == name), None)
 
     def write(self, path: Path, data: str) -> None:
         """Serve one write(2) to a sysfs attribute, like the kernel would."""

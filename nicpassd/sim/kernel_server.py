@@ -35,6 +35,7 @@ A second writer, for playing libvirt, driverctl or a careless admin against a ru
 from __future__ import annotations
 
 import argparse
+import base64
 import errno
 import json
 import logging
@@ -111,6 +112,12 @@ class RemoteKernel:
         reply = _request(self.path, {"op": "load_module", "name": name})
         if "errno" in reply:
             raise OSError(reply["errno"], reply["message"])
+
+    def netlink(self, request: bytes) -> bytes:
+        reply = _request(self.path, {"op": "netlink", "request": base64.b64encode(request).decode()})
+        if "errno" in reply:
+            raise OSError(reply["errno"], reply["message"])
+        return base64.b64decode(reply["answer"])
 
     def subscribe(self, callback: UEventCallback) -> None:
         """Deliver the kernel's uevents to ``callback`` (an asyncio reader on the running loop)."""
@@ -273,6 +280,9 @@ class Handler(socketserver.StreamRequestHandler):
         if op == "load_module":
             kernel.load_module(request["name"])
             return {"ok": True}
+        if op == "netlink":
+            answer = kernel.netlink(base64.b64decode(request["request"]))
+            return {"ok": True, "answer": base64.b64encode(answer).decode()}
         if op == "ping":
             return {"ok": True, "pid": os.getpid()}
         if op == "arm_kill":

@@ -22,7 +22,7 @@ import pytest
 
 from nicpassd.engine.config import Config, DaemonSettings, GuardSettings, ReleaseSettings
 from nicpassd.engine.engine import Engine
-from nicpassd.host import sysfs
+from nicpassd.host import sysfs, vf_netlink
 from nicpassd.host.events import UEvent, on_loop
 from nicpassd.host.host import Host
 from nicpassd.host.model import HostSnapshot
@@ -32,6 +32,13 @@ from nicpassd.sim.topology import Topology, load_topology, parse_topology
 
 WRITE_TIMEOUT = 0.2  # a hung sysfs write becomes Timeout after this long
 VERIFY_TIMEOUT = 0.1  # how long a bind is polled for before it is declared failed
+
+
+def describe_request(request: bytes) -> tuple[str, str]:
+    """("get", PF) or ("set", PF) of an rtnetlink request of nicpassd.host.vf_netlink."""
+    if vf_netlink.NLMSGHDR.unpack_from(request)[1] == vf_netlink.RTM_GETLINK:
+        return "get", vf_netlink.parse_get(request)
+    return "set", vf_netlink.parse_set(request)[0]
 
 
 class RecordingWriter:
@@ -54,8 +61,15 @@ class RecordingWriter:
         self.calls.append(("modprobe", name, ""))
         self.kernel.load_module(name)
 
+    def netlink(self, request: bytes) -> bytes:
+        what, interface = describe_request(request)
+        if what == "set":  # reads (the inventory's RTM_GETLINKs) are not changes
+            self.calls.append(("netlink", what, interface))
+        return self.kernel.netlink(request)
+
     @property
     def writes(self) -> list[tuple[str, str, str]]:
+        """Sysfs writes and VF setting changes (not module loads)."""
         return [call for call in self.calls if call[0] != "modprobe"]
 
     def clear(self) -> None:
@@ -146,7 +160,8 @@ def attach_engine(sim: Sim, *, config: Config | None = None, write_timeout: floa
     sim.config = config if config is not None else fast_config()
     host = Host(sim.paths, sim.writer, write_timeout=write_timeout)
     sim.engine = Engine.open(host, sim.config)
-    sim.kernel.subscribe(on_loop(asyncio.get_running_loop(), sim.engine.on_uevent))
+    # To whichever engine runs now: after ``Sim.restart`` the new daemon gets the events.
+    sim.kernel.subscribe(on_loop(asyncio.get_running_loop(), lambda event: sim.engine.on_uevent(event)))
     sim.engine.refresh()
     sim.writer.clear()
     return sim

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import os
 import random
 
 import pytest
 
-from nicpassd.host import sysfs
+from nicpassd.host import sysfs, vf_netlink
+from nicpassd.host.host import Host
 from nicpassd.host.inventory import Inventory
 from nicpassd.sim.topology import Route
 
@@ -48,7 +50,7 @@ class Driver:
 
     def step(self) -> str:
         sim, rng = self.sim, self.rng
-        action = rng.choice(["vfs", "vfs", "bind", "hostbind", "unbind", "unplug", "plug", "route", "carrier",
+        action = rng.choice(["vfs", "vfs", "bind", "hostbind", "unbind", "unplug", "plug", "route", "carrier", "vf", "vf",
                              "override"])
         pfs = [pf for pf in PFS if pf in self.present()]
         if action == "vfs" and pfs:
@@ -90,6 +92,15 @@ class Driver:
                 sim.kernel.set_carrier(name, rng.random() < 0.5)
             except (OSError, AttributeError):
                 pass
+        elif action == "vf":  # `ip link set PF vf N mac M`: rtnetlink, no uevent, an RTM_NEWLINK of the PF
+            names = [next(iter(sorted(os.listdir(sim.dir(pf) / "net"))), "") for pf in self.present()
+                     if (sim.dir(pf) / "virtfn0").exists() and (sim.dir(pf) / "net").is_dir()]
+            if names:
+                name = rng.choice(names)
+                vfs = Host(sim.paths, sim.kernel).read_vf_settings(name)
+                change = vf_netlink.VfChange(mac=f"02:00:00:00:{rng.randint(0, 255):02x}:{rng.randint(0, 255):02x}")
+                for _setting, attribute in vf_netlink.vf_attributes(rng.randrange(len(vfs)), change, vfs[0]):
+                    vf_netlink.check_ack(sim.kernel.netlink(vf_netlink.encode_set(name, attribute)))
         elif action == "override" and self.present():
             address = rng.choice(self.present())
             self.write(f"bus/pci/devices/{address}/driver_override", rng.choice(["pci-stub\n", "\n"]))
@@ -97,9 +108,13 @@ class Driver:
         return action
 
 
+def vf_reader(ksim):
+    return Host(ksim.paths, ksim.kernel).read_vf_settings
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_incremental_inventory_equals_a_full_read(ksim, seed):
-    inventory = Inventory(ksim.paths)
+    inventory = Inventory(ksim.paths, vf_settings=vf_reader(ksim))
     inventory.full()
     ksim.kernel.subscribe(inventory.note)  # synchronously, in the order the kernel raises them
     driver = Driver(ksim, random.Random(seed))
@@ -108,7 +123,7 @@ def test_incremental_inventory_equals_a_full_read(ksim, seed):
         if done.startswith("unannounced "):
             inventory.mark([done.split()[1]])
         incremental = inventory.update()
-        full = sysfs.read_snapshot(ksim.paths)
+        full = Inventory(ksim.paths, vf_settings=vf_reader(ksim)).full()
         assert incremental == full, (number, done, differences(incremental, full))
 
 
@@ -128,7 +143,7 @@ def test_an_unknown_kind_of_event_means_a_full_read(ksim):
     inventory.note(UEvent("change", "block", "sda"))
     assert inventory.dirty
     ksim.kernel.write(ksim.dir("0000:3b:00.0") / "sriov_numvfs", "2")  # its events were not noted
-    assert inventory.update() == sysfs.read_snapshot(ksim.paths)
+    assert inventory.update() == Inventory(ksim.paths).full()
 
 
 def test_identity_is_read_once_while_the_function_stays(ksim):

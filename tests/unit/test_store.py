@@ -61,7 +61,7 @@ def test_file_is_versioned_json_with_a_generation(tmp_path):
     store.put(desire(num_vfs=2))
     store.put(desire(num_vfs=3))
     data = json.loads((tmp_path / "state.json").read_text())
-    assert data["version"] == SCHEMA_VERSION == 2
+    assert data["version"] == SCHEMA_VERSION == 3
     assert data["generation"] == 2 == store.generation
     assert data["devices"]["0000:3b:00.0"]["num_vfs"] == 3
 
@@ -159,7 +159,7 @@ def test_state_file_always_parses_when_the_writer_is_killed(tmp_path):
 @pytest.mark.parametrize("content", [
     "{not json",
     "[1, 2]",
-    json.dumps({"version": 3, "devices": {}}),
+    json.dumps({"version": SCHEMA_VERSION + 1, "devices": {}}),
     json.dumps({"devices": {}}),
     json.dumps({"version": "2", "devices": {}}),
     json.dumps({"version": 2, "devices": {"0000:3b:00.0": {"address": "0000:3b:00.0"}}}),
@@ -174,7 +174,7 @@ def test_unreadable_state_raises_with_the_path(tmp_path, content):
 def test_a_newer_version_names_both_versions_and_is_left_untouched(tmp_path):
     text = json.dumps({"version": 7, "devices": {}})
     (tmp_path / "state.json").write_text(text)
-    with pytest.raises(StateStoreError, match=r"version 7.*reads 2.*newer nicpassd"):
+    with pytest.raises(StateStoreError, match=r"version 7.*reads 3.*newer nicpassd"):
         StateStore(tmp_path)
     assert (tmp_path / "state.json").read_text() == text
 
@@ -190,7 +190,7 @@ def test_v1_is_migrated_written_back_and_kept_as_backup(tmp_path):
     assert pf.identity.vf_index == -1
     assert (tmp_path / "state.json.v1").read_text() == original
     on_disk = json.loads((tmp_path / "state.json").read_text())
-    assert on_disk["version"] == 2 and on_disk["generation"] == 0
+    assert on_disk["version"] == SCHEMA_VERSION and on_disk["generation"] == 0
     assert StateStore(tmp_path).state == store.state  # no second migration
 
 

@@ -1,0 +1,183 @@
+"""Issue 14: VF settings — written through the PF's driver (rtnetlink), read back, typed errors
+naming the driver, restored on a refusal, persisted by VF index in the PF's desire, applied again
+by the reconciler, held with --runtime, refused by the guard."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from nicpassd.errors import Busy, InvalidArgument, NotFound, NotSupported, Protected
+from nicpassd.host import vf_netlink
+from nicpassd.host.host import Host
+
+from conftest import fast_config
+
+PF = "0000:3b:00.0"  # i40e, enp59s0f0; VFs on iavf
+IGB = "0000:01:00.1"  # igb, eno2; VFs on igbvf
+MLX = "0000:5e:00.0"  # mlx5_core
+
+
+async def with_vfs(sim, pf: str, count: int) -> list[str]:
+    """VFs created as an admin's `echo N > sriov_numvfs` would (not persisted, not held)."""
+    sim.kernel.write(sim.dir(pf) / "sriov_numvfs", str(count))
+    sim.engine.refresh()
+    sim.writer.clear()
+    return sim.vfs(pf)
+
+
+async def settle() -> None:
+    """Let queued kernel events reach the engine (delivered with call_soon_threadsafe)."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def kernel_settings(sim, interface: str) -> dict[int, object]:
+    """What `ip link show PF` would list, read straight from the simulated kernel."""
+    return {vf.index: vf for vf in Host(sim.paths, sim.kernel).read_vf_settings(interface)}
+
+
+def persisted(sim, pf: str) -> dict:
+    return json.loads(sim.state_json().read_text())["devices"][pf]["vf_settings"]
+
+
+async def test_settings_are_written_read_back_and_persisted_by_vf_index(sim):
+    vfs = await with_vfs(sim, PF, 3)
+    after = await sim.engine.set_vf_settings(vfs[1], {"mac": "02:AA:bb:cc:dd:01", "vlan": 10, "qos": 3,
+                                                      "trust": True, "spoofchk": False})
+    shown = kernel_settings(sim, "enp59s0f0")[1]
+    assert (shown.mac, shown.vlan, shown.qos, shown.trust, shown.spoofchk) == ("02:aa:bb:cc:dd:01", 10, 3, True, False)
+    assert after == shown
+    assert persisted(sim, PF) == {"1": {"mac": "02:aa:bb:cc:dd:01", "vlan": 10, "qos": 3, "trust": True,
+                                        "spoofchk": False}}
+    assert [call[:2] for call in sim.writer.writes if call[0] == "netlink"] == [("netlink", "set")] * 4
+    await sim.engine.set_vf_settings(f"{PF}:1", {"max_tx_rate": 1000})  # PF:index, merged with the rest
+    assert persisted(sim, PF)["1"] == {"mac": "02:aa:bb:cc:dd:01", "vlan": 10, "qos": 3, "trust": True,
+                                       "spoofchk": False, "max_tx_rate": 1000}
+    assert sim.engine.view.snapshot.vf_settings_of(vfs[1]).max_tx_rate == 1000
+
+
+async def test_a_mac_change_reprobes_a_vf_on_its_host_driver_so_it_takes_the_mac(sim):
+    vfs = await with_vfs(sim, PF, 2)
+    await sim.engine.set_vf_settings(vfs[0], {"mac": "02:00:00:00:00:aa"})
+    assert [(parent, attr) for parent, attr, _ in sim.writer.writes if parent != "netlink"] == [
+        ("iavf", "unbind"), ("pci", "drivers_probe")]
+    assert sim.driver(vfs[0]) == "iavf"
+    assert (sim.dir(vfs[0]) / "net").is_dir()
+    netdev = next((sim.dir(vfs[0]) / "net").iterdir())
+    assert (netdev / "address").read_text().strip() == "02:00:00:00:00:aa"
+
+
+async def test_a_vf_on_vfio_is_not_reprobed(sim):
+    vfs = await with_vfs(sim, PF, 1)
+    await sim.engine.bind(vfs[0], "vfio-pci", persist=False)
+    sim.writer.clear()
+    await sim.engine.set_vf_settings(vfs[0], {"mac": "02:00:00:00:00:bb"})
+    assert [parent for parent, _attr, _ in sim.writer.writes] == ["netlink"] and sim.driver(vfs[0]) == "vfio-pci"
+
+
+@pytest.mark.parametrize("values, error, words", [
+    ({"mac": "01:00:5e:00:00:01"}, InvalidArgument, "multicast"),
+    ({"mac": "00:00:00:00:00:00"}, InvalidArgument, "not an address"),
+    ({"mac": "02:00:00:00:00"}, InvalidArgument, "six hex pairs"),
+    ({"vlan": 4096}, InvalidArgument, "0 to 4095"),
+    ({"qos": 3}, InvalidArgument, "needs a VLAN id"),
+    ({"vlan_proto": "802.1x"}, InvalidArgument, "not one of"),
+    ({"trust": "yes"}, InvalidArgument, "on or off"),
+    ({"link_state": "up"}, InvalidArgument, "auto, enable, disable"),
+    ({"min_tx_rate": 500, "max_tx_rate": 100}, InvalidArgument, "above"),
+    ({"colour": "red"}, InvalidArgument, "unknown VF setting"),
+    ({}, InvalidArgument, "no VF setting"),
+])
+async def test_bad_input_is_a_typed_error_and_nothing_is_written(sim, values, error, words):
+    vfs = await with_vfs(sim, PF, 1)
+    with pytest.raises(error, match=words):
+        await sim.engine.set_vf_settings(vfs[0], values)
+    assert sim.writer.calls == []
+
+
+@pytest.mark.parametrize("pf, interface, values, error, words", [
+    (IGB, "eno2", {"link_state": "disable"}, NotSupported, "igb driver .* does not support the link state"),
+    (PF, "enp59s0f0", {"vlan": 5, "vlan_proto": "802.1ad"}, NotSupported, "i40e driver .* vlan .*802.1Q only"),
+    (PF, "enp59s0f0", {"min_tx_rate": 100}, InvalidArgument, "i40e driver .* refused the rate of VF 0"),
+])
+async def test_what_the_driver_refuses_names_the_driver_and_puts_back_what_was_applied(sim, pf, interface, values,
+                                                                                     error, words):
+    vfs = await with_vfs(sim, pf, 1)
+    before = kernel_settings(sim, interface)[0]
+    with pytest.raises(error, match=words) as refused:
+        await sim.engine.set_vf_settings(vfs[0], {"mac": "02:00:00:00:00:cc", **values})
+    assert "put back" in str(refused.value)
+    assert kernel_settings(sim, interface)[0] == before  # the MAC written before the refusal is undone
+    assert not sim.state_json().exists() or pf not in json.loads(sim.state_json().read_text())["devices"]
+
+
+async def test_mlx5_takes_802_1ad_and_a_minimum_rate(sim):
+    vfs = await with_vfs(sim, MLX, 1)
+    await sim.engine.set_vf_settings(vfs[0], {"vlan": 100, "vlan_proto": "802.1ad", "min_tx_rate": 10,
+                                              "max_tx_rate": 200})
+    shown = kernel_settings(sim, "enp94s0f0np0")[0]
+    assert (shown.vlan, shown.vlan_proto, shown.min_tx_rate, shown.max_tx_rate) == (100, "802.1ad", 10, 200)
+
+
+async def test_not_a_vf_or_no_such_vf_is_refused(sim):
+    await with_vfs(sim, PF, 1)
+    with pytest.raises(InvalidArgument, match="not a VF"):
+        await sim.engine.set_vf_settings(PF, {"trust": True})
+    with pytest.raises(NotFound, match="there is no VF 5"):
+        await sim.engine.set_vf_settings(f"{PF}:5", {"trust": True})
+    with pytest.raises(InvalidArgument, match="is a VF"):
+        await sim.engine.set_vf_settings(f"{sim.vfs(PF)[0]}:0", {"trust": True})
+    assert sim.writer.calls == []
+
+
+async def test_a_vf_on_the_management_path_is_protected(make_sim):
+    sim = make_sim(config=fast_config(management_interfaces=["eno1", "enp59s0f0v0"]))
+    vfs = await with_vfs(sim, PF, 1)
+    sim.engine.refresh()
+    with pytest.raises(Protected):
+        await sim.engine.set_vf_settings(vfs[0], {"mac": "02:00:00:00:00:dd"})
+    assert sim.writer.calls == []
+
+
+async def test_a_leased_vf_is_busy(sim):
+    vfs = await with_vfs(sim, PF, 1)
+    await sim.engine.prepare("web01", "6f1c2a8e-0000-4000-8000-000000000001", [vfs[0]])
+    sim.writer.clear()
+    with pytest.raises(Busy, match="leased to VM"):
+        await sim.engine.set_vf_settings(vfs[0], {"trust": True})
+    assert sim.writer.calls == []
+
+
+async def test_persisted_settings_come_back_after_a_reboot_and_runtime_ones_are_left_alone(sim):
+    await sim.engine.set_vf_count(PF, 2)
+    vfs = sim.vfs(PF)
+    await sim.engine.set_vf_settings(vfs[0], {"mac": "02:00:00:00:01:00", "trust": True})
+    await sim.engine.set_vf_settings(vfs[1], {"vlan": 7}, persist=False)
+    # What a reboot does to the kernel: the VFs go, and with them every setting their PF held.
+    sim.kernel.write(sim.dir(PF) / "sriov_numvfs", "0")
+    sim.restart()
+    await sim.engine.reconcile()
+    await sim.engine.reconcile()  # the VFs' own events: their settings in the next pass
+    shown = kernel_settings(sim, "enp59s0f0")
+    assert (shown[0].mac, shown[0].trust) == ("02:00:00:00:01:00", True)
+    assert shown[1].vlan == 0  # a --runtime setting is not persisted
+    # Changed behind nicpassd's back: the reconciler puts the persisted one back.
+    request = vf_netlink.encode_set("enp59s0f0", vf_netlink.vf_attributes(
+        0, vf_netlink.VfChange(trust=False), shown[0])[0][1])
+    vf_netlink.check_ack(sim.kernel.netlink(request))
+    await settle()  # the kernel's RTM_NEWLINK of the PF reaches the engine
+    outcomes = await sim.engine.reconcile()
+    assert [(o.address, o.action.value, o.result.value) for o in outcomes] == [(vfs[0], "vf", "ok")]
+    assert kernel_settings(sim, "enp59s0f0")[0].trust is True
+
+
+async def test_a_runtime_change_holds_the_vf_against_its_persisted_settings(sim):
+    vfs = await with_vfs(sim, PF, 1)
+    await sim.engine.set_vf_settings(vfs[0], {"trust": True})
+    await sim.engine.set_vf_settings(vfs[0], {"trust": False}, persist=False)
+    outcomes = await sim.engine.reconcile()
+    assert [(o.address, o.result.value) for o in outcomes] == [(vfs[0], "not-applied")]
+    assert kernel_settings(sim, "enp59s0f0")[0].trust is False
