@@ -93,6 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="override a guard protection that is not on the management path (asks for "
                         "org.nicpass.NicPass1.force; logged)")
+    p = command("vf", "set a VF's MAC, VLAN, trust, spoof check, rates or link state (as `ip link set PF vf N`)")
+    p.description = (p.description + "\n\nsettings: mac M | vlan N [qos Q] [proto 802.1Q|802.1ad] | trust on|off | "
+                     "spoofchk on|off | max-rate MBPS | min-rate MBPS | state auto|enable|disable\n"
+                     "examples:\n  nicpassctl vf enp59s0f0:0 mac 02:11:22:33:44:55 trust on\n"
+                     "  nicpassctl vf 3b:02.1 vlan 100 qos 3 spoofchk off --runtime")
+    p.add_argument("device", metavar="DEVICE", help="the VF, or its PF and index as PF:N")
+    p.add_argument("settings", metavar="SETTING VALUE", nargs="+", type=str, help="one or more pairs, as above")
+    p.add_argument("--runtime", action="store_true", help="change it now only; do not persist")
+    p.add_argument("--force", action="store_true",
+                   help="override a guard protection that is not on the management path (asks for "
+                        "org.nicpass.NicPass1.force; logged)")
     p = command("bind", "bind functions to a driver (default vfio-pci)")
     p.add_argument("device", metavar="DEVICE", nargs="+")
     p.add_argument("--driver", default="vfio-pci",

@@ -52,6 +52,7 @@ def action_for(args: Any) -> Action:
         dev = " ".join(dev)
     verbs = {
         "vfs": (f"change the VF count of {dev}", MANAGE),
+        "vf": (f"change the settings of VF {dev}", MANAGE),
         "bind": (f"bind {dev} to {getattr(args, 'driver', '') or 'its host driver'}", MANAGE),
         "unbind": (f"give {dev} back to its host driver", MANAGE),
         "forget": (f"forget the persisted state of {dev}", MANAGE),
@@ -108,10 +109,16 @@ async def cmd_show(client, args) -> ExitCode:
         if not err.name.startswith("org.freedesktop.DBus.Error.Unknown"):
             raise
         props = None  # no device object for it (e.g. not exported): Explain alone
+    vfs = None
+    if props is not None and int(props.get("NumVfs", 0) or 0) > 0:
+        objects = await client.managed_objects()
+        vfs = sorted((interfaces[DEVICE_IFACE] for interfaces in objects.values()
+                      if DEVICE_IFACE in interfaces and interfaces[DEVICE_IFACE].get("PhysicalFunction") == address),
+                     key=lambda vf: render._addr_key(vf.get("Address", "")))
     if args.json:
-        emit_json(render.show_json(props, explain))
+        emit_json(render.show_json(props, explain, vfs))
     else:
-        out(render.show_text(props, explain))
+        out(render.show_text(props, explain, vfs))
     return ExitCode.OK
 
 
@@ -197,6 +204,56 @@ async def cmd_vfs(client, args) -> ExitCode:
         where = " on vfio-pci" if args.vfio else ""
         how = "persisted" if not args.runtime else "runtime only"
         out(f"{args.device}: {args.count} VFs{where} ({how})")
+    return ExitCode.OK
+
+
+# nicpassctl vf's words -> (SetVfSettings key, D-Bus type, parser)
+VF_WORDS = {
+    "mac": ("mac", "s", str), "vlan": ("vlan", "u", int), "qos": ("qos", "u", int), "proto": ("vlan_proto", "s", str),
+    "trust": ("trust", "b", "onoff"), "spoofchk": ("spoofchk", "b", "onoff"), "max-rate": ("max_tx_rate", "u", int),
+    "min-rate": ("min_tx_rate", "u", int), "state": ("link_state", "s", str),
+}
+
+
+def vf_settings_of(words: list[str]) -> dict[str, Any]:
+    """``mac M vlan N trust on`` -> {"mac": Variant, ...}; a usage error (exit 2) naming the bad word."""
+    from dbus_fast import Variant
+
+    if len(words) % 2:
+        raise CliError(ExitCode.USAGE, f"setting {words[-1]!r} has no value (settings come in pairs: SETTING VALUE)")
+    settings: dict[str, Any] = {}
+    for word, text in zip(words[::2], words[1::2]):
+        if word not in VF_WORDS:
+            raise CliError(ExitCode.USAGE, f"unknown VF setting {word!r}; use {', '.join(VF_WORDS)}")
+        key, signature, parse = VF_WORDS[word]
+        if key in settings:
+            raise CliError(ExitCode.USAGE, f"{word} is given twice")
+        if parse == "onoff":
+            if text not in ("on", "off"):
+                raise CliError(ExitCode.USAGE, f"{word} is on or off, not {text!r}")
+            value: Any = text == "on"
+        elif parse is int:
+            if not text.isdigit():
+                raise CliError(ExitCode.USAGE, f"{word} is a whole number, not {text!r}")
+            value = int(text)
+        else:
+            value = text
+        settings[key] = Variant(signature, value)
+    return settings
+
+
+async def cmd_vf(client, args) -> ExitCode:
+    settings = vf_settings_of(args.settings)
+    options: dict[str, Any] = {"persist": not args.runtime}
+    if getattr(args, "force", False):
+        options["force"] = True
+    (after,) = await client.manager("SetVfSettings", "sa{sv}a{sv}", [args.device, settings], options=options,
+                                    mutate=True)
+    if args.json:
+        emit_json({"device": args.device, "persist": not args.runtime, "settings": after})
+    else:
+        how = "persisted" if not args.runtime else "runtime only"
+        out(f"{args.device}: {render.vf_settings_text(after)} ({how})")
     return ExitCode.OK
 
 
@@ -411,7 +468,7 @@ async def cmd_monitor(client, args) -> ExitCode:
 
 
 COMMANDS = {
-    "list": cmd_list, "show": cmd_show, "check": cmd_check, "vfs": cmd_vfs, "bind": cmd_bind,
+    "list": cmd_list, "show": cmd_show, "check": cmd_check, "vfs": cmd_vfs, "vf": cmd_vf, "bind": cmd_bind,
     "unbind": cmd_unbind, "forget": cmd_forget, "reconcile": cmd_reconcile, "guard": cmd_guard, "leases": cmd_leases,
     "prepare": cmd_prepare, "activate": cmd_activate, "release": cmd_release, "monitor": cmd_monitor, "version": cmd_version,
 }

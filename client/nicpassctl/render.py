@@ -199,8 +199,12 @@ def explain_record(explain: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def show_json(props: dict[str, Any] | None, explain: dict[str, Any]) -> dict[str, Any]:
-    return {"device": device_record(props) if props is not None else None, "explain": explain_record(explain)}
+def show_json(props: dict[str, Any] | None, explain: dict[str, Any],
+              vfs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    record = {"device": device_record(props) if props is not None else None, "explain": explain_record(explain)}
+    if vfs:
+        record["vfs"] = [device_record(vf) for vf in vfs]
+    return record
 
 
 def _block(title: str, pairs: list[tuple[str, str]]) -> list[str]:
@@ -217,7 +221,47 @@ def _label(snake_key: str) -> str:
     return snake_key.replace("_", " ")
 
 
-def show_text(props: dict[str, Any] | None, explain: dict[str, Any]) -> str:
+VF_SETTING_ORDER = ("mac", "vlan", "qos", "vlan_proto", "spoofchk", "trust", "link_state", "min_tx_rate",
+                    "max_tx_rate", "rss_query")
+
+
+def vf_settings_text(settings: dict[str, Any]) -> str:
+    """``mac 02:…, vlan 12 qos 3, spoofchk on, trust off, state auto`` (what `ip link` shows per VF)."""
+    words = {"vlan_proto": "proto", "link_state": "state", "min_tx_rate": "min-rate", "max_tx_rate": "max-rate",
+             "rss_query": "rss-query"}
+    parts = []
+    for key in VF_SETTING_ORDER:
+        if key not in settings:
+            continue
+        value = settings[key]
+        if key in ("min_tx_rate", "max_tx_rate") and not value:
+            continue  # no limit
+        if key == "mac" and not value:
+            value = "none"
+        elif isinstance(value, bool):
+            value = "on" if value else "off"
+        parts.append(f"{words.get(key, key)} {value}")
+    return ", ".join(parts) or "-"
+
+
+def vf_table(pf: str, vfs: list[dict[str, Any]]) -> list[str]:
+    """The VFs of a PF with their settings, one line each (like `ip link show PF`)."""
+    rows = [("VF", "ADDRESS", "DRIVER", "MAC", "VLAN", "SPOOFCHK", "TRUST", "STATE", "RATE", "PERSISTED")]
+    for index, props in enumerate(vfs):
+        shown, wanted = props.get("VfSettings") or {}, props.get("DesiredVfSettings") or {}
+        vlan = str(shown.get("vlan", 0)) if shown.get("vlan") else "-"
+        if shown.get("vlan") and shown.get("qos"):
+            vlan += f"/{shown['qos']}"
+        rate = f"{shown.get('min_tx_rate', 0)}-{shown.get('max_tx_rate', 0)}" if shown.get("max_tx_rate") else "-"
+        onoff = {True: "on", False: "off", None: "-"}
+        rows.append((str(index), props.get("Address", "?"), props.get("Driver") or "-", shown.get("mac") or "-", vlan,
+                     onoff[shown.get("spoofchk")], onoff[shown.get("trust")], shown.get("link_state", "-"), rate,
+                     vf_settings_text(wanted) if wanted else "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [f"VFs of {pf}"] + ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+
+
+def show_text(props: dict[str, Any] | None, explain: dict[str, Any], vfs: list[dict[str, Any]] | None = None) -> str:
     address = explain.get("address") or (props or {}).get("Address", "?")
     verdict = explain.get("verdict") or (
         "may be handed to a VM" if explain.get("allowed") else "may not be handed to a VM")
@@ -229,6 +273,10 @@ def show_text(props: dict[str, Any] | None, explain: dict[str, Any]) -> str:
                 value = "-"
             elif key in ("vendor_id", "device_id", "subsystem_vendor_id", "subsystem_device_id"):
                 value = _hex(value)
+            if key in ("vf_settings", "desired_vf_settings"):
+                if not props.get("PhysicalFunction"):
+                    continue  # a PF's VFs are in the table below
+                value = vf_settings_text(value) if value else "-"
             pairs.append((_label(key), "\n".join(value) if key == "protection_reasons" and value
                           else fmt_value(value)))
         lines += [""] + _block("Device", pairs)
@@ -246,6 +294,8 @@ def show_text(props: dict[str, Any] | None, explain: dict[str, Any]) -> str:
             text = fmt_value(value)
         pairs.append((_label(key), text))
     lines += [""] + _block("Explain", pairs)
+    if vfs:
+        lines += [""] + vf_table(str(address), vfs)
     return "\n".join(lines)
 
 

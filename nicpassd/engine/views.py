@@ -36,6 +36,10 @@ class DeviceView:
     desired_driver: str
     desired_vfs: int  # -1 when no VF count is persisted
     drift: str
+    # A VF's settings as its PF's driver reports them, and those persisted for it: (name, value)
+    # pairs of VfSettings fields (a setting the driver does not report is left out).
+    vf_settings: tuple[tuple[str, object], ...] = ()
+    desired_vf_settings: tuple[tuple[str, object], ...] = ()
 
     def changed_fields(self, other: "DeviceView") -> dict[str, object]:
         return {name: getattr(other, name) for name in _FIELDS if getattr(self, name) != getattr(other, name)}
@@ -121,6 +125,12 @@ def build_views(snapshot: HostSnapshot, protected: ProtectedSet, store: StateSto
         drift = _drift(function, snapshot, desire, desired_driver)
         if address in notes and not drift.startswith("identity"):
             drift = f"{drift}; {notes[address]}" if drift else notes[address]
+        shown, wanted = _vf_settings(address, function, snapshot, store)
+        if wanted:
+            differ = [f"{name.replace('_', ' ')} {value}" for name, value in wanted if dict(shown).get(name) != value]
+            if differ:
+                drift = f"{drift}; " if drift else ""
+                drift += f"VF settings persisted and not shown: {', '.join(differ)}"
         views[address] = DeviceView(
             address=address,
             vendor_id=function.vendor_id,
@@ -142,5 +152,22 @@ def build_views(snapshot: HostSnapshot, protected: ProtectedSet, store: StateSto
             desired_driver=desired_driver,
             desired_vfs=desire.num_vfs if desire is not None and desire.num_vfs is not None else -1,
             drift=drift,
+            vf_settings=shown,
+            desired_vf_settings=wanted,
         )
     return views
+
+
+def _vf_settings(address: str, function: PciFunction, snapshot: HostSnapshot,
+                 store: StateStore) -> tuple[tuple[tuple[str, object], ...], tuple[tuple[str, object], ...]]:
+    settings = snapshot.vf_settings_of(address)
+    shown = () if settings is None else tuple(
+        (name, value) for name, value in vars(settings).items() if name != "index" and value is not None)
+    wanted: tuple[tuple[str, object], ...] = ()
+    parent = store.get(function.physfn) if function.physfn else None
+    pf = snapshot.functions.get(function.physfn) if function.physfn else None
+    if parent is not None and pf is not None and address in pf.virtfns:
+        desire = parent.vf_settings.get(str(pf.virtfns.index(address)))
+        if desire is not None:
+            wanted = tuple(desire.model_dump().items())
+    return shown, wanted

@@ -161,15 +161,25 @@ PROPERTY_NAMES = {
     "interfaces": "Interfaces", "physical_function": "PhysicalFunction", "total_vfs": "TotalVfs",
     "num_vfs": "NumVfs", "protected": "Protected", "protection_reasons": "ProtectionReasons",
     "leased_to": "LeasedTo", "persisted": "Persisted", "desired_driver": "DesiredDriver",
-    "desired_vfs": "DesiredVfs", "drift": "Drift",
+    "desired_vfs": "DesiredVfs", "drift": "Drift", "vf_settings": "VfSettings",
+    "desired_vf_settings": "DesiredVfSettings",
 }
 PROPERTY_SIGNATURES = {
     "is_network": "b", "iommu_group": "i", "interfaces": "as", "total_vfs": "u", "num_vfs": "u",
     "protected": "b", "protection_reasons": "as", "persisted": "b", "desired_vfs": "i",
+    "vf_settings": "a{sv}", "desired_vf_settings": "a{sv}",
 }
+VF_SETTING_SIGNATURES = {"mac": "s", "vlan": "u", "qos": "u", "vlan_proto": "s", "spoofchk": "b", "trust": "b",
+                         "link_state": "s", "min_tx_rate": "u", "max_tx_rate": "u", "rss_query": "b"}
+
+
+def vf_settings_to_dbus(pairs) -> dict[str, Variant]:
+    return {name: Variant(VF_SETTING_SIGNATURES[name], value) for name, value in pairs}
 
 
 def _dbus_value(field: str, value):
+    if field in ("vf_settings", "desired_vf_settings"):
+        return vf_settings_to_dbus(value)
     return list(value) if isinstance(value, tuple) else value
 
 
@@ -271,6 +281,16 @@ class DeviceInterface(ServiceInterface):
     def Drift(self) -> "s":
         return self.view.drift
 
+    @dbus_property(access=PropertyAccess.READ)
+    def VfSettings(self) -> "a{sv}":
+        """A VF's settings as its PF's driver reports them ({} for a function that is not a VF)."""
+        return vf_settings_to_dbus(self.view.vf_settings)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def DesiredVfSettings(self) -> "a{sv}":
+        """The settings persisted for this VF ({} when none)."""
+        return vf_settings_to_dbus(self.view.desired_vf_settings)
+
 
 class ManagerInterface(ServiceInterface):
     def __init__(self, engine: Engine, authorizer: Authorizer) -> None:
@@ -359,6 +379,34 @@ class ManagerInterface(ServiceInterface):
             self.refusals.log(caller()[0], "BindEach", text)
             answer.append([device, ERROR_PREFIX + error.name, text[:MAX_ERROR_TEXT]])
         return answer
+
+    @method()
+    @dbus_errors
+    @authorized(ACTION_MANAGE)
+    async def SetVfSettings(self, device: "s", settings: "a{sv}", options: "a{sv}") -> "a{sv}":
+        """A VF's settings (``device``: the VF, or "PF:index"), as ``ip link set PF vf N ...``:
+        ``mac`` s, ``vlan`` u, ``qos`` u, ``vlan_proto`` s ("802.1Q"/"802.1ad"), ``spoofchk`` b,
+        ``trust`` b, ``link_state`` s ("auto"/"enable"/"disable"), ``min_tx_rate`` u,
+        ``max_tx_rate`` u (Mbit/s). Written through the PF's driver and read back; persisted
+        (re-applied whenever the VF is created) unless options ``persist`` b is false. Returns
+        what the kernel shows after. NotSupported when the driver does not implement a setting,
+        InvalidArgument when it refuses the value; what was applied before a refusal is put back."""
+        _known_options(options, ("persist", "force"))
+        persist = _option(options, "persist", bool, True)
+        force = _option(options, "force", bool, False)
+        values = {}
+        for name, variant in settings.items():
+            if name not in VF_SETTING_SIGNATURES or name == "rss_query":
+                raise InvalidArgument(f"unknown VF setting {name!r}",
+                                      f"use {', '.join(n for n in VF_SETTING_SIGNATURES if n != 'rss_query')}")
+            if variant.signature != VF_SETTING_SIGNATURES[name]:
+                raise InvalidArgument(f"VF setting {name!r} must be of D-Bus type {VF_SETTING_SIGNATURES[name]!r}, "
+                                      f"not {variant.signature!r}")
+            values[name] = variant.value
+        who = await self._authorize_force(force)
+        after = await self.engine.set_vf_settings(device, values, persist=persist, force=force, caller=who)
+        return vf_settings_to_dbus((name, value) for name, value in vars(after).items()
+                                   if name != "index" and value is not None)
 
     @method()
     @dbus_errors

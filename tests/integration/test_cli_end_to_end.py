@@ -141,3 +141,34 @@ def test_persisted_binding_shows_drift_after_a_simulated_reboot(private_bus, pol
         assert devices["0000:af:00.0"]["persisted"] is True
         assert devices["0000:5e:00.0"]["persisted"] is False  # --runtime left no trace
         assert driver(rebooted, "0000:5e:00.0") == "mlx5_core"
+
+
+def test_vf_settings_from_the_command_line_and_the_vf_table_of_show(private_bus, daemon):
+    """Issue 14: `nicpassctl vf` as `ip link set PF vf N` takes it; `show PF` lists the VFs with
+    their settings like `ip link show`; bad words are usage errors; what the driver does not
+    implement says so and exits 1."""
+    assert nicpassctl(private_bus, "vfs", "enp59s0f0", "2").returncode == 0
+    result = nicpassctl(private_bus, "vf", "enp59s0f0:1", "mac", "02:00:00:00:00:07", "vlan", "30", "qos", "2",
+                        "trust", "on")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ("enp59s0f0:1: mac 02:00:00:00:00:07, vlan 30, qos 2, proto 802.1Q, spoofchk on, "
+                                     "trust on, state auto (persisted)")
+    shown = nicpassctl(private_bus, "show", "enp59s0f0")
+    assert shown.returncode == 0, shown.stderr
+    table = shown.stdout.split("VFs of 0000:3b:00.0\n", 1)[1].splitlines()
+    assert table[0].split() == ["VF", "ADDRESS", "DRIVER", "MAC", "VLAN", "SPOOFCHK", "TRUST", "STATE", "RATE",
+                                "PERSISTED"]
+    assert table[2].split()[:8] == ["1", "0000:3b:02.1", "iavf", "02:00:00:00:00:07", "30/2", "on", "on", "auto"]
+    as_json = json.loads(nicpassctl(private_bus, "--json", "show", "enp59s0f0").stdout)
+    assert as_json["vfs"][1]["desired_vf_settings"] == {"mac": "02:00:00:00:00:07", "vlan": 30, "qos": 2,
+                                                        "trust": True}
+    vf = nicpassctl(private_bus, "show", "0000:3b:02.1").stdout
+    assert "vf settings" in vf and "mac 02:00:00:00:00:07" in vf
+
+    for words, fragment in ((["mac"], "has no value"), (["colour", "red"], "unknown VF setting"),
+                            (["trust", "yes"], "on or off"), (["vlan", "ten"], "whole number")):
+        result = nicpassctl(private_bus, "vf", "enp59s0f0:0", *words)
+        assert (result.returncode, result.stdout) == (2, ""), result
+        assert fragment in result.stderr
+    result = nicpassctl(private_bus, "vf", "enp59s0f0:0", "vlan", "5", "proto", "802.1ad")
+    assert result.returncode == 1 and "i40e" in result.stderr and "802.1Q only" in result.stderr, result

@@ -280,3 +280,25 @@ async def test_a_change_answers_before_the_re_read_of_what_it_did_and_readers_ne
             break
         await asyncio.sleep(0.01)
     assert arrivals == ["answer", *(f"Driver of {device_path(vf)}" for vf in vfs)]
+
+
+async def test_vf_settings_through_the_bus_typed_errors_and_the_vf_object_s_properties(service, client):
+    """Issue 14: SetVfSettings answers what the kernel shows; the VF's object carries VfSettings
+    and DesiredVfSettings; a setting the driver does not implement is NotSupported, naming it."""
+    reply = await call(client, "SetVfCount", "sua{sv}", ["0000:3b:00.0", 2, {}])
+    assert reply.message_type == MessageType.METHOD_RETURN, reply.body
+    settings = {"mac": Variant("s", "02:00:00:00:00:42"), "vlan": Variant("u", 12), "trust": Variant("b", True)}
+    reply = await call(client, "SetVfSettings", "sa{sv}a{sv}", ["enp59s0f0:1", settings, {}])
+    assert reply.message_type == MessageType.METHOD_RETURN, reply.body
+    answer = {name: variant.value for name, variant in reply.body[0].items()}
+    assert (answer["mac"], answer["vlan"], answer["trust"]) == ("02:00:00:00:00:42", 12, True)
+    vf = (await managed_objects(client))[device_path("0000:3b:02.1")][DEVICE_IFACE]
+    assert {k: v.value for k, v in vf["VfSettings"].value.items()}["mac"] == "02:00:00:00:00:42"
+    assert {k: v.value for k, v in vf["DesiredVfSettings"].value.items()} == {"mac": "02:00:00:00:00:42",
+                                                                               "vlan": 12, "trust": True}
+    reply = await call(client, "SetVfSettings", "sa{sv}a{sv}",
+                       ["0000:3b:02.0", {"vlan": Variant("u", 5), "vlan_proto": Variant("s", "802.1ad")}, {}])
+    assert reply.error_name == "org.nicpass.NicPass1.Error.NotSupported"
+    assert "i40e" in reply.body[0] and "vlan" in reply.body[0]
+    reply = await call(client, "SetVfSettings", "sa{sv}a{sv}", ["0000:3b:02.0", {"vlan": Variant("s", "5")}, {}])
+    assert reply.error_name == "org.nicpass.NicPass1.Error.InvalidArgument" and "type 'u'" in reply.body[0]

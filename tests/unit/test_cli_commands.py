@@ -212,10 +212,12 @@ def test_show(h, capsys):
     assert h.run("show", "enp59s0f0") == 0
     out = capsys.readouterr().out
     assert out.startswith("0000:3b:00.0 may be handed to a VM.")
-    explain, get_all = h.calls
+    explain, get_all, objects = h.calls  # a PF with VFs: their table comes from GetManagedObjects
     assert (explain.member, explain.signature, explain.body) == ("Explain", "s", ["enp59s0f0"])
     assert (get_all.path, get_all.body) == ("/org/nicpass/NicPass1/devices/0000_3b_00_0",
                                             ["org.nicpass.NicPass1.Device"])
+    assert objects.member == "GetManagedObjects"
+    assert "VFs of 0000:3b:00.0" in out and "0000:3b:02.0" in out.split("VFs of 0000:3b:00.0", 1)[1]
 
 
 def test_show_json(h, capsys):

@@ -13,8 +13,6 @@ from nicpassd.errors import Busy, InvalidArgument, NotFound, NotSupported, Prote
 from nicpassd.host import vf_netlink
 from nicpassd.host.host import Host
 
-from conftest import fast_config
-
 PF = "0000:3b:00.0"  # i40e, enp59s0f0; VFs on iavf
 IGB = "0000:01:00.1"  # igb, eno2; VFs on igbvf
 MLX = "0000:5e:00.0"  # mlx5_core
@@ -133,8 +131,8 @@ async def test_not_a_vf_or_no_such_vf_is_refused(sim):
     assert sim.writer.calls == []
 
 
-async def test_a_vf_on_the_management_path_is_protected(make_sim):
-    sim = make_sim(config=fast_config(management_interfaces=["eno1", "enp59s0f0v0"]))
+async def test_a_vf_on_the_management_path_is_protected(make_sim, sim_tools):
+    sim = make_sim(config=sim_tools.fast_config(management_interfaces=["eno1", "enp59s0f0v0"]))
     vfs = await with_vfs(sim, PF, 1)
     sim.engine.refresh()
     with pytest.raises(Protected):
