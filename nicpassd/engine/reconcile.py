@@ -77,6 +77,9 @@ class Reconciler:
     # ------------------------------------------------------------------ triggers
     def note(self, event: UEvent) -> None:
         """Called by the engine for every uevent, before the coalesced refresh."""
+        if event.subsystem == "route" and self._holds_vf_settings(event.sys_name):
+            self._wanted = True  # `ip link set PF vf N ...` by someone else: the kernel's RTM_NEWLINK
+            return
         if event.action not in RELEVANT.get(event.subsystem, ()):
             return
         if event.subsystem == "pci":
@@ -86,6 +89,12 @@ class Reconciler:
             elif event.action == "remove":
                 self.holds.release(event.sys_name)  # a runtime change ends with its device
         self._wanted = True
+
+    def _holds_vf_settings(self, interface: str) -> bool:
+        """Is ``interface`` a PF with VF settings persisted (a link change of it may be theirs)?"""
+        link = self.view.snapshot.links.get(interface) if interface else None
+        desire = self.view.store.get(link.device) if link is not None and link.device else None
+        return desire is not None and bool(desire.vf_settings)
 
     def events_settled(self) -> None:
         """Called after the refresh that took a burst of uevents in."""

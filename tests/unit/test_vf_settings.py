@@ -179,3 +179,23 @@ async def test_a_runtime_change_holds_the_vf_against_its_persisted_settings(sim)
     outcomes = await sim.engine.reconcile()
     assert [(o.address, o.result.value) for o in outcomes] == [(vfs[0], "not-applied")]
     assert kernel_settings(sim, "enp59s0f0")[0].trust is False
+
+
+async def test_a_change_behind_nicpassd_s_back_is_put_back_by_the_automatic_run(sim):
+    """`ip link set PF vf 0 trust off` by someone else: the kernel's RTM_NEWLINK of the PF starts
+    a reconcile run, which puts the persisted setting back."""
+    vfs = await with_vfs(sim, PF, 1)
+    await sim.engine.set_vf_settings(vfs[0], {"trust": True})
+    sim.engine.reconciler.auto = True
+    sim.engine.reconciler.poke()  # whatever earlier events asked for, done first
+    await sim.engine.reconciler.idle()
+    current = kernel_settings(sim, "enp59s0f0")[0]
+    request = vf_netlink.encode_set("enp59s0f0", vf_netlink.vf_attributes(0, vf_netlink.VfChange(trust=False),
+                                                                          current)[0][1])
+    vf_netlink.check_ack(sim.kernel.netlink(request))
+    for _ in range(50):
+        await settle()
+        await sim.engine.reconciler.idle()
+        if kernel_settings(sim, "enp59s0f0")[0].trust:
+            break
+    assert kernel_settings(sim, "enp59s0f0")[0].trust is True

@@ -1,0 +1,59 @@
+"""Issue 14 on a real igb (82576 as QEMU emulates it, Linux 6.1): VF settings set through nicpassctl
+are what the kernel's own `ip -d link show` lists, refusals name the driver, and the persisted
+settings come back when the VFs are created again or changed behind nicpassd's back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from .conftest import IGB
+
+pytestmark = pytest.mark.e2e
+MAC = "02:00:00:00:00:51"
+
+
+def vf_lines(g, interface: str) -> list[dict]:
+    """The kernel's view: `ip -j -d link show PF`'s VF list."""
+    out = g.run(["ip", "-j", "-d", "link", "show", "dev", interface]).check().stdout
+    return json.loads(out)[0].get("vfinfo_list", [])
+
+
+def wanted(vf: dict) -> bool:
+    vlans = vf.get("vlan_list") or [{}]
+    return (vf.get("address") == MAC and vlans[0].get("vlan") == 12 and vlans[0].get("qos") == 3
+            and vf.get("spoofchk") is False and vf.get("trust") is True)
+
+
+def test_settings_reach_the_kernel_refusals_name_igb_and_persisted_ones_come_back(g):
+    assert g.ctl("vfs", IGB, "2").returncode == 0
+    pf = g.fn(IGB)
+    interface, vfs = pf["net"][0], pf["virtfns"]
+    result = g.ctl("vf", f"{IGB}:1", "mac", MAC, "vlan", "12", "qos", "3", "trust", "on", "spoofchk", "off")
+    assert result.returncode == 0, result.stderr + g.journal(20)
+    shown = vf_lines(g, interface)
+    assert wanted(shown[1]), shown
+    assert shown[0].get("address") != MAC and not (shown[0].get("vlan_list") or [{}])[0].get("vlan")
+    # igbvf was probed again and took the administrative MAC
+    vf = g.wait(lambda s: s["functions"][vfs[1]]["driver"] == "igbvf" and s["functions"][vfs[1]]["net"], 30,
+                what="igbvf back on the VF")["functions"][vfs[1]]
+    assert g.run(["cat", f"/sys/class/net/{vf['net'][0]}/address"]).check().stdout.strip() == MAC
+    as_json = {d["address"]: d for d in g.ctl_json("list")}
+    assert as_json[vfs[1]]["desired_vf_settings"] == {"mac": MAC, "vlan": 12, "qos": 3, "trust": True,
+                                                      "spoofchk": False}
+
+    # igb has no ndo_set_vf_link_state, and only tags 802.1Q
+    result = g.ctl("vf", vfs[0], "state", "disable")
+    assert result.returncode == 1 and "igb" in result.stderr and "link state" in result.stderr, result
+    result = g.ctl("vf", vfs[0], "vlan", "7", "proto", "802.1ad")
+    assert result.returncode == 1 and "igb" in result.stderr, result
+    assert not (vf_lines(g, interface)[0].get("vlan_list") or [{}])[0].get("vlan")  # nothing left half-done
+
+    # Changed behind nicpassd's back: the kernel's RTM_NEWLINK of the PF, and it is put back.
+    g.run(["ip", "link", "set", interface, "vf", "1", "trust", "off"]).check()
+    g.wait(lambda _s: wanted(vf_lines(g, interface)[1]), 30, what="the persisted trust put back")
+    # The VFs gone and created again (what a reboot or a PF reset does): the settings come back.
+    g.run(["sh", "-c", f"echo 0 > /sys/bus/pci/devices/{IGB}/sriov_numvfs"]).check()
+    g.wait(lambda s: s["functions"][IGB]["sriov_numvfs"] == 2 and len(vf_lines(g, interface)) == 2
+           and wanted(vf_lines(g, interface)[1]), 60, what="the VFs and VF 1's settings back")
