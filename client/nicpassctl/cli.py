@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("count", metavar="COUNT", type=_count)
     p.add_argument("--runtime", action="store_true", help="change it now only; do not persist")
     p.add_argument("--vfio", action="store_true", help="bind the new VFs to vfio-pci")
+    macs = p.add_mutually_exclusive_group()
+    macs.add_argument("--stable-macs", dest="stable_macs", action="store_const", const=True, default=None,
+                      help="give every VF a MAC derived from the PF's and its index, the same after every reboot")
+    macs.add_argument("--no-stable-macs", dest="stable_macs", action="store_const", const=False,
+                      help="stop deriving the VFs' MACs (the MACs set stay until the VFs are re-created)")
     p.add_argument("--force", action="store_true",
                    help="override a guard protection that is not on the management path (asks for "
                         "org.nicpass.NicPass1.force; logged)")

@@ -196,6 +196,8 @@ async def cmd_vfs(client, args) -> ExitCode:
         options["driver"] = "vfio-pci"
     if getattr(args, "force", False):
         options["force"] = True
+    if getattr(args, "stable_macs", None) is not None:
+        options["stable_macs"] = args.stable_macs
     await client.manager("SetVfCount", "sua{sv}", [args.device, args.count], options=options, mutate=True)
     if args.json:
         emit_json({"device": args.device, "count": args.count, "persist": not args.runtime,

@@ -216,7 +216,9 @@ class Engine:
         return await self.reconciler.run(explicit=True)
 
     async def set_vf_count(self, device: str, count: int, *, persist: bool = True, driver: str = "",
-                           force: bool = False, caller: str = "") -> None:
+                           force: bool = False, caller: str = "", stable_macs: bool | None = None) -> None:
+        """``stable_macs``: from now on (True) or no longer (False) give each VF without a persisted
+        MAC one derived from the PF's permanent MAC and the VF index (None: as persisted)."""
         view = self.view
         address = view.resolve(device)
         function = view.snapshot.functions[address]
@@ -228,6 +230,11 @@ class Engine:
                                   f"ask for 0 to {function.total_vfs}")
         if driver not in ("", VFIO):
             raise InvalidArgument(f"VF driver {driver!r} is not supported; use \"vfio-pci\" or leave it empty")
+        if stable_macs is not None and not persist:
+            raise InvalidArgument("stable MACs are a persisted setting of the PF; they cannot be --runtime")
+        if stable_macs and not (function.permanent_mac or self._recorded_mac(address)):
+            raise NotSupported(f"{view.label(address)} shows no permanent MAC to derive its VFs' MACs from",
+                               "give it back to its host driver first")
         async with self.ops.lock:
             lap("lock")
             view.refresh_for([address])
@@ -239,7 +246,8 @@ class Engine:
             lap("guard")
             await self.ops.set_vf_count(address, count, driver)
             try:
-                await self._commit([address], persist, num_vfs=count, vf_driver=driver if count else "")
+                extra = {} if stable_macs is None else {"stable_macs": stable_macs}
+                await self._commit([address], persist, num_vfs=count, vf_driver=driver if count else "", **extra)
             except NotPersisted as exc:
                 raise exc.with_note(await self.ops.restore_vfs(address, before, before_drivers)) from None
             lap("state")
@@ -434,6 +442,10 @@ class Engine:
             view.mark([pf])
         self.reconciler.poke()
         return after
+
+    def _recorded_mac(self, address: str) -> str:
+        desire = self.store.get(address)
+        return desire.identity.permanent_mac if desire is not None else ""
 
     def _vf_of(self, device: str) -> tuple[str, int]:
         """(PF address, VF index) of a VF argument or of "PF:index"."""

@@ -17,6 +17,7 @@ from typing import Container
 from nicpassd.engine.guard import ProtectedSet, refuse_if_protected
 from nicpassd.engine.results import SKIPPED, Action, Result, StepOutcome
 from nicpassd.engine.store import DeviceDesire, identity_of
+from nicpassd.engine.vf_settings import desired_settings
 from nicpassd.errors import Protected
 from nicpassd.host.kernelio import PASSTHROUGH_DRIVERS
 from nicpassd.host.model import HostSnapshot, PciFunction
@@ -170,7 +171,7 @@ def make_plan(snapshot: HostSnapshot, desires: dict[str, DeviceDesire], protecte
             recreating.add(address)
 
     for address, desire in desires.items():
-        if desire.vf_settings and address not in refused and address not in recreating:
+        if (desire.vf_settings or desire.stable_macs) and address not in refused and address not in recreating:
             _plan_vf_settings(plan, snapshot, address, desire, leased, holds, blocked, guard_problem)
 
     for address, function in snapshot.functions.items():
@@ -205,13 +206,13 @@ def _plan_vf_settings(plan: Plan, snapshot: HostSnapshot, pf: str, desire: Devic
     function = snapshot.functions.get(pf)
     if function is None or not function.interfaces:
         return
-    for key, wanted in sorted(desire.vf_settings.items(), key=lambda item: int(item[0])):
-        index = int(key)
+    pf_mac = desire.identity.permanent_mac or function.permanent_mac
+    for index, wanted in sorted(desired_settings(desire, pf_mac, len(function.virtfns)).items()):
         if index >= len(function.virtfns):
             continue  # not created (yet): applied when the VF count is
         vf = function.virtfns[index]
         current = snapshot.vf_settings_of(vf)
-        todo = {name: value for name, value in wanted.model_dump(exclude_none=True).items()
+        todo = {name: value for name, value in wanted.items()
                 if current is not None and getattr(current, name) != value}
         if not todo:
             continue

@@ -156,6 +156,7 @@ class DeviceDesire(BaseModel):
     num_vfs: int | None = Field(None, ge=0, le=4096)  # for a PF: VFs to create
     vf_driver: PersistedDriver = ""  # for a PF: driver for its VFs ("" = host driver)
     vf_settings: dict[str, VfDesire] = Field(default_factory=dict)  # v3: for a PF: VF index -> settings
+    stable_macs: bool = False  # v3: for a PF: each VF without a persisted MAC gets one derived from the PF's
 
     @model_validator(mode="after")
     def _vf_indexes(self) -> "DeviceDesire":
@@ -166,7 +167,8 @@ class DeviceDesire(BaseModel):
 
     @property
     def empty(self) -> bool:
-        return not self.driver and self.num_vfs is None and not self.vf_driver and not self.vf_settings
+        return (not self.driver and self.num_vfs is None and not self.vf_driver and not self.vf_settings
+                and not self.stable_macs)
 
 
 class DesiredState(BaseModel):
@@ -204,7 +206,7 @@ def _v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _v2_to_v3(data: dict[str, Any]) -> dict[str, Any]:
-    """v3 adds a PF's ``vf_settings`` (none in a v2 file)."""
+    """v3 adds a PF's ``vf_settings`` and ``stable_macs`` (none in a v2 file)."""
     return {**data, "version": 3}
 
 

@@ -16,6 +16,7 @@ reconciler. The kernel rules (README, "VF settings"; ``nicpassd.host.vf_netlink`
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 from dataclasses import fields
 from typing import Callable, Protocol
@@ -37,6 +38,25 @@ class Operations(Protocol):
     label: Callable[[str], str]
 
     async def reprobe(self, address: str) -> None: ...
+
+
+# ---------------------------------------------------------------------------- stable MACs
+def stable_mac(pf_mac: str, index: int) -> str:
+    """A VF's MAC that survives every reboot: derived from its PF's permanent MAC and its index,
+    locally administered (bit 1 of the first octet) and unicast (bit 0 clear). A hash, not
+    "PF MAC + index": the ports of one card have consecutive MACs, and their VFs must not meet."""
+    digest = hashlib.sha256(f"nicpassd-vf-mac:{pf_mac.lower()}:{index}".encode()).digest()
+    return ":".join(f"{byte:02x}" for byte in bytes([(digest[0] & 0xFC) | 0x02, *digest[1:6]]))
+
+
+def desired_settings(desire, pf_mac: str, count: int) -> dict[int, dict[str, object]]:
+    """VF index -> the settings persisted for it, stable MACs included (for the first ``count``
+    VFs when the PF asks for them and its permanent MAC is known)."""
+    wanted = {int(key): value.model_dump() for key, value in desire.vf_settings.items()}
+    if desire.stable_macs and pf_mac:
+        for index in range(count):
+            wanted.setdefault(index, {}).setdefault("mac", stable_mac(pf_mac, index))
+    return wanted
 
 
 # ---------------------------------------------------------------------------- arguments
@@ -146,7 +166,14 @@ async def apply(ops: Operations, pf: str, index: int, change: VfChange, current:
         vf = vfs[index]
         vf_driver = host.driver_of(vf)
         if vf_driver and vf_driver not in PASSTHROUGH_DRIVERS:
-            await ops.reprobe(vf)  # its driver takes the new MAC when it probes (kernel rules above)
+            if host.interface_up(interface):
+                await ops.reprobe(vf)  # its driver takes the new MAC when it probes (kernel rules above)
+            else:
+                # igb answers a probing VF's mailbox only while the PF is up: a reprobe now would
+                # give the VF another random MAC ("PF still in reset state. Is the PF interface up?").
+                log.warning("VF %d of %s: the MAC %s is set, but %s is down: %s takes it when %s is up and "
+                            "the VF is probed again (or a VM's driver resets it)", index, ops.label(pf),
+                            todo.mac, interface, vf_driver, interface, extra={"device": pf, "action": "vf"})
     log.info("VF %d of %s: %s", index, ops.label(pf), describe(todo), extra={"device": pf, "action": "vf"})
     return after
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 
 from nicpassd.engine.guard import ProtectedSet
 from nicpassd.engine.store import DeviceDesire, StateStore, identity_of
+from nicpassd.engine.vf_settings import desired_settings
 from nicpassd.errors import InvalidArgument, NotFound
 from nicpassd.host.model import HostSnapshot, PciFunction
 
@@ -167,7 +168,8 @@ def _vf_settings(address: str, function: PciFunction, snapshot: HostSnapshot,
     parent = store.get(function.physfn) if function.physfn else None
     pf = snapshot.functions.get(function.physfn) if function.physfn else None
     if parent is not None and pf is not None and address in pf.virtfns:
-        desire = parent.vf_settings.get(str(pf.virtfns.index(address)))
-        if desire is not None:
-            wanted = tuple(desire.model_dump().items())
+        pf_mac = parent.identity.permanent_mac or pf.permanent_mac
+        desired = desired_settings(parent, pf_mac, len(pf.virtfns)).get(pf.virtfns.index(address))
+        if desired:
+            wanted = tuple(desired.items())
     return shown, wanted

@@ -70,6 +70,13 @@ class Host:
         """Just the driver link: the cheap read of a verification loop ("" for none or gone)."""
         return kernelio.link_name(f"{self._pci_root}/{address}/driver")
 
+    def interface_up(self, name: str) -> bool:
+        """Is the netdev administratively up (IFF_UP in its flags)?"""
+        try:
+            return bool(int(kernelio.read_text(self.paths.class_net / name / "flags", "0"), 16) & 0x1)
+        except ValueError:
+            return False
+
     def interfaces_of(self, address: str) -> tuple[str, ...]:
         """The netdevs on a function (``net/``, or under a virtio device), cheaply."""
         base = f"{self._pci_root}/{address}"

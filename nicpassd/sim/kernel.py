@@ -275,8 +275,11 @@ class SimKernel:
         net_dir.mkdir(parents=True)
         if device.physfn:
             # The VF driver takes the administrative MAC its PF holds, else picks a random one.
-            settings = self._devices[device.physfn].vf_settings
+            pf = self._devices[device.physfn]
+            settings = pf.vf_settings
             admin = settings[device.vf_index].mac if device.vf_index < len(settings) else ""
+            if not sim_vf_settings.vf_reaches_pf(pf.driver, pf.spec.carrier):
+                admin = ""  # igb: "PF still in reset state. Is the PF interface up?" -> a random MAC
             mac, assign_type = admin or _vf_mac(address), "1"
         else:
             mac, assign_type = device.spec.mac or _vf_mac(address), "0"
@@ -307,6 +310,7 @@ class SimKernel:
         values = {
             "address": mac, "addr_assign_type": assign_type, "ifindex": str(self._ifindex),
             "operstate": "up" if carrier else "down", "carrier": "1" if carrier else "0",
+            "flags": "0x1003" if carrier else "0x1002",  # IFF_UP: a simulated netdev with a link is up
             "type": "1", "mtu": "1500",
         }
         self._ifindex += 1

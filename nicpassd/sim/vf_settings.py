@@ -31,16 +31,22 @@ class DriverSupport:
     rate_needs_link: bool = False  # igb: a rate only at 1 Gbit/s link speed
     rss_query: bool = False
     default_spoofchk: bool = True
+    pf_must_be_up: bool = False  # igb: the VF's mailbox (its MAC at probe) is served only while the PF is up
 
 
 DRIVERS = {
-    "igb": DriverSupport(link_state=False, rate_needs_link=True),
+    "igb": DriverSupport(link_state=False, rate_needs_link=True, pf_must_be_up=True),
     "i40e": DriverSupport(),
     "ixgbe": DriverSupport(rss_query=True),
     "ice": DriverSupport(),
     "mlx5_core": DriverSupport(protocols=("802.1Q", "802.1ad"), min_rate=True, default_spoofchk=False),
 }
 NO_SUPPORT = DriverSupport(mac=False, vlan=False, spoofchk=False, trust=False, link_state=False, max_rate=False)
+
+
+def vf_reaches_pf(driver: str, pf_up: bool) -> bool:
+    """Does a probing VF get its administrative MAC from its PF's driver?"""
+    return pf_up or not DRIVERS.get(driver, NO_SUPPORT).pf_must_be_up
 
 
 def defaults(driver: str, count: int) -> list[VfSettings]:

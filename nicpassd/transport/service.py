@@ -332,12 +332,17 @@ class ManagerInterface(ServiceInterface):
     @dbus_errors
     @authorized(ACTION_MANAGE)
     async def SetVfCount(self, device: "s", count: "u", options: "a{sv}"):
-        _known_options(options, ("persist", "driver", "force"))
+        """options: ``persist`` b, ``driver`` s, ``force`` b; ``stable_macs`` b: every VF without a
+        persisted MAC gets one derived from the PF's permanent MAC and its index (persisted; absent:
+        as it was)."""
+        _known_options(options, ("persist", "driver", "force", "stable_macs"))
         persist = _option(options, "persist", bool, True)
         driver = _option(options, "driver", str, "")
         force = _option(options, "force", bool, False)
+        stable_macs = _option(options, "stable_macs", bool, None)
         who = await self._authorize_force(force)
-        await self.engine.set_vf_count(device, count, persist=persist, driver=driver, force=force, caller=who)
+        await self.engine.set_vf_count(device, count, persist=persist, driver=driver, force=force, caller=who,
+                                       stable_macs=stable_macs)
 
     @method()
     @dbus_errors

@@ -5,6 +5,7 @@ settings come back when the VFs are created again or changed behind nicpassd's b
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -26,10 +27,36 @@ def wanted(vf: dict) -> bool:
             and vf.get("spoofchk") is False and vf.get("trust") is True)
 
 
+def test_a_mac_set_while_the_pf_is_down_is_not_forced_on_igbvf(g):
+    """igb answers a probing VF's mailbox only while the PF is up ("PF still in reset state. Is the
+    PF interface up?"): the MAC is set in the PF and nicpassd says what takes it."""
+    assert g.ctl("vfs", IGB, "1").returncode == 0
+    pf = g.fn(IGB)
+    interface = pf["net"][0]
+    g.run(["ip", "link", "set", interface, "down"]).check()
+    result = g.ctl("vf", f"{IGB}:0", "mac", MAC)
+    assert result.returncode == 0, result.stderr
+    assert vf_lines(g, interface)[0]["address"] == MAC
+    said = f"{interface} is down: igbvf takes it when {interface} is up"
+    for _ in range(20):  # journald takes the line in on its own time
+        if said in g.journal(20):
+            break
+        time.sleep(0.5)
+    assert said in g.journal(20)
+
+
 def test_settings_reach_the_kernel_refusals_name_igb_and_persisted_ones_come_back(g):
     assert g.ctl("vfs", IGB, "2").returncode == 0
     pf = g.fn(IGB)
     interface, vfs = pf["net"][0], pf["virtfns"]
+    g.run(["ip", "link", "set", interface, "up"]).check()  # igbvf takes a MAC only from a PF that is up
+    try:
+        check_settings(g, interface, vfs)
+    finally:
+        g.run(["ip", "link", "set", interface, "down"])
+
+
+def check_settings(g, interface: str, vfs: list[str]) -> None:
     result = g.ctl("vf", f"{IGB}:1", "mac", MAC, "vlan", "12", "qos", "3", "trust", "on", "spoofchk", "off")
     assert result.returncode == 0, result.stderr + g.journal(20)
     shown = vf_lines(g, interface)

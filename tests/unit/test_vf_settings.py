@@ -199,3 +199,54 @@ async def test_a_change_behind_nicpassd_s_back_is_put_back_by_the_automatic_run(
         if kernel_settings(sim, "enp59s0f0")[0].trust:
             break
     assert kernel_settings(sim, "enp59s0f0")[0].trust is True
+
+
+async def test_stable_macs_are_derived_from_the_pf_and_the_index_and_survive_a_reboot(sim):
+    """Issue 14, item 4: locally administered unicast MACs, the same after every re-creation;
+    a VF's own persisted MAC wins; the two ports of one card never share a VF MAC."""
+    from nicpassd.engine.vf_settings import stable_mac
+
+    await sim.engine.set_vf_count(PF, 3, stable_macs=True)
+    await sim.engine.set_vf_settings(f"{PF}:2", {"mac": "02:00:00:00:00:99"})
+    await sim.engine.reconcile()
+    macs = [vf.mac for vf in kernel_settings(sim, "enp59s0f0").values()]
+    assert macs[:2] == [stable_mac("3c:fd:fe:a0:00:00", 0), stable_mac("3c:fd:fe:a0:00:00", 1)]
+    assert macs[2] == "02:00:00:00:00:99"
+    assert all(int(mac[:2], 16) & 0x3 == 0x2 for mac in macs)  # locally administered, unicast
+    sim.kernel.write(sim.dir(PF) / "sriov_numvfs", "0")  # a reboot's worth: the VFs and their MACs gone
+    sim.restart()
+    await sim.engine.reconcile()
+    await sim.engine.reconcile()
+    assert [vf.mac for vf in kernel_settings(sim, "enp59s0f0").values()] == macs
+    other_port = {stable_mac("3c:fd:fe:a0:00:01", index) for index in range(64)}
+    assert not other_port & {stable_mac("3c:fd:fe:a0:00:00", index) for index in range(64)}
+    with pytest.raises(InvalidArgument, match="persisted setting"):
+        await sim.engine.set_vf_count(PF, 3, persist=False, stable_macs=True)
+    await sim.engine.set_vf_count(PF, 3, stable_macs=False)
+    assert "stable_macs" not in json.loads(sim.state_json().read_text())["devices"][PF] or \
+        json.loads(sim.state_json().read_text())["devices"][PF]["stable_macs"] is False
+
+
+async def test_a_mac_for_a_vf_of_a_pf_that_is_down_is_set_and_the_vf_left_alone(make_sim, caplog):
+    """igb serves a probing VF's mailbox only while the PF is up ("PF still in reset state. Is the
+    PF interface up?"): a reprobe would only give the VF another random MAC. The MAC is set in
+    the PF's driver, the VF is not reprobed, and the log says what takes it."""
+    sim = make_sim("""
+[[functions]]
+address = "0000:02:00.0"
+vendor = "8086"
+device = "10c9"
+class = "0x020000"
+driver = "igb"
+netdev = "enp2s0"
+carrier = false
+iommu_group = 1
+sriov_totalvfs = 7
+vf_device = "10ca"
+vf_driver = "igbvf"
+""")
+    vfs = await with_vfs(sim, "0000:02:00.0", 1)
+    await sim.engine.set_vf_settings(vfs[0], {"mac": "02:00:00:00:00:61"})
+    assert kernel_settings(sim, "enp2s0")[0].mac == "02:00:00:00:00:61"
+    assert [parent for parent, _attr, _ in sim.writer.writes] == ["netlink"]  # no unbind, no probe
+    assert "enp2s0 is down: igbvf takes it when enp2s0 is up" in caplog.text
