@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from nicpassd.host import kernelio
+from nicpassd.host.model import VfSettings
 from nicpassd.atomicfile import atomic_write, atomic_write_async, keep_aside
 
 log = logging.getLogger(__name__)
@@ -46,12 +47,15 @@ class Lease:
     pidfile: str = ""  # where the QEMU PID will appear (absolute host path), given at prepare
     created: float = field(default_factory=time.time)
     # address -> {"driver": ..., "driver_override": ...}: the state before nicpassd changed it.
-    # A device absent here was already ready; a release never touches it. (nicpassd sets no VF
-    # MAC yet; when it does, the previous admin MAC belongs here too.)
+    # A device absent here was already ready; a release never touches it.
     changes: dict[str, dict[str, str]] = field(default_factory=dict)
+    # VF address -> its settings (MAC, VLAN, trust, ...) before the lease: whatever the VM or
+    # libvirt sets meanwhile, these go back at release, whichever driver the policy picks.
+    vf_settings: dict[str, dict[str, object]] = field(default_factory=dict)
 
 
 _FIELDS = {f.name for f in dataclasses.fields(Lease)}
+_VF_SETTINGS = {f.name for f in dataclasses.fields(VfSettings)} - {"index"}
 
 
 # The VM that holds what an unreadable lease file may have leased, until an admin releases it.
@@ -77,6 +81,11 @@ def _lease_from(item: dict) -> Lease:
     if not isinstance(changes, dict) or not all(
             isinstance(v, dict) and all(isinstance(x, str) for x in v.values()) for v in changes.values()):
         raise ValueError("lease changes are not {address: {field: text}}")
+    settings = known.get("vf_settings", {})
+    if not isinstance(settings, dict) or not all(
+            isinstance(v, dict) and set(v) <= _VF_SETTINGS and all(isinstance(x, (str, int)) for x in v.values())
+            for v in settings.values()):
+        raise ValueError("lease vf_settings are not {address: {setting: value}}")
     if any(known.get(key, 0) < 0 for key in ("expires", "pid", "pid_start")):
         raise ValueError("a negative time or pid in a lease")
     return Lease(**known)
@@ -138,13 +147,14 @@ class LeaseTable:
         return [lease for lease in self.leases.values() if lease.vm_uuid == vm_uuid]
 
     def add(self, vm_name: str, vm_uuid: str, devices: list[str], *, expires: float,
-            changes: dict[str, dict[str, str]] | None = None, pidfile: str = "", save: bool = True) -> Lease:
+            changes: dict[str, dict[str, str]] | None = None, pidfile: str = "", save: bool = True,
+            vf_settings: dict[str, dict[str, object]] | None = None) -> Lease:
         holder = self.holder()
         taken = [device for device in devices if device in holder]
         if taken:  # the engine checks first; this is the last line against a double lease
             raise ValueError(f"{', '.join(taken)} already leased to VM {holder[taken[0]]}")
         lease = Lease(uuid.uuid4().hex, vm_name, vm_uuid, sorted(devices), expires=expires,
-                      pidfile=pidfile, changes=dict(changes or {}))
+                      pidfile=pidfile, changes=dict(changes or {}), vf_settings=dict(vf_settings or {}))
         self.leases[lease.lease_id] = lease
         if save:
             self.save()

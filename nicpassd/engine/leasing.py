@@ -33,10 +33,12 @@ from nicpassd.engine.hostview import HostView
 from nicpassd.engine.lease_watch import LeaseWatch
 from nicpassd.engine.leases import ACTIVE, Lease, LeaseTable
 from nicpassd.engine.operations import Operations
+from nicpassd.engine.vf_settings import SETTINGS as SETTABLE
 from nicpassd.engine.views import FULL_ADDRESS, SHORT_ADDRESS, label, resolve_device
 from nicpassd.errors import Busy, InvalidArgument, KernelError, NicpassError, NotFound, Protected
 from nicpassd.host.kernelio import PASSTHROUGH_DRIVERS, VFIO
 from nicpassd.host.procfs import valid_pid as _valid_pid
+from nicpassd.host.vf_netlink import VfChange
 
 log = logging.getLogger(__name__)
 
@@ -308,6 +310,14 @@ class LeaseKeeper:
         released with the policy."""
         ops = self.ops
         carried = {address: change for lease in previous for address, change in lease.changes.items()}
+        # A VF's settings as they are now (its VM or libvirt may set others); a re-prepare keeps
+        # the first record: that is what the host had before the VM.
+        vf_before = {address: settings for lease in previous for address, settings in lease.vf_settings.items()}
+        for address in addresses:
+            shown = self.view.snapshot.vf_settings_of(address)
+            if shown is not None and address not in vf_before:
+                vf_before[address] = {name: value for name, value in vars(shown).items()
+                                      if name in SETTABLE and value is not None}
         # Driver and driver_override: what the journal and the lease's changes record (cheap reads).
         befores = {address: ops.binding(address) for address in addresses}
         changed = [address for address, before in befores.items()
@@ -334,7 +344,7 @@ class LeaseKeeper:
                 await self._apply_policies([(address, carried.get(address)) for address in dropped])
             # Otherwise the replaced leases go in the same atomic write as the new one.
             lease = self.table.add(vm_name, vm_uuid, addresses, expires=expires, changes=changes, pidfile=pidfile,
-                                   save=False)
+                                   save=False, vf_settings={a: s for a, s in vf_before.items() if a in addresses})
             await self.table.save_async()
         return lease, previous
 
@@ -354,9 +364,38 @@ class LeaseKeeper:
             self.table.drop(lease.lease_id, save=False)
         if leases:
             await self.table.save_async()  # one write for all of them
+        # Settings first: a VF given back to its host driver then probes with its own MAC again.
+        await self._restore_vf_settings([(address, settings) for lease in leases
+                                         for address, settings in lease.vf_settings.items()])
         await self._apply_policies([(address, lease.changes.get(address))
                                     for lease in leases for address in lease.devices])
         return leases
+
+    async def _restore_vf_settings(self, items: list[tuple[str, dict[str, object]]]) -> None:
+        """Each VF's settings back to what they were before its lease (only what differs now;
+        libvirt, which restores an <interface type='hostdev'>'s MAC and VLAN itself, leaves
+        nothing to do here)."""
+        for address, before in items:
+            function = self.view.snapshot.functions.get(address)
+            parent = self.view.snapshot.functions.get(function.physfn) if function is not None else None
+            if parent is None or address not in parent.virtfns or not parent.interfaces:
+                log.info("release of %s: the VF or its PF is gone, no settings to restore", address)
+                continue
+            index = parent.virtfns.index(address)
+            current = next((s for s in self.host.read_vf_settings(parent.interfaces[0]) if s.index == index), None)
+            if current is None:
+                continue
+            change = VfChange(**{name: value for name, value in before.items()
+                                 if name in SETTABLE and getattr(current, name) != value})
+            if not change.asked():
+                continue
+            try:
+                await self.ops.set_vf_settings(parent.address, index, change, current)
+            except NicpassError as exc:
+                log.error("release of %s: restoring its VF settings failed: %s", address, exc)
+            else:
+                log.info("release of %s: VF settings back as before the lease", address,
+                         extra={"device": address, "action": "release"})
 
     def policy_for(self, address: str) -> str:
         """Per-device override, else "keep" for a device persisted for vfio-pci, else the policy."""

@@ -250,3 +250,23 @@ vf_driver = "igbvf"
     assert kernel_settings(sim, "enp2s0")[0].mac == "02:00:00:00:00:61"
     assert [parent for parent, _attr, _ in sim.writer.writes] == ["netlink"]  # no unbind, no probe
     assert "enp2s0 is down: igbvf takes it when enp2s0 is up" in caplog.text
+
+
+async def test_a_lease_records_the_vf_s_settings_and_release_puts_exactly_those_back(sim):
+    """Issue 14, item 5: what the VM's side sets while it runs (libvirt for an <interface
+    type='hostdev'>, or anyone) is left alone; at release the VF's settings go back to what they
+    were before the lease, whatever driver the release policy picks."""
+    vfs = await with_vfs(sim, PF, 2)
+    await sim.engine.set_vf_settings(vfs[0], {"mac": "02:00:00:00:00:71", "vlan": 5}, persist=False)
+    before = kernel_settings(sim, "enp59s0f0")[0]
+    uuid = "6f1c2a8e-0000-4000-8000-000000000071"
+    await sim.engine.prepare("web01", uuid, [vfs[0]])
+    # libvirt sets the domain's <mac> and <vlan> through the PF, as it does for interface hostdevs
+    for change in (vf_netlink.VfChange(mac="52:54:00:aa:bb:cc"), vf_netlink.VfChange(vlan=42)):
+        for _setting, attribute in vf_netlink.vf_attributes(0, change, kernel_settings(sim, "enp59s0f0")[0]):
+            vf_netlink.check_ack(sim.kernel.netlink(vf_netlink.encode_set("enp59s0f0", attribute)))
+    await settle()
+    await sim.engine.reconcile()  # the reconciler leaves a leased VF alone
+    assert kernel_settings(sim, "enp59s0f0")[0].mac == "52:54:00:aa:bb:cc"
+    await sim.engine.release(uuid)
+    assert kernel_settings(sim, "enp59s0f0")[0] == before
