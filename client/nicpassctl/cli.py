@@ -9,6 +9,7 @@ the command line has parsed, so ``--help``, ``--version`` and usage errors stay 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, Callable, Sequence
 
@@ -163,7 +164,7 @@ def _report(sentence: str) -> None:
 async def run(args: argparse.Namespace, client_factory: ClientFactory | None = None) -> int:
     """Connect, run the command, map any failure to (sentence on stderr, exit code)."""
     from .commands import COMMANDS, action_for
-    from .errors import CliError, from_exception
+    from .errors import CliError, StdoutClosed, from_exception
 
     client = (client_factory or _default_client)(args)
     try:
@@ -177,6 +178,8 @@ async def run(args: argparse.Namespace, client_factory: ClientFactory | None = N
         return int(err.code)
     try:
         return int(await COMMANDS[args.command](client, args))
+    except StdoutClosed:
+        raise
     except Exception as exc:  # noqa: BLE001 - mapped to one sentence; unknown ones become exit 1
         err = from_exception(exc, action_for(args))
         _report(err.sentence)
@@ -201,7 +204,15 @@ def main(argv: Sequence[str] | None = None, client_factory: ClientFactory | None
     except KeyboardInterrupt:
         _report("interrupted")
         return 130
-    except BrokenPipeError:
+    except Exception as exc:
+        from .errors import StdoutClosed
+
+        if not isinstance(exc, StdoutClosed):
+            raise
+        # The reader is gone: exit quietly, as ip and systemctl do, and keep the interpreter's
+        # final flush of stdout from reporting the same broken pipe again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
         return ExitCode.OK
 
 

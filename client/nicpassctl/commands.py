@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from . import render
-from .errors import Action, CliError, DaemonError, from_exception
+from .errors import Action, CliError, DaemonError, StdoutClosed, from_exception
 from .exitcodes import ExitCode
 from .names import (
     BUS_NAME,
@@ -33,7 +33,10 @@ from .names import (
 
 
 def out(text: str) -> None:
-    print(text, flush=True)
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        raise StdoutClosed() from None
 
 
 def warn(sentence: str) -> None:
@@ -450,7 +453,7 @@ async def cmd_monitor(client, args) -> ExitCode:
             return
         try:
             out(render.event_json(event) if args.json else render.event_text(event))
-        except BrokenPipeError:
+        except StdoutClosed:
             stop.set()
 
     try:

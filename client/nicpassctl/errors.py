@@ -42,6 +42,11 @@ UNREACHABLE = "nicpassd is not running on the system bus"
 START_IT = "start it with `systemctl start nicpassd`"
 
 
+class StdoutClosed(Exception):
+    """Whoever reads our output stopped (``nicpassctl list | head -1``): not a failure of ours,
+    and never "the daemon is unreachable" (a broken pipe to the bus is an OSError of its own)."""
+
+
 class CliError(Exception):
     """A failure to report: exit code plus one sentence (without the program prefix)."""
 

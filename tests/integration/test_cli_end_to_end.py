@@ -172,3 +172,15 @@ def test_vf_settings_from_the_command_line_and_the_vf_table_of_show(private_bus,
         assert fragment in result.stderr
     result = nicpassctl(private_bus, "vf", "enp59s0f0:0", "vlan", "5", "proto", "802.1ad")
     assert result.returncode == 1 and "i40e" in result.stderr and "802.1Q only" in result.stderr, result
+
+
+def test_a_reader_that_goes_away_is_not_the_daemon_going_away(private_bus, daemon):
+    """Issue 20: `nicpassctl list | head -1` printed "nicpassd is not running ... Broken pipe" and
+    exited 6. The reader here is gone before the answer comes: quiet, exit 0."""
+    env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=private_bus.address)
+    for command in (["list"], ["--json", "list"], ["show", "enp59s0f0"], ["guard"]):
+        process = subprocess.Popen([sys.executable, "-m", "nicpassctl", *command], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, env=env, stdin=subprocess.DEVNULL)
+        process.stdout.close()  # the reader is gone before a line is written
+        stderr = process.stderr.read().decode()
+        assert (process.wait(timeout=60), stderr) == (0, ""), command
