@@ -379,11 +379,17 @@ async def cmd_activate(client, args) -> ExitCode:
 
 
 async def cmd_release(client, args) -> ExitCode:
-    await client.manager("Release", "sa{sv}", [args.vm_uuid], options={}, mutate=True)
+    (leases,) = await client.manager("ListLeases")
+    mine = [lease for lease in leases if lease.get("vm_uuid") == args.vm_uuid]
+    await client.manager("Release", "sa{sv}", [args.vm_uuid], options={}, mutate=True)  # idempotent
+    devices = sorted({device for lease in mine for device in lease.get("devices", [])})
     if args.json:
-        emit_json({"vm_uuid": args.vm_uuid, "released": True})
+        emit_json({"vm_uuid": args.vm_uuid, "released": bool(mine), "devices": devices})
+    elif not mine:
+        out(f"VM {args.vm_uuid} holds no lease; nothing to release")
     else:
-        out(f"{args.vm_uuid}: leases released")
+        name = mine[0].get("vm_name") or args.vm_uuid
+        out(f"VM {name}: released {', '.join(devices)} (the release policy decides their driver)")
     return ExitCode.OK
 
 

@@ -222,6 +222,9 @@ class Engine:
         view = self.view
         address = view.resolve(device)
         function = view.snapshot.functions[address]
+        if function.physfn:
+            raise NotSupported(f"{view.label(address)} is a VF of {view.label(function.physfn)}; a VF has no VFs",
+                               f"change the VF count of its PF: nicpassctl vfs {function.physfn} N")
         if not function.sriov_capable:
             raise NotSupported(f"{view.label(address)} is not an SR-IOV physical function",
                                "create VFs on a PF (a device with TotalVfs > 0)")
@@ -240,7 +243,7 @@ class Engine:
             view.refresh_for([address])
             lap("refresh")
             self._guard(address, f"change the VF count of {view.label(address)}", force=force, caller=caller)
-            view.refuse_if_leased([address, *view.present(address).virtfns], "change the VFs of")
+            view.refuse_if_vf_leased(address, "change the VFs of")
             before = self.host.present(address)
             before_drivers = [self.host.driver_of(vf) for vf in before.virtfns]
             lap("guard")

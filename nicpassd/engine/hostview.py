@@ -178,8 +178,22 @@ class HostView:
         for address in addresses:
             vm = holder.get(address, "")
             if vm and vm != allow_vm:
-                raise Busy(f"cannot {action} {self.label(address)}: it is leased to VM {vm}",
+                raise Busy(f"cannot {action} {self.label(address)}: it is leased to VM {self.vm_label(vm)}",
                            "stop that VM first (its lease ends when it stops)")
+
+    def refuse_if_vf_leased(self, pf: str, action: str) -> None:
+        """A change of a PF's VFs while one of them is leased: the PF is what was asked about."""
+        holder = self.leases.holder()
+        for vf in self.present(pf).virtfns:
+            if vf in holder:
+                raise Busy(f"cannot {action} {self.label(pf)}: its VF {vf} is leased to VM "
+                           f"{self.vm_label(holder[vf])}", "stop that VM first (its lease ends when it stops)")
+        self.refuse_if_leased([pf], action)
+
+    def vm_label(self, vm_uuid: str) -> str:
+        """"web01 (6f1c2a8e-…)": a VM by the name its lease knows, and its uuid."""
+        name = next((lease.vm_name for lease in self.leases.of_vm(vm_uuid) if lease.vm_name), "")
+        return f"{name} ({vm_uuid})" if name and name != vm_uuid else vm_uuid
 
     def refuse_if_mate_leased(self, address: str, target: str) -> None:
         """A host driver on a group mate of a device in a VM would take DMA ownership of its group."""

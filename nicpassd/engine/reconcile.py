@@ -325,7 +325,7 @@ class Reconciler:
                     raise NotFound(f"{first.address} reports no VF settings any more")
                 await ops.set_vf_settings(first.pf, first.count, VfChange(**dict(first.settings)), current)
             elif first.action is Action.VFS:
-                view.refuse_if_leased([first.address, *view.present(first.address).virtfns], "change the VFs of")
+                view.refuse_if_vf_leased(first.address, "change the VFs of")
                 claims = await ops.set_vf_count(first.address, first.count, first.driver,  # journaled
                                                 dict(first.vf_drivers))
                 extra.extend(await self._bind_claims(claims, failed_now, explicit=explicit))

@@ -419,9 +419,14 @@ def test_prepare_and_release(h, capsys):
     assert (m.member, m.signature, m.body[:3]) == ("Prepare", "ssasa{sv}", ["web", "u-1", ["a", "b"]])
     assert capsys.readouterr().out == "lease-42\n"
     assert h.run("--json", "release", "u-1") == 0
-    (m,) = h.calls
+    listed, m = h.calls  # what the VM holds, to say what was released
+    assert listed.member == "ListLeases"
     assert (m.member, m.signature, m.body[0]) == ("Release", "sa{sv}", "u-1")
-    assert json.loads(capsys.readouterr().out) == {"vm_uuid": "u-1", "released": True}
+    assert json.loads(capsys.readouterr().out) == {"vm_uuid": "u-1", "released": True, "devices": ["0000:3b:02.0"]}
+    assert h.run("release", "u-1") == 0
+    assert capsys.readouterr().out == "VM web: released 0000:3b:02.0 (the release policy decides their driver)\n"
+    assert h.run("release", "nosuch-uuid") == 0  # idempotent, and says so (issue 20)
+    assert capsys.readouterr().out == "VM nosuch-uuid holds no lease; nothing to release\n"
 
 
 def test_prepare_access_denied_names_lease_action(capsys):

@@ -616,3 +616,16 @@ async def test_questions_about_protection_refresh_once_per_window_unless_events_
     sim.engine.view.note(UEvent("change", "net", "eno1"))
     sim.engine.catch_up()
     assert len(refreshes) == 2
+
+
+async def test_messages_name_what_was_asked_about(sim):
+    """Issue 20: `vfs VF 2` says the VF is a VF of its PF (not "TotalVfs > 0"); a PF whose VF is
+    leased names the PF, the VF and the VM by its name."""
+    await with_vfs(sim, 2)
+    with pytest.raises(NotSupported, match=r"0000:3b:02.1 \(enp59s0f0v1\) is a VF of 0000:3b:00.0 \(enp59s0f0\)"):
+        await sim.engine.set_vf_count(sim.vfs(PF)[1], 2)
+    await sim.engine.prepare("web01", "6f1c2a8e-0000-4000-8000-000000000020", [sim.vfs(PF)[1]])
+    with pytest.raises(Busy) as busy:
+        await sim.engine.set_vf_count("enp59s0f0", 0)
+    assert str(busy.value).startswith("cannot change the VFs of 0000:3b:00.0 (enp59s0f0): its VF 0000:3b:02.1 is "
+                                      "leased to VM web01 (6f1c2a8e-0000-4000-8000-000000000020)")
