@@ -292,7 +292,7 @@ async def test_libvirt_multifunction_device_is_prepared_as_a_whole(service, hook
     # one function alone: the group is not viable, and the other function is leased to "router"
     only_nic = domain_xml("half", "22222222-3333-4444-8555-666666666666", hostdev(NIC))
     ran = await hooks.libvirt("half", "prepare", "begin", only_nic)
-    assert ran.returncode == 1 and "leased to VM 0b8e7a8e" in ran.stderr
+    assert ran.returncode == 1 and "leased to VM router (0b8e7a8e" in ran.stderr
     assert (await hooks.libvirt("router", "release", "end", MULTIFUNCTION)).returncode == 0
     assert holder(service) == {}
 
@@ -324,7 +324,7 @@ async def test_libvirt_refusal_aborts_the_start_with_one_line(service, hooks):
     other = domain_xml("db", "33333333-4444-4555-8666-777777777777", hostdev(VF[3]) + hostdev(VF[1]))
     ran = await hooks.libvirt("db", "prepare", "begin", other)
     assert ran.returncode == 1 and ran.stderr.count("\n") == 1
-    assert f"leased to VM {WEB_UUID}" in ran.stderr
+    assert f"leased to VM web ({WEB_UUID})" in ran.stderr
     assert driver(service, VF[3]) == "iavf"  # all or nothing
     assert set(holder(service).values()) == {WEB_UUID}
 
