@@ -315,7 +315,13 @@ def reconcile_text(rows: list[list[Any]]) -> str:
         return "Nothing to do: every device is in its persisted state."
     body = table(["ADDRESS", "ACTION", "RESULT"], [[r[0], r[1], r[2]] for r in rows])
     done = sum(1 for r in rows if r[2].startswith("ok"))
-    return f"{body}\n\n{done} step(s) applied, {len(rows) - done} not applied"
+    left = sum(1 for r in rows if r[2].startswith("skipped"))
+    summary = f"{done} step(s) applied, {len(rows) - done - left} not applied"
+    if left:
+        # The exit status counts "not applied" only: these are left alone on purpose.
+        summary += (f", {left} left alone on purpose (a --runtime change stays until the device is re-plugged "
+                    "or the host reboots; repeat that change without --runtime to persist it)")
+    return f"{body}\n\n{summary}"
 
 
 def check_json(findings: Iterable[list[Any]]) -> list[dict[str, str]]:

@@ -26,7 +26,12 @@ def test_text_lists_every_row_and_counts():
     lines = text.splitlines()
     assert lines[0].split() == ["ADDRESS", "ACTION", "RESULT"]
     assert any(line.startswith("0000:5e:00.0  check   IdentityChanged:") for line in lines)
-    assert lines[-1] == "2 step(s) applied, 2 not applied"
+    assert lines[-1] == ("2 step(s) applied, 1 not applied, 1 left alone on purpose (a --runtime change stays "
+                         "until the device is re-plugged or the host reboots; repeat that change without --runtime "
+                         "to persist it)")
+    # Issue 20: the count and the exit status agree (exit 1 exactly when something is "not applied").
+    assert render.reconcile_text([ROWS[0], ROWS[3]]).splitlines()[-1].startswith("1 step(s) applied, 0 not applied")
+    assert render.reconcile_failed([ROWS[0], ROWS[3]]) is False
     assert render.reconcile_text([]) == "Nothing to do: every device is in its persisted state."
 
 
