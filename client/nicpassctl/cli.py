@@ -184,6 +184,11 @@ async def run(args: argparse.Namespace, client_factory: ClientFactory | None = N
     except Exception as exc:  # noqa: BLE001 - mapped to one sentence; unknown ones become exit 1
         err = from_exception(exc, action_for(args))
         _report(err.sentence)
+        if args.json:  # a script reading stdout gets the failure there too, the exit code unchanged
+            import json
+
+            print(json.dumps({"error": getattr(exc, "name", None), "message": err.sentence,
+                              "exit_code": int(err.code)}), flush=True)
         return int(err.code)
     finally:
         try:

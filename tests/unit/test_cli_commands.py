@@ -541,3 +541,21 @@ def test_monitor_bus_lost(capsys):
     responder, _ = _monitor_responder(lambda bus: bus.disconnected.set_result(None))
     assert Harness(responder).run("monitor") == 6
     assert "lost the connection to the system bus" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, code", [
+    (["--json", "show", "nosuch0"], 7),
+    (["vfs", "--json", "x", "1"], 7),
+    (["--json", "vf", "x", "trust", "on"], 7),
+    (["--json", "release", "u-1"], 7),
+])
+def test_json_errors_for_every_command(argv, code, capsys):
+    """Issue 20: with --json a failure is also a JSON object on stdout (only bind had one), the
+    exit code and the sentence on stderr unchanged."""
+    h = Harness(fail_with(NP + "NotFound", "no NIC function at nosuch0; list the devices with `nicpassctl list`"))
+    assert h.run(*argv) == code
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == {"error": NP + "NotFound", "exit_code": code,
+                                        "message": captured.err.removeprefix("nicpassctl: ").strip()}
+    assert Harness(fail_with(NP + "NotFound", "gone")).run(*[a for a in argv if a != "--json"]) == code
+    assert capsys.readouterr().out == ""  # without --json, stdout stays empty
