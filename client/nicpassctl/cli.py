@@ -159,7 +159,9 @@ def _default_client(args: argparse.Namespace):
 
 
 def _report(sentence: str) -> None:
-    print(f"nicpassctl: {sentence}", file=sys.stderr, flush=True)
+    from .errors import printable
+
+    print(printable(f"nicpassctl: {sentence}", sys.stderr), file=sys.stderr, flush=True)
 
 
 async def run(args: argparse.Namespace, client_factory: ClientFactory | None = None) -> int:

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from . import render
-from .errors import Action, CliError, DaemonError, StdoutClosed, from_exception
+from .errors import Action, CliError, DaemonError, StdoutClosed, from_exception, printable
 from .exitcodes import ExitCode
 from .names import (
     BUS_NAME,
@@ -34,13 +34,13 @@ from .names import (
 
 def out(text: str) -> None:
     try:
-        print(text, flush=True)
+        print(printable(text, sys.stdout), flush=True)
     except BrokenPipeError:
         raise StdoutClosed() from None
 
 
 def warn(sentence: str) -> None:
-    print(f"nicpassctl: {sentence}", file=sys.stderr, flush=True)
+    print(printable(f"nicpassctl: {sentence}", sys.stderr), file=sys.stderr, flush=True)
 
 
 def device_path(address: str) -> str:

@@ -42,6 +42,22 @@ UNREACHABLE = "nicpassd is not running on the system bus"
 START_IT = "start it with `systemctl start nicpassd`"
 
 
+# What a locale that cannot encode them (LANG=C, PYTHONIOENCODING=ascii) shows instead.
+ASCII_FALLBACK = str.maketrans({"→": "->", "←": "<-", "—": "-", "–": "-", "…": "...", "≤": "<=", "≥": ">=",
+                                "×": "x", "✓": "ok", "✗": "x"})
+
+
+def printable(text: str, stream) -> str:
+    """``text`` as ``stream`` can encode it: the arrows of the guard's chains spelled in ASCII,
+    anything else left replaced, never an exception (an admin on a serial console still reads why)."""
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    try:
+        text.encode(encoding)
+        return text
+    except (UnicodeEncodeError, LookupError):
+        return text.translate(ASCII_FALLBACK).encode(encoding, "replace").decode(encoding)
+
+
 class StdoutClosed(Exception):
     """Whoever reads our output stopped (``nicpassctl list | head -1``): not a failure of ours,
     and never "the daemon is unreachable" (a broken pipe to the bus is an OSError of its own)."""

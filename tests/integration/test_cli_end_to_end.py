@@ -184,3 +184,14 @@ def test_a_reader_that_goes_away_is_not_the_daemon_going_away(private_bus, daemo
         process.stdout.close()  # the reader is gone before a line is written
         stderr = process.stderr.read().decode()
         assert (process.wait(timeout=60), stderr) == (0, ""), command
+
+
+def test_a_locale_without_the_arrows_still_reads_every_chain(private_bus, daemon):
+    """Issue 20: `PYTHONIOENCODING=ascii nicpassctl guard` died on the arrow of `br0 → bond0 → eno2`."""
+    env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=private_bus.address, PYTHONIOENCODING="ascii")
+    for argv in (["guard"], ["bind", "eno2"]):
+        result = subprocess.run([sys.executable, "-m", "nicpassctl", *argv], capture_output=True, text=True,
+                                env=env, timeout=60, stdin=subprocess.DEVNULL)
+        assert "Traceback" not in result.stderr, result.stderr
+        assert result.returncode == (0 if argv == ["guard"] else 3), result
+        assert "br0 -> bond0 -> eno2" in result.stdout + result.stderr
