@@ -56,15 +56,31 @@ def _seconds(text: str) -> float:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a did-you-mean for a mistyped command (`nicpassctl lsit`)."""
+
+    def error(self, message: str):
+        if "invalid choice:" in message:
+            import difflib
+            import re
+
+            wrong = re.search(r"invalid choice: '([^']*)'", message)
+            choices = re.findall(r"'([^']*)'", message.split("choose from", 1)[-1])
+            close = difflib.get_close_matches(wrong.group(1), choices, n=1) if wrong else []
+            if close:
+                message = f"{message.split(' (choose from', 1)[0]}; did you mean {close[0]!r}?"
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="nicpassctl",
         description="Control nicpassd: safe NIC PCI passthrough to virtual machines.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action=_VersionAction, help="print the client version and exit")
-    parser.add_argument("--json", action="store_true", default=False, help="print JSON for scripts")
+    parser.add_argument("-j", "--json", action="store_true", default=False, help="print JSON for scripts")
     parser.add_argument("--bus-address", metavar="ADDR", default=None,
                         help="D-Bus address of the system bus (default: $DBUS_SYSTEM_BUS_ADDRESS or the "
                              "standard socket)")
@@ -78,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         # --json is accepted after the command too; SUPPRESS keeps the global value otherwise
-        p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON for scripts")
+        p.add_argument("-j", "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON for scripts")
         return p
 
     p = command("list", "list network functions (VFs under their PF)")

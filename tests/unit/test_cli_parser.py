@@ -124,3 +124,16 @@ def test_fast_paths_do_not_import_dbus():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_mistyped_command_gets_a_did_you_mean_and_json_has_a_short_option(capsys):
+    """Issue 20: the conventions of ip/nmcli/virsh."""
+    from nicpassctl import cli
+
+    assert cli.main(["lsit"]) == 2
+    assert "invalid choice: 'lsit'; did you mean 'list'?" in capsys.readouterr().err
+    assert cli.main(["frobnicate"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'frobnicate'" in err and "did you mean" not in err
+    assert cli.build_parser().parse_args(["-j", "list"]).json is True
+    assert cli.build_parser().parse_args(["show", "-j", "eno1"]).json is True
