@@ -446,6 +446,12 @@ class Engine:
         self.reconciler.poke()
         return after
 
+    def _absent_desire(self, device: str) -> str:
+        """The address of a persisted desire for ``device`` (a PCI address) whose device is gone."""
+        text = device.strip().lower()
+        address = text if len(text) > 7 else f"0000:{text}"
+        return address if self.store.get(address) is not None and address not in self.view.snapshot.functions else ""
+
     def _recorded_mac(self, address: str) -> str:
         desire = self.store.get(address)
         return desire.identity.permanent_mac if desire is not None else ""
@@ -473,7 +479,23 @@ class Engine:
         await self.bind(device, "", persist=persist)
 
     async def forget(self, device: str, *, restore: bool = False) -> None:
-        address = self.view.resolve(device)
+        try:
+            address = self.view.resolve(device)
+        except NotFound:
+            # A card taken out for good, or a VF not created: its persisted state can still go
+            # (what `check` says to do about a persisted device that is not present).
+            address = self._absent_desire(device)
+            if not address:
+                raise
+            async with self.ops.lock:
+                await self._saved(self.store.commit({address: None}))
+                if address in self.holds:
+                    await self._saved(self.holds.release_async(address))
+                self.reconciler.forget_failures(address)
+                log.info("forgot the persisted state of %s (not present)", address,
+                         extra={"device": address, "action": "forget"})
+                self.view.publish()
+            return
         async with self.ops.lock:  # forgotten first: a state that cannot be saved changes nothing
             view = self.view
             view.refresh_for([address])

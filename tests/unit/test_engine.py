@@ -629,3 +629,20 @@ async def test_messages_name_what_was_asked_about(sim):
         await sim.engine.set_vf_count("enp59s0f0", 0)
     assert str(busy.value).startswith("cannot change the VFs of 0000:3b:00.0 (enp59s0f0): its VF 0000:3b:02.1 is "
                                       "leased to VM web01 (6f1c2a8e-0000-4000-8000-000000000020)")
+
+
+async def test_forget_works_on_a_persisted_device_that_is_gone(sim):
+    """Issue 20: `check` says `nicpassctl forget 0000:3b:02.2` for a persisted device that is not
+    present; that command answered "no NIC function at ...", exit 7, so the warning stayed."""
+    await with_vfs(sim, 3)
+    gone = sim.vfs(PF)[2]
+    await sim.engine.bind(gone, "vfio-pci")
+    sim.kernel.write(sim.dir(PF) / "sriov_numvfs", "0")
+    sim.kernel.write(sim.dir(PF) / "sriov_numvfs", "2")
+    sim.engine.refresh()
+    assert any(gone in f.message for f in sim.engine.check() if f.level == "warn")
+    await sim.engine.forget(gone[5:])  # the short form `check` prints works too
+    assert sim.engine.store.get(gone) is None
+    assert not any(gone in f.message for f in sim.engine.check())
+    with pytest.raises(NotFound, match="no NIC function at 0000:3b:02.3"):
+        await sim.engine.forget("0000:3b:02.3")  # neither present nor persisted
