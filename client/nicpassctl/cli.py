@@ -180,6 +180,18 @@ def _report(sentence: str) -> None:
     print(printable(f"nicpassctl: {sentence}", sys.stderr), file=sys.stderr, flush=True)
 
 
+def _fail(args: argparse.Namespace, err, exc: BaseException) -> int:
+    """The failure's sentence on stderr; with --json also as an object on stdout (a script reading
+    stdout gets it there too); the exit code unchanged."""
+    _report(err.sentence)
+    if getattr(args, "json", False):
+        import json
+
+        print(json.dumps({"error": getattr(exc, "name", None), "message": err.sentence,
+                          "exit_code": int(err.code)}), flush=True)
+    return int(err.code)
+
+
 async def run(args: argparse.Namespace, client_factory: ClientFactory | None = None) -> int:
     """Connect, run the command, map any failure to (sentence on stderr, exit code)."""
     from .commands import COMMANDS, action_for
@@ -193,21 +205,13 @@ async def run(args: argparse.Namespace, client_factory: ClientFactory | None = N
             err = CliError(ExitCode.USAGE, f"invalid --bus-address {args.bus_address!r}: {exc}")
         else:
             err = from_exception(exc)
-        _report(err.sentence)
-        return int(err.code)
+        return _fail(args, err, exc)
     try:
         return int(await COMMANDS[args.command](client, args))
     except StdoutClosed:
         raise
     except Exception as exc:  # noqa: BLE001 - mapped to one sentence; unknown ones become exit 1
-        err = from_exception(exc, action_for(args))
-        _report(err.sentence)
-        if args.json:  # a script reading stdout gets the failure there too, the exit code unchanged
-            import json
-
-            print(json.dumps({"error": getattr(exc, "name", None), "message": err.sentence,
-                              "exit_code": int(err.code)}), flush=True)
-        return int(err.code)
+        return _fail(args, from_exception(exc, action_for(args)), exc)
     finally:
         try:
             await client.close()

@@ -7,6 +7,7 @@ runs on a host where the daemon is stopped.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -52,7 +53,12 @@ COMMANDS = [
 def test_every_command_exits_6_via_environment(empty_system_bus, argv):
     env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": empty_system_bus}
     result = nicpassctl(*argv, env=env)
-    assert (result.returncode, result.stdout, result.stderr) == (6, "", SENTENCE)
+    assert (result.returncode, result.stderr) == (6, SENTENCE)
+    if "--json" in argv:  # the failure as an object on stdout too (issue 20)
+        answer = json.loads(result.stdout)
+        assert (answer["exit_code"], answer["message"]) == (6, SENTENCE.removeprefix("nicpassctl: ").strip())
+    else:
+        assert result.stdout == ""
 
 
 @pytest.mark.parametrize("argv", [["list"], ["vfs", "0000:3b:00.0", "4"], ["monitor"]], ids=" ".join)
@@ -70,6 +76,8 @@ def test_no_bus_socket_exits_6(tmp_path, argv):
     assert result.stderr.startswith("nicpassctl: nicpassd is not running on the system bus (")
     assert result.stderr.endswith("; start it with `systemctl start nicpassd`\n")
     assert result.stderr.count("\n") == 1
+    with_json = nicpassctl("--json", *argv, env=env)  # no socket at all: the object on stdout too
+    assert with_json.returncode == 6 and json.loads(with_json.stdout)["exit_code"] == 6
 
 
 def test_console_script_if_installed(empty_system_bus):
