@@ -107,7 +107,13 @@ class Sentinel:
             if address not in self.active:
                 self._found(self._violation(address, entry, function))
         for address in [a for a, v in self.active.items() if v.kind == "management" and a not in seen]:
-            del self.active[address]  # back on its host driver (healed, or given back by someone)
+            violation = self.active.pop(address)  # back on its host driver (healed, or given back by someone)
+            if violation.outcome == DETECTED:
+                # Given back before nicpassd's heal got to it (libvirt reattaching after a failed
+                # hot-attach, an admin's own undo): the report must not stay "detected" for ever.
+                function = snapshot.functions[address]
+                self._settle(violation, f"back on {function.driver} before nicpassd healed it (given back by "
+                                        "someone else)")
         self._look_at_leases()
 
     def _violation(self, address: str, entry: Remembered, function: PciFunction) -> Violation:

@@ -245,3 +245,26 @@ async def test_the_culprit_is_the_libvirt_domain_whose_live_xml_holds_it(watched
     libvirt(sim, ENO1)
     await settle(sim)
     assert (seen[0].culprit, seen[0].guest) == ("libvirt domain web02", "web02")
+
+
+async def test_given_back_by_someone_else_before_the_heal_is_reported_as_such(watched):
+    """Found in the e2e guest: libvirt, its hot-attach failed, reattached the NIC itself while
+    nicpassd's heal waited for the mutation lock; the heal then found nothing to do and the last
+    violation said "detected" for ever. It now says the device came back without nicpassd."""
+    sim = watched()
+    seen = []
+    sim.engine.sentinel.listeners.append(seen.append)
+    async with sim.engine.ops.lock:  # a change in progress: the heal waits
+        libvirt(sim, ENO1)
+        for _ in range(10):
+            await asyncio.sleep(0)
+        sim.kernel.write(sim.dir(ENO1) / "driver_override", "\n")  # libvirt's reattach
+        sim.kernel.write(sim.paths.pci_drivers / "vfio-pci" / "unbind", ENO1)
+        sim.kernel.write(sim.paths.drivers_probe, ENO1)
+        for _ in range(10):
+            await asyncio.sleep(0)
+        sim.engine.refresh_changed()
+    await settle(sim)
+    assert sim.driver(ENO1) == "igb"
+    assert [v.outcome for v in seen] == ["detected", "back on igb before nicpassd healed it (given back by someone else)"]
+    assert sim.engine.explain(ENO1).last_violation.endswith(seen[-1].outcome)
