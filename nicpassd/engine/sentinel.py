@@ -90,6 +90,7 @@ class Sentinel:
         self._heals: dict[str, collections.deque[float]] = {}
         self._tasks: set[asyncio.Task] = set()
         self._breaking: set[str] = set()  # lease ids being marked broken
+        self._in_heal: set[str] = set()  # devices nicpassd is giving back right now: their heal settles them
         view.listeners.append(lambda _delta: self.look())
 
     # --------------------------------------------------------------- detection
@@ -108,7 +109,7 @@ class Sentinel:
                 self._found(self._violation(address, entry, function))
         for address in [a for a, v in self.active.items() if v.kind == "management" and a not in seen]:
             violation = self.active.pop(address)  # back on its host driver (healed, or given back by someone)
-            if violation.outcome == DETECTED:
+            if violation.outcome == DETECTED and address not in self._in_heal:
                 # Given back before nicpassd's heal got to it (libvirt reattaching after a failed
                 # hot-attach, an admin's own undo): the report must not stay "detected" for ever.
                 function = snapshot.functions[address]
@@ -246,6 +247,8 @@ class Sentinel:
                 culprit, pid, guest = self._culprit(function, VFIO)
                 if pid:
                     violation = replace(violation, culprit=culprit, culprit_pid=pid, guest=guest)
+            # Refreshes while it binds (events) see the device back: the heal, not look(), settles it.
+            self._in_heal.add(address)
             try:
                 await ops.bind(address, "", restore_on_failure=False)  # journaled; blocks in a worker
                 outcome = f"healed: back on {host.driver_of(address)}"
@@ -253,9 +256,11 @@ class Sentinel:
                     outcome += await self._netdev_back(address, violation.interfaces)
             except NicpassError as exc:
                 outcome = f"heal failed: {exc.message}"
+            finally:
+                self._in_heal.discard(address)
+            self._settle(violation, outcome)
             view.mark([address])
             view.refresh_changed()
-        self._settle(violation, outcome)
 
     async def _netdev_back(self, address: str, wanted: tuple[str, ...]) -> str:
         deadline = time.monotonic() + max(self._config().daemon.bind_verify_timeout, 1.0)
