@@ -35,6 +35,7 @@ from nicpassd.engine.reconcile import Reconciler
 from nicpassd.engine.results import Explanation, Finding, StepOutcome
 from nicpassd.engine.sentinel import Sentinel
 from nicpassd.engine.store import DeviceDesire, RuntimeHolds, StateStore, VfDesire, identity_of
+from nicpassd.engine.views import full_address
 from nicpassd.errors import InvalidArgument, NicpassError, NotFound, NotPersisted, NotSupported
 from nicpassd.host import kernelio
 from nicpassd.host.events import UEvent
@@ -374,7 +375,7 @@ class Engine:
     def _check_driver(self, address: str, driver: str) -> None:
         """A bind names a passthrough driver, the device's own host driver, or "" for it. Any other
         driver would be made to probe the device through driver_override whatever its ID table
-        says (kernel rules §7): refused before anything is written."""
+        says (docs/kernel-rules.md §7): refused before anything is written."""
         if driver in ("", *PASSTHROUGH_DRIVERS):
             return
         function = self.view.present(address)
@@ -422,8 +423,7 @@ class Engine:
             view.refuse_if_leased([vf], f"change the settings of VF {index} of {view.label(pf)}:")
             current = view.snapshot.vf_settings_of(vf)
             if current is None:
-                current = next((s for s in self.host.read_vf_settings(function.interfaces[0]) if s.index == index),
-                               None) if function.interfaces else None
+                current = self.host.read_vf_setting(function.interfaces[0], index) if function.interfaces else None
             if current is None:
                 raise NotSupported(f"{view.label(pf)} reports no settings for its VFs (driver: "
                                    f"{function.driver or 'none'})", "VF settings need the PF on its host driver")
@@ -448,8 +448,7 @@ class Engine:
 
     def _absent_desire(self, device: str) -> str:
         """The address of a persisted desire for ``device`` (a PCI address) whose device is gone."""
-        text = device.strip().lower()
-        address = text if len(text) > 7 else f"0000:{text}"
+        address = full_address(device.strip().lower())
         return address if self.store.get(address) is not None and address not in self.view.snapshot.functions else ""
 
     def _recorded_mac(self, address: str) -> str:

@@ -17,7 +17,7 @@ from nicpassd.engine.guard import ProtectedSet, compute_protected
 from nicpassd.engine.guard_memory import GuardMemory
 from nicpassd.engine.leases import LeaseTable
 from nicpassd.engine.store import StateStore
-from nicpassd.engine.views import DeviceView, build_views, label, resolve_device
+from nicpassd.engine.views import DeviceView, build_views, full_address, label, resolve_device
 from nicpassd.errors import Busy, InvalidArgument, NotFound, Protected
 from nicpassd.host.events import UEvent
 from nicpassd.host.host import Host
@@ -127,7 +127,7 @@ class HostView:
             return self.resolve(device)
         except (NotFound, InvalidArgument):
             text = device.strip().lower()
-            address = text if len(text) > 7 else f"0000:{text}"
+            address = full_address(text)
             if address in self.memory.entries:
                 return address
             for entry in self.memory.entries.values():

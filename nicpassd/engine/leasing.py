@@ -34,7 +34,7 @@ from nicpassd.engine.lease_watch import LeaseWatch
 from nicpassd.engine.leases import ACTIVE, Lease, LeaseTable
 from nicpassd.engine.operations import Operations
 from nicpassd.engine.vf_settings import SETTINGS as SETTABLE
-from nicpassd.engine.views import FULL_ADDRESS, SHORT_ADDRESS, label, resolve_device
+from nicpassd.engine.views import FULL_ADDRESS, SHORT_ADDRESS, full_address, label, resolve_device
 from nicpassd.errors import Busy, InvalidArgument, KernelError, NicpassError, NotFound, Protected
 from nicpassd.host.kernelio import PASSTHROUGH_DRIVERS, VFIO
 from nicpassd.host.procfs import valid_pid as _valid_pid
@@ -216,7 +216,7 @@ class LeaseKeeper:
             except NicpassError:
                 text = device.strip().lower()
                 if FULL_ADDRESS.match(text) or SHORT_ADDRESS.match(text):
-                    related.add(text if len(text) > 7 else f"0000:{text}")
+                    related.add(full_address(text))
                 continue
             related.add(address)
             related.update(snapshot.group_members(address))
@@ -382,7 +382,7 @@ class LeaseKeeper:
                 log.info("release of %s: the VF or its PF is gone, no settings to restore", address)
                 continue
             index = parent.virtfns.index(address)
-            current = next((s for s in self.host.read_vf_settings(parent.interfaces[0]) if s.index == index), None)
+            current = self.host.read_vf_setting(parent.interfaces[0], index)
             if current is None:
                 continue
             change = VfChange(**{name: value for name, value in before.items()

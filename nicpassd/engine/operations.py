@@ -4,7 +4,7 @@ The API (``Engine``), the reconciler, the lease keeper and recovery change devic
 this public interface:
 
 - ``lock``: the one mutation lock; every change (and every plan made to change) holds it;
-- ``bind`` / ``bind_all`` / ``bind_each``: the bind sequence of kernel rules §8 (driver_override,
+- ``bind`` / ``bind_all`` / ``bind_each``: the bind sequence of docs/kernel-rules.md §8 (driver_override,
   unbind, drivers_probe) verified on the ``driver`` link, restored on failure;
 - ``set_vf_count`` (in ``vf_count.py``): 0 then N, autoprobe, VF claims, verified, restored;
 - ``restore_binding``: put a function back on what it was on;
@@ -112,7 +112,7 @@ class Operations:
 
     # ------------------------------------------------------------------ binding
     async def bind(self, address: str, driver: str, *, restore_on_failure: bool = True) -> None:
-        """driver_override, unbind, drivers_probe, then verify (kernel rules §8), journaled.
+        """driver_override, unbind, drivers_probe, then verify (docs/kernel-rules.md §8), journaled.
         ``driver`` "" means the host driver: clear the override and let the kernel pick."""
         # driver and driver_override are all a bind changes and all its journal entry needs: two
         # cheap reads, not the whole function (its config space costs a trap per read under a
@@ -158,7 +158,7 @@ class Operations:
             raise error
 
     async def bind_each(self, addresses: list[str], driver: str) -> dict[str, NicpassError]:
-        """The bind sequence of kernel rules §8 for many functions at once: all driver_overrides,
+        """The bind sequence of docs/kernel-rules.md §8 for many functions at once: all driver_overrides,
         then the unbinds, then the drivers_probes — each phase in one worker thread with the write
         timeout — then one verification pass. Returns the failures ({} = all bound), each
         restored to its previous driver. One journal entry covers the batch."""

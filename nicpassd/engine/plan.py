@@ -33,7 +33,7 @@ class Step:
     target: str = ""  # follow: the new address
     pf: str = ""  # bind of a VF: its PF (the VFs of one PF are bound in one batch)
     # vfs: single VFs persisted on a passthrough driver, (VF index, driver): created with the
-    # PF's autoprobe off and bound explicitly (kernel rules §5), never raced by their host driver
+    # PF's autoprobe off and bound explicitly (docs/kernel-rules.md §5), never raced by their host driver
     vf_drivers: tuple[tuple[int, str], ...] = ()
     settings: tuple[tuple[str, object], ...] = ()  # vf: (setting, value) to write, VF index in count
 

@@ -1,4 +1,4 @@
-"""Setting a PF's VF count the way the kernel wants it (kernel rules §1, §2, §5), and undoing it.
+"""Setting a PF's VF count the way the kernel wants it (docs/kernel-rules.md §1, §2, §5), and undoing it.
 
 Called through ``Operations.set_vf_count`` (journaled, under the mutation lock): skip if equal,
 0 then N, autoprobe off while VFs persisted on a passthrough driver are created (so that no host
@@ -89,7 +89,7 @@ async def _claim_new_vfs(ops: Operations, address: str, autoprobe: bool, vf_driv
     """VFs just created with autoprobe off: driver_override on the ones persisted for a
     passthrough driver, autoprobe back to ``autoprobe`` (read back), then drivers_probe for the
     others so that they get their host driver (a VF with no override cannot probe while
-    autoprobe is off, kernel rules §5). Returns {VF: driver} of the claimed ones."""
+    autoprobe is off, docs/kernel-rules.md §5). Returns {VF: driver} of the claimed ones."""
     host = ops.host
     virtfns = host.present(address).virtfns
     claims = {virtfns[index]: wanted for index, wanted in sorted(vf_drivers.items()) if 0 <= index < len(virtfns)}
@@ -110,7 +110,7 @@ async def _claim_new_vfs(ops: Operations, address: str, autoprobe: bool, vf_driv
 
 
 async def _verify_vf_count(ops: Operations, address: str, count: int) -> None:
-    """A successful write does not mean N VFs (kernel rules §2): read back, wait for the links."""
+    """A successful write does not mean N VFs (docs/kernel-rules.md §2): read back, wait for the links."""
     deadline = time.monotonic() + ops.config.daemon.write_timeout
     interval = 0.005
     while True:

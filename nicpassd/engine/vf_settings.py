@@ -154,7 +154,7 @@ async def apply(ops: Operations, pf: str, index: int, change: VfChange, current:
                            if any(name in REQUEST_FIELDS[request] for request in refusal.applied)})
         note = await _put_back(host, interface, index, current, done) if done.asked() else "nothing was changed"
         raise _typed(refusal, driver, ops.label(pf), index).with_note(note) from None
-    after = _settings_of(host.read_vf_settings(interface), index)
+    after = host.read_vf_setting(interface, index)
     wrong = [name for name, value in todo.asked().items() if after is None or getattr(after, name) != value]
     if wrong:
         note = await _put_back(host, interface, index, current, todo)
@@ -167,7 +167,7 @@ async def apply(ops: Operations, pf: str, index: int, change: VfChange, current:
         vf_driver = host.driver_of(vf)
         if vf_driver and vf_driver not in PASSTHROUGH_DRIVERS:
             if host.interface_up(interface):
-                await ops.reprobe(vf)  # its driver takes the new MAC when it probes (kernel rules above)
+                await ops.reprobe(vf)  # its driver takes the new MAC when it probes (docs/kernel-rules.md §16)
             else:
                 # igb answers a probing VF's mailbox only while the PF is up: a reprobe now would
                 # give the VF another random MAC ("PF still in reset state. Is the PF interface up?").
@@ -185,10 +185,6 @@ async def _put_back(host: Host, interface: str, index: int, current: VfSettings,
         log.error("putting the settings of VF %d of %s back failed: %s", index, interface, exc)
         return f"putting the previous settings back also failed: {exc}"
     return "the previous settings were put back"
-
-
-def _settings_of(settings: tuple[VfSettings, ...], index: int) -> VfSettings | None:
-    return next((vf for vf in settings if vf.index == index), None)
 
 
 def _typed(refusal: VfRefused, driver: str, label: str, index: int) -> NicpassError:

@@ -58,6 +58,11 @@ def label(function: PciFunction) -> str:
 MAX_DEVICE_ARGUMENT = 64  # an interface name is at most 15 bytes, a PCI address 12
 
 
+def full_address(text: str) -> str:
+    """A short PCI address (3b:00.0) with its domain (0000:3b:00.0); a full one as it is."""
+    return text if len(text) > 7 else f"0000:{text}"
+
+
 def resolve_device(snapshot: HostSnapshot, argument: str) -> str:
     """A full or short PCI address, or a current interface name, to a known PCI address. Taken
     as written: whitespace or control characters are not part of any (a name with a trailing
@@ -68,7 +73,7 @@ def resolve_device(snapshot: HostSnapshot, argument: str) -> str:
                               "list the devices with `nicpassctl list`")
     text = argument
     if FULL_ADDRESS.match(text) or SHORT_ADDRESS.match(text):
-        address = text.lower() if len(text) > 7 else f"0000:{text.lower()}"
+        address = full_address(text.lower())
         if address not in snapshot.functions:
             raise NotFound(f"no NIC function at {address}", "list the devices with `nicpassctl list`")
         return address

@@ -6,7 +6,7 @@ helper ``nicpassd-udev-override %k`` on the PCI ``add`` of a function with a mar
 ``/var/lib/nicpassd/early-binding.d/`` (packaging/udev/90-nicpassd.rules); it writes the override
 (and loads vfio-pci) for the functions nicpassd listed in ``/var/lib/nicpassd/early-binding.json``,
 so they land on vfio-pci without ever binding the host
-driver — driverctl's model, per device, never ``new_id`` (kernel rules §7, §15).
+driver — driverctl's model, per device, never ``new_id`` (docs/kernel-rules.md §7, §15).
 
 The list is written by the daemon (``write_list``) from its desired state after every reconcile:
 only desires that pass the guard and whose device still has the identity it was persisted with.

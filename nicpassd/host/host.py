@@ -3,7 +3,7 @@ VM processes the engine needs goes through ``Host``; the engine never builds a k
 
 Reads of whole functions (``function``) cost a few dozen syscalls; the bind paths and their
 verification loops use ``binding`` and ``driver_of`` (one or two syscalls). Writes run in worker
-threads with the write timeout (kernel rules §3): one write at a time (``set_*``, ``unbind``,
+threads with the write timeout (docs/kernel-rules.md §3): one write at a time (``set_*``, ``unbind``,
 ``probe``) or a whole batch in one thread (``write_batch`` of the ``*_write`` descriptions).
 """
 
@@ -166,7 +166,7 @@ class Host:
                                              "/lib/modprobe.d")])
 
     # ------------------------------------------------------------------ writes
-    # kernel rules §7-8: driver_override, unbind, drivers_probe
+    # docs/kernel-rules.md §7-8: driver_override, unbind, drivers_probe
     async def set_driver_override(self, address: str, driver: str) -> None:
         await self._write(self.override_write(address, driver))
 
@@ -184,7 +184,7 @@ class Host:
                                      "1" if enabled else "0"))
 
     def override_write(self, address: str, driver: str) -> BatchWrite:
-        # "\n" clears: a 0-byte write may be ignored (kernel rules §8).
+        # "\n" clears: a 0-byte write may be ignored (docs/kernel-rules.md §8).
         return BatchWrite(address, Path(f"{self._pci_root}/{address}/driver_override"), (driver or "") + "\n")
 
     def unbind_write(self, address: str, driver: str) -> BatchWrite:
@@ -202,6 +202,10 @@ class Host:
         except OSError as exc:  # the interface went meanwhile, or no netlink on this root
             log.debug("reading the VF settings of %s failed: %s", interface, exc)
             return ()
+
+    def read_vf_setting(self, interface: str, index: int) -> VfSettings | None:
+        """``read_vf_settings`` of one VF (None: not reported)."""
+        return next((vf for vf in self.read_vf_settings(interface) if vf.index == index), None)
 
     async def set_vf(self, interface: str, index: int, change: VfChange, current: VfSettings) -> None:
         """``ip link set INTERFACE vf INDEX ...``: one request per setting, in the kernel's order,

@@ -1,6 +1,6 @@
 """The one place where nicpassd writes to the kernel.
 
-Sysfs writes can block for minutes when a driver is wedged (kernel rules §3), so each write runs
+Sysfs writes can block for minutes when a driver is wedged (docs/kernel-rules.md §3), so each write runs
 in its own daemon thread and the event loop waits for it with a timeout. A timed-out thread is
 left behind (a write stuck in the kernel cannot be cancelled) and reported.
 """

@@ -3,7 +3,7 @@
 The same checks run against the simulated kernel (``nicpassd.sim.kernel.SimKernel`` in a temporary
 root, in the normal unit suite: ``test_conformance_sim.py``) and against the real kernel of the
 e2e guest (``test_conformance_kernel.py``, which runs this file inside the guest as a script).
-Each check asserts the kernel rules of docs/kernel-and-hook-rules.md and records what it
+Each check asserts the kernel rules of docs/kernel-rules.md and records what it
 *observed* in a normalized, JSON-able form (errno names, roles instead of addresses), so the two
 kernels' observations can be compared item by item and every difference reported.
 

@@ -91,7 +91,7 @@ def pick(rng: random.Random, root: Path) -> Operation:
         host = SPECS[pf].vf_driver
         target = (count, tuple(("vfio-pci", "vfio-pci") if vfio else (host, "") for _ in range(count)))
         if not vfio and count == len(vfs(root, pf)):
-            target = state_of(root, pf)  # same count: skipped (kernel rules §1), the VFs keep their drivers
+            target = state_of(root, pf)  # same count: skipped (docs/kernel-rules.md §1), the VFs keep their drivers
         options = {"persist": Variant("b", persist), **({"driver": Variant("s", "vfio-pci")} if vfio else {})}
         current = len(vfs(root, pf))
         writes = (count != current) * (1 + bool(current) + bool(count)) + (2 * count if vfio else 0)

@@ -1,4 +1,4 @@
-"""The simulated kernel obeys the kernel rules (docs/kernel-and-hook-rules.md §1-8) at its write
+"""The simulated kernel obeys the kernel rules (docs/kernel-rules.md §1-8) at its write
 boundary, so code tested against it is tested against the kernel's behaviour."""
 
 from __future__ import annotations
