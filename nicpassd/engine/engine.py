@@ -42,6 +42,7 @@ from nicpassd.host.events import UEvent
 from nicpassd.host.host import Host
 from nicpassd.host.kernelio import PASSTHROUGH_DRIVERS, VFIO
 from nicpassd.host.model import PciFunction, VfSettings
+from nicpassd.host.vf_netlink import VfChange
 from nicpassd.stopwatch import lap
 
 __all__ = ["Engine", "InventoryDelta"]
@@ -248,9 +249,10 @@ class Engine:
             before = self.host.present(address)
             before_drivers = [self.host.driver_of(vf) for vf in before.virtfns]
             lap("guard")
-            await self.ops.set_vf_count(address, count, driver)
+            extra = {} if stable_macs is None else {"stable_macs": stable_macs}
+            await self.ops.set_vf_count(address, count, driver, None,
+                                        self._new_vf_settings(address, count, extra))
             try:
-                extra = {} if stable_macs is None else {"stable_macs": stable_macs}
                 await self._commit([address], persist, num_vfs=count, vf_driver=driver if count else "", **extra)
             except NotPersisted as exc:
                 raise exc.with_note(await self.ops.restore_vfs(address, before, before_drivers)) from None
@@ -450,6 +452,16 @@ class Engine:
         """The address of a persisted desire for ``device`` (a PCI address) whose device is gone."""
         address = full_address(device.strip().lower())
         return address if self.store.get(address) is not None and address not in self.view.snapshot.functions else ""
+
+    def _new_vf_settings(self, address: str, count: int, changes: dict[str, object]) -> dict[int, VfChange]:
+        """The persisted settings (stable MACs included) of the VFs a count change creates: written
+        before they probe."""
+        desire = self._desire(address, num_vfs=count, **changes)
+        if desire is None or not (desire.vf_settings or desire.stable_macs):
+            return {}
+        pf_mac = desire.identity.permanent_mac or self._recorded_mac(address)
+        return {index: VfChange(**wanted) for index, wanted in vf_settings.desired_settings(desire, pf_mac, count).items()
+                if index < count and wanted}
 
     def _recorded_mac(self, address: str) -> str:
         desire = self.store.get(address)

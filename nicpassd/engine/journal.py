@@ -2,7 +2,7 @@
 
 Before the first kernel write of a multi-step change — a VF count change (autoprobe, 0, N, VF
 binds), a bind (driver_override, unbind, drivers_probe), a batch of VF binds, a prepare of several
-devices — the operations layer (``Operations.journaled``) records its intent and the state to
+devices, a VF's settings (one netlink request each) — the operations layer (``Operations.journaled``) records its intent and the state to
 restore (``record``); the entry is dropped once the kernel shows the change complete, or once the
 previous state was restored after a failure (``finish``). So each device is, at every instant, either
 inside a journaled change or in a consistent state.
@@ -36,7 +36,7 @@ from nicpassd.host.model import PciFunction
 log = logging.getLogger(__name__)
 JOURNAL_FILE = "journal.json"
 VERSION = 1
-KINDS = ("vf-count", "bind", "prepare")
+KINDS = ("vf-count", "bind", "prepare", "vf-settings")
 _FUNCTION_FIELDS = {f.name: f for f in dataclasses.fields(PciFunction)}
 
 
@@ -58,12 +58,15 @@ class DeviceBefore:
     function: PciFunction
     vf_drivers: list[str] = field(default_factory=list)
     vf_overrides: list[str] = field(default_factory=list)  # a crash may leave an override written
+    # vf-settings: {VF index: the settings it changes, as they were} (a change is one netlink
+    # request per setting: a crash between two leaves it half-applied)
+    vf_settings: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
 class Entry:
     id: str
-    kind: str  # vf-count, bind, prepare
+    kind: str  # vf-count, bind, prepare, vf-settings
     devices: dict[str, DeviceBefore]
     target: dict[str, Any] = field(default_factory=dict)  # e.g. {"num_vfs": 8, "vf_driver": "vfio-pci"}
     vm_uuid: str = ""
@@ -73,7 +76,8 @@ class Entry:
         return {
             "id": self.id, "kind": self.kind, "target": self.target, "vm_uuid": self.vm_uuid, "started": self.started,
             "devices": {address: {"before": function_to_json(before.function), "vf_drivers": before.vf_drivers,
-                                  "vf_overrides": before.vf_overrides}
+                                  "vf_overrides": before.vf_overrides,
+                                  "vf_settings": {str(index): settings for index, settings in before.vf_settings.items()}}
                         for address, before in self.devices.items()},
         }
 
@@ -84,7 +88,9 @@ class Entry:
         if not isinstance(data["devices"], dict) or not all(kernelio.PCI_ADDRESS.fullmatch(a) for a in data["devices"]):
             raise ValueError(f"journal entry devices {list(data['devices'])[:5]!r} are not PCI addresses")
         devices = {address: DeviceBefore(function_from_json(item["before"]), list(item.get("vf_drivers", [])),
-                                         list(item.get("vf_overrides", [])))
+                                         list(item.get("vf_overrides", [])),
+                                         {int(index): dict(settings)
+                                          for index, settings in (item.get("vf_settings") or {}).items()})
                    for address, item in data["devices"].items()}
         return cls(id=str(data["id"]), kind=data["kind"], devices=devices, target=dict(data.get("target") or {}),
                    vm_uuid=str(data.get("vm_uuid", "")), started=float(data.get("started", 0.0)))

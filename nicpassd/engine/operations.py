@@ -54,15 +54,18 @@ class Operations:
     # ------------------------------------------------------------------ journal
     @contextlib.asynccontextmanager
     async def journaled(self, kind: str, addresses: Iterable[str], *, target: dict[str, Any] | None = None,
-                        vm_uuid: str = "", before: dict[str, PciFunction] | None = None
-                        ) -> AsyncIterator[Entry | None]:
+                        vm_uuid: str = "", before: dict[str, PciFunction] | None = None,
+                        devices: dict[str, DeviceBefore] | None = None) -> AsyncIterator[Entry | None]:
         """Journal a change of ``addresses`` around the block. Nested changes (the VF binds of a VF
         count change, the restores after a failure) are covered by the outermost entry. ``before``:
-        functions without VFs the caller has just read (saves reading them again)."""
+        functions without VFs the caller has just read (saves reading them again); ``devices``:
+        the state to restore, given whole by the caller."""
         if self._journal_depth:
             yield None
             return
-        if before is not None and not any(function.virtfns for function in before.values()):
+        if devices is not None:
+            pass
+        elif before is not None and not any(function.virtfns for function in before.values()):
             devices = {address: DeviceBefore(function) for address, function in before.items()}
         else:
             devices = self.before_of(addresses)
@@ -280,17 +283,24 @@ class Operations:
         return f"restored {before.driver or 'no driver'}"
 
     # ------------------------------------------------------------------ VF count
-    async def set_vf_count(self, address: str, count: int, driver: str,
-                           vf_drivers: dict[int, str] | None = None) -> dict[str, str]:
+    async def set_vf_count(self, address: str, count: int, driver: str, vf_drivers: dict[int, str] | None = None,
+                           vf_settings: dict[int, VfChange] | None = None) -> dict[str, str]:
         """See ``vf_count.apply_vf_count``: returns {VF address: driver} of the VFs it created for
         a passthrough driver, for the caller to bind (verified)."""
         target = {"num_vfs": count, "vf_driver": driver}
         async with self.journaled("vf-count", [address], target=target):
-            return await vf_count.apply_vf_count(self, address, count, driver, vf_drivers)
+            return await vf_count.apply_vf_count(self, address, count, driver, vf_drivers, vf_settings)
 
     async def set_vf_settings(self, pf: str, index: int, change: VfChange, current: VfSettings) -> VfSettings:
-        """VF settings through the PF's driver, read back (``nicpassd.engine.vf_settings``)."""
-        return await vf_settings.apply(self, pf, index, change, current)
+        """VF settings through the PF's driver, read back (``nicpassd.engine.vf_settings``);
+        journaled with the settings it changes as they were (nothing when nothing differs)."""
+        todo = vf_settings.differences(current, change)
+        if not todo.asked():
+            return current
+        undo = {name: value for name, value in vf_settings.undo_of(current, todo).asked().items()}
+        devices = {pf: DeviceBefore(self.host.binding(pf), vf_settings={index: undo})}
+        async with self.journaled("vf-settings", [pf], target={"vf": index, **todo.asked()}, devices=devices):
+            return await vf_settings.apply(self, pf, index, change, current)
 
     async def reprobe(self, address: str) -> None:
         """Unbind a function from its driver and probe it again (a VF's driver takes a new

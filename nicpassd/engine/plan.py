@@ -36,6 +36,8 @@ class Step:
     # PF's autoprobe off and bound explicitly (docs/kernel-rules.md §5), never raced by their host driver
     vf_drivers: tuple[tuple[int, str], ...] = ()
     settings: tuple[tuple[str, object], ...] = ()  # vf: (setting, value) to write, VF index in count
+    # vfs: the persisted settings of the VFs it creates, (VF index, settings), written before they probe
+    vf_settings: tuple[tuple[int, tuple[tuple[str, object], ...]], ...] = ()
 
     def __str__(self) -> str:
         return f"{self.address}  {self.action.value:<6} {self.text}"
@@ -166,8 +168,14 @@ def make_plan(snapshot: HostSnapshot, desires: dict[str, DeviceDesire], protecte
             vf_drivers = () if desire.vf_driver in PASSTHROUGH_DRIVERS else _vf_claims(desires, address, desire.num_vfs)
             if vf_drivers:
                 where += " (" + ", ".join(f"VF {index} on {driver}" for index, driver in vf_drivers) + ")"
+            settings = tuple((index, tuple(wanted.items())) for index, wanted in sorted(desired_settings(
+                desire, desire.identity.permanent_mac or function.permanent_mac, desire.num_vfs).items())
+                if index < desire.num_vfs and wanted)
+            if settings:
+                where += f", settings of {len(settings)} VF(s)"
             plan.steps.append(Step(address, Action.VFS, f"{function.num_vfs} → {desire.num_vfs} VFs{where}",
-                                   count=desire.num_vfs, driver=desire.vf_driver, vf_drivers=vf_drivers))
+                                   count=desire.num_vfs, driver=desire.vf_driver, vf_drivers=vf_drivers,
+                                   vf_settings=settings))
             recreating.add(address)
 
     for address, desire in desires.items():

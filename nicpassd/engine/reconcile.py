@@ -327,7 +327,8 @@ class Reconciler:
             elif first.action is Action.VFS:
                 view.refuse_if_vf_leased(first.address, "change the VFs of")
                 claims = await ops.set_vf_count(first.address, first.count, first.driver,  # journaled
-                                                dict(first.vf_drivers))
+                                                dict(first.vf_drivers),
+                                                {index: VfChange(**dict(wanted)) for index, wanted in first.vf_settings})
                 extra.extend(await self._bind_claims(claims, failed_now, explicit=explicit))
             else:
                 errors = await ops.bind_each(addresses, first.driver)  # journaled

@@ -13,6 +13,7 @@ from nicpassd.engine.journal import DeviceBefore, Entry
 from nicpassd.engine.operations import Operations
 from nicpassd.errors import NicpassError
 from nicpassd.host.model import PciFunction
+from nicpassd.host.vf_netlink import VfChange
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,22 @@ async def _restore_vf_overrides(ops: Operations, address: str, before: DeviceBef
     return "; " + "; ".join(notes) if notes else ""
 
 
+async def _restore_vf_settings(ops: Operations, address: str, before: DeviceBefore) -> str:
+    """Each VF's settings the interrupted change touched, back to what they were."""
+    function = ops.host.present(address)
+    if not function.interfaces:
+        return f"{address} has no netdev any more: its VFs' settings cannot be put back"
+    notes = []
+    for index, settings in sorted(before.vf_settings.items()):
+        current = ops.host.read_vf_setting(function.interfaces[0], index)
+        if current is None:
+            notes.append(f"VF {index} is gone")
+            continue
+        after = await ops.set_vf_settings(address, index, VfChange(**settings), current)
+        notes.append(f"VF {index} settings back" if after is not current else f"VF {index} was as before")
+    return "; ".join(notes)
+
+
 async def recover(view: HostView, ops: Operations) -> list[str]:
     """Roll back every journaled change; returns one line per entry."""
     entries = ops.journal.pending()
@@ -61,7 +78,9 @@ async def recover(view: HostView, ops: Operations) -> list[str]:
                         log.warning("%s is gone: nothing to roll back", address)
                         continue
                     try:
-                        if entry.kind == "vf-count":
+                        if entry.kind == "vf-settings":
+                            note = await _restore_vf_settings(ops, address, before)
+                        elif entry.kind == "vf-count":
                             note = await ops.restore_vfs(address, before.function, before.vf_drivers)
                             note += await _restore_vf_overrides(ops, address, before)
                         else:

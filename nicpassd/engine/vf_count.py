@@ -1,9 +1,10 @@
 """Setting a PF's VF count the way the kernel wants it (docs/kernel-rules.md §1, §2, §5), and undoing it.
 
 Called through ``Operations.set_vf_count`` (journaled, under the mutation lock): skip if equal,
-0 then N, autoprobe off while VFs persisted on a passthrough driver are created (so that no host
-driver races nicpassd for them), read back, wait for the ``virtfnN`` links, and on any failure
-back to the previous count with every VF on its previous driver.
+0 then N, autoprobe off while VFs persisted on a passthrough driver or with persisted settings are
+created (so that no host driver races nicpassd for them, and a VF's driver finds its MAC already
+set when it probes), read back, wait for the ``virtfnN`` links, and on any failure back to the
+previous count with every VF on its previous driver.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from nicpassd.engine.config import Config
 from nicpassd.errors import KernelError, NicpassError
 from nicpassd.host.host import Host
 from nicpassd.host.kernelio import PASSTHROUGH_DRIVERS, VFIO
-from nicpassd.host.model import PciFunction
+from nicpassd.host.model import PciFunction, VfSettings
+from nicpassd.host.vf_netlink import VfChange
 from nicpassd.stopwatch import lap
 
 log = logging.getLogger(__name__)
@@ -34,21 +36,28 @@ class Operations(Protocol):
 
     async def bind_all(self, addresses: list[str], driver: str) -> None: ...
 
+    async def set_vf_settings(self, pf: str, index: int, change: VfChange, current: VfSettings) -> VfSettings: ...
+
 
 async def apply_vf_count(ops: Operations, address: str, count: int, driver: str,
-                         vf_drivers: dict[int, str] | None = None) -> dict[str, str]:
+                         vf_drivers: dict[int, str] | None = None,
+                         vf_settings: dict[int, VfChange] | None = None) -> dict[str, str]:
     """Set the VF count. ``driver`` vfio-pci: every VF on it. ``vf_drivers`` {VF index:
     passthrough driver}: single VFs of this PF persisted on vfio-pci/pci-stub while the rest stay
     on the host driver; they are created with the PF's autoprobe off, their driver_override is
     written, the previous autoprobe is put back (verified) and every other new VF gets a
     drivers_probe for its host driver. Returns {VF address: driver} of those VFs; the caller
-    binds them (verified)."""
+    binds them (verified). ``vf_settings`` {VF index: settings}: written through the PF while
+    the new VFs have no driver yet (docs/kernel-rules.md §16: a VF's driver reads its MAC when
+    it probes), then the VFs probe."""
     host = ops.host
+    vf_drivers = vf_drivers or {}
     before = host.present(address)
     previous_drivers = [host.driver_of(vf) for vf in before.virtfns]
     want_autoprobe = driver != VFIO
     claims: dict[str, str] = {}
-    wants_claims = bool(vf_drivers) and driver != VFIO and count and before.num_vfs != count
+    creating = bool(count) and before.num_vfs != count
+    wants_claims = bool(vf_drivers or vf_settings) and driver != VFIO and creating
     try:
         if before.num_vfs != count:
             if driver == VFIO:
@@ -68,6 +77,9 @@ async def apply_vf_count(ops: Operations, address: str, count: int, driver: str,
                 lap("sriov_numvfs N")
                 await _verify_vf_count(ops, address, count)
                 lap("virtfn links")
+        if vf_settings and creating:
+            await _settle_new_vfs(ops, address, vf_settings)
+            lap("VF settings")
         if wants_claims:
             claims = await _claim_new_vfs(ops, address, before.autoprobe, vf_drivers)
             lap("claims")
@@ -83,6 +95,27 @@ async def apply_vf_count(ops: Operations, address: str, count: int, driver: str,
     except NicpassError as exc:
         raise exc.with_note(await restore_vfs(ops, address, before, previous_drivers)) from exc
     return claims
+
+
+async def _settle_new_vfs(ops: Operations, address: str, vf_settings: dict[int, VfChange]) -> None:
+    """The persisted settings of VFs just created, before any driver has them. A refusal does not
+    undo the VF count: it is logged, and the reconciler's next pass reports it as a step not
+    applied (with the driver's words) and tries again when the PF changes."""
+    host = ops.host
+    function = host.present(address)
+    if not function.interfaces:
+        log.warning("the VFs of %s have persisted settings, but it has no netdev to set them through (driver: %s)",
+                    ops.label(address), function.driver or "none", extra={"device": address, "action": "vf"})
+        return
+    current = {vf.index: vf for vf in host.read_vf_settings(function.interfaces[0])}
+    for index, change in sorted(vf_settings.items()):
+        if index not in current:
+            continue
+        try:
+            await ops.set_vf_settings(address, index, change, current[index])
+        except NicpassError as exc:
+            log.info("VF %d of %s: its persisted settings were not applied (the reconciler reports it): %s",
+                     index, ops.label(address), exc, extra={"device": address, "action": "vf"})
 
 
 async def _claim_new_vfs(ops: Operations, address: str, autoprobe: bool, vf_drivers: dict[int, str]) -> dict[str, str]:

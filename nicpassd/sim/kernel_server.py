@@ -51,6 +51,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nicpassd.host import vf_netlink
 from nicpassd.host.events import UEvent, UEventCallback
 from nicpassd.paths import HostPaths
 
@@ -264,24 +265,32 @@ class Handler(socketserver.StreamRequestHandler):
         except OSError:
             pass  # the writer is gone; the write itself has happened
 
+    def count_change(self, what: str) -> None:
+        """``arm_kill``: SIGKILL the writer right after its Nth change (a sysfs write or a VF
+        setting), before it learns that the change was made."""
+        server = self.server
+        with server.kill_lock:
+            if server.kill_after:
+                server.kill_after -= 1
+                if server.kill_after == 0:
+                    pid = _peer_pid(self.connection)
+                    log.warning("killing the writer (pid %d) right after %s", pid, what)
+                    os.kill(pid, signal.SIGKILL)
+
     def serve(self, op: str, request: dict[str, Any]) -> dict[str, Any]:
         kernel, server = self.server.kernel, self.server
         if op == "write":
             kernel.write(Path(request["path"]), request["data"])
-            with server.kill_lock:
-                if server.kill_after:
-                    server.kill_after -= 1
-                    if server.kill_after == 0:
-                        pid = _peer_pid(self.connection)
-                        log.warning("killing the writer (pid %d) right after its write to %s", pid,
-                                    Path(request["path"]).name)
-                        os.kill(pid, signal.SIGKILL)
+            self.count_change(f"its write to {Path(request['path']).name}")
             return {"ok": True}
         if op == "load_module":
             kernel.load_module(request["name"])
             return {"ok": True}
         if op == "netlink":
-            answer = kernel.netlink(base64.b64decode(request["request"]))
+            message = base64.b64decode(request["request"])
+            answer = kernel.netlink(message)
+            if vf_netlink.NLMSGHDR.unpack_from(message)[1] == vf_netlink.RTM_SETLINK:
+                self.count_change(f"its VF setting of {vf_netlink.parse_set(message)[0]}")
             return {"ok": True, "answer": base64.b64encode(answer).decode()}
         if op == "ping":
             return {"ok": True, "pid": os.getpid()}

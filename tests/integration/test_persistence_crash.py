@@ -220,3 +220,40 @@ async def test_sigkill_at_random_points_never_leaves_a_device_half_changed(priva
           f"killed ones ended pre-change {tally.outcome_pre}, as requested {tally.outcome_target}; "
           f"restart {sum(tally.restarts) / max(1, len(tally.restarts)):.2f} s on average")
     assert kills >= OPERATIONS // 4  # the test did crash the daemon, often
+
+
+async def test_sigkill_between_two_vf_settings_puts_the_first_back_at_restart(private_bus, polkit, kernel):
+    """A VF's settings are one netlink request each (issue 14): the daemon killed right after the
+    kernel applied the first of three finds, when it starts again, the undo journal's record of
+    what they were, and puts that back before it serves anyone."""
+    from nicpassd.host.host import Host
+
+    pf, interface = PFS[0], "enp59s0f0"
+    daemon = SimulatedDaemon(private_bus, kernel.root, extra_args=("--keep-kernel",))
+    client = await NicpassBus(bus_address=private_bus.address).connect()
+    kernel_view = Host(kernel, kernel_server.RemoteKernel(kernel))
+    try:
+        reply = await client.call(Message(destination=BUS_NAME, path=MANAGER_PATH, interface=MANAGER_IFACE,
+                                          member="SetVfCount", signature="sua{sv}",
+                                          body=[pf, 1, {"persist": Variant("b", False)}]))
+        assert reply.message_type == MessageType.METHOD_RETURN, reply.body
+        before = kernel_view.read_vf_setting(interface, 0)
+        kernel_server.control(kernel, "arm_kill", count=1)
+        settings = {"mac": Variant("s", "02:00:00:00:04:01"), "vlan": Variant("u", 9), "trust": Variant("b", True)}
+        reply = await asyncio.wait_for(client.call(Message(
+            destination=BUS_NAME, path=MANAGER_PATH, interface=MANAGER_IFACE, member="SetVfSettings",
+            signature="sa{sv}a{sv}", body=[f"{pf}:0", settings, {"persist": Variant("b", False)}])), 30)
+        daemon.process.wait(timeout=10)
+        assert daemon.process.returncode == -signal.SIGKILL, (reply.message_type, reply.body)
+        half = kernel_view.read_vf_setting(interface, 0)
+        assert half.mac == "02:00:00:00:04:01" and (half.vlan, half.trust) == (before.vlan, before.trust)
+        journal = json.loads((kernel.root / "run/nicpassd/journal.json").read_text())["entries"]
+        assert [entry["kind"] for entry in journal] == ["vf-settings"]
+
+        daemon = SimulatedDaemon(private_bus, kernel.root, extra_args=("--keep-kernel",))
+        assert kernel_view.read_vf_setting(interface, 0) == before
+        assert json.loads((kernel.root / "run/nicpassd/journal.json").read_text())["entries"] == []
+        assert "undo journal: rolled back vf-settings" in daemon.log_text()
+    finally:
+        client.disconnect()
+        daemon.stop()

@@ -270,3 +270,79 @@ async def test_a_lease_records_the_vf_s_settings_and_release_puts_exactly_those_
     assert kernel_settings(sim, "enp59s0f0")[0].mac == "52:54:00:aa:bb:cc"
     await sim.engine.release(uuid)
     assert kernel_settings(sim, "enp59s0f0")[0] == before
+
+
+def vf_netdev_mac(sim, vf: str) -> str:
+    """The MAC the VF's own driver took (its netdev's address), "" without a netdev."""
+    net = sim.dir(vf) / "net"
+    names = list(net.iterdir()) if net.is_dir() else []
+    return (names[0] / "address").read_text().strip() if names else ""
+
+
+async def test_persisted_settings_are_written_before_the_re_created_vfs_probe(sim):
+    """Issue 14, item 3: the VFs a boot (or a PF reset) re-creates get their persisted settings
+    while they have no driver yet, so iavf takes the persisted MAC when it probes: one pass, no
+    random MAC first, no reprobe."""
+    await sim.engine.set_vf_count(PF, 2)
+    vfs = sim.vfs(PF)
+    await sim.engine.set_vf_settings(vfs[1], {"mac": "02:00:00:00:02:01", "trust": True})
+    sim.kernel.write(sim.dir(PF) / "sriov_numvfs", "0")
+    sim.restart()
+    sim.writer.clear()
+    outcomes = await sim.engine.reconcile()  # one pass
+    assert [(o.address, o.action.value, o.result.value) for o in outcomes] == [(PF, "vfs", "ok")]
+    shown = kernel_settings(sim, "enp59s0f0")[1]
+    assert (shown.mac, shown.trust) == ("02:00:00:00:02:01", True)
+    assert vf_netdev_mac(sim, vfs[1]) == "02:00:00:00:02:01"
+    writes = sim.writer.writes
+    settings = [i for i, call in enumerate(writes) if call[0] == "netlink"]
+    probes = [i for i, call in enumerate(writes) if call[:2] == ("pci", "drivers_probe")]
+    assert settings and probes and max(settings) < min(probes), writes
+    assert not [call for call in writes if call[1] == "unbind"], writes  # nobody reprobed
+    assert (await sim.engine.reconcile()) == []  # nothing left for a second pass
+
+
+async def test_stable_macs_are_the_vfs_own_macs_from_their_first_probe(sim):
+    """`vfs PF N --stable-macs` through the API: each iavf comes up with its stable MAC."""
+    from nicpassd.engine.vf_settings import stable_mac
+
+    await sim.engine.set_vf_count(PF, 2, stable_macs=True)
+    assert [vf_netdev_mac(sim, vf) for vf in sim.vfs(PF)] == [stable_mac("3c:fd:fe:a0:00:00", i) for i in range(2)]
+    assert not [call for call in sim.writer.writes if call[1] == "unbind"]
+
+
+LONE_IGB = """
+[[functions]]
+address = "0000:02:00.0"
+vendor = "8086"
+device = "10c9"
+class = "0x020000"
+driver = "igb"
+netdev = "enp2s0"
+carrier = true
+iommu_group = 1
+sriov_totalvfs = 7
+vf_device = "10ca"
+vf_driver = "igbvf"
+"""
+
+
+async def test_a_setting_the_driver_refuses_at_creation_leaves_the_vfs_and_is_reported(make_sim):
+    """A persisted setting the driver no longer takes (a firmware update, another card in the
+    slot) does not cost the VFs: they are created, the rest applied, the refusal reported."""
+    IGB = "0000:02:00.0"
+    sim = make_sim(LONE_IGB)
+    vfs = await with_vfs(sim, IGB, 1)
+    await sim.engine.set_vf_settings(vfs[0], {"trust": True})
+    desires = json.loads(sim.state_json().read_text())
+    desires["devices"][IGB] = {**desires["devices"][IGB], "num_vfs": 1}
+    desires["devices"][IGB]["vf_settings"]["0"]["link_state"] = "disable"  # igb has no ndo_set_vf_link_state
+    sim.state_json().write_text(json.dumps(desires))
+    sim.kernel.write(sim.dir(IGB) / "sriov_numvfs", "0")
+    sim.restart()
+    outcomes = await sim.engine.reconcile()
+    assert [(o.address, o.action.value, o.result.value, o.error) for o in outcomes] == [
+        (IGB, "vfs", "ok", ""), (vfs[0], "vf", "failed", "NotSupported")]
+    assert "igb" in outcomes[1].message and "link state" in outcomes[1].message
+    assert sim.vfs(IGB) == vfs and sim.state(vfs[0])[0] == "igbvf"
+
