@@ -151,9 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "there (asks for org.nicpass.NicPass1.force; logged)")
     command("leases", "current leases of devices to VMs")
     p = command("prepare", "lease devices to a VM about to start (what the hooks do)")
+    p.description = (p.description + "\n\nexample: a VF with the VM's own MAC and VLAN, put back as they were "
+                     "at release:\n  nicpassctl prepare web01 UUID 3b:02.0 --vf '3b:02.0 mac 52:54:00:12:34:56 "
+                     "vlan 100'")
     p.add_argument("vm_name", metavar="VM_NAME")
     p.add_argument("vm_uuid", metavar="VM_UUID")
     p.add_argument("device", metavar="DEVICE", nargs="+")
+    p.add_argument("--vf", metavar="'VF SETTING VALUE...'", action="append", default=[],
+                   help="settings of one leased VF for this VM only, as for `nicpassctl vf` (repeat per VF)")
     p = command("activate", "tie a VM's lease to the running VM (what the hooks do once it started)")
     p.add_argument("vm_uuid", metavar="VM_UUID")
     p.add_argument("--pid", type=_count, default=0,

@@ -358,8 +358,21 @@ async def cmd_forget(client, args) -> ExitCode:
 
 
 async def cmd_prepare(client, args) -> ExitCode:
+    from dbus_fast import Variant
+
+    options: dict[str, Any] = {}
+    per_vf = {}
+    for text in args.vf:
+        words = text.split()
+        if len(words) < 3:
+            raise CliError(ExitCode.USAGE, f"--vf {text!r}: give the VF and one or more SETTING VALUE pairs")
+        if words[0] in per_vf:
+            raise CliError(ExitCode.USAGE, f"--vf {words[0]} is given twice")
+        per_vf[words[0]] = vf_settings_of(words[1:])
+    if per_vf:
+        options["vf_settings"] = Variant("a{sa{sv}}", per_vf)
     (lease_id,) = await client.manager("Prepare", "ssasa{sv}", [args.vm_name, args.vm_uuid, args.device],
-                                       options={}, mutate=True)
+                                       options=options, mutate=True)
     if args.json:
         emit_json({"lease_id": lease_id, "vm_name": args.vm_name, "vm_uuid": args.vm_uuid,
                    "devices": args.device})

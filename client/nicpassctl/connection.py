@@ -31,10 +31,12 @@ def unwrap(value: Any) -> Any:
 
 
 def variant_options(options: dict[str, Any]) -> dict[str, Variant]:
-    """a{sv} from plain Python values (bool → b, str → s, int → u)."""
+    """a{sv} from plain Python values (bool → b, str → s, int → u; a Variant as it is)."""
     out = {}
     for key, value in options.items():
-        if isinstance(value, bool):
+        if isinstance(value, Variant):
+            out[key] = value
+        elif isinstance(value, bool):
             out[key] = Variant("b", value)
         elif isinstance(value, str):
             out[key] = Variant("s", value)

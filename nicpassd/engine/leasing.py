@@ -33,9 +33,10 @@ from nicpassd.engine.hostview import HostView
 from nicpassd.engine.lease_watch import LeaseWatch
 from nicpassd.engine.leases import ACTIVE, Lease, LeaseTable
 from nicpassd.engine.operations import Operations
-from nicpassd.engine.vf_settings import SETTINGS as SETTABLE
+from nicpassd.engine.journal import DeviceBefore
+from nicpassd.engine.vf_settings import SETTINGS as SETTABLE, parse_change
 from nicpassd.engine.views import FULL_ADDRESS, SHORT_ADDRESS, full_address, label, resolve_device
-from nicpassd.errors import Busy, InvalidArgument, KernelError, NicpassError, NotFound, Protected
+from nicpassd.errors import Busy, InvalidArgument, KernelError, NicpassError, NotFound, NotSupported, Protected
 from nicpassd.host.kernelio import PASSTHROUGH_DRIVERS, VFIO
 from nicpassd.host.procfs import valid_pid as _valid_pid
 from nicpassd.host.vf_netlink import VfChange
@@ -101,11 +102,14 @@ class LeaseKeeper:
     # ------------------------------------------------------------------ API
     async def prepare(self, vm_name: str, vm_uuid: str, devices: list[str], *, pid: int = 0,
                       pidfile: str = "", reservation: float = 0.0, skip_unmanaged: bool = False,
-                      group: bool = False) -> Lease | None:
+                      group: bool = False, vf_settings: dict[str, dict[str, object]] | None = None) -> Lease | None:
         """Lease ``devices`` to the VM, ready for passthrough; None when ``skip_unmanaged`` left none.
         ``group``: take every non-bridge IOMMU group mate of the devices along (``HostView.group_mates``:
-        refused when a mate is protected, force or not) instead of requiring the group viable."""
+        refused when a mate is protected, force or not) instead of requiring the group viable.
+        ``vf_settings``: {VF: settings} for this VM only (a MAC, a VLAN the NIC enforces, trust...),
+        written once the VFs are on vfio-pci; release puts back what they were before."""
         check_vm(vm_name, vm_uuid)
+        changes = {device: parse_change(dict(values)) for device, values in (vf_settings or {}).items()}
         if not devices:
             raise InvalidArgument("no devices given to prepare")
         if pid and not _valid_pid(pid):
@@ -129,9 +133,10 @@ class LeaseKeeper:
                 lease = None
             else:
                 self._check_leasable(vm_name, vm_uuid, addresses)
+                settings = self._vm_settings(changes, addresses)
                 lease, released = await self._make_ready_and_lease(
                     vm_name, vm_uuid, addresses, previous, pidfile=pidfile,
-                    expires=time.time() + (reservation or self.reservation_seconds))
+                    expires=time.time() + (reservation or self.reservation_seconds), settings=settings)
                 if pid:
                     await self._tie(lease, pid)
             self._settle(addresses, *(old.devices for old in released))
@@ -296,8 +301,27 @@ class LeaseKeeper:
             raise Protected(f"IOMMU group {group} of {self.view.label(address)} is not viable: {', '.join(blockers)}",
                             "pass the whole group to the VM, or move the card to a slot with its own group")
 
-    async def _make_ready_and_lease(self, vm_name: str, vm_uuid: str, addresses: list[str],
-                                    previous: list[Lease], *, pidfile: str, expires: float) -> tuple[Lease, list[Lease]]:
+    def _vm_settings(self, changes: dict[str, VfChange], addresses: list[str]) -> dict[str, tuple[str, int, VfChange]]:
+        """{VF address: (PF, VF index, settings)} of a prepare's ``vf_settings``: each a VF it leases."""
+        snapshot, settings = self.view.snapshot, {}
+        for device, change in changes.items():
+            address = self.view.resolve(device)
+            function = snapshot.functions[address]
+            pf = snapshot.functions.get(function.physfn) if function.physfn else None
+            if pf is None or address not in pf.virtfns:
+                raise InvalidArgument(f"{self.view.label(address)} is not a VF; VF settings are set on a VF")
+            if address not in addresses:
+                raise InvalidArgument(f"VF settings for {self.view.label(address)}, which this prepare does not lease",
+                                      "list it among the devices")
+            if not pf.interfaces:
+                raise NotSupported(f"the VF settings of {self.view.label(pf.address)} are held by its driver, and it "
+                                   f"has none bound with a netdev (driver: {pf.driver or 'none'})")
+            settings[address] = (pf.address, pf.virtfns.index(address), change)
+        return settings
+
+    async def _make_ready_and_lease(self, vm_name: str, vm_uuid: str, addresses: list[str], previous: list[Lease],
+                                    *, pidfile: str, expires: float,
+                                    settings: dict[str, tuple[str, int, VfChange]]) -> tuple[Lease, list[Lease]]:
         """Bind every device to vfio-pci (verified), all or nothing, then record the lease.
 
         The binds go as one batch (all driver_overrides, then the unbinds, then the probes, then
@@ -322,11 +346,17 @@ class LeaseKeeper:
         befores = {address: ops.binding(address) for address in addresses}
         changed = [address for address, before in befores.items()
                    if before.driver != VFIO or before.driver_override != VFIO]
-        async with ops.journaled("prepare", addresses, target={"driver": VFIO}, vm_uuid=vm_uuid, before=befores):
+        # The journal also holds the VF settings this prepare writes, as they were.
+        devices = {address: DeviceBefore(before, vf_settings={settings[address][1]: {
+                       name: vf_before.get(address, {}).get(name) for name in settings[address][2].asked()}}
+                       if address in settings else {}) for address, before in befores.items()}
+        async with ops.journaled("prepare", addresses, target={"driver": VFIO}, vm_uuid=vm_uuid, devices=devices):
             errors = await ops.bind_each(addresses, VFIO)  # failures come back restored
+            if not errors and settings:
+                errors = await self._write_vm_settings(settings, vf_before)
             if errors:
                 for address in changed:
-                    if address not in errors:
+                    if address not in errors or settings:
                         await ops.restore_binding(address, befores[address])
                 error = next(iter(errors.values()))
                 more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
@@ -347,6 +377,23 @@ class LeaseKeeper:
                                    save=False, vf_settings={a: s for a, s in vf_before.items() if a in addresses})
             await self.table.save_async()
         return lease, previous
+
+    async def _write_vm_settings(self, settings: dict[str, tuple[str, int, VfChange]],
+                                 vf_before: dict[str, dict[str, object]]) -> dict[str, NicpassError]:
+        """The VM's VF settings, each read back; on a refusal the ones written are put back and
+        {VF: error} returned (the caller gives the bindings back)."""
+        written: list[str] = []
+        for address, (pf, index, change) in settings.items():
+            current = self.view.snapshot.vf_settings_of(address)
+            try:
+                if current is None:
+                    raise NotFound(f"{self.view.label(pf)} reports no settings for VF {index} ({address})")
+                await self.ops.set_vf_settings(pf, index, change, current)
+            except NicpassError as exc:
+                await self._restore_vf_settings([(vf, vf_before[vf]) for vf in written if vf in vf_before])
+                return {address: exc}
+            written.append(address)
+        return {}
 
     # ------------------------------------------------------------- activate
     async def _tie(self, lease: Lease, pid: int) -> None:

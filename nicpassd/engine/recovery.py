@@ -41,20 +41,20 @@ async def _restore_vf_overrides(ops: Operations, address: str, before: DeviceBef
     return "; " + "; ".join(notes) if notes else ""
 
 
-async def _restore_vf_settings(ops: Operations, address: str, before: DeviceBefore) -> str:
-    """Each VF's settings the interrupted change touched, back to what they were."""
-    function = ops.host.present(address)
+async def _restore_vf_settings(ops: Operations, pf: str, settings: dict[int, dict]) -> str:
+    """Each VF's settings the interrupted change touched (``settings``: {index: as they were}), back."""
+    function = ops.host.present(pf)
     if not function.interfaces:
-        return f"{address} has no netdev any more: its VFs' settings cannot be put back"
+        return f"; {pf} has no netdev any more: its VFs' settings cannot be put back"
     notes = []
-    for index, settings in sorted(before.vf_settings.items()):
+    for index, before in sorted(settings.items()):
         current = ops.host.read_vf_setting(function.interfaces[0], index)
         if current is None:
             notes.append(f"VF {index} is gone")
             continue
-        after = await ops.set_vf_settings(address, index, VfChange(**settings), current)
-        notes.append(f"VF {index} settings back" if after is not current else f"VF {index} was as before")
-    return "; ".join(notes)
+        after = await ops.set_vf_settings(pf, index, VfChange(**before), current)
+        notes.append(f"VF {index} settings back" if after is not current else f"VF {index} settings were as before")
+    return "; " + "; ".join(notes)
 
 
 async def recover(view: HostView, ops: Operations) -> list[str]:
@@ -79,12 +79,15 @@ async def recover(view: HostView, ops: Operations) -> list[str]:
                         continue
                     try:
                         if entry.kind == "vf-settings":
-                            note = await _restore_vf_settings(ops, address, before)
+                            note = (await _restore_vf_settings(ops, address, before.vf_settings))[2:]
                         elif entry.kind == "vf-count":
                             note = await ops.restore_vfs(address, before.function, before.vf_drivers)
                             note += await _restore_vf_overrides(ops, address, before)
                         else:
                             note = await ops.restore_binding(address, before.function)
+                            if before.vf_settings:  # a prepare that wrote the VM's VF settings
+                                note += await _restore_vf_settings(ops, ops.host.present(address).physfn,
+                                                                   before.vf_settings)
                     except NicpassError as exc:
                         note = f"rolling back failed: {exc}"
                     log.info("%s: %s", address, note, extra={"device": address, "action": "recover"})

@@ -173,6 +173,21 @@ VF_SETTING_SIGNATURES = {"mac": "s", "vlan": "u", "qos": "u", "vlan_proto": "s",
                          "link_state": "s", "min_tx_rate": "u", "max_tx_rate": "u", "rss_query": "b"}
 
 
+def _vf_setting_values(settings: dict[str, Variant]) -> dict[str, object]:
+    """SetVfSettings' (and Prepare's ``vf_settings``) a{sv}, each name and D-Bus type checked."""
+    values = {}
+    for name, variant in settings.items():
+        if name not in VF_SETTING_SIGNATURES or name == "rss_query":
+            raise InvalidArgument(f"unknown VF setting {name!r}",
+                                  f"use {', '.join(n for n in VF_SETTING_SIGNATURES if n != 'rss_query')}")
+        if not isinstance(variant, Variant) or variant.signature != VF_SETTING_SIGNATURES[name]:
+            given = variant.signature if isinstance(variant, Variant) else type(variant).__name__
+            raise InvalidArgument(f"VF setting {name!r} must be of D-Bus type {VF_SETTING_SIGNATURES[name]!r}, "
+                                  f"not {given!r}")
+        values[name] = variant.value
+    return values
+
+
 def vf_settings_to_dbus(pairs) -> dict[str, Variant]:
     return {name: Variant(VF_SETTING_SIGNATURES[name], value) for name, value in pairs}
 
@@ -399,15 +414,7 @@ class ManagerInterface(ServiceInterface):
         _known_options(options, ("persist", "force"))
         persist = _option(options, "persist", bool, True)
         force = _option(options, "force", bool, False)
-        values = {}
-        for name, variant in settings.items():
-            if name not in VF_SETTING_SIGNATURES or name == "rss_query":
-                raise InvalidArgument(f"unknown VF setting {name!r}",
-                                      f"use {', '.join(n for n in VF_SETTING_SIGNATURES if n != 'rss_query')}")
-            if variant.signature != VF_SETTING_SIGNATURES[name]:
-                raise InvalidArgument(f"VF setting {name!r} must be of D-Bus type {VF_SETTING_SIGNATURES[name]!r}, "
-                                      f"not {variant.signature!r}")
-            values[name] = variant.value
+        values = _vf_setting_values(settings)
         who = await self._authorize_force(force)
         after = await self.engine.set_vf_settings(device, values, persist=persist, force=force, caller=who)
         return vf_settings_to_dbus((name, value) for name, value in vars(after).items()
@@ -438,16 +445,22 @@ class ManagerInterface(ServiceInterface):
         u (seconds until an unused reservation is reclaimed, default 120), ``skip_unmanaged`` b
         (skip devices nicpassd does not manage instead of NotFound; returns "" when none is left),
         ``group`` b (lease the devices' non-bridge IOMMU group mates too, bound to vfio-pci; refused
-        if any of them is protected)."""
-        _known_options(options, ("pid", "pidfile", "reservation", "skip_unmanaged", "group"))
+        if any of them is protected), ``vf_settings`` a{sa{sv}} ({VF: settings as for
+        SetVfSettings} for this VM only: written once the VFs are on vfio-pci, put back as they
+        were at release; never persisted)."""
+        _known_options(options, ("pid", "pidfile", "reservation", "skip_unmanaged", "group", "vf_settings"))
         pid = _option(options, "pid", int, 0)
         pidfile = _option(options, "pidfile", str, "")
         reservation = _option(options, "reservation", int, 0)
         skip_unmanaged = _option(options, "skip_unmanaged", bool, False)
         group = _option(options, "group", bool, False)
+        per_vf = _option(options, "vf_settings", dict, {})
+        if any(not isinstance(value, dict) for value in per_vf.values()):
+            raise InvalidArgument("option 'vf_settings' must be of D-Bus type 'a{sa{sv}}'")
         lease = await self.engine.prepare(vm_name, vm_uuid, list(devices), pid=pid, pidfile=pidfile,
                                           reservation=float(reservation), skip_unmanaged=skip_unmanaged,
-                                          group=group)
+                                          group=group, vf_settings={device: _vf_setting_values(values)
+                                                                    for device, values in per_vf.items()})
         return lease.lease_id if lease is not None else ""
 
     @method()

@@ -174,6 +174,28 @@ def test_vf_settings_from_the_command_line_and_the_vf_table_of_show(private_bus,
     assert result.returncode == 1 and "i40e" in result.stderr and "802.1Q only" in result.stderr, result
 
 
+def test_prepare_with_a_vm_s_own_vf_settings_and_release_puts_the_host_s_back(private_bus, daemon):
+    """Issue 14, item 5: `prepare --vf` gives a VF the VM's MAC and VLAN for the lease only (never
+    persisted); `release` puts back what the VF had; a bad word is a usage error that leases nothing."""
+    uuid = "6f1c2a8e-0000-4000-8000-000000000091"
+    assert nicpassctl(private_bus, "vfs", "enp59s0f0", "1").returncode == 0
+    assert nicpassctl(private_bus, "vf", "enp59s0f0:0", "trust", "on").returncode == 0
+    before = json.loads(nicpassctl(private_bus, "--json", "show", "enp59s0f0").stdout)["vfs"][0]
+    result = nicpassctl(private_bus, "prepare", "web01", uuid, "3b:02.0", "--vf", "3b:02.0 mac 52:54:00:00:00:91 lan 7")
+    assert (result.returncode, result.stdout) == (2, ""), result
+    assert "unknown VF setting 'lan'" in result.stderr and driver(daemon, "0000:3b:02.0") == "iavf"
+
+    result = nicpassctl(private_bus, "prepare", "web01", uuid, "3b:02.0", "--vf", "3b:02.0 mac 52:54:00:00:00:91 vlan 7")
+    assert result.returncode == 0, result.stderr
+    during = json.loads(nicpassctl(private_bus, "--json", "show", "enp59s0f0").stdout)["vfs"][0]
+    assert (during["driver"], during["vf_settings"]["mac"], during["vf_settings"]["vlan"]) == (
+        "vfio-pci", "52:54:00:00:00:91", 7)
+    assert during["desired_vf_settings"] == {"trust": True}  # the VM's settings are not persisted
+    assert nicpassctl(private_bus, "release", uuid).returncode == 0
+    after = json.loads(nicpassctl(private_bus, "--json", "show", "enp59s0f0").stdout)["vfs"][0]
+    assert after["vf_settings"] == before["vf_settings"]
+
+
 def test_a_reader_that_goes_away_is_not_the_daemon_going_away(private_bus, daemon):
     """Issue 20: `nicpassctl list | head -1` printed "nicpassd is not running ... Broken pipe" and
     exited 6. The reader here is gone before the answer comes: quiet, exit 0."""

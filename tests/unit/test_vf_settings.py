@@ -346,3 +346,52 @@ async def test_a_setting_the_driver_refuses_at_creation_leaves_the_vfs_and_is_re
     assert "igb" in outcomes[1].message and "link state" in outcomes[1].message
     assert sim.vfs(IGB) == vfs and sim.state(vfs[0])[0] == "igbvf"
 
+
+
+VM = "6f1c2a8e-0000-4000-8000-0000000000a1"
+
+
+async def test_a_vm_s_settings_the_driver_refuses_lease_nothing_and_change_nothing(sim):
+    """Prepare with ``vf_settings`` is all or nothing: i40e refuses a minimum rate (EINVAL), so
+    the VM's MAC written before it is put back, the VFs go back to iavf, and no lease is made."""
+    vfs = await with_vfs(sim, PF, 2)
+    before = kernel_settings(sim, "enp59s0f0")
+    with pytest.raises(InvalidArgument, match="i40e"):
+        await sim.engine.prepare("web01", VM, vfs, vf_settings={
+            vfs[0]: {"mac": "52:54:00:00:00:a1"}, vfs[1]: {"vlan": 4, "min_tx_rate": 100}})
+    assert kernel_settings(sim, "enp59s0f0") == before
+    assert [sim.state(vf)[0] for vf in vfs] == ["iavf", "iavf"]
+    assert sim.engine.leases.holder() == {}
+    sim.writer.clear()
+    for settings, words in (({vfs[0]: {"colour": 1}}, "unknown VF setting"),
+                            ({PF: {"trust": True}}, "not a VF"),
+                            ({vfs[1]: {"trust": True}}, "does not lease")):
+        with pytest.raises(InvalidArgument, match=words):
+            await sim.engine.prepare("web01", VM, [vfs[0]], vf_settings=settings)
+    assert sim.writer.writes == []  # bad input: nothing written
+
+
+async def test_a_crash_after_the_vm_s_settings_are_written_is_rolled_back(sim, monkeypatch):
+    """The prepare's journal entry holds the VF settings it writes as they were: a daemon killed
+    before the lease is written finds the VF back on iavf with the host's settings."""
+    from nicpassd.engine.recovery import recover
+
+    vfs = await with_vfs(sim, PF, 1)
+    before = kernel_settings(sim, "enp59s0f0")[0]
+
+    async def dies(entry) -> None:  # the process dies: the entry is never finished
+        return None
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed before the lease was written")
+
+    monkeypatch.setattr(sim.engine.journal, "finish", dies)
+    monkeypatch.setattr(sim.engine.leases, "add", crash)
+    with pytest.raises(RuntimeError):
+        await sim.engine.prepare("web01", VM, vfs, vf_settings={vfs[0]: {"mac": "52:54:00:00:00:a2", "trust": True}})
+    assert kernel_settings(sim, "enp59s0f0")[0].mac == "52:54:00:00:00:a2"
+    engine = sim.restart()
+    done = await recover(engine.view, engine.ops)
+    assert done and done[0].startswith("rolled back prepare")
+    assert kernel_settings(sim, "enp59s0f0")[0] == before
+    assert sim.state(vfs[0])[0] == "iavf"
