@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -9,12 +10,16 @@ import pytest
 from .conftest import E1000E, IGB, SESSION_NOTES
 
 pytestmark = pytest.mark.e2e
-EVIDENCE: dict[str, str] = {}
+EVIDENCE: dict[str, object] = {}
+VF_MAC = "02:00:00:00:00:62"
 
 
 def test_persisted_state_restored_after_reboot(g):
     assert g.ctl("vfs", IGB, "3").returncode == 0
     vfs = g.fn(IGB)["virtfns"]
+    # VF 2's settings (issue 14), checked in test_persisted_vf_settings_restored_after_reboot
+    result = g.ctl("vf", f"{IGB}:2", "mac", VF_MAC, "vlan", "21", "spoofchk", "off")
+    assert result.returncode == 0, result.stderr
     result = g.ctl("bind", E1000E, vfs[1], "--driver", "vfio-pci")
     assert result.returncode == 0, result.stderr
     assert g.ctl("vfs", IGB, "3").returncode == 0  # unchanged count: a no-op
@@ -59,6 +64,8 @@ def test_persisted_state_restored_after_reboot(g):
         EVIDENCE["vf"] = f"{str(exc)[:200]}\n--- nicpassd journal\n{g.journal(30)}"
     fns = g.state()["functions"]
     assert fns[vfs[0]]["driver"] == "igbvf" and fns[vfs[2]]["driver"] == "igbvf", fns
+    interface = fns[IGB]["net"][0]
+    EVIDENCE["vf_settings"] = json.loads(g.run(["ip", "-j", "-d", "link", "show", "dev", interface]).check().stdout)[0]
     # and the persisted state is still what nicpassd reports
     listed = {d["address"]: d for d in g.ctl_json("list")}
     assert listed[IGB]["persisted"] and listed[E1000E]["persisted"]
@@ -71,6 +78,16 @@ def test_persisted_vf_binding_restored_after_reboot():
         pytest.skip("the reboot scenario did not get that far")
     assert not EVIDENCE["vf"], EVIDENCE["vf"]
     assert all(r["ok"] for r in EVIDENCE["vf_open"]), EVIDENCE["vf_open"]
+
+
+def test_persisted_vf_settings_restored_after_reboot():
+    """The kernel forgets every VF setting at reboot; nicpassd writes the persisted ones while it
+    creates the VFs again (`ip -d link show PF` after the boot)."""
+    if "vf_settings" not in EVIDENCE:
+        pytest.skip("the reboot scenario did not get that far")
+    vf = next(vf for vf in EVIDENCE["vf_settings"].get("vfinfo_list", []) if vf.get("vf") == 2)
+    assert vf["address"] == VF_MAC and (vf.get("vlan_list") or [{}])[0].get("vlan") == 21, vf
+    assert vf.get("spoofchk") is False, vf
 
 
 def _early_binding_evidence():

@@ -84,3 +84,67 @@ def check_settings(g, interface: str, vfs: list[str]) -> None:
     g.run(["sh", "-c", f"echo 0 > /sys/bus/pci/devices/{IGB}/sriov_numvfs"]).check()
     g.wait(lambda s: s["functions"][IGB]["sriov_numvfs"] == 2 and len(vf_lines(g, interface)) == 2
            and wanted(vf_lines(g, interface)[1]), 60, what="the VFs and VF 1's settings back")
+
+
+DOMAIN, DOMAIN_UUID = "e2e-vf-iface", "5b0c2d4e-1f3a-4b5c-8d6e-7f8091a2b3c4"
+VM_MAC = "52:54:00:6e:00:01"
+
+
+def interface_domain(vf: str) -> str:
+    domain, bus, rest = vf.split(":")
+    slot, function = rest.split(".")
+    return f"""<domain type='qemu'>
+  <name>{DOMAIN}</name>
+  <uuid>{DOMAIN_UUID}</uuid>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='q35'>hvm</type></os>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <interface type='hostdev' managed='no'>
+      <mac address='{VM_MAC}'/>
+      <source><address type='pci' domain='0x{domain}' bus='0x{bus}' slot='0x{slot}' function='0x{function}'/></source>
+      <vlan><tag id='42'/></vlan>
+    </interface>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""
+
+
+def test_a_libvirt_interface_hostdev_carries_its_mac_and_vlan_and_gets_the_vf_s_own_back(g):
+    """Issue 14, item 5: libvirt sets an <interface type='hostdev'>'s <mac> and <vlan> through the
+    PF itself. nicpassd's hook leases the VF, the reconciler does not fight libvirt while the VM
+    runs (the VF's persisted trust stays), and after the VM is destroyed the VF is back to the
+    settings it had before the lease."""
+    from .test_libvirt import VIRSH
+
+    assert g.ctl("vfs", IGB, "2").returncode == 0
+    pf = g.fn(IGB)
+    interface, vf = pf["net"][0], pf["virtfns"][0]
+    assert g.ctl("vf", f"{IGB}:0", "trust", "on").returncode == 0
+    before = vf_lines(g, interface)[0]
+    g.vm.write_file("/tmp/e2e-vf-iface.xml", interface_domain(vf))
+    g.run([*VIRSH, "define", "/tmp/e2e-vf-iface.xml"]).check()
+    # libvirt: "Unable to configure VF 0 of PF 'enp2s0' because the PF is not online"
+    g.run(["ip", "link", "set", interface, "up"]).check()
+    try:
+        started = g.run([*VIRSH, "start", "--paused", DOMAIN], timeout=300)
+        assert started.returncode == 0, f"virsh start failed: {started.stderr}\n{g.journal(30)}"
+        assert g.fn(vf)["driver"] == "vfio-pci"
+        running = vf_lines(g, interface)[0]
+        assert running["address"] == VM_MAC and (running.get("vlan_list") or [{}])[0].get("vlan") == 42, running
+        time.sleep(3)  # the PF's RTM_NEWLINKs from libvirt's writes have reached nicpassd
+        assert vf_lines(g, interface)[0] == running, "nicpassd changed what libvirt set for the VM"
+        assert running["trust"] is True
+    finally:
+        g.run([*VIRSH, "destroy", DOMAIN], timeout=120)
+        g.run([*VIRSH, "undefine", DOMAIN])
+    try:
+        g.wait(lambda _s: not [lease for lease in g.ctl_json("leases") if DOMAIN_UUID in str(lease)], 30,
+               what="the lease released")
+        after = vf_lines(g, interface)[0]
+        assert {key: after.get(key) for key in ("address", "vlan_list", "trust", "spoofchk")} == \
+            {key: before.get(key) for key in ("address", "vlan_list", "trust", "spoofchk")}, (before, after)
+    finally:
+        g.run(["ip", "link", "set", interface, "down"])

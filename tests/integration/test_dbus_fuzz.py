@@ -34,7 +34,9 @@ from dbus_fast.signature import SignatureTree
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from nicpassd.host.host import Host
 from nicpassd.paths import HostPaths
+from nicpassd.sim import kernel_server
 from support.daemon import SimulatedDaemon
 from support.unprivileged import busctl_as_nobody
 
@@ -187,8 +189,13 @@ def body_of(member: str, signature: str) -> st.SearchStrategy[list]:
 
 def fingerprint(paths: HostPaths) -> dict[str, str]:
     """What a refused call must not change: every function's binding and VF count in the kernel,
-    and every file nicpassd keeps."""
+    every VF's settings (what the PF's driver answers to RTM_GETLINK), and every file nicpassd keeps."""
     state = {}
+    kernel = Host(paths, kernel_server.RemoteKernel(paths))
+    for name in sorted(os.listdir(paths.class_net)):
+        numvfs = paths.class_net / name / "device" / "sriov_numvfs"
+        if numvfs.exists() and numvfs.read_text().strip() not in ("", "0"):
+            state[f"{name}/vfs"] = repr(kernel.read_vf_settings(name))
     root = paths.pci_devices
     for address in sorted(os.listdir(root)):
         device = root / address
@@ -223,7 +230,9 @@ class Fuzzed:
     def __init__(self, private_bus, tmp: Path) -> None:
         self.root = tmp / "host"
         self.paths = HostPaths(self.root)
-        self.daemon = SimulatedDaemon(private_bus, self.root)
+        # The kernel in a process of its own, so that the fingerprint can ask it for VF settings.
+        kernel_server.spawn(self.paths, None)
+        self.daemon = SimulatedDaemon(private_bus, self.root, extra_args=("--keep-kernel",))
         self.address = private_bus.address
         self.loop = asyncio.new_event_loop()
         async def connect() -> MessageBus:
@@ -251,6 +260,7 @@ class Fuzzed:
         self.bus.disconnect()
         self.loop.close()
         self.daemon.stop()
+        kernel_server.stop(self.paths)
 
 
 @pytest.fixture(scope="module")
@@ -324,7 +334,7 @@ def test_fuzz_as_root_with_polkit_authorizing(fuzzed, polkit):
     assert any("InvalidArgument" in outcome for outcome in outcomes), fuzzed.answers
 
 
-READS = {"Explain", "Check", "GetProtected", "ListLeases", "GetViolations"}  # no authorization asked
+READS = {"Explain", "Check", "GetProtected", "ListLeases", "GetViolations", "PlanReconcile"}  # no authorization asked
 
 
 def test_fuzz_refused_by_polkit_changes_nothing(fuzzed, polkit):
