@@ -142,9 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("forget", "drop the persisted desired state of a device")
     p.add_argument("device", metavar="DEVICE")
     p.add_argument("--restore", action="store_true", help="also give it back to its host driver now")
-    command("reconcile", "apply the persisted desired state now; lists each step and what was not applied "
-                         "(exit 1 if a step failed or was refused; devices left alone on purpose, such as "
-                         "--runtime changes, do not count)")
+    p = command("reconcile", "apply the persisted desired state now; lists each step and what was not applied "
+                             "(exit 1 if a step failed or was refused; devices left alone on purpose, such as "
+                             "--runtime changes, do not count)")
+    p.add_argument("--plan", action="store_true",
+                   help="only say what it would do and what it would not apply; change nothing (exit 1 if a "
+                        "desire would not be applied)")
     p = command("guard", "the protected set (never handed to a VM) with reasons")
     p.add_argument("--release", metavar="DEVICE", default=None,
                    help="forget a device remembered as the management path that the kernel no longer shows "

@@ -135,11 +135,14 @@ async def cmd_check(client, args) -> ExitCode:
 
 
 async def cmd_reconcile(client, args) -> ExitCode:
-    (rows,) = await client.manager("Reconcile", mutate=True)
+    if args.plan:
+        (rows,) = await client.manager("PlanReconcile")
+    else:
+        (rows,) = await client.manager("Reconcile", mutate=True)
     if args.json:
         emit_json(render.reconcile_json(rows))
     else:
-        out(render.reconcile_text(rows))
+        out(render.reconcile_text(rows, planned=args.plan))
     return ExitCode.FAILED if render.reconcile_failed(rows) else ExitCode.OK
 
 

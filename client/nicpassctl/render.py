@@ -306,21 +306,28 @@ def reconcile_json(rows: Iterable[list[Any]]) -> list[dict[str, str]]:
 
 
 def reconcile_failed(rows: Iterable[list[Any]]) -> bool:
-    """Anything not applied, except devices deliberately left alone (``skipped: ...``)."""
-    return any(not (r[2].startswith("ok") or r[2].startswith("skipped")) for r in rows)
+    """Anything not applied (or, planned, that would not be), except devices deliberately left
+    alone (``skipped: ...``)."""
+    return any(not r[2].startswith(("ok", "skipped", "planned")) for r in rows)
 
 
-def reconcile_text(rows: list[list[Any]]) -> str:
+def reconcile_text(rows: list[list[Any]], *, planned: bool = False) -> str:
     if not rows:
         return "Nothing to do: every device is in its persisted state."
     body = table(["ADDRESS", "ACTION", "RESULT"], [[r[0], r[1], r[2]] for r in rows])
-    done = sum(1 for r in rows if r[2].startswith("ok"))
+    done = sum(1 for r in rows if r[2].startswith(("planned", "ok")))
     left = sum(1 for r in rows if r[2].startswith("skipped"))
-    summary = f"{done} step(s) applied, {len(rows) - done - left} not applied"
+    if planned:
+        summary = f"{done} step(s) planned, {len(rows) - done - left} would not be applied"
+    else:
+        summary = f"{done} step(s) applied, {len(rows) - done - left} not applied"
     if left:
         # The exit status counts "not applied" only: these are left alone on purpose.
         summary += (f", {left} left alone on purpose (a --runtime change stays until the device is re-plugged "
                     "or the host reboots; repeat that change without --runtime to persist it)")
+    if planned:
+        summary += ("; nothing was changed (what a step makes possible, such as binding the VFs it creates, "
+                    "is planned once it is done)")
     return f"{body}\n\n{summary}"
 
 

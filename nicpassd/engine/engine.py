@@ -217,6 +217,11 @@ class Engine:
         """Bring every device to its persisted desired state now: what was done and not done."""
         return await self.reconciler.run(explicit=True)
 
+    async def plan_reconcile(self) -> list[tuple[str, str, str]]:
+        """What ``reconcile`` would do now, and what it would not apply and why; writes nothing."""
+        async with self.ops.lock:
+            return self.reconciler.preview()
+
     async def set_vf_count(self, device: str, count: int, *, persist: bool = True, driver: str = "",
                            force: bool = False, caller: str = "", stable_macs: bool | None = None) -> None:
         """``stable_macs``: from now on (True) or no longer (False) give each VF without a persisted

@@ -175,6 +175,19 @@ class Reconciler:
             self._udev_timer = asyncio.get_running_loop().call_later(delay, self.poke)
         return waiting
 
+    def preview(self) -> list[tuple[str, str, str]]:
+        """What an explicit run would do now, as ``Reconcile`` rows, without writing anything:
+        each step "planned: ...", each desire it would not apply with its reason. Only the first
+        pass: what a step makes possible (the binds of the VFs it creates) is planned once it is
+        done. The caller holds the mutation lock."""
+        view = self.view
+        view.refresh_changed()
+        moves, findings = find_moves(view.snapshot, view.store.state.devices)
+        rows = [(old, Action.FOLLOW.value, f"planned: persisted at {old}, now at {new}") for old, new in moves.items()]
+        plan = self.plan(explicit=True)
+        rows += [(step.address, step.action.value, f"planned: {step.text}") for step in plan.steps]
+        return rows + [outcome.row for outcome in (*findings, *plan.refusals)]
+
     async def run(self, *, explicit: bool = True) -> list[StepOutcome]:
         """One reconcile run under the mutation lock; returns what was done and not done."""
         view = self.view

@@ -516,6 +516,14 @@ class ManagerInterface(ServiceInterface):
 
     @method()
     @dbus_errors
+    async def PlanReconcile(self) -> "a(sss)":
+        """What ``Reconcile`` would do now, without doing it: (address, action, "planned: what")
+        per step of its first pass, and (address, action, "<ErrorName>: why" or "skipped: why")
+        per desire it would not apply. A read: no authorization."""
+        return [list(row) for row in await self.engine.plan_reconcile()]
+
+    @method()
+    @dbus_errors
     async def Check(self) -> "a(ssss)":
         self.engine.catch_up()
         return [[f.id, f.level.value, f.message, f.remedy] for f in self.engine.check()]

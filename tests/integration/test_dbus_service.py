@@ -185,6 +185,7 @@ MUTATIONS = [
 ]
 READS = [
     ("Check", ""), ("Explain", "s", "3b:00.0"), ("GetProtected", ""), ("ListLeases", ""), ("GetViolations", ""),
+    ("PlanReconcile", ""),
 ]
 
 
@@ -302,3 +303,25 @@ async def test_vf_settings_through_the_bus_typed_errors_and_the_vf_object_s_prop
     assert "i40e" in reply.body[0] and "vlan" in reply.body[0]
     reply = await call(client, "SetVfSettings", "sa{sv}a{sv}", ["0000:3b:02.0", {"vlan": Variant("s", "5")}, {}])
     assert reply.error_name == "org.nicpass.NicPass1.Error.InvalidArgument" and "type 'u'" in reply.body[0]
+
+
+async def test_plan_reconcile_is_a_read_that_changes_nothing(service, client, polkit):
+    """Issue 20: PlanReconcile answers what Reconcile would do, to anyone (nobody included, no
+    polkit question), and writes nothing; Reconcile then does those steps."""
+    from nicpassd.engine.store import DeviceDesire, identity_of
+
+    snapshot = service.engine.snapshot
+    for address, fields in (("0000:3b:00.0", {"num_vfs": 2}), ("0000:af:00.0", {"driver": "vfio-pci"})):
+        identity = identity_of(snapshot.functions[address], snapshot)
+        service.engine.store.put(DeviceDesire(address=address, identity=identity, **fields))
+    result = await busctl_async(service.address, "call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE, "PlanReconcile",
+                                nobody=True)
+    assert result.returncode == 0, result.stderr
+    arrow = "\\342\\206\\222"  # busctl escapes the → of "0 → 2 VFs"
+    assert f'"0000:3b:00.0" "vfs" "planned: 0 {arrow} 2 VFs"' in result.stdout, result.stdout
+    assert f'"0000:af:00.0" "bind" "planned: e1000e {arrow} vfio-pci"' in result.stdout, result.stdout
+    assert polkit.checks() == []
+    assert sysfs(service, "0000:3b:00.0", "sriov_numvfs") == "0" and driver_of(service, "0000:af:00.0") == "e1000e"
+    reply = await call(client, "Reconcile")
+    assert [tuple(row[:2]) for row in reply.body[0]] == [("0000:3b:00.0", "vfs"), ("0000:af:00.0", "bind")]
+    assert sysfs(service, "0000:3b:00.0", "sriov_numvfs") == "2"

@@ -72,6 +72,20 @@ async def test_the_plan_is_explicit_and_printable(sim):
     assert sim.writer.calls == []  # planning writes nothing
 
 
+async def test_plan_reconcile_says_what_would_be_done_and_not_done_and_writes_nothing(sim):
+    """Issue 20: `reconcile --plan`. The same plan an explicit run makes, as Reconcile rows."""
+    want(sim, PF, num_vfs=4, vf_driver="vfio-pci")
+    want(sim, NIC, driver="vfio-pci")
+    want(sim, "0000:01:00.0", driver="vfio-pci")  # the management NIC: never
+    rows = await sim.engine.plan_reconcile()
+    assert rows[:2] == [(PF, "vfs", "planned: 0 → 4 VFs on vfio-pci"), (NIC, "bind", "planned: e1000e → vfio-pci")]
+    assert rows[2][:2] == ("0000:01:00.0", "bind") and rows[2][2].startswith("Protected: ")
+    assert sim.writer.calls == [] and sim.vfs(PF) == []
+    assert [row[:2] for row in await sim.engine.plan_reconcile()] == [row[:2] for row in rows]  # still nothing done
+    done = await reconcile_rows(sim.engine)
+    assert [(a, action) for a, action, _ in done] == [(PF, "vfs"), (NIC, "bind"), ("0000:01:00.0", "bind")]
+
+
 async def test_vf_binds_of_one_pf_are_one_batch(sim):
     make_vfs(sim, 4)
     want(sim, PF, num_vfs=4, vf_driver="vfio-pci")

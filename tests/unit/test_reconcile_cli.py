@@ -40,3 +40,16 @@ def test_json_and_exit_status():
     assert render.reconcile_failed(ROWS) is True  # IdentityChanged: not applied
     assert render.reconcile_failed([ROWS[0], ROWS[3]]) is False  # a --runtime device left alone is fine
     assert render.reconcile_failed([]) is False
+
+
+def test_plan_is_a_read_that_counts_what_it_would_do():
+    """Issue 20: `reconcile --plan` asks for no authorization, writes nothing, and exits 1 exactly
+    when a desire would not be applied."""
+    args = cli.build_parser().parse_args(["reconcile", "--plan"])
+    assert args.plan is True
+    planned = [["0000:3b:00.0", "vfs", "planned: 0 → 4 VFs on vfio-pci"], ROWS[3]]
+    text = render.reconcile_text(planned, planned=True)
+    assert text.splitlines()[-1].startswith("1 step(s) planned, 0 would not be applied, 1 left alone on purpose")
+    assert "nothing was changed" in text.splitlines()[-1]
+    assert render.reconcile_failed(planned) is False
+    assert render.reconcile_failed([*planned, ROWS[2]]) is True
