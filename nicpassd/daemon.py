@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="with --simulate and --root: run the simulated kernel as a process of its own that "
                              "outlives the daemon (started if none serves DIR yet, else attached to), so that "
                              "restarting the daemon — or killing it — is not a reboot")
+    parser.add_argument("--check-config", nargs="?", const="", metavar="FILE",
+                        help="check the configuration (default: etc/nicpassd/nicpassd.toml under --root), print "
+                             "each problem with its key and line, and exit: 0 when it is good, 78 when not")
     parser.add_argument("--record-topology", metavar="FILE",
                         help="read this host's sysfs (under --root) into a topology file ('-' for stdout) and exit")
     return parser.parse_args(argv)
@@ -48,6 +51,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.check_config is not None:
+        return check_config(Path(args.check_config) if args.check_config else
+                            HostPaths(args.root or Path(os.environ.get(ROOT_ENV, "/"))).config_file)
     if args.record_topology:
         from nicpassd.sim.recorder import record_to
 
@@ -56,6 +62,21 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(run(args))
     except KeyboardInterrupt:
         return 130
+
+
+def check_config(path: Path) -> int:
+    """``nicpassd --check-config``: what a reload would say, before the reload (``nginx -t``)."""
+    if not path.exists():
+        print(f"{path}: no such file; nicpassd runs with the defaults")
+        return 0
+    try:
+        load_config(path)
+    except ConfigError as exc:
+        for line in [problem.describe(path) for problem in exc.problems] or [str(exc)]:
+            print(line, file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"{path}: ok")
+    return 0
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -237,7 +258,8 @@ async def _reload(engine: Engine, paths: HostPaths, log_level_argument: str | No
     try:
         config = load_config(paths.config_file)
     except ConfigError as exc:
-        log.error("reload failed, keeping the previous configuration: %s", exc)
+        log.critical("reload failed, keeping the previous configuration: %s", exc)
+        engine.reject_config(str(exc))
         return
     if log_level_argument is None:
         logging.getLogger().setLevel(config.daemon.log_level.upper())

@@ -158,3 +158,15 @@ def boot_capture(view: HostView) -> list[Finding]:
                                         f"{name(address)} (management path): with any vfio-pci ids= of its model, "
                                         "vfio-pci takes it", remedy))
     return findings
+
+
+def config_findings(path, *, present: bool, rejected: str, read_at: str) -> list[Finding]:
+    """Which configuration is in force, and a ``fail`` while the last reload was refused: the
+    admin believes the file on disk is what the guard follows, and it is not."""
+    source = f"{path} (read {read_at})" if present else f"the defaults ({path} does not exist; read {read_at})"
+    if rejected:
+        return [Finding("config", Level.FAIL, f"the last reload of {path} was refused, so the configuration in force "
+                        f"is still {source}: {rejected}",
+                        f"fix it (`nicpassd --check-config` names each problem with its line), then "
+                        "`systemctl reload nicpassd`")]
+    return [Finding("config", Level.OK, f"configuration in force: {source}")]

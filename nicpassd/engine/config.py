@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import re
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -14,8 +16,24 @@ _FULL_PCI = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 _SHORT_PCI = re.compile(r"^[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 
 
+@dataclass(frozen=True)
+class ConfigProblem:
+    """One thing wrong in the file: the key (dotted, "" for the file itself), its line (0: not
+    found in the text), and what is wrong, with a did-you-mean for an unknown key."""
+
+    key: str
+    line: int
+    message: str
+
+    def describe(self, path: Path | str) -> str:
+        where = f"{path}:{self.line}" if self.line else str(path)
+        return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+
+
 class ConfigError(ValueError):
-    pass
+    def __init__(self, message: str, problems: tuple[ConfigProblem, ...] = ()) -> None:
+        super().__init__(message)
+        self.problems = problems
 
 
 class _Section(BaseModel):
@@ -109,6 +127,8 @@ class Config(_Section):
 
 
 def load_config(path: Path) -> Config:
+    """The configuration in ``path`` (the defaults when there is none); ConfigError naming every
+    problem, each with its key and line."""
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -117,7 +137,71 @@ def load_config(path: Path) -> Config:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}): fix the file") from exc
+    config, problems = parse_config(text)
+    if problems:
+        raise ConfigError("; ".join(problem.describe(path) for problem in problems), problems)
+    return config
+
+
+def parse_config(text: str) -> tuple[Config, tuple[ConfigProblem, ...]]:
+    """(the configuration, ()) or (the defaults, every problem found)."""
     try:
-        return Config.model_validate(tomllib.loads(text))
-    except (tomllib.TOMLDecodeError, ValidationError) as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        where = re.search(r"\(at line (\d+), column \d+\)", str(exc))
+        message = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc)) or "not TOML"
+        return Config(), (ConfigProblem("", int(where.group(1)) if where else 0, f"not valid TOML: {message}"),)
+    try:
+        return Config.model_validate(data), ()
+    except ValidationError as exc:
+        problems = (_problem(text, error) for error in exc.errors())
+        return Config(), tuple(sorted(problems, key=lambda problem: (problem.line or 1 << 30, problem.key)))
+
+
+def _problem(text: str, error) -> ConfigProblem:
+    location = [str(part) for part in error["loc"]]
+    keys = [part for part in location if not part.isdigit()]
+    if error["type"] == "extra_forbidden":
+        known = _known_keys(keys[:-1])
+        close = difflib.get_close_matches(keys[-1], known, n=1, cutoff=0.6)
+        message = f"unknown key (did you mean {close[0]}?)" if close else \
+            f"unknown key; {'.'.join(keys[:-1]) or 'the file'} takes {', '.join(known)}"
+    else:
+        message = str(error["msg"]).removeprefix("Value error, ")
+        message = message.removeprefix(f"{'.'.join(keys)}: ").removeprefix(f"{keys[-1]}: ") if keys else message
+        if error["type"] not in ("value_error",):
+            message += f" (given: {error.get('input')!r})"
+    return ConfigProblem(".".join(keys), _line_of(text, keys), message)
+
+
+def _known_keys(section: list[str]) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in section:
+        field = model.model_fields.get(part)
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _line_of(text: str, keys: list[str]) -> int:
+    """The line where ``keys`` (section..., key) is written: under its [section] header, or as a
+    dotted key; 0 when not found (a key under [release.devices] with quotes, say)."""
+    lines = text.splitlines()
+    *section, key = keys or [""]
+    header = re.compile(r"^\s*\[\s*" + r"\s*\.\s*".join(map(re.escape, section)) + r"\s*\]") if section else None
+    assignment = re.compile(r"^\s*[\"']?" + re.escape(key) + r"[\"']?\s*=")
+    dotted = re.compile(r"^\s*" + r"\s*\.\s*".join(map(re.escape, keys)) + r"\s*=")
+    inside = header is None
+    for number, line in enumerate(lines, 1):
+        if dotted.match(line):
+            return number
+        if re.match(r"^\s*\[", line):
+            if not section and re.match(r"^\s*\[\s*" + re.escape(key) + r"\s*[\].]", line):
+                return number  # an unknown [table]
+            inside = bool(header and header.match(line))
+            continue
+        if inside and assignment.match(line):
+            return number
+    return 0

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import replace
 from typing import Callable, Iterable
 
@@ -73,6 +74,10 @@ class Engine:
         for address in self.journal.suspects:  # an unreadable undo journal: leave what it names alone
             self.holds.hold(address, f"the undo journal was unreadable (kept as {self.journal.broken_as}); it "
                                      "may be half-way through a change")
+        # Which configuration is in force (Check says so): read when, and why the last reload
+        # was refused ("" when it was not).
+        self.config_read_at = time.strftime("%Y-%m-%d %H:%M:%S")
+        self.config_rejected = ""
         self.reconciler = Reconciler(self.view, self.ops, self.holds)  # .auto = True in the daemon
         self.leasing = LeaseKeeper(self.view, self.ops, lambda: self.config)
         self.sentinel = Sentinel(self.view, self.ops, lambda: self.config, self.leasing.announce)
@@ -116,8 +121,15 @@ class Engine:
         the reconciler looks again (a desire the new guard allows or refuses)."""
         async with self.ops.lock:
             self.config = config
+            self.config_read_at = time.strftime("%Y-%m-%d %H:%M:%S")
+            self.config_rejected = ""
             self.view.refresh()
         self.reconciler.poke()
+
+    def reject_config(self, reason: str) -> None:
+        """A reload refused: the previous configuration stays in force, and Check fails until a
+        reload succeeds."""
+        self.config_rejected = reason
 
     # ---------------------------------------------------------------- inventory
     @property
@@ -611,7 +623,9 @@ class Engine:
         return replace(explanation, last_violation=last.summary) if last else explanation
 
     def check(self) -> list[Finding]:
-        return checks.check(self.view, self.config)
+        path = self.host.paths.config_file
+        return checks.check(self.view, self.config) + checks.config_findings(
+            path, present=path.exists(), rejected=self.config_rejected, read_at=self.config_read_at)
 
 
 class CommitMeanwhile:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -45,18 +46,65 @@ def test_notify_ready_watchdog_and_stopping(private_bus, polkit, tmp_path, monke
 
 
 def test_sighup_with_a_broken_config_keeps_the_previous_one(private_bus, polkit, tmp_path):
+    """Issue 20: a refused reload is a crit journal line and a `fail` in `check` (which says which
+    configuration is in force) until a reload succeeds."""
     root = tmp_path / "host"
     with SimulatedDaemon(private_bus, root) as daemon:
         config = root / "etc/nicpassd/nicpassd.toml"
         config.parent.mkdir(parents=True)
-        config.write_text("[guard]\nmanagement_prefixes = ['not a prefix']\n")
-        daemon.process.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while "reload failed" not in daemon.log_text() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert "reload failed, keeping the previous configuration" in daemon.log_text()
+        config.write_text("[guard]\nmanagement_interface = ['br0']\n")  # the singular: a typo
+        reload_and_wait(daemon, "reload failed")
+        assert "CRITICAL reload failed, keeping the previous configuration" in daemon.log_text()  # priority crit
         assert daemon.process.poll() is None
         assert private_bus.name_has_owner("org.nicpass.NicPass1")
+        result = nicpassctl(private_bus, "--json", "check")
+        assert result.returncode == 1, result  # a fail finding
+        finding = next(f for f in json.loads(result.stdout) if f["id"] == "config")
+        assert finding["level"] == "fail", finding
+        assert "management_interface" in finding["message"] and "did you mean management_interfaces" in \
+            finding["message"] and "nicpassd --check-config" in finding["remedy"], finding
+
+        config.write_text("[guard]\nmanagement_interfaces = ['br0']\n")
+        reload_and_wait(daemon, "configuration reloaded")
+        finding = next(f for f in json.loads(nicpassctl(private_bus, "--json", "check").stdout) if f["id"] == "config")
+        assert finding["level"] == "ok" and str(config) in finding["message"], finding
+
+
+def reload_and_wait(daemon, said: str) -> None:
+    before = daemon.log_text().count(said)
+    daemon.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while daemon.log_text().count(said) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def nicpassctl(bus, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=bus.address)
+    return subprocess.run([sys.executable, "-m", "nicpassctl", *args], capture_output=True, text=True,
+                          env=env, timeout=60, stdin=subprocess.DEVNULL)
+
+
+def test_check_config_names_each_problem_with_its_key_and_line(tmp_path):
+    """Issue 20: `nicpassd --check-config [FILE]`, nginx -t for nicpassd: exit 0 or 78, one line
+    per problem with the key and the line, a did-you-mean for an unknown key."""
+    config = tmp_path / "nicpassd.toml"
+    config.write_text("# host config\n[guard]\nmanagement_interface = ['br0']\nsession_ports = [22, 70000]\n"
+                      "[daemon]\nlog_level = 'loud'\n")
+    result = run_daemon("--check-config", str(config))
+    assert result.returncode == EX_CONFIG and result.stdout == "", result
+    assert result.stderr.splitlines() == [
+        f"{config}:3: guard.management_interface: unknown key (did you mean management_interfaces?)",
+        f"{config}:4: guard.session_ports: 70000 is not a TCP port",
+        f"{config}:6: daemon.log_level: Input should be 'debug', 'info', 'warning' or 'error' (given: 'loud')",
+    ]
+    config.write_text("[guard\n")
+    result = run_daemon("--check-config", str(config))
+    assert result.returncode == EX_CONFIG and result.stderr.startswith(f"{config}:1: not valid TOML"), result
+    config.write_text("[guard]\nmanagement_interfaces = ['br0']\n")
+    assert run_daemon("--check-config", str(config)).stdout == f"{config}: ok\n"
+    root = tmp_path / "root"  # without FILE: the daemon's own file under --root
+    result = run_daemon("--check-config", "--root", str(root))
+    assert result.returncode == 0 and "no such file; nicpassd runs with the defaults" in result.stdout, result
 
 
 def run_daemon(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
