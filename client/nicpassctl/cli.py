@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("unbind", "give functions back to their host driver (and forget the persisted binding)")
     p.add_argument("device", metavar="DEVICE", nargs="+")
     p.add_argument("--runtime", action="store_true", help="keep the persisted binding")
+    p.add_argument("--group", action="store_true",
+                   help="also give back its IOMMU group mates (what bind --group took)")
     p = command("forget", "drop the persisted desired state of a device")
     p.add_argument("device", metavar="DEVICE")
     p.add_argument("--restore", action="store_true", help="also give it back to its host driver now")

@@ -204,15 +204,30 @@ async def cmd_vfs(client, args) -> ExitCode:
         options["force"] = True
     if getattr(args, "stable_macs", None) is not None:
         options["stable_macs"] = args.stable_macs
+    persisted_on = await _persisted_vf_driver(client, args.device) if not args.runtime else ""
     await client.manager("SetVfCount", "sua{sv}", [args.device, args.count], options=options, mutate=True)
+    # Persisting a count without --vfio also persists "VFs on their host driver": say what that dropped.
+    dropped = persisted_on if persisted_on and not args.vfio else ""
     if args.json:
         emit_json({"device": args.device, "count": args.count, "persist": not args.runtime,
-                   "driver": options.get("driver")})
+                   "driver": options.get("driver"), "dropped_vf_driver": dropped or None})
     else:
         where = " on vfio-pci" if args.vfio else ""
         how = "persisted" if not args.runtime else "runtime only"
+        if dropped:
+            how += (f"; its VFs are no longer persisted on {dropped}: after a reboot they come up on their host "
+                    f"driver (add --vfio to keep them on {dropped})")
         out(f"{args.device}: {args.count} VFs{where} ({how})")
     return ExitCode.OK
+
+
+async def _persisted_vf_driver(client, device: str) -> str:
+    """The driver a PF's VFs are persisted on ("" when none, or when the daemon does not say)."""
+    try:
+        (explained,) = await client.manager("Explain", "s", [device])
+        return str(await client.get(device_path(explained.get("address", device)), DEVICE_IFACE, "DesiredVfDriver") or "")
+    except DaemonError:  # not found and the like: SetVfCount says it, typed
+        return ""
 
 
 # nicpassctl vf's words -> (SetVfSettings key, D-Bus type, parser)
@@ -292,7 +307,8 @@ async def _each(client, args, call, success, batch=None) -> ExitCode:
             results.append({"device": device, "ok": False, "exit_code": int(err.code),
                             "error": getattr(exc, "name", None), "message": sentence})
             continue
-        text, record = success(device)
+        said = success(device)
+        text, record = await said if asyncio.iscoroutine(said) else said
         results.append({"device": device, "ok": True, **record})
         if not args.json:
             out(text)
@@ -327,10 +343,22 @@ async def cmd_bind(client, args) -> ExitCode:
     async def call(device):
         await client.manager("Bind", "ssa{sv}", [device, args.driver], options=options, mutate=True)
 
-    def success(device):
-        target = args.driver or "its host driver"
-        how = "persisted" if persist else "runtime only"
-        return f"{device}: bound to {target} ({how})", {"driver": args.driver, "persist": persist}
+    target = args.driver or "its host driver"
+    how = "persisted" if persist else "runtime only"
+    explained = _Explained(client, args.device)
+
+    async def success(device):
+        lines, record = [f"{device}: bound to {target} ({how})"], {"driver": args.driver, "persist": persist}
+        explain = await explained.of(device)
+        if options.get("group"):
+            mates = _mates_now_on(explain, args.driver)
+            lines += [f"{mate}: bound to {target} with the IOMMU group of {device} ({how})" for mate in mates]
+            record["group_members"] = mates
+        elif explain and explain.get("group_viable") is False:
+            # Bound, but a VM cannot have it yet: say so now rather than at the VM's start.
+            warn(f"note: {explain.get('verdict')}; bind the whole group with `nicpassctl bind --group {device}`")
+            record["group_viable"] = False
+        return "\n".join(lines), record
 
     batch = None if options.get("group") else _bind_each(client, args.driver, options)
     return await _each(client, args, call, success, batch)
@@ -338,16 +366,57 @@ async def cmd_bind(client, args) -> ExitCode:
 
 async def cmd_unbind(client, args) -> ExitCode:
     persist = not args.runtime
+    how = "persisted binding forgotten" if persist else "runtime only, persisted binding kept"
+    explained = _Explained(client, args.device)
 
     async def call(device):
-        await client.manager("Unbind", "sa{sv}", [device], options={"persist": persist}, mutate=True)
+        if args.group:  # Unbind has no group option: Bind to "" (the host driver) is the same call
+            await client.manager("Bind", "ssa{sv}", [device, ""], options={"persist": persist, "group": True},
+                                 mutate=True)
+        else:
+            await client.manager("Unbind", "sa{sv}", [device], options={"persist": persist}, mutate=True)
 
-    def success(device):
-        how = "persisted binding forgotten" if persist else "runtime only, persisted binding kept"
-        return f"{device}: given back to its host driver ({how})", {"persist": persist}
+    async def success(device):
+        lines, record = [f"{device}: given back to its host driver ({how})"], {"persist": persist}
+        if args.group:
+            mates = _mates_now_on(await explained.of(device), "")
+            lines += [f"{mate}: on its host driver with the IOMMU group of {device}" for mate in mates]
+            record["group_members"] = mates
+        return "\n".join(lines), record
 
     # Unbind is Bind to "" (the host driver) with the same persistence.
-    return await _each(client, args, call, success, _bind_each(client, "", {"persist": persist}))
+    batch = None if args.group else _bind_each(client, "", {"persist": persist})
+    return await _each(client, args, call, success, batch)
+
+
+class _Explained:
+    """Explain of every device of a command, asked together once the first answer is wanted
+    (what a bind did to the IOMMU group, read after it); None for a device it fails on."""
+
+    def __init__(self, client, devices: list[str]) -> None:
+        self.client, self.devices, self.answers = client, list(devices), None
+
+    async def of(self, device: str) -> dict[str, Any] | None:
+        if self.answers is None:
+            async def one(each):
+                try:
+                    (answer,) = await self.client.manager("Explain", "s", [each])
+                    return answer
+                except DaemonError:
+                    return None
+            self.answers = dict(zip(self.devices, await asyncio.gather(*(one(each) for each in self.devices))))
+        return self.answers.get(device)
+
+
+def _mates_now_on(explain: dict[str, Any] | None, driver: str) -> list[str]:
+    """The group mates of an explained device that are on ``driver`` ("": a host driver) now."""
+    if not explain:
+        return []
+    passthrough = ("vfio-pci", "pci-stub")
+    return [member["address"] for member in render.explain_record(explain).get("group_members", [])
+            if member["address"] != explain.get("address")
+            and (member["driver"] == driver if driver else member["driver"] and member["driver"] not in passthrough)
+            and not member["driver"].startswith("pcieport")]
 
 
 async def cmd_forget(client, args) -> ExitCode:

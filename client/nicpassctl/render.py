@@ -17,7 +17,7 @@ _SNAKE_RE = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 DEVICE_ORDER = [
     "Address", "Interfaces", "Driver", "DesiredDriver", "Persisted", "Drift", "VendorId", "DeviceId",
     "SubsystemVendorId", "SubsystemDeviceId", "ClassCode", "IsNetwork", "IommuGroup",
-    "PhysicalFunction", "TotalVfs", "NumVfs", "DesiredVfs", "Protected", "ProtectionReasons", "LeasedTo",
+    "PhysicalFunction", "TotalVfs", "NumVfs", "DesiredVfs", "DesiredVfDriver", "Protected", "ProtectionReasons", "LeasedTo",
 ]
 EXPLAIN_ORDER = [
     "address", "verdict", "allowed", "protected", "reasons", "driver", "desired_driver", "persisted",
@@ -129,7 +129,7 @@ def persisted_cell(props: dict[str, Any]) -> str:
     parts = []
     desired_vfs = props.get("DesiredVfs", -1)  # i: -1 when no VF count is persisted
     if isinstance(desired_vfs, int) and not isinstance(desired_vfs, bool) and desired_vfs >= 0:
-        parts.append(f"vfs={desired_vfs}")
+        parts.append(f"vfs={desired_vfs}" + (f"@{props['DesiredVfDriver']}" if props.get("DesiredVfDriver") else ""))
     if props.get("DesiredDriver"):
         parts.append(str(props["DesiredDriver"]))
     cell = ",".join(parts) or ("yes" if props.get("Persisted") else "-")

@@ -37,6 +37,7 @@ class DeviceView:
     desired_driver: str
     desired_vfs: int  # -1 when no VF count is persisted
     drift: str
+    desired_vf_driver: str = ""  # a PF's: the driver its VFs are persisted on ("": their host driver)
     # A VF's settings as its PF's driver reports them, and those persisted for it: (name, value)
     # pairs of VfSettings fields (a setting the driver does not report is left out).
     vf_settings: tuple[tuple[str, object], ...] = ()
@@ -158,6 +159,7 @@ def build_views(snapshot: HostSnapshot, protected: ProtectedSet, store: StateSto
             desired_driver=desired_driver,
             desired_vfs=desire.num_vfs if desire is not None and desire.num_vfs is not None else -1,
             drift=drift,
+            desired_vf_driver=desire.vf_driver if desire is not None else "",
             vf_settings=shown,
             desired_vf_settings=wanted,
         )

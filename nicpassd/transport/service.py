@@ -161,7 +161,7 @@ PROPERTY_NAMES = {
     "interfaces": "Interfaces", "physical_function": "PhysicalFunction", "total_vfs": "TotalVfs",
     "num_vfs": "NumVfs", "protected": "Protected", "protection_reasons": "ProtectionReasons",
     "leased_to": "LeasedTo", "persisted": "Persisted", "desired_driver": "DesiredDriver",
-    "desired_vfs": "DesiredVfs", "drift": "Drift", "vf_settings": "VfSettings",
+    "desired_vfs": "DesiredVfs", "drift": "Drift", "desired_vf_driver": "DesiredVfDriver", "vf_settings": "VfSettings",
     "desired_vf_settings": "DesiredVfSettings",
 }
 PROPERTY_SIGNATURES = {
@@ -291,6 +291,11 @@ class DeviceInterface(ServiceInterface):
     @dbus_property(access=PropertyAccess.READ)
     def DesiredVfs(self) -> "i":
         return self.view.desired_vfs
+
+    @dbus_property(access=PropertyAccess.READ)
+    def DesiredVfDriver(self) -> "s":
+        """A PF's: the driver its VFs are persisted on ("" = their host driver)."""
+        return self.view.desired_vf_driver
 
     @dbus_property(access=PropertyAccess.READ)
     def Drift(self) -> "s":

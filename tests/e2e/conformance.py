@@ -19,6 +19,10 @@ A kernel under test (duck-typed) offers, with paths relative to /sys:
   start_uevents(); stop_uevents() -> list[(action, subsystem, role-or-name, driver)]
       uevents of subsystems pci and net; the kernel under test maps netdev events to
       "net:<PCI address of the netdev's device>"
+  vf_set(interface, index, words) -> str
+      `ip link set dev INTERFACE vf INDEX WORDS...` (one setting): "ok" or the errno name
+  vf_show(interface) -> list[dict]
+      each VF's {mac, vlan, qos, spoofchk, trust, link_state} as the PF's driver reports it
 """
 
 from __future__ import annotations
@@ -336,6 +340,39 @@ def uevents_bind(k, env: Env, obs: dict) -> None:
     assert any(e.startswith("unbind pci VF0") for e in obs["VF to vfio-pci"]), obs
 
 
+@check
+def vf_settings(k, env: Env, obs: dict) -> None:
+    """§16: VF settings live in the PF's driver (rtnetlink): their defaults when the VFs are
+    created, what the driver takes and refuses (each setting alone), and that re-creating the
+    VFs resets them."""
+    reset_pf(k, env)
+    interface = k.listdir(dev(env.pf, "net"))[0]
+    k.write(dev(env.pf, "sriov_numvfs"), "2")
+    try:
+        obs["defaults"] = k.vf_show(interface)
+        for name, words in (("mac zero", ["mac", "00:00:00:00:00:00"]), ("mac unicast", ["mac", "02:00:00:00:00:31"]),
+                            ("mac multicast", ["mac", "03:00:00:00:00:31"]), ("vlan 12 qos 3", ["vlan", "12", "qos", "3"]),
+                            ("vlan 4096", ["vlan", "4096"]), ("qos 8", ["vlan", "5", "qos", "8"]),
+                            ("vlan proto 802.1ad", ["vlan", "7", "proto", "802.1ad"]),
+                            ("spoofchk off", ["spoofchk", "off"]), ("trust on", ["trust", "on"]),
+                            ("state disable", ["state", "disable"]), ("min rate", ["min_tx_rate", "10"]),
+                            ("max rate, PF down", ["max_tx_rate", "100"]), ("VF 9", ["trust", "on"])):
+            obs[name] = k.vf_set(interface, 9 if name == "VF 9" else 0, words)
+        obs["after"] = k.vf_show(interface)
+        k.write(dev(env.pf, "sriov_numvfs"), "0")
+        k.write(dev(env.pf, "sriov_numvfs"), "2")
+        obs["after re-creation"] = k.vf_show(interface)
+    finally:
+        reset_pf(k, env)
+    assert len(obs["defaults"]) == 2 and obs["defaults"][0] == obs["defaults"][1], obs
+    assert obs["mac unicast"] == obs["vlan 12 qos 3"] == obs["spoofchk off"] == obs["trust on"] == "ok", obs
+    assert obs["mac multicast"] == "EINVAL" and obs["vlan 4096"] == "EINVAL" and obs["qos 8"] == "EINVAL", obs
+    assert obs["after"][0] == {**obs["defaults"][0], "mac": "02:00:00:00:00:31", "vlan": 12, "qos": 3,
+                               "spoofchk": False, "trust": True}, obs
+    assert obs["after"][1] == obs["defaults"][1], obs
+    assert obs["after re-creation"] == obs["defaults"], obs
+
+
 def run_all(k, env: Env, only: list[str] | None = None) -> dict:
     """Run every check; never raises. {name: {"ok": bool, "error": str, "observed": {...}}}"""
     results = {}
@@ -383,12 +420,44 @@ def run_differences(a: dict, b: dict, a_name: str = "kernel", b_name: str = "sim
     return out + differences(ra, rb, a_name, b_name)
 
 
+ERRNO_NAMES = {os.strerror(code): name for code, name in sorted(errno.errorcode.items(), reverse=True)}
+
+
+class IpVfSettings:
+    """VF settings through iproute2, as an admin sets and reads them."""
+
+    def vf_set(self, interface: str, index: int, words: list) -> str:
+        import subprocess
+        result = subprocess.run(["ip", "link", "set", "dev", interface, "vf", str(index), *words],
+                                capture_output=True, text=True)
+        if result.returncode == 0:
+            return "ok"
+        said = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
+        for text, name in ERRNO_NAMES.items():  # "RTNETLINK answers: Invalid argument"
+            if said.endswith(text):
+                return name
+        return f"ip failed: {said}"
+
+    def vf_show(self, interface: str) -> list:
+        import subprocess
+        out = subprocess.run(["ip", "-j", "-d", "link", "show", "dev", interface], capture_output=True, text=True,
+                             check=True).stdout
+        shown = []
+        for vf in json.loads(out)[0].get("vfinfo_list", []):
+            vlan = (vf.get("vlan_list") or [{}])[0]
+            shown.append({"mac": vf.get("address"), "vlan": vlan.get("vlan", vf.get("vlan", 0)),
+                          "qos": vlan.get("qos", vf.get("qos", 0)), "spoofchk": vf.get("spoofchk"),
+                          "trust": vf.get("trust"), "link_state": vf.get("link_state")})
+        return shown
+
+
 # ------------------------------------------------------------------------ the real kernel
 NETLINK_KOBJECT_UEVENT = 15
 
 
-class RealKernel:
-    """/sys of the running kernel; uevents from the kernel's netlink broadcast (group 1)."""
+class RealKernel(IpVfSettings):
+    """/sys of the running kernel; uevents from the kernel's netlink broadcast (group 1); VF
+    settings through `ip`."""
 
     def __init__(self, sysfs: str = "/sys") -> None:
         self.sysfs = sysfs

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
 from pathlib import Path
 
+from nicpassd.host import vf_netlink
 from nicpassd.host.events import UEvent
+from nicpassd.host.host import Host
+from nicpassd.host.model import VfSettings
 from nicpassd.paths import HostPaths
 from nicpassd.sim.kernel import SimKernel
 from nicpassd.sim.topology import Topology
@@ -38,6 +42,7 @@ class SimUnderTest:
         self.paths = HostPaths(self.root)
         self.kernel = SimKernel(self.paths, topology)
         self.kernel.subscribe(self._on_event)
+        self._host = Host(self.paths, self.kernel)
         self._capturing = False
         self._events: list = []
         self._net_parent: dict[str, str] = {}
@@ -88,6 +93,29 @@ class SimUnderTest:
     def stop_uevents(self) -> list:
         self._capturing = False
         return list(self._events)
+
+    def vf_set(self, interface: str, index: int, words: list[str]) -> str:
+        """`ip link set dev INTERFACE vf INDEX WORDS...` as rtnetlink requests to the simulator."""
+        values: dict[str, object] = {}
+        for word, text in zip(words[::2], words[1::2]):
+            name = IP_WORDS[word]
+            values[name] = (text == "on") if name in ("spoofchk", "trust") else \
+                int(text) if name in ("vlan", "qos", "min_tx_rate", "max_tx_rate") else text
+        current = next((vf for vf in self._host.read_vf_settings(interface) if vf.index == index), VfSettings(index))
+        try:
+            for _setting, attribute in vf_netlink.vf_attributes(index, vf_netlink.VfChange(**values), current):
+                vf_netlink.check_ack(self.kernel.netlink(vf_netlink.encode_set(interface, attribute)))
+        except OSError as exc:
+            return errno.errorcode[exc.errno]
+        return "ok"
+
+    def vf_show(self, interface: str) -> list[dict]:
+        return [{"mac": vf.mac or "00:00:00:00:00:00", "vlan": vf.vlan, "qos": vf.qos, "spoofchk": vf.spoofchk,
+                 "trust": vf.trust, "link_state": vf.link_state} for vf in self._host.read_vf_settings(interface)]
+
+
+IP_WORDS = {"mac": "mac", "vlan": "vlan", "qos": "qos", "proto": "vlan_proto", "spoofchk": "spoofchk",
+            "trust": "trust", "state": "link_state", "min_tx_rate": "min_tx_rate", "max_tx_rate": "max_tx_rate"}
 
 
 def guest_env() -> Env:

@@ -196,6 +196,36 @@ def test_prepare_with_a_vm_s_own_vf_settings_and_release_puts_the_host_s_back(pr
     assert after["vf_settings"] == before["vf_settings"]
 
 
+def test_mutations_name_every_device_they_changed_and_what_persistence_they_dropped(private_bus, daemon):
+    """Issue 20: `bind --group` names the mate it took; a bind whose group a VM cannot use yet says
+    so (exit 0); `unbind --group` gives the group back; `vfs` without --vfio says that the VFs
+    are no longer persisted on vfio-pci; `list` shows where a PF's VFs are persisted."""
+    result = nicpassctl(private_bus, "bind", "af:00.0", "--runtime")
+    assert result.returncode == 0, result
+    assert "not viable" in result.stderr and "0000:af:00.1 on xhci_hcd" in result.stderr and \
+        "nicpassctl bind --group af:00.0" in result.stderr, result.stderr
+    assert nicpassctl(private_bus, "unbind", "af:00.0", "--runtime").returncode == 0
+
+    result = nicpassctl(private_bus, "bind", "--group", "af:00.0", "--runtime")
+    assert result.returncode == 0, result
+    assert result.stdout.splitlines() == [
+        "af:00.0: bound to vfio-pci (runtime only)",
+        "0000:af:00.1: bound to vfio-pci with the IOMMU group of af:00.0 (runtime only)"]
+    assert driver(daemon, "0000:af:00.1") == "vfio-pci"
+    result = nicpassctl(private_bus, "unbind", "--group", "af:00.0", "--runtime")
+    assert result.returncode == 0, result
+    assert result.stdout.splitlines()[1] == "0000:af:00.1: on its host driver with the IOMMU group of af:00.0"
+    assert (driver(daemon, "0000:af:00.0"), driver(daemon, "0000:af:00.1")) == ("e1000e", "xhci_hcd")
+
+    assert nicpassctl(private_bus, "vfs", "enp59s0f0", "2", "--vfio").returncode == 0
+    assert listing(private_bus)["0000:3b:00.0"]["desired_vf_driver"] == "vfio-pci"
+    assert "vfs=2@vfio-pci" in nicpassctl(private_bus, "list").stdout
+    result = nicpassctl(private_bus, "vfs", "enp59s0f0", "2")
+    assert result.returncode == 0, result
+    assert "no longer persisted on vfio-pci" in result.stdout and "add --vfio" in result.stdout, result.stdout
+    assert json.loads(nicpassctl(private_bus, "--json", "vfs", "enp59s0f0", "2").stdout)["dropped_vf_driver"] is None
+
+
 def test_a_reader_that_goes_away_is_not_the_daemon_going_away(private_bus, daemon):
     """Issue 20: `nicpassctl list | head -1` printed "nicpassd is not running ... Broken pipe" and
     exited 6. The reader here is gone before the answer comes: quiet, exit 0."""

@@ -126,6 +126,8 @@ def default_responder(msg: Message, bus: FakeBus):
                 return "a{sv}", [props_variants(d)]
         raise DaemonErr(FD + "UnknownObject", f"Unknown object '{msg.path}'.")
     if member == "Get":
+        if msg.body[1] == "DesiredVfDriver":
+            return "v", [Variant("s", "")]
         return "v", [Variant("s", "0.1.0")]
     if member == "Check":
         return "a(ssss)", [[["iommu", "ok", "IOMMU is on.", ""],
@@ -285,7 +287,8 @@ def test_version(h, capsys):
 
 def test_vfs(h, capsys):
     assert h.run("vfs", "enp59s0f0", "4") == 0
-    (m,) = h.calls
+    explain, get, m = h.calls
+    assert (explain.member, get.member, get.body) == ("Explain", "Get", [DEV_IFACE, "DesiredVfDriver"])
     assert (m.member, m.signature) == ("SetVfCount", "sua{sv}")
     assert m.body[:2] == ["enp59s0f0", 4] and unwrap_opts(m.body[2]) == {"persist": True}
     assert m.body[2]["persist"].signature == "b"
@@ -293,9 +296,24 @@ def test_vfs(h, capsys):
     assert capsys.readouterr().out == "enp59s0f0: 4 VFs (persisted)\n"
 
 
+def test_vfs_says_what_persistence_it_dropped(capsys):
+    """Issue 20: persisting a count without --vfio drops "VFs on vfio-pci": said, not silent."""
+    def responder(msg, bus):
+        if msg.member == "Get" and msg.body[1] == "DesiredVfDriver":
+            return "v", [Variant("s", "vfio-pci")]
+        return default_responder(msg, bus)
+
+    assert Harness(responder).run("vfs", "enp59s0f0", "2") == 0
+    assert capsys.readouterr().out == (
+        "enp59s0f0: 2 VFs (persisted; its VFs are no longer persisted on vfio-pci: after a reboot they come up "
+        "on their host driver (add --vfio to keep them on vfio-pci))\n")
+    assert Harness(responder).run("vfs", "enp59s0f0", "2", "--vfio") == 0
+    assert capsys.readouterr().out == "enp59s0f0: 2 VFs on vfio-pci (persisted)\n"
+
+
 def test_vfs_runtime_vfio(h, capsys):
     assert h.run("--no-ask-password", "vfs", "--runtime", "--vfio", "3b:00.0", "0") == 0
-    (m,) = h.calls
+    (m,) = h.calls  # --runtime persists nothing: nothing to read first
     assert unwrap_opts(m.body[2]) == {"persist": False, "driver": "vfio-pci"}
     assert m.body[2]["driver"].signature == "s"
     assert not m.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION
@@ -330,12 +348,15 @@ EXPECTED_ERR = ("nicpassctl: b: 0000:3b:02.1 is leased to VM web; stop the VM fi
 
 def test_bind_of_several_devices_is_one_batch_with_an_outcome_each(capsys):
     def responder(msg, bus):
+        if msg.member == "Explain":  # read after the bind: what it did to each group
+            return "a{sv}", [EXPLAIN]
         assert msg.member == "BindEach"
         return "a(sss)", [[[d, *OUTCOMES.get(d, ("", ""))] for d in msg.body[0]]]
 
     h = Harness(responder)
     assert h.run("bind", "a", "b", "c", "d") == 4  # the first failure's code
-    (m,) = h.calls
+    (m, *explains) = h.calls
+    assert [e.member for e in explains] == ["Explain"] * 4 and not any(e.flags for e in explains)
     assert (m.member, m.signature, m.body[:2]) == ("BindEach", "assa{sv}", [list("abcd"), "vfio-pci"])
     assert unwrap_opts(m.body[2]) == {"persist": True}
     assert m.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION
@@ -347,15 +368,17 @@ def test_bind_of_several_devices_falls_back_to_bind_each_with_an_older_daemon(ca
     def responder(msg, bus):
         if msg.member == "BindEach":
             raise DaemonErr(FD + "UnknownMethod", "No such method 'BindEach'")
+        if msg.member == "Explain":
+            return "a{sv}", [EXPLAIN]
         if msg.body[0] in OUTCOMES:
             raise DaemonErr(*OUTCOMES[msg.body[0]])
         return "", []
 
     h = Harness(responder)
     assert h.run("bind", "a", "b", "c", "d") == 4
-    assert [(m.member, m.signature, m.body[:2]) for m in h.calls[1:]] == [
-        ("Bind", "ssa{sv}", [d, "vfio-pci"]) for d in "abcd"]
-    assert all(unwrap_opts(m.body[2]) == {"persist": True} for m in h.calls[1:])
+    binds = [m for m in h.calls[1:] if m.member != "Explain"]
+    assert [(m.member, m.signature, m.body[:2]) for m in binds] == [("Bind", "ssa{sv}", [d, "vfio-pci"]) for d in "abcd"]
+    assert all(unwrap_opts(m.body[2]) == {"persist": True} for m in binds)
     cap = capsys.readouterr()
     assert (cap.out, cap.err) == (EXPECTED_OUT, EXPECTED_ERR)
 
@@ -467,7 +490,7 @@ def test_client_timeout(capsys):
     async def slow(msg, bus):
         await asyncio.sleep(5)
 
-    assert Harness(slow).run("--timeout", "0.05", "vfs", "x", "2") == 1
+    assert Harness(slow).run("--timeout", "0.05", "bind", "x") == 1
     err = capsys.readouterr().err
     assert "did not answer within 0.05 seconds" in err and "may still complete" in err
 
