@@ -15,10 +15,29 @@ from typing import Any, Callable, Sequence
 
 from .exitcodes import ExitCode
 
-EPILOG = """\
+EXIT_CODES = """\
 exit codes: 0 success, 1 failed, 2 usage or invalid argument, 3 refused by the guard,
-4 busy (leased), 5 not authorized, 6 nicpassd not reachable, 7 not found.
-DEVICE is a PCI address (0000:3b:00.0 or 3b:00.0) or a network interface name."""
+4 busy (leased), 5 not authorized, 6 nicpassd not reachable, 7 not found, 8 (check) a finding failed."""
+DEVICE_NOTE = "DEVICE is a PCI address (0000:3b:00.0 or 3b:00.0) or a network interface name."
+EPILOG = f"{EXIT_CODES}\n{DEVICE_NOTE}"
+DEVICE_HELP = "a PCI address (0000:3b:00.0 or 3b:00.0) or a network interface name"
+# nicpassctl COMMAND --help ends with these (what a new admin types first)
+EXAMPLES = {
+    "list": ["nicpassctl list", "nicpassctl --json list --all"],
+    "show": ["nicpassctl show enp59s0f0", "nicpassctl show 3b:02.0"],
+    "vfs": ["nicpassctl vfs enp59s0f0 8                 # persisted: back at every boot",
+            "nicpassctl vfs enp59s0f0 8 --vfio --stable-macs", "nicpassctl vfs enp59s0f0 0"],
+    "bind": ["nicpassctl bind 3b:02.0 3b:02.1           # to vfio-pci, persisted",
+             "nicpassctl bind --group af:00.0 --runtime  # with its IOMMU group mates, until reboot"],
+    "unbind": ["nicpassctl unbind 3b:02.0", "nicpassctl unbind --group af:00.0"],
+    "forget": ["nicpassctl forget 0000:3b:02.0            # also a device that is gone",
+               "nicpassctl forget 3b:02.0 --restore"],
+    "reconcile": ["nicpassctl reconcile --plan", "nicpassctl reconcile"],
+    "guard": ["nicpassctl guard", "nicpassctl guard --release 0000:01:00.0"],
+    "leases": ["nicpassctl leases", "nicpassctl --json leases"],
+    "release": ["nicpassctl release 6f1c2a8e-0000-4000-8000-000000000001"],
+    "activate": ["nicpassctl activate 6f1c2a8e-0000-4000-8000-000000000001 --pid 4242"],
+}
 
 
 def client_version() -> str:
@@ -90,21 +109,29 @@ def build_parser() -> argparse.ArgumentParser:
                         help="do not let polkit ask for a password for changes")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    def command(name: str, help_text: str, *, devices: bool = False) -> argparse.ArgumentParser:
+        examples = "".join(f"\n  {example}" for example in EXAMPLES.get(name, ()))
+        p = sub.add_parser(name, help=help_text, description=help_text + (f"\n\nexamples:{examples}" if examples else ""),
+                           epilog=EPILOG if devices else EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
         # --json is accepted after the command too; SUPPRESS keeps the global value otherwise
         p.add_argument("-j", "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON for scripts")
         return p
 
     p = command("list", "list network functions (VFs under their PF)")
     p.add_argument("--all", action="store_true", help="also list IOMMU group mates that are not NICs")
-    p = command("show", "one device in full, with why it may or may not be passed through")
-    p.add_argument("device", metavar="DEVICE")
-    command("check", "preflight checks of the host, with remedies (exit 1 if any fails)")
-    p = command("vfs", "set the number of SR-IOV VFs of a PF (0 removes them)")
-    p.add_argument("device", metavar="DEVICE")
-    p.add_argument("count", metavar="COUNT", type=_count)
+    p = command("show", "one device in full, with why it may or may not be passed through", devices=True)
+    p.add_argument("device", metavar="DEVICE", help=DEVICE_HELP)
+    p = command("check", "preflight: what passthrough needs of this host and its devices, with a remedy for each "
+                         "problem (exit 8 if a finding is fail)", devices=True)
+    p.description = (p.description + "\n\nexamples:\n  nicpassctl check                 # the host: CPU, IOMMU, "
+                     "interrupt remapping, vfio, kernel command line, management path\n"
+                     "  nicpassctl check enp59s0f0 3b:02.0   # and these devices: IOMMU group, reset, SR-IOV, guard\n"
+                     "  nicpassctl check --devices       # and every NIC function")
+    p.add_argument("device", metavar="DEVICE", nargs="*", help="devices to check for passthrough readiness")
+    p.add_argument("--devices", action="store_true", help="check every NIC function too")
+    p = command("vfs", "set the number of SR-IOV VFs of a PF (0 removes them)", devices=True)
+    p.add_argument("device", metavar="DEVICE", help="the PF: " + DEVICE_HELP)
+    p.add_argument("count", metavar="COUNT", type=_count, help="how many VFs (0 to TotalVfs)")
     p.add_argument("--runtime", action="store_true", help="change it now only; do not persist")
     p.add_argument("--vfio", action="store_true", help="bind the new VFs to vfio-pci")
     macs = p.add_mutually_exclusive_group()
@@ -115,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="override a guard protection that is not on the management path (asks for "
                         "org.nicpass.NicPass1.force; logged)")
-    p = command("vf", "set a VF's MAC, VLAN, trust, spoof check, rates or link state (as `ip link set PF vf N`)")
+    p = command("vf", "set a VF's MAC, VLAN, trust, spoof check, rates or link state (as `ip link set PF vf N`)", devices=True)
     p.description = (p.description + "\n\nsettings: mac M | vlan N [qos Q] [proto 802.1Q|802.1ad] | trust on|off | "
                      "spoofchk on|off | max-rate MBPS | min-rate MBPS | state auto|enable|disable\n"
                      "examples:\n  nicpassctl vf enp59s0f0:0 mac 02:11:22:33:44:55 trust on\n"
@@ -126,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="override a guard protection that is not on the management path (asks for "
                         "org.nicpass.NicPass1.force; logged)")
-    p = command("bind", "bind functions to a driver (default vfio-pci)")
-    p.add_argument("device", metavar="DEVICE", nargs="+")
+    p = command("bind", "bind functions to a driver (default vfio-pci)", devices=True)
+    p.add_argument("device", metavar="DEVICE", nargs="+", help=DEVICE_HELP)
     p.add_argument("--driver", default="vfio-pci",
                    help='driver to bind to (default vfio-pci; "" means the host driver)')
     p.add_argument("--runtime", action="store_true", help="bind now only; do not persist")
@@ -136,13 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "org.nicpass.NicPass1.force; logged)")
     p.add_argument("--group", action="store_true",
                    help="bind the device's IOMMU group mates too (refused if any is protected)")
-    p = command("unbind", "give functions back to their host driver (and forget the persisted binding)")
-    p.add_argument("device", metavar="DEVICE", nargs="+")
+    p = command("unbind", "give functions back to their host driver (and forget the persisted binding)", devices=True)
+    p.add_argument("device", metavar="DEVICE", nargs="+", help=DEVICE_HELP)
     p.add_argument("--runtime", action="store_true", help="keep the persisted binding")
     p.add_argument("--group", action="store_true",
                    help="also give back its IOMMU group mates (what bind --group took)")
-    p = command("forget", "drop the persisted desired state of a device")
-    p.add_argument("device", metavar="DEVICE")
+    p = command("forget", "drop the persisted desired state of a device", devices=True)
+    p.add_argument("device", metavar="DEVICE", help=DEVICE_HELP + ", or the address of a device that is gone")
     p.add_argument("--restore", action="store_true", help="also give it back to its host driver now")
     p = command("reconcile", "apply the persisted desired state now; lists each step and what was not applied "
                              "(exit 1 if a step failed or was refused; devices left alone on purpose, such as "
@@ -155,21 +182,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="forget a device remembered as the management path that the kernel no longer shows "
                         "there (asks for org.nicpass.NicPass1.force; logged)")
     command("leases", "current leases of devices to VMs")
-    p = command("prepare", "lease devices to a VM about to start (what the hooks do)")
+    p = command("prepare", "lease devices to a VM about to start (what the hooks do)", devices=True)
     p.description = (p.description + "\n\nexample: a VF with the VM's own MAC and VLAN, put back as they were "
                      "at release:\n  nicpassctl prepare web01 UUID 3b:02.0 --vf '3b:02.0 mac 52:54:00:12:34:56 "
                      "vlan 100'")
-    p.add_argument("vm_name", metavar="VM_NAME")
-    p.add_argument("vm_uuid", metavar="VM_UUID")
-    p.add_argument("device", metavar="DEVICE", nargs="+")
+    p.add_argument("vm_name", metavar="VM_NAME", help="the VM's name (libvirt domain name, Proxmox name)")
+    p.add_argument("vm_uuid", metavar="VM_UUID", help="the VM's UUID")
+    p.add_argument("device", metavar="DEVICE", nargs="+", help=DEVICE_HELP)
     p.add_argument("--vf", metavar="'VF SETTING VALUE...'", action="append", default=[],
                    help="settings of one leased VF for this VM only, as for `nicpassctl vf` (repeat per VF)")
     p = command("activate", "tie a VM's lease to the running VM (what the hooks do once it started)")
-    p.add_argument("vm_uuid", metavar="VM_UUID")
+    p.add_argument("vm_uuid", metavar="VM_UUID", help="the VM's UUID")
     p.add_argument("--pid", type=_count, default=0,
                    help="the VM's QEMU process: its exit then ends the lease even without a release")
     p = command("release", "end the leases of a VM that stopped (what the hooks do)")
-    p.add_argument("vm_uuid", metavar="VM_UUID")
+    p.add_argument("vm_uuid", metavar="VM_UUID", help="the VM's UUID")
     command("monitor", "print device and lease events until interrupted")
     command("version", "client and daemon versions")
     return parser

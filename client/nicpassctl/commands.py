@@ -127,11 +127,17 @@ async def cmd_show(client, args) -> ExitCode:
 
 async def cmd_check(client, args) -> ExitCode:
     (findings,) = await client.manager("Check")
+    devices = list(getattr(args, "device", None) or [])
+    rows = None
+    if devices or getattr(args, "devices", False):
+        (rows,) = await client.manager("CheckDevices", "as", [devices])
     if args.json:
-        emit_json(render.check_json(findings))
+        host = render.check_json(findings)
+        emit_json(host if rows is None else {"host": host, "devices": render.check_devices_json(rows)})
     else:
-        out(render.check_text(findings))
-    return ExitCode.FAILED if render.check_failed(findings) else ExitCode.OK
+        out(render.check_text(findings) + ("" if rows is None else "\n\n" + render.check_devices_text(rows)))
+    failed = render.check_failed(findings) or any(row[2] == "fail" for row in rows or [])
+    return ExitCode.CHECK_FAILED if failed else ExitCode.OK
 
 
 async def cmd_reconcile(client, args) -> ExitCode:

@@ -105,11 +105,16 @@ def select_devices(devices: Iterable[dict[str, Any]], show_all: bool = False) ->
     return sorted(chosen, key=lambda d: _addr_key(str(d.get("Address", ""))))
 
 
+# D-Bus has no null: these properties say "none" with -1 or "", which JSON says with null.
+NONE_VALUES = {"IommuGroup": -1, "DesiredVfs": -1, "Driver": "", "PhysicalFunction": "", "LeasedTo": "",
+               "DesiredDriver": "", "Drift": "", "DesiredVfDriver": ""}
+
+
 def device_record(props: dict[str, Any]) -> dict[str, Any]:
-    """Every property, snake_case keys (the JSON shape of one device)."""
+    """Every property, snake_case keys (the JSON shape of one device); "none" as null."""
     known = [k for k in DEVICE_ORDER if k in props]
     extra = sorted(k for k in props if k not in DEVICE_ORDER)
-    return {snake(k): props[k] for k in known + extra}
+    return {snake(k): None if k in NONE_VALUES and props[k] == NONE_VALUES[k] else props[k] for k in known + extra}
 
 
 def list_json(devices: Iterable[dict[str, Any]], show_all: bool = False) -> list[dict[str, Any]]:
@@ -337,6 +342,30 @@ def check_json(findings: Iterable[list[Any]]) -> list[dict[str, str]]:
 
 def check_failed(findings: Iterable[list[Any]]) -> bool:
     return any(f[1] == "fail" for f in findings)
+
+
+def check_devices_json(rows: Iterable[list[Any]]) -> list[dict[str, Any]]:
+    """CheckDevices rows grouped by device: [{address, ready, findings: [{id, level, message, remedy}]}]."""
+    devices: dict[str, list[dict[str, str]]] = {}
+    for address, fid, level, message, remedy in rows:
+        devices.setdefault(address, []).append({"id": fid, "level": level, "message": message, "remedy": remedy})
+    return [{"address": address, "ready": all(f["level"] != "fail" for f in found), "findings": found}
+            for address, found in devices.items()]
+
+
+def check_devices_text(rows: list[list[Any]], labels: dict[str, str] | None = None) -> str:
+    """Per function: its readiness, then each finding (``labels``: address -> "address (iface)")."""
+    lines = ["Devices"]
+    for device in check_devices_json(rows):
+        found = device["findings"]
+        worst = "fail" if not device["ready"] else ("warn" if any(f["level"] == "warn" for f in found) else "ok")
+        lines.append(f"[{worst:^4}] {(labels or {}).get(device['address'], device['address'])}")
+        width = max(len(f["id"]) for f in found)
+        for finding in found:
+            lines.append(f"       {finding['id'].ljust(width)}  {finding['level']:<4}  {finding['message']}")
+            if finding["remedy"] and finding["level"] != "ok":
+                lines.append(f"       {'':{width}}        remedy: {finding['remedy']}")
+    return "\n".join(lines)
 
 
 def check_text(findings: list[list[Any]]) -> str:

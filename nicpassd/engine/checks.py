@@ -6,6 +6,7 @@ Pure functions of what the engine knows (``HostView``) and its configuration; ty
 
 from __future__ import annotations
 
+from nicpassd.engine import preflight
 from nicpassd.engine.config import Config
 from nicpassd.engine.hostview import HostView
 from nicpassd.engine.results import Explanation, Finding, GroupMember, Level
@@ -51,18 +52,15 @@ def explain(view: HostView, device: str) -> Explanation:
 
 
 def check(view: HostView, config: Config) -> list[Finding]:
-    snapshot, findings = view.snapshot, []
-    if snapshot.iommu_present:
-        findings.append(Finding("iommu", Level.OK, "an IOMMU is active"))
-    else:
-        findings.append(Finding("iommu", Level.FAIL, "no IOMMU is active (/sys/class/iommu is empty)",
-                                "enable VT-d/AMD-Vi in the firmware and boot with intel_iommu=on (Intel)"))
+    snapshot = view.snapshot
+    platform = view.host.read_platform()
+    findings = preflight.platform_findings(platform)
     for word in snapshot.cmdline.split():
         key = word.split("=", 1)[0].replace("-", "_")  # the kernel treats - and _ alike
         key = next((name for name in RISKY_CMDLINE if name.replace("-", "_") == key), "")
         if key:
             findings.append(Finding(f"cmdline-{key}", Level.WARN, f"kernel command line has {word}: {RISKY_CMDLINE[key]}",
-                                    f"remove {key} from the kernel command line"))
+                                    preflight.cmdline_remedy(platform, remove=word)))
     default_routes = [route for route in snapshot.routes if route.is_default]
     if not default_routes and not config.guard.management_interfaces:
         findings.append(Finding("management", Level.WARN, "no default route and no configured management interface: "
@@ -82,6 +80,7 @@ def check(view: HostView, config: Config) -> list[Finding]:
             f"give it back to {driver} (`nicpassctl unbind {address}`), and find what took it (a vfio-pci.ids= or "
             f"modprobe.d option, driverctl, a VM); if it is no longer needed for management, "
             f"`nicpassctl guard --release {address}`"))
+    findings += preflight.passthrough_of_management(view)
     findings += boot_capture(view)
     for number, note in enumerate(view.protected.notes):
         findings.append(Finding(f"guard-{number}", Level.WARN, note, "fix the [guard] section of /etc/nicpassd/nicpassd.toml"))
@@ -170,3 +169,14 @@ def config_findings(path, *, present: bool, rejected: str, read_at: str) -> list
                         f"fix it (`nicpassd --check-config` names each problem with its line), then "
                         "`systemctl reload nicpassd`")]
     return [Finding("config", Level.OK, f"configuration in force: {source}")]
+
+
+def check_devices(view: HostView, devices: list[str]) -> list[tuple[str, Finding]]:
+    """``nicpassctl check DEVICE…``: each function's readiness (every network function when
+    ``devices`` is empty), as (address, finding)."""
+    snapshot = view.snapshot
+    addresses = [view.resolve(device) for device in devices] or sorted(
+        address for address, function in snapshot.functions.items() if function.is_network)
+    platform = view.host.read_platform()
+    return [(address, finding) for address in dict.fromkeys(addresses)
+            for finding in preflight.device_findings(view, address, view.host.read_function_platform(address), platform)]

@@ -622,6 +622,10 @@ class Engine:
         last = self.sentinel.last.get(explanation.address)
         return replace(explanation, last_violation=last.summary) if last else explanation
 
+    def check_devices(self, devices: list[str]) -> list[tuple[str, Finding]]:
+        """Each function's readiness for passthrough (every network function when ``devices`` is empty)."""
+        return checks.check_devices(self.view, devices)
+
     def check(self) -> list[Finding]:
         path = self.host.paths.config_file
         return checks.check(self.view, self.config) + checks.config_findings(

@@ -248,7 +248,9 @@ class LeaseKeeper:
             try:
                 address = self.view.resolve(device)
             except NotFound:
-                if not skip_unmanaged:
+                # Only a PCI address names a device nicpassd may not manage; a missing interface
+                # is the caller's mistake, skip or not.
+                if not skip_unmanaged or not (FULL_ADDRESS.match(device) or SHORT_ADDRESS.match(device)):
                     raise
                 log.debug("skipping %s: not a device nicpassd manages", device)
                 continue

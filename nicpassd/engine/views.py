@@ -13,6 +13,7 @@ from nicpassd.host.model import HostSnapshot, PciFunction
 
 FULL_ADDRESS = re.compile(r"^[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$")
 SHORT_ADDRESS = re.compile(r"^[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$")
+INTERFACE_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,15}")  # what the kernel takes (IFNAMSIZ 16, no / or :)
 
 
 @dataclass(frozen=True)
@@ -85,8 +86,12 @@ def resolve_device(snapshot: HostSnapshot, argument: str) -> str:
         lowers = f"; it sits on {', '.join(link.lowers)}" if link.lowers else ""
         raise InvalidArgument(f"{text} is a {link.kind} interface, not a PCI function{lowers}",
                               "name a physical interface or a PCI address")
+    if INTERFACE_NAME.fullmatch(text) and ":" not in text:
+        # Could be an interface: one that is not there is not found, as an absent address is.
+        raise NotFound(f"no network interface {text} (and no PCI function by that name)",
+                       "list the devices with `nicpassctl list`")
     raise InvalidArgument(
-        f"{argument!r} is neither a PCI address (0000:3b:00.0 or 3b:00.0) nor a current network interface",
+        f"{argument!r} is neither a PCI address (0000:3b:00.0 or 3b:00.0) nor a network interface name",
         "list the devices with `nicpassctl list`",
     )
 

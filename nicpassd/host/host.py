@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from nicpassd.errors import KernelError
-from nicpassd.host import kernelio, modprobe, procfs, sysfs, vf_netlink
+from nicpassd.host import kernelio, modprobe, platform, procfs, sysfs, vf_netlink
 from nicpassd.host.model import HostSnapshot, PciFunction, VfSettings
 from nicpassd.host.vf_netlink import VfChange
 from nicpassd.host.writer import (BatchFailure, BatchWrite, KernelWriter, describe_oserror, run_blocking,
@@ -164,6 +164,13 @@ class Host:
         return modprobe.read_modprobe_config([self.paths.under(d) for d in
                                             ("/etc/modprobe.d", "/run/modprobe.d", "/usr/lib/modprobe.d",
                                              "/lib/modprobe.d")])
+
+    def read_platform(self) -> platform.Platform:
+        """What the preflight check reads about CPU, IOMMU, vfio and the boot loader."""
+        return platform.read_platform(self.paths)
+
+    def read_function_platform(self, address: str) -> platform.FunctionPlatform:
+        return platform.read_function_platform(self.paths, address)
 
     # ------------------------------------------------------------------ writes
     # docs/kernel-rules.md §7-8: driver_override, unbind, drivers_probe

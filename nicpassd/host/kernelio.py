@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 
+SRIOV_CAPABILITY = 0x0010
 DSN_CAPABILITY = 0x0003
 # The drivers a passthrough binding means: the device is held for a VM (or for nobody), not by
 # a host driver. The one definition of the set.
@@ -68,24 +69,44 @@ def read_override(device_dir: str) -> str:
     return "" if override == "(null)" else override
 
 
-def read_serial(config: "os.PathLike[str] | str") -> str:
-    """The PCIe Device Serial Number from extended config space, "" when absent or unreadable
-    (beyond the first 64 bytes, config space is readable with CAP_SYS_ADMIN only)."""
+def _config_space(config: "os.PathLike[str] | str") -> bytes:
     try:
         with open(config, "rb", buffering=0) as handle:
-            data = handle.read(4096)
+            return handle.read(4096)
     except OSError:
-        return ""
+        return b""
+
+
+def _extended_capabilities(data: bytes):
+    """(capability id, offset) of each PCIe extended capability in ``data``."""
     offset, seen = 0x100, 0
     while 0x100 <= offset <= len(data) - 12 and seen < 64:
         header = int.from_bytes(data[offset:offset + 4], "little")
         if header in (0, 0xFFFFFFFF):
-            return ""
-        if header & 0xFFFF == DSN_CAPABILITY:
+            return
+        yield header & 0xFFFF, offset
+        offset, seen = header >> 20, seen + 1
+
+
+def read_serial(config: "os.PathLike[str] | str") -> str:
+    """The PCIe Device Serial Number from extended config space, "" when absent or unreadable
+    (beyond the first 64 bytes, config space is readable with CAP_SYS_ADMIN only)."""
+    data = _config_space(config)
+    for capability, offset in _extended_capabilities(data):
+        if capability == DSN_CAPABILITY:
             raw = int.from_bytes(data[offset + 4:offset + 12], "little").to_bytes(8, "big").hex()
             return "-".join(raw[i:i + 2] for i in range(0, 16, 2))
-        offset, seen = header >> 20, seen + 1
     return ""
+
+
+def has_sriov_capability(config: "os.PathLike[str] | str") -> bool | None:
+    """Does the function's config space carry the SR-IOV extended capability (whatever the
+    kernel made of it)? None when the extended config space cannot be read (without
+    CAP_SYS_ADMIN the kernel gives the first 64 bytes only)."""
+    data = _config_space(config)
+    if len(data) <= 0x100:
+        return None
+    return any(capability == SRIOV_CAPABILITY for capability, _ in _extended_capabilities(data))
 
 
 def modprobe_path() -> str:

@@ -157,9 +157,7 @@ class SimKernel:
         self.paths.drivers_probe.write_text("")
         self.paths.proc_net.mkdir(parents=True, exist_ok=True)
         self.paths.proc_cmdline.write_text(self.topology.cmdline + "\n")
-        if self.topology.iommu:
-            (sysfs / "devices/virtual/iommu/dmar0").mkdir(parents=True)
-            (sysfs / "class/iommu/dmar0").symlink_to("../../devices/virtual/iommu/dmar0")
+        self._write_platform()
         for driver in ALWAYS_AVAILABLE_DRIVERS:
             self._add_driver(driver)
         fixed = [fn.iommu_group for fn in self.topology.functions if fn.iommu_group is not None]
@@ -183,6 +181,50 @@ class SimKernel:
             self._add_virtual_link(link.name, link.kind, link.mac, link.lowers)
         self._write_routes()
         self._write_block_devices()
+
+    def _write_platform(self) -> None:
+        """/proc/cpuinfo, /dev/kvm, the ACPI tables, the IOMMU units, interrupts, vfio and the boot
+        loader's files, as ``nicpassd.host.platform`` reads them."""
+        spec, root, sysfs = self.topology.platform, self.paths.root, self.paths.sys
+        intel = spec.cpu == "intel"
+        flag = ("vmx" if intel else "svm") if spec.virtualization else ""
+        (root / "proc/cpuinfo").write_text(f"processor\t: 0\nvendor_id\t: {'GenuineIntel' if intel else 'AuthenticAMD'}"
+                                           f"\nflags\t\t: fpu de pse msr pae {flag} x2apic\n\n")
+        (root / "proc/sys/kernel").mkdir(parents=True, exist_ok=True)
+        (root / "proc/sys/kernel/osrelease").write_text(spec.kernel_release + "\n")
+        chips = "IR-PCI-MSI" if spec.interrupt_remapping == "on" and self.topology.iommu else "PCI-MSI"
+        (root / "proc/interrupts").write_text(f"           CPU0\n 24:          5  {chips} 1048576-edge      eno1\n")
+        kvm = root / "dev/kvm"
+        kvm.parent.mkdir(parents=True, exist_ok=True)
+        kvm.write_text("") if spec.kvm else kvm.unlink(missing_ok=True)
+        if spec.firmware_iommu:
+            (sysfs / "firmware/acpi/tables").mkdir(parents=True)
+            (sysfs / "firmware/acpi/tables" / ("DMAR" if intel else "IVRS")).write_bytes(b"\0" * 48)
+        self._iommu_unit = ("dmar0" if intel else "ivhd0") if self.topology.iommu else ""
+        if self._iommu_unit:
+            unit = sysfs / "devices/virtual/iommu" / self._iommu_unit
+            unit.mkdir(parents=True)
+            (sysfs / "class/iommu" / self._iommu_unit).symlink_to(f"../../devices/virtual/iommu/{self._iommu_unit}")
+            if intel:  # the Extended Capability Register, IR is bit 3 (a real VT-d unit's value otherwise)
+                ecap = 0xF0050E if spec.interrupt_remapping != "unsupported" else 0xF05006
+                (unit / "intel-iommu").mkdir()
+                (unit / "intel-iommu/ecap").write_text(f"{ecap:x}\n")
+        parameters = sysfs / "module/vfio_iommu_type1/parameters"
+        parameters.mkdir(parents=True)
+        (parameters / "allow_unsafe_interrupts").write_text("Y\n" if spec.unsafe_interrupts else "N\n")
+        modules = root / "lib/modules" / spec.kernel_release
+        modules.mkdir(parents=True, exist_ok=True)
+        vfio = "kernel/drivers/vfio/pci/vfio-pci.ko"
+        (modules / "modules.dep").write_text(f"{vfio}: kernel/drivers/vfio/vfio.ko\n" if spec.vfio == "module" else "")
+        (modules / "modules.builtin").write_text(f"{vfio}\n" if spec.vfio == "builtin" else "")
+        files = {"grub": ["etc/default/grub"], "systemd-boot": ["etc/kernel/cmdline"],
+                 "proxmox-boot-tool": ["etc/kernel/cmdline", "etc/kernel/proxmox-boot-uuids"], "none": []}
+        for name in {path for paths in files.values() for path in paths}:
+            (root / name).unlink(missing_ok=True)
+        for name in files[spec.boot_loader]:
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text(f'GRUB_CMDLINE_LINUX_DEFAULT="quiet"\n' if name.endswith("grub") else
+                                     self.topology.cmdline + "\n" if name.endswith("cmdline") else "1234-ABCD\n")
 
     def _allocate_group(self) -> int:
         group = self._next_group
@@ -210,8 +252,10 @@ class SimKernel:
             "subsystem_vendor": f"0x{spec.subsystem_vendor}",
             "subsystem_device": f"0x{spec.subsystem_device}",
             "class": f"0x{spec.class_code}", "driver_override": "(null)", "numa_node": "0",
-            "reset": "", "remove": "",
+            "remove": "",
         }
+        if spec.reset_method:  # the kernel shows neither when it cannot reset the function
+            attrs.update({"reset": "", "reset_method": spec.reset_method})
         if spec.sriov_totalvfs:
             attrs.update({
                 "sriov_totalvfs": str(spec.sriov_totalvfs), "sriov_numvfs": "0",
@@ -228,7 +272,10 @@ class SimKernel:
             group_dir.mkdir(parents=True, exist_ok=True)
             (group_dir / address).symlink_to(f"../../../../{PCI_ROOT}/{address}")
             (directory / "iommu_group").symlink_to(f"../../../kernel/iommu_groups/{device.group}")
-            (directory / "iommu").symlink_to("../../virtual/iommu/dmar0")
+            (directory / "iommu").symlink_to(f"../../virtual/iommu/{self._iommu_unit or 'dmar0'}")
+            kind = group_dir.parent / "type"
+            if not kind.exists():
+                kind.write_text("identity\n" if "iommu=pt" in self.topology.cmdline.split() else "DMA-FQ\n")
         self._devices[address] = device
         if emit:
             self._emit("add", "pci", address)
@@ -708,6 +755,8 @@ class SimKernel:
     # ------------------------------------------------------------ write boundary
     def load_module(self, name: str) -> None:
         driver = LOADABLE_MODULES.get(name)
+        if driver == "vfio-pci" and self.topology.platform.vfio == "missing":
+            driver = None
         if driver is None:
             raise _oserror(errno.ENOENT, f"module {name} not found in directory /lib/modules")
         with self._lock:
@@ -950,9 +999,22 @@ def _config_space(spec: Function) -> bytes:
     config[2:4] = int(spec.device, 16).to_bytes(2, "little")
     config[0x2C:0x2E] = int(spec.subsystem_vendor, 16).to_bytes(2, "little")
     config[0x2E:0x30] = int(spec.subsystem_device, 16).to_bytes(2, "little")
+    capabilities = []  # (id, body) of the extended capabilities, chained from 0x100
     if spec.serial:
-        # Extended capability at 0x100: ID 0x0003 (Device Serial Number), version 1, next 0.
-        config[0x100:0x104] = (0x0003 | (1 << 16)).to_bytes(4, "little")
-        serial = int(spec.serial.replace("-", ""), 16)
-        config[0x104:0x10C] = serial.to_bytes(8, "little")
+        capabilities.append((0x0003, int(spec.serial.replace("-", ""), 16).to_bytes(8, "little")))
+    if spec.sriov_totalvfs or spec.sriov_disabled:
+        # SR-IOV: TotalVFs at +0x0E (0 when the firmware turned it off), VF offset, stride, device id
+        body = bytearray(0x3C)
+        body[0x0A:0x0C] = spec.sriov_totalvfs.to_bytes(2, "little")
+        body[0x10:0x12] = spec.vf_offset.to_bytes(2, "little")
+        body[0x12:0x14] = spec.vf_stride.to_bytes(2, "little")
+        body[0x16:0x18] = int(spec.vf_device or "0", 16).to_bytes(2, "little")
+        capabilities.append((0x0010, bytes(body)))
+    offset = 0x100
+    for number, (capability, body) in enumerate(capabilities):
+        following = offset + 4 + len(body) if number + 1 < len(capabilities) else 0
+        following = (following + 3) & ~3
+        config[offset:offset + 4] = (capability | (1 << 16) | (following << 20)).to_bytes(4, "little")
+        config[offset + 4:offset + 4 + len(body)] = body
+        offset = following
     return bytes(config)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from nicpassd.host.platform import read_function_platform, read_platform
 from nicpassd.host.sysfs import read_groups, read_routing, read_serial
 from nicpassd.paths import HostPaths
 from nicpassd.sim.topology import Address, Function, Link, Route, Topology, dump_topology_json
@@ -164,11 +165,18 @@ class _Recorder:
             fields["netdev"] = netdev.name
             if _read(netdev / "addr_assign_type") == "0":  # permanent: the NIC's own MAC
                 fields["mac"] = _read(netdev / "address")
-            # carrier cannot be read while the link is down; only a reported "0" means no carrier.
-            fields["carrier"] = _read(netdev / "carrier") != "0"
+            # carrier cannot be read while the interface is down (the simulator's carrier means
+            # "up, with a link"); otherwise only a reported "0" means no carrier.
+            flags = _read(netdev / "flags")
+            up = not flags.startswith("0x") or bool(int(flags, 16) & 0x1)  # IFF_UP
+            fields["carrier"] = up and _read(netdev / "carrier") != "0"
         total = int(_read(base / "sriov_totalvfs") or 0)
         if total:
             fields.update(self._sriov(address, base, total, fields))
+        machine = read_function_platform(self.paths, address)
+        fields["reset_method"] = " ".join(m for m in machine.reset_methods if m != "unknown") or (
+            "flr" if machine.reset_methods else "")  # a kernel before 5.15: resettable, the method unknown
+        fields["sriov_disabled"] = bool(machine.sriov_capability) and not total
         return Function.model_validate(fields)
 
     def _netdev_dir(self, base: Path) -> Path | None:
@@ -387,7 +395,21 @@ class _Recorder:
         cmdline = _read(self.paths.proc_cmdline)
         if cmdline:
             fields["cmdline"] = cmdline
+        fields["platform"] = self.platform()
         return Topology.model_validate(fields)
+
+    def platform(self) -> dict:
+        """What the preflight check reads, as the simulator's [platform] table."""
+        found = read_platform(self.paths)
+        remapping = "on" if found.interrupt_remapping else (
+            "unsupported" if any(unit.interrupt_remapping is False for unit in found.units) else "off")
+        loader = {"GRUB": "grub", "systemd-boot": "systemd-boot", "proxmox-boot-tool": "proxmox-boot-tool"}
+        return {"cpu": found.cpu_vendor or "intel", "virtualization": found.virtualization, "kvm": found.kvm,
+                "firmware_iommu": bool(found.firmware_iommu), "interrupt_remapping": remapping,
+                "unsafe_interrupts": found.unsafe_interrupts,
+                "vfio": {"registered": "module", "loadable": "module", "built in": "builtin"}.get(found.vfio_pci, "missing"),
+                "boot_loader": loader.get(found.boot_loader.name, "none"),
+                "kernel_release": found.kernel_release or "unknown"}
 
 
 def record(paths: HostPaths) -> Topology:
@@ -409,7 +431,10 @@ def _toml_value(value) -> str:
 def dump_topology_toml(topology: Topology, notes: list[str] = ()) -> str:
     data = topology.model_dump(mode="json", by_alias=True, exclude_defaults=True)
     lines = [f"# {note}".replace("\n", " ") for note in notes]
-    lines += [f"{key} = {_toml_value(value)}" for key, value in data.items() if not isinstance(value, list)]
+    lines += [f"{key} = {_toml_value(value)}" for key, value in data.items() if not isinstance(value, (list, dict))]
+    for key, table in data.items():
+        if isinstance(table, dict):
+            lines += ["", f"[{key}]", *(f"{name} = {_toml_value(value)}" for name, value in table.items())]
     for key, tables in data.items():
         if isinstance(tables, list):
             for table in tables:

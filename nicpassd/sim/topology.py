@@ -51,6 +51,10 @@ class Function(_Strict):
     vf_offset: int = 1
     vf_stride: int = 1
     sriov_configure: bool = True  # driver implements sriov_configure (else ENOENT on writes)
+    # SR-IOV capability in config space, but no VFs for the kernel (off in the firmware, or VF
+    # BARs it could not place): no sriov_* attributes. Only with sriov_totalvfs = 0.
+    sriov_disabled: bool = False
+    reset_method: str = "flr bus"  # the kernel's reset_method ("" = it cannot reset the function)
     disks: tuple[str, ...] = ()  # block devices behind this (storage) function: "sda", "nvme0n1"
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
@@ -93,6 +97,8 @@ class Function(_Strict):
             raise ValueError(f"{self.address}: sriov_totalvfs needs vf_device")
         if self.sriov_totalvfs < 0 or self.vf_stride < 1 or self.vf_offset < 1:
             raise ValueError(f"{self.address}: sriov_totalvfs, vf_offset and vf_stride must be positive")
+        if self.sriov_disabled and self.sriov_totalvfs:
+            raise ValueError(f"{self.address}: sriov_disabled means the kernel shows no VFs: sriov_totalvfs must be 0")
         return self
 
     @property
@@ -214,9 +220,24 @@ class Route(_Strict):
         return str(ipaddress.ip_network(self.dst, strict=False))
 
 
+class Platform(_Strict):
+    """What the preflight check reads beyond PCI: the CPU, the firmware's IOMMU, vfio, the boot loader."""
+
+    cpu: Literal["intel", "amd"] = "intel"
+    virtualization: bool = True  # vmx/svm in /proc/cpuinfo
+    kvm: bool = True  # /dev/kvm
+    firmware_iommu: bool = True  # an ACPI DMAR (intel) or IVRS (amd) table; the kernel's use of it is ``iommu``
+    interrupt_remapping: Literal["on", "off", "unsupported"] = "on"  # unsupported: the IOMMU has no IR
+    unsafe_interrupts: bool = False  # vfio_iommu_type1 allow_unsafe_interrupts
+    vfio: Literal["module", "builtin", "missing"] = "module"
+    boot_loader: Literal["grub", "systemd-boot", "proxmox-boot-tool", "none"] = "grub"
+    kernel_release: str = "6.1.0-sim-amd64"
+
+
 class Topology(_Strict):
     format: int = FORMAT_VERSION
     description: str = ""
+    platform: Platform = Platform()
     iommu: bool = True
     cmdline: str = "BOOT_IMAGE=/vmlinuz root=/dev/sda2 ro intel_iommu=on iommu=pt"
     functions: tuple[Function, ...] = ()

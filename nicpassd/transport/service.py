@@ -521,6 +521,17 @@ class ManagerInterface(ServiceInterface):
 
     @method()
     @dbus_errors
+    async def CheckDevices(self, devices: "as") -> "a(sssss)":
+        """Each function's readiness for passthrough, ``(address, id, level, message, remedy)``:
+        its IOMMU group (viable, isolated, who shares it and why), its reset methods, SR-IOV
+        (capable, or capable but disabled), the guard. Every network function when ``devices``
+        is empty. A read: no authorization."""
+        self.engine.catch_up()
+        return [[address, f.id, f.level.value, f.message, f.remedy]
+                for address, f in self.engine.check_devices(list(devices))]
+
+    @method()
+    @dbus_errors
     async def PlanReconcile(self) -> "a(sss)":
         """What ``Reconcile`` would do now, without doing it: (address, action, "planned: what")
         per step of its first pass, and (address, action, "<ErrorName>: why" or "skipped: why")

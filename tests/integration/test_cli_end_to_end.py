@@ -115,7 +115,7 @@ def test_unbind_gives_back_and_forgets(private_bus, daemon):
     assert driver(daemon, "0000:af:00.0") == "e1000e"
     assert sysfs(daemon, "0000:af:00.0", "driver_override") == "(null)"
     entry = listing(private_bus)["0000:af:00.0"]
-    assert (entry["persisted"], entry["desired_driver"]) == (False, "")
+    assert (entry["persisted"], entry["desired_driver"]) == (False, None)
 
 
 def test_show_check_and_guard(private_bus, daemon):
@@ -224,6 +224,27 @@ def test_mutations_name_every_device_they_changed_and_what_persistence_they_drop
     assert result.returncode == 0, result
     assert "no longer persisted on vfio-pci" in result.stdout and "add --vfio" in result.stdout, result.stdout
     assert json.loads(nicpassctl(private_bus, "--json", "vfs", "enp59s0f0", "2").stdout)["dropped_vf_driver"] is None
+
+
+def test_check_of_devices_a_line_each_and_exit_8_when_one_fails(private_bus, daemon):
+    """Issue 15: `check --devices` adds a readiness line per NIC function; `check DEVICE` of the
+    management NIC fails (it is protected): exit 8, which no other outcome uses."""
+    result = nicpassctl(private_bus, "check", "--devices")
+    print(result.stdout)
+    assert result.returncode == 8, result  # eno1 and eno2 are protected
+    lines = result.stdout.splitlines()
+    assert "[ ok ] 0000:3b:00.0" in lines[lines.index("Devices") + 1:], result.stdout
+    assert any(line.startswith("[fail] 0000:01:00.0") for line in lines), result.stdout
+    result = nicpassctl(private_bus, "--json", "check", "enp59s0f0")
+    assert result.returncode == 0, result
+    report = json.loads(result.stdout)
+    assert {f["id"] for f in report["host"]} >= {"cpu-virtualization", "iommu", "interrupt-remapping", "vfio"}
+    (device,) = report["devices"]
+    assert device["address"] == "0000:3b:00.0" and device["ready"] is True
+    assert {f["id"] for f in device["findings"]} == {"function", "iommu-group", "reset", "sriov", "guard"}
+    result = nicpassctl(private_bus, "check", "eno1")
+    assert result.returncode == 8 and "protected: " in result.stdout, result
+    assert nicpassctl(private_bus, "check", "nosuch0").returncode == 7
 
 
 def test_a_reader_that_goes_away_is_not_the_daemon_going_away(private_bus, daemon):

@@ -58,7 +58,7 @@ def test_sighup_with_a_broken_config_keeps_the_previous_one(private_bus, polkit,
         assert daemon.process.poll() is None
         assert private_bus.name_has_owner("org.nicpass.NicPass1")
         result = nicpassctl(private_bus, "--json", "check")
-        assert result.returncode == 1, result  # a fail finding
+        assert result.returncode == 8, result  # a fail finding
         finding = next(f for f in json.loads(result.stdout) if f["id"] == "config")
         assert finding["level"] == "fail", finding
         assert "management_interface" in finding["message"] and "did you mean management_interfaces" in \

@@ -334,7 +334,7 @@ def test_fuzz_as_root_with_polkit_authorizing(fuzzed, polkit):
     assert any("InvalidArgument" in outcome for outcome in outcomes), fuzzed.answers
 
 
-READS = {"Explain", "Check", "GetProtected", "ListLeases", "GetViolations", "PlanReconcile"}  # no authorization asked
+READS = {"Explain", "Check", "CheckDevices", "GetProtected", "ListLeases", "GetViolations", "PlanReconcile"}  # no authorization asked
 
 
 def test_fuzz_refused_by_polkit_changes_nothing(fuzzed, polkit):

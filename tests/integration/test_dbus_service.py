@@ -135,7 +135,8 @@ async def test_errors_are_typed(service, client):
         ("SetVfCount", "sua{sv}", ["eno1", 2, {}], "Protected"),
         ("Bind", "ssa{sv}", ["eno2", "vfio-pci", {}], "Protected"),
         ("Bind", "ssa{sv}", ["0000:99:00.0", "vfio-pci", {}], "NotFound"),
-        ("Bind", "ssa{sv}", ["not-a-device", "vfio-pci", {}], "InvalidArgument"),
+        ("Bind", "ssa{sv}", ["not-a-device", "vfio-pci", {}], "NotFound"),  # no interface of that name
+        ("Bind", "ssa{sv}", ["not/a/device", "vfio-pci", {}], "InvalidArgument"),  # no name at all
         ("Bind", "ssa{sv}", ["3b:00.1", "vfio-pci", {"persist": Variant("s", "yes")}], "InvalidArgument"),
         ("Bind", "ssa{sv}", ["3b:00.1", "vfio-pci", {"bogus": Variant("b", True)}], "InvalidArgument"),
         ("Explain", "s", ["bond0"], "InvalidArgument"),
@@ -185,7 +186,7 @@ MUTATIONS = [
 ]
 READS = [
     ("Check", ""), ("Explain", "s", "3b:00.0"), ("GetProtected", ""), ("ListLeases", ""), ("GetViolations", ""),
-    ("PlanReconcile", ""),
+    ("PlanReconcile", ""), ("CheckDevices", "as", "0"),
 ]
 
 
@@ -237,7 +238,7 @@ async def test_bind_each_answers_per_device_and_binds_in_one_batch(service, clie
     assert reply.message_type == MessageType.METHOD_RETURN, reply.body
     answer = reply.body[0]
     assert [(d, e.rsplit(".", 1)[-1] if e else "") for d, e, _m in answer] == [
-        *[(vf, "") for vf in vfs], ("0000:01:00.0", "Protected"), ("bogus", "InvalidArgument")]
+        *[(vf, "") for vf in vfs], ("0000:01:00.0", "Protected"), ("bogus", "NotFound")]
     assert "protected" in answer[3][2]
     assert [driver_of(service, vf) for vf in vfs] == ["vfio-pci"] * 3
     reply = await call(client, "BindEach", "assa{sv}", [vfs, "", {"persist": Variant("b", True)}])

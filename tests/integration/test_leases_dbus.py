@@ -124,7 +124,7 @@ async def test_nicpassctl_leases_and_monitor_show_the_lifecycle(service, client,
         shown = json.loads((await nicpassctl(service, "--json", "show", vfs[0])).stdout)
         assert shown["device"]["leased_to"] == VM_A and shown["explain"]["leased_to"] == VM_A
         listing = {d["address"]: d for d in json.loads((await nicpassctl(service, "--json", "list")).stdout)}
-        assert listing[vfs[0]]["leased_to"] == VM_A and listing[vfs[2]]["leased_to"] == ""
+        assert listing[vfs[0]]["leased_to"] == VM_A and listing[vfs[2]]["leased_to"] is None
         activated = await nicpassctl(service, "activate", VM_A)
         assert (activated.returncode, activated.stdout) == (0, f"{VM_A}: lease active\n"), activated.stderr
         missing = await nicpassctl(service, "activate", "no-such-vm")

@@ -81,9 +81,9 @@ def test_vf_counts_and_bindings_come_back_after_a_reboot_runtime_changes_do_not(
         assert driver(root, NIC) == "vfio-pci"
         assert tree(root, MLX, "sriov_numvfs") == "0"  # --runtime: gone with the reboot
         devices = listing(private_bus)
-        assert devices[PF]["persisted"] and devices[PF]["desired_vfs"] == 4 and devices[PF]["drift"] == ""
+        assert devices[PF]["persisted"] and devices[PF]["desired_vfs"] == 4 and devices[PF]["drift"] is None
         assert devices[vfs(root, PF)[0]]["desired_driver"] == "vfio-pci"
-        assert devices[NIC]["persisted"] and devices[NIC]["drift"] == ""
+        assert devices[NIC]["persisted"] and devices[NIC]["drift"] is None
         assert not devices[MLX]["persisted"]
         again = ok(private_bus, "reconcile")
         assert again.stdout.startswith("Nothing to do")
@@ -128,7 +128,7 @@ def test_a_different_card_at_the_address_is_refused_with_identity_changed(privat
         assert devices[MLX]["persisted"] and devices[MLX]["drift"].startswith("identity changed")
         check = nicpassctl(private_bus, "--json", "check")
         finding = next(f for f in json.loads(check.stdout) if f["id"] == f"drift-{MLX}")
-        assert check.returncode == 1 and finding["level"] == "fail" and "device_id was 1017" in finding["message"]
+        assert check.returncode == 8 and finding["level"] == "fail" and "device_id was 1017" in finding["message"]
         result = nicpassctl(private_bus, "--json", "reconcile")
         assert result.returncode == 1
         [row] = json.loads(result.stdout)
@@ -149,7 +149,7 @@ def test_a_moved_card_is_followed_to_its_new_address(private_bus, polkit, tmp_pa
         state = json.loads((root / "var/lib/nicpassd/state.json").read_text())
         assert list(state["devices"]) == [new]
         assert "is now at 0000:d8:00.0" in daemon.log_text()
-        assert listing(private_bus)[new]["drift"] == ""
+        assert listing(private_bus)[new]["drift"] is None
 
 
 # ------------------------------------------------------------------------------- hotplug

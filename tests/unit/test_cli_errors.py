@@ -20,6 +20,7 @@ def test_exit_code_values_are_the_contract():
     assert [(c.name, int(c)) for c in ExitCode] == [
         ("OK", 0), ("FAILED", 1), ("USAGE", 2), ("PROTECTED", 3), ("BUSY", 4),
         ("NOT_AUTHORIZED", 5), ("DAEMON_UNREACHABLE", 6), ("NOT_FOUND", 7),
+        ("CHECK_FAILED", 8),  # beyond the contract's codes: `check` found a failure (issue 15)
     ]
 
 

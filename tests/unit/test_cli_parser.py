@@ -33,7 +33,7 @@ def _no_bus(args):  # a usage error must never reach the bus
         ["--timeout", "soon", "list"],
         ["--timeout", "nan", "list"],
         ["list", "--bogus"],
-        ["check", "extra"],
+        ["check", "--bogus"],
     ],
 )
 def test_usage_errors_exit_2(argv, capsys):
@@ -137,3 +137,22 @@ def test_a_mistyped_command_gets_a_did_you_mean_and_json_has_a_short_option(caps
     assert "invalid choice: 'frobnicate'" in err and "did you mean" not in err
     assert cli.build_parser().parse_args(["-j", "list"]).json is True
     assert cli.build_parser().parse_args(["show", "-j", "eno1"]).json is True
+
+
+def test_help_has_examples_and_names_devices_only_where_they_are_taken(capsys):
+    """Issue 20: examples in the help; the DEVICE footer only on commands that take a device;
+    every positional argument described."""
+    import pytest
+
+    for argv, has_device in ((["list", "--help"], False), (["bind", "--help"], True), (["leases", "--help"], False),
+                             (["vfs", "--help"], True)):
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args(argv)
+        text = capsys.readouterr().out
+        assert ("DEVICE is a PCI address" in text) is has_device, argv
+        assert "exit codes:" in text
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["vfs", "--help"])
+    text = capsys.readouterr().out
+    assert "examples:\n  nicpassctl vfs enp59s0f0 8" in text
+    assert "how many VFs (0 to TotalVfs)" in text and "the PF: a PCI address" in text

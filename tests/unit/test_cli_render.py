@@ -232,3 +232,11 @@ def test_event_json_is_one_line_snake_case():
     doc = json.loads(line)
     assert doc["properties"] == {"num_vfs": 4} and doc["invalidated"] == ["leased_to"]
     assert doc["event"] == "changed" and doc["time"] == 1.5
+
+
+def test_json_says_none_with_null():
+    """Issue 20: D-Bus says "no group", "no driver", "no lease" with -1 and ""; JSON with null."""
+    record = render.device_record({"Address": "0000:3b:02.0", "IommuGroup": -1, "Driver": "", "LeasedTo": "",
+                                   "DesiredVfs": -1, "NumVfs": 0, "Interfaces": [], "PhysicalFunction": "0000:3b:00.0"})
+    assert record == {"address": "0000:3b:02.0", "driver": None, "iommu_group": None, "physical_function": "0000:3b:00.0",
+                      "num_vfs": 0, "desired_vfs": None, "leased_to": None, "interfaces": []}

@@ -159,7 +159,7 @@ async def test_bind_each_does_the_kernel_work_in_one_pass_and_answers_per_device
     commits = sim.engine.store.generation
     outcomes = await sim.engine.bind_each([*vfs, ENO1, "nonsense", vfs[0]], "vfio-pci")
     assert [type(outcomes[d]).__name__ if outcomes[d] else None for d in [*vfs, ENO1, "nonsense"]] == [
-        None, None, None, "Protected", "InvalidArgument"]
+        None, None, None, "Protected", "NotFound"]  # "nonsense": an interface that is not there
     writes = [(attr, data) for _parent, attr, data in sim.writer.writes]
     assert [attr for attr, _ in writes] == ["driver_override"] * 3 + ["unbind"] * 3 + ["drivers_probe"] * 3
     assert [sim.driver(vf) for vf in vfs] == ["vfio-pci"] * 3 and sim.driver(ENO1) == "igb"
@@ -328,10 +328,17 @@ async def test_resolve_of_a_virtual_interface_names_its_lowers(sim, name, lowers
         sim.engine.resolve(name)
 
 
-@pytest.mark.parametrize("garbage", ["zz", "3b:00", "0000:3b:00.8", "", "eth99"])
+@pytest.mark.parametrize("garbage", ["3b:00", "0000:3b:00.8", "", "eth/99", "a-name-longer-than-15"])
 async def test_resolve_of_garbage_is_invalid_argument(sim, garbage):
     with pytest.raises(InvalidArgument, match="PCI address"):
         sim.engine.resolve(garbage)
+
+
+@pytest.mark.parametrize("name", ["zz", "eth99"])
+async def test_resolve_of_an_interface_that_is_not_there_is_not_found(sim, name):
+    """Issue 20: as an absent address is (exit 7 for both)."""
+    with pytest.raises(NotFound, match=f"no network interface {name}"):
+        sim.engine.resolve(name)
 
 
 @pytest.mark.parametrize("address", ["0000:99:00.0", "00:17.0"])  # absent; present but not a NIC

@@ -186,7 +186,9 @@ async def test_skip_unmanaged_leaves_out_what_nicpassd_does_not_manage(sim):
         await sim.engine.prepare("web", VM_A, ["0000:65:00.0", VFS[0]])
     assert await sim.engine.prepare("gpu-only", VM_B, ["0000:65:00.0"], skip_unmanaged=True) is None
     with pytest.raises(InvalidArgument):  # a malformed name is still an error
-        await sim.engine.prepare("web", VM_A, ["garbage"], skip_unmanaged=True)
+        await sim.engine.prepare("web", VM_A, ["garbage!"], skip_unmanaged=True)
+    with pytest.raises(NotFound):  # and so is an interface that is not there: only addresses are skipped
+        await sim.engine.prepare("web", VM_A, ["eth99"], skip_unmanaged=True)
 
 
 async def test_preparing_the_same_vm_again_replaces_its_lease_and_keeps_what_to_restore(make_sim):

@@ -111,8 +111,7 @@ def test_stacked_links_and_ipv6_default_round_trip(tmp_path):
 def test_host_driver_of_a_vfio_bound_function_and_vf_driver_from_modules_alias(tmp_path):
     kernel = SimKernel(HostPaths(tmp_path), parse_topology(STACKED))
     # The simulator writes no modules.alias: give the recorder one, as a real host has.
-    (tmp_path / "proc/sys/kernel").mkdir(parents=True)
-    (tmp_path / "proc/sys/kernel/osrelease").write_text("6.1.0-test\n")
+    (tmp_path / "proc/sys/kernel/osrelease").write_text("6.1.0-test\n")  # the simulator wrote its own
     alias = tmp_path / "lib/modules/6.1.0-test/modules.alias"
     alias.parent.mkdir(parents=True)
     alias.write_text("alias pci:v00008086d000010FBsv*sd*bc*sc*i* ixgbe\n"
