@@ -351,21 +351,24 @@ async def cmd_bind(client, args) -> ExitCode:
 
     target = args.driver or "its host driver"
     how = "persisted" if persist else "runtime only"
-    explained = _Explained(client, args.device)
+    groups = _Groups(client, args.device)
 
     async def success(device):
         lines, record = [f"{device}: bound to {target} ({how})"], {"driver": args.driver, "persist": persist}
-        explain = await explained.of(device)
-        if options.get("group"):
-            mates = _mates_now_on(explain, args.driver)
-            lines += [f"{mate}: bound to {target} with the IOMMU group of {device} ({how})" for mate in mates]
-            record["group_members"] = mates
-        elif explain and explain.get("group_viable") is False:
-            # Bound, but a VM cannot have it yet: say so now rather than at the VM's start.
-            warn(f"note: {explain.get('verdict')}; bind the whole group with `nicpassctl bind --group {device}`")
-            record["group_viable"] = False
+        group, mates = await groups.of(device)
+        if options.get("group"):  # all or nothing: every mate went along
+            lines += [f"{mate}: bound to {target} with the IOMMU group of {device} ({how})" for mate, _ in mates]
+            record["group_members"] = [mate for mate, _ in mates]
+        elif args.driver in PASSTHROUGH:
+            blockers = [f"{mate} on {driver}" for mate, driver in mates
+                        if driver and driver not in PASSTHROUGH and mate not in await groups.addresses()]
+            if blockers:  # bound, but a VM cannot have it yet: said now rather than at the VM's start
+                warn(f"note: IOMMU group {group} of {device} is not viable for a VM yet: {', '.join(blockers)}; "
+                     f"bind the whole group with `nicpassctl bind --group {device}`")
+                record["group_viable"] = False
         return "\n".join(lines), record
 
+    await groups.ask()
     batch = None if options.get("group") else _bind_each(client, args.driver, options)
     return await _each(client, args, call, success, batch)
 
@@ -373,7 +376,7 @@ async def cmd_bind(client, args) -> ExitCode:
 async def cmd_unbind(client, args) -> ExitCode:
     persist = not args.runtime
     how = "persisted binding forgotten" if persist else "runtime only, persisted binding kept"
-    explained = _Explained(client, args.device)
+    groups = _Groups(client, args.device if args.group else [])
 
     async def call(device):
         if args.group:  # Unbind has no group option: Bind to "" (the host driver) is the same call
@@ -385,44 +388,54 @@ async def cmd_unbind(client, args) -> ExitCode:
     async def success(device):
         lines, record = [f"{device}: given back to its host driver ({how})"], {"persist": persist}
         if args.group:
-            mates = _mates_now_on(await explained.of(device), "")
-            lines += [f"{mate}: on its host driver with the IOMMU group of {device}" for mate in mates]
+            mates = [mate for mate, _ in (await groups.of(device))[1]]
+            lines += [f"{mate}: given back to its host driver with the IOMMU group of {device}" for mate in mates]
             record["group_members"] = mates
         return "\n".join(lines), record
 
+    await groups.ask()
     # Unbind is Bind to "" (the host driver) with the same persistence.
     batch = None if args.group else _bind_each(client, "", {"persist": persist})
     return await _each(client, args, call, success, batch)
 
 
-class _Explained:
-    """Explain of every device of a command, asked together once the first answer is wanted
-    (what a bind did to the IOMMU group, read after it); None for a device it fails on."""
+PASSTHROUGH = ("vfio-pci", "pci-stub")
+
+
+class _Groups:
+    """The IOMMU group of each device of a bind, from Explain, asked alongside the bind: the
+    round trips overlap, and nothing read depends on the order (the mates' drivers are not the
+    bind's to change, except with --group, whose mates all go along)."""
 
     def __init__(self, client, devices: list[str]) -> None:
-        self.client, self.devices, self.answers = client, list(devices), None
+        self.client, self.devices, self.task = client, list(devices), None
 
-    async def of(self, device: str) -> dict[str, Any] | None:
-        if self.answers is None:
-            async def one(each):
-                try:
-                    (answer,) = await self.client.manager("Explain", "s", [each])
-                    return answer
-                except DaemonError:
-                    return None
-            self.answers = dict(zip(self.devices, await asyncio.gather(*(one(each) for each in self.devices))))
-        return self.answers.get(device)
+    async def ask(self) -> None:
+        async def one(device):
+            try:
+                (answer,) = await self.client.manager("Explain", "s", [device])
+                return answer
+            except DaemonError:
+                return None
+        if self.devices:
+            self.task = asyncio.ensure_future(asyncio.gather(*(one(device) for device in self.devices)))
+            await asyncio.sleep(0)  # its calls are sent before the change's
 
+    async def _answers(self) -> dict[str, dict[str, Any] | None]:
+        return dict(zip(self.devices, await self.task)) if self.task is not None else {}
 
-def _mates_now_on(explain: dict[str, Any] | None, driver: str) -> list[str]:
-    """The group mates of an explained device that are on ``driver`` ("": a host driver) now."""
-    if not explain:
-        return []
-    passthrough = ("vfio-pci", "pci-stub")
-    return [member["address"] for member in render.explain_record(explain).get("group_members", [])
-            if member["address"] != explain.get("address")
-            and (member["driver"] == driver if driver else member["driver"] and member["driver"] not in passthrough)
-            and not member["driver"].startswith("pcieport")]
+    async def addresses(self) -> set[str]:
+        return {answer.get("address", "") for answer in (await self._answers()).values() if answer}
+
+    async def of(self, device: str) -> tuple[int, list[tuple[str, str]]]:
+        """(group number, [(mate, its driver)]) of the device's non-bridge group mates."""
+        explain = (await self._answers()).get(device)
+        if not explain:
+            return -1, []
+        members = render.explain_record(explain).get("group_members", [])
+        return explain.get("iommu_group", -1), [
+            (member["address"], member["driver"]) for member in members
+            if member["address"] != explain.get("address") and not member["driver"].startswith("pcieport")]
 
 
 async def cmd_forget(client, args) -> ExitCode:

@@ -34,7 +34,7 @@ from nicpassd.engine.lease_watch import LeaseWatch
 from nicpassd.engine.leases import ACTIVE, Lease, LeaseTable
 from nicpassd.engine.operations import Operations
 from nicpassd.engine.journal import DeviceBefore
-from nicpassd.engine.vf_settings import SETTINGS as SETTABLE, parse_change
+from nicpassd.engine.vf_settings import SETTINGS as SETTABLE, parse_change, put_back
 from nicpassd.engine.views import FULL_ADDRESS, SHORT_ADDRESS, full_address, label, resolve_device
 from nicpassd.errors import Busy, InvalidArgument, KernelError, NicpassError, NotFound, NotSupported, Protected
 from nicpassd.host.kernelio import PASSTHROUGH_DRIVERS, VFIO
@@ -427,24 +427,17 @@ class LeaseKeeper:
         for address, before in items:
             function = self.view.snapshot.functions.get(address)
             parent = self.view.snapshot.functions.get(function.physfn) if function is not None else None
-            if parent is None or address not in parent.virtfns or not parent.interfaces:
+            if parent is None or address not in parent.virtfns:
                 log.info("release of %s: the VF or its PF is gone, no settings to restore", address)
                 continue
-            index = parent.virtfns.index(address)
-            current = self.host.read_vf_setting(parent.interfaces[0], index)
-            if current is None:
-                continue
-            change = VfChange(**{name: value for name, value in before.items()
-                                 if name in SETTABLE and getattr(current, name) != value})
-            if not change.asked():
-                continue
             try:
-                await self.ops.set_vf_settings(parent.address, index, change, current)
+                written = await put_back(self.ops, parent.address, parent.virtfns.index(address), before)
             except NicpassError as exc:
                 log.error("release of %s: restoring its VF settings failed: %s", address, exc)
             else:
-                log.info("release of %s: VF settings back as before the lease", address,
-                         extra={"device": address, "action": "release"})
+                if written:
+                    log.info("release of %s: VF settings back as before the lease", address,
+                             extra={"device": address, "action": "release"})
 
     def policy_for(self, address: str) -> str:
         """Per-device override, else "keep" for a device persisted for vfio-pci, else the policy."""

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import logging
 
+from nicpassd.engine import vf_settings
 from nicpassd.engine.hostview import HostView
 from nicpassd.engine.journal import DeviceBefore, Entry
 from nicpassd.engine.operations import Operations
 from nicpassd.errors import NicpassError
 from nicpassd.host.model import PciFunction
-from nicpassd.host.vf_netlink import VfChange
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +43,11 @@ async def _restore_vf_overrides(ops: Operations, address: str, before: DeviceBef
 
 async def _restore_vf_settings(ops: Operations, pf: str, settings: dict[int, dict]) -> str:
     """Each VF's settings the interrupted change touched (``settings``: {index: as they were}), back."""
-    function = ops.host.present(pf)
-    if not function.interfaces:
-        return f"; {pf} has no netdev any more: its VFs' settings cannot be put back"
+    said = {True: "settings back", False: "settings were as before", None: "gone (or its PF's netdev)"}
     notes = []
     for index, before in sorted(settings.items()):
-        current = ops.host.read_vf_setting(function.interfaces[0], index)
-        if current is None:
-            notes.append(f"VF {index} is gone")
-            continue
-        after = await ops.set_vf_settings(pf, index, VfChange(**before), current)
-        notes.append(f"VF {index} settings back" if after is not current else f"VF {index} settings were as before")
-    return "; " + "; ".join(notes)
+        notes.append(f"; VF {index} {said[await vf_settings.put_back(ops, pf, index, before)]}")
+    return "".join(notes)
 
 
 async def recover(view: HostView, ops: Operations) -> list[str]:

@@ -39,6 +39,8 @@ class Operations(Protocol):
 
     async def reprobe(self, address: str) -> None: ...
 
+    async def set_vf_settings(self, pf: str, index: int, change: VfChange, current: VfSettings) -> VfSettings: ...
+
 
 # ---------------------------------------------------------------------------- stable MACs
 def stable_mac(pf_mac: str, index: int) -> str:
@@ -176,6 +178,18 @@ async def apply(ops: Operations, pf: str, index: int, change: VfChange, current:
                             todo.mac, interface, vf_driver, interface, extra={"device": pf, "action": "vf"})
     log.info("VF %d of %s: %s", index, ops.label(pf), describe(todo), extra={"device": pf, "action": "vf"})
     return after
+
+
+async def put_back(ops: Operations, pf: str, index: int, before: dict[str, object]) -> bool | None:
+    """VF ``index`` of ``pf`` back to the settings ``before`` (what differs of them, through
+    ``Operations.set_vf_settings``: journaled, read back). True when something was written,
+    False when nothing differed, None when the PF's netdev or the VF is gone."""
+    function = ops.host.function(pf)
+    current = ops.host.read_vf_setting(function.interfaces[0], index) if function and function.interfaces else None
+    if current is None:
+        return None
+    change = VfChange(**{name: value for name, value in before.items() if name in SETTINGS})
+    return await ops.set_vf_settings(pf, index, change, current) is not current
 
 
 async def _put_back(host: Host, interface: str, index: int, current: VfSettings, todo: VfChange) -> str:

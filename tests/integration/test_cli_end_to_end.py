@@ -214,7 +214,7 @@ def test_mutations_name_every_device_they_changed_and_what_persistence_they_drop
     assert driver(daemon, "0000:af:00.1") == "vfio-pci"
     result = nicpassctl(private_bus, "unbind", "--group", "af:00.0", "--runtime")
     assert result.returncode == 0, result
-    assert result.stdout.splitlines()[1] == "0000:af:00.1: on its host driver with the IOMMU group of af:00.0"
+    assert result.stdout.splitlines()[1] == "0000:af:00.1: given back to its host driver with the IOMMU group of af:00.0"
     assert (driver(daemon, "0000:af:00.0"), driver(daemon, "0000:af:00.1")) == ("e1000e", "xhci_hcd")
 
     assert nicpassctl(private_bus, "vfs", "enp59s0f0", "2", "--vfio").returncode == 0
