@@ -291,6 +291,26 @@ class Operations:
         async with self.journaled("vf-count", [address], target=target):
             return await vf_count.apply_vf_count(self, address, count, driver, vf_drivers, vf_settings)
 
+    async def set_vf_settings_each(self, pf: str, changes: dict[int, tuple[VfChange, VfSettings]]
+                                   ) -> dict[int, NicpassError]:
+        """Several VFs of one PF ({index: (change, current)}), each all or nothing, under one
+        undo-journal entry (the reconciler's way after the VFs were re-created); the failures by index."""
+        todo = {index: (change, current) for index, (change, current) in changes.items()
+                if vf_settings.differences(current, change).asked()}
+        if not todo:
+            return {}
+        undo = {index: vf_settings.undo_of(current, vf_settings.differences(current, change)).asked()
+                for index, (change, current) in todo.items()}
+        devices = {pf: DeviceBefore(self.host.binding(pf), vf_settings=undo)}
+        errors: dict[int, NicpassError] = {}
+        async with self.journaled("vf-settings", [pf], target={"vfs": sorted(todo)}, devices=devices):
+            for index, (change, current) in todo.items():
+                try:
+                    await vf_settings.apply(self, pf, index, change, current)
+                except NicpassError as exc:
+                    errors[index] = exc
+        return errors
+
     async def set_vf_settings(self, pf: str, index: int, change: VfChange, current: VfSettings) -> VfSettings:
         """VF settings through the PF's driver, read back (``nicpassd.engine.vf_settings``);
         journaled with the settings it changes as they were (nothing when nothing differs)."""

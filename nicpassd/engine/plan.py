@@ -62,12 +62,13 @@ class Plan:
         return "\n".join(lines)
 
     def batches(self) -> list[list[Step]]:
-        """Steps in order, the consecutive binds of one PF's VFs to one driver grouped."""
+        """Steps in order, the consecutive binds of one PF's VFs to one driver grouped, and the
+        consecutive settings of one PF's VFs."""
         batches: list[list[Step]] = []
         for step in self.steps:
             last = batches[-1] if batches else None
-            if (last is not None and step.action is Action.BIND and step.pf and last[0].action is Action.BIND
-                    and last[0].pf == step.pf and last[0].driver == step.driver):
+            if (last is not None and step.action in (Action.BIND, Action.VF) and step.pf
+                    and last[0].action is step.action and last[0].pf == step.pf and last[0].driver == step.driver):
                 last.append(step)
             else:
                 batches.append([step])

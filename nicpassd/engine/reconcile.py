@@ -332,11 +332,17 @@ class Reconciler:
                         Action.VF: f"change the settings of VF {step.count} ({step.address})"}.get(
                             step.action, f"bind {view.label(step.address)} to {step.driver}")
                 view.guard_check(step.address, what)  # no force: persisted desires never override
-            if first.action is Action.VF:
-                current = view.snapshot.vf_settings_of(first.address)
-                if current is None:
-                    raise NotFound(f"{first.address} reports no VF settings any more")
-                await ops.set_vf_settings(first.pf, first.count, VfChange(**dict(first.settings)), current)
+            if first.action is Action.VF:  # the settings of one PF's VFs: one journal entry
+                changes = {}
+                for step in batch:
+                    current = view.snapshot.vf_settings_of(step.address)
+                    if current is None:
+                        errors[step.address] = NotFound(f"{step.address} reports no VF settings any more")
+                    else:
+                        changes[step.count] = (VfChange(**dict(step.settings)), current)
+                by_index = {step.count: step.address for step in batch}
+                failed = await ops.set_vf_settings_each(first.pf, changes)
+                errors.update({by_index[index]: error for index, error in failed.items()})
             elif first.action is Action.VFS:
                 view.refuse_if_vf_leased(first.address, "change the VFs of")
                 claims = await ops.set_vf_count(first.address, first.count, first.driver,  # journaled

@@ -395,3 +395,35 @@ async def test_a_crash_after_the_vm_s_settings_are_written_is_rolled_back(sim, m
     assert done and done[0].startswith("rolled back prepare")
     assert kernel_settings(sim, "enp59s0f0")[0] == before
     assert sim.state(vfs[0])[0] == "iavf"
+
+
+async def test_the_settings_of_one_pf_s_vfs_are_one_batch_and_each_vf_succeeds_or_fails_alone(make_sim, monkeypatch):
+    """The reconciler puts back the settings of a PF's VFs in one undo-journal entry; a VF whose
+    persisted setting the driver refuses fails alone, the others are put back."""
+    pf = "0000:02:00.0"
+    sim = make_sim(LONE_IGB)
+    vfs = await with_vfs(sim, pf, 2)
+    for vf in vfs:
+        await sim.engine.set_vf_settings(vf, {"trust": True})
+    desires = json.loads(sim.state_json().read_text())
+    desires["devices"][pf]["vf_settings"]["1"]["link_state"] = "disable"  # igb has no ndo_set_vf_link_state
+    sim.state_json().write_text(json.dumps(desires))
+    engine = sim.restart()
+    for index in (0, 1):  # trust off behind nicpassd's back
+        current = kernel_settings(sim, "enp2s0")[index]
+        attribute = vf_netlink.vf_attributes(index, vf_netlink.VfChange(trust=False), current)[0][1]
+        vf_netlink.check_ack(sim.kernel.netlink(vf_netlink.encode_set("enp2s0", attribute)))
+    await settle()  # the kernel's RTM_NEWLINKs of the PF reach the engine
+    entries = []
+    record = engine.journal.record
+
+    async def recorded(kind, devices, **kwargs):
+        entries.append((kind, {address: sorted(before.vf_settings) for address, before in devices.items()}))
+        return await record(kind, devices, **kwargs)
+
+    monkeypatch.setattr(engine.journal, "record", recorded)
+    outcomes = await engine.reconcile()
+    assert sorted((o.address, o.action.value, o.result.value, o.error) for o in outcomes) == [
+        (vfs[0], "vf", "ok", ""), (vfs[1], "vf", "failed", "NotSupported")]
+    assert entries == [("vf-settings", {pf: [0, 1]})]
+    assert [vf.trust for vf in kernel_settings(sim, "enp2s0").values()] == [True, False]

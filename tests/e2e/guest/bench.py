@@ -349,6 +349,54 @@ def bench_vf_settings(rounds: int) -> dict[str, list[float]]:
     return samples
 
 
+def vfs_probed_with_settings(wire, interface: str) -> bool:
+    return vf_settings_shown(wire, interface) and all_on(HOST_VF_DRIVER)
+
+
+def bench_vf_settings_at_creation(rounds: int) -> dict[str, list[float]]:
+    """The boot path: the VFs gone (`echo 0 > sriov_numvfs`, what a reboot leaves) and nicpassd
+    creating its persisted 7 again with their settings written before they probe, until every
+    setting is shown and every VF is on igbvf; against the bare sequence of the same writes
+    (autoprobe off, 7 VFs, 21 RTM_SETLINKs, autoprobe on, 7 drivers_probe)."""
+    wire = _codec()
+    samples: dict[str, list[float]] = {"bare": [], "nicpassd": []}
+    interface = pf_interface()
+    for _ in range(rounds):
+        clean()
+        quiesce()
+        start = time.perf_counter()
+        write(PCI / PF / "sriov_drivers_autoprobe", "0")
+        write(PCI / PF / "sriov_numvfs", str(COUNT))
+        shown = wire.parse_link(wire.exchange(wire.encode_get(interface), timeout=5))
+        for vf in shown:
+            for _setting, attribute in wire.vf_attributes(vf.index, wire.VfChange(**vf_wanted(vf.index)), vf):
+                wire.check_ack(wire.exchange(wire.encode_set(interface, attribute), timeout=5))
+        write(PCI / PF / "sriov_drivers_autoprobe", "1")
+        for vf in vfs():
+            write("/sys/bus/pci/drivers_probe", vf)
+        expect("bare: 7 VFs on igbvf with their settings", lambda: vfs_probed_with_settings(wire, interface))
+        samples["bare"].append(time.perf_counter() - start)
+
+        clean()
+        run("nicpassctl", "vfs", PF, str(COUNT))
+        for index in range(COUNT):
+            settings = vf_wanted(index)
+            run("nicpassctl", "vf", f"{PF}:{index}", "mac", str(settings["mac"]), "vlan", str(settings["vlan"]),
+                "trust", "on")
+        expect("nicpassd: 7 VFs on igbvf with their settings", lambda: vfs_probed_with_settings(wire, interface))
+        quiesce()
+        start = time.perf_counter()
+        write(PCI / PF / "sriov_numvfs", "0")  # nicpassd creates the persisted 7 again
+        deadline = time.monotonic() + 60
+        while not vfs_probed_with_settings(wire, interface):
+            if time.monotonic() > deadline:
+                raise Failed("nicpassd did not create the VFs again with their settings")
+            time.sleep(0.01)
+        samples["nicpassd"].append(time.perf_counter() - start)
+    clean()
+    return samples
+
+
 DOMAIN = ("<domain type='kvm'><name>{name}</name><uuid>{uuid}</uuid><memory>65536</memory><devices>{hostdevs}"
           "</devices></domain>")
 HOSTDEV = ("<hostdev mode='subsystem' type='pci' managed='yes'><source><address domain='0x0000' bus='0x{bus}' "
@@ -495,6 +543,7 @@ def main() -> int:
             daemon_up()
         if not args.profile and (not only or "vf-settings" in only):
             results["VF settings of 7 VFs re-created out of band"] = bench_vf_settings(args.rounds)
+            results["7 VFs created with their settings (the boot path)"] = bench_vf_settings_at_creation(args.rounds)
         if not args.profile and (not only or "boot" in only):
             results["boot reconcile of 7 persisted vfio-pci VFs"], results["boot journal"] = \
                 bench_boot_reconcile(args.rounds)
