@@ -181,3 +181,16 @@ async def test_a_vf_and_no_iommu_group(make_sim, sim):
     assert found["0000:3b:02.0"]["sriov"][:2] == ("ok", "a VF of 0000:3b:00.0 (enp59s0f0)")
     found = device_findings(make_sim(host(iommu=False)))
     assert found["0000:02:00.0"]["iommu-group"][0] == "fail"
+
+
+async def test_the_remedy_of_a_persisted_management_nic_is_a_command_that_clears_it(sim):
+    """Issue 20: a remedy is a command that works. `nicpassctl forget ADDRESS` (the engine call
+    behind it) clears the management-passthrough failure it is given for."""
+    snapshot = sim.engine.snapshot
+    eno1 = "0000:01:00.0"
+    sim.engine.store.put(DeviceDesire(address=eno1, identity=identity_of(snapshot.functions[eno1], snapshot),
+                                      driver="vfio-pci"))
+    level, _message, remedy = findings(sim)[f"management-passthrough-{eno1}"]
+    assert level == "fail" and f"`nicpassctl forget {eno1}`" in remedy
+    await sim.engine.forget(eno1)
+    assert f"management-passthrough-{eno1}" not in findings(sim)
