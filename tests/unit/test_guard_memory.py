@@ -150,3 +150,16 @@ async def test_a_taken_management_nic_can_be_given_back_by_hand(sim):
     assert (sim.driver(ENO1), sim.override(ENO1)) == ("igb", "")
     with pytest.raises(Protected):
         await sim.engine.bind(ENO1, "vfio-pci")
+
+
+async def test_check_s_remedy_for_a_taken_management_nic_clears_it(sim):
+    """Issue 20: the remedy `check` gives (`nicpassctl unbind ADDRESS`) is a command that works:
+    run, and the failure is gone."""
+    take_by_hand(sim, ENO1)
+    await settle()
+    finding = next(f for f in sim.engine.check() if f.id == f"guard-taken-{ENO1}")
+    assert finding.level.value == "fail" and f"`nicpassctl unbind {ENO1}`" in finding.remedy
+    await sim.engine.unbind(ENO1)
+    await settle()
+    assert sim.driver(ENO1) == "igb"
+    assert f"guard-taken-{ENO1}" not in {f.id for f in sim.engine.check()}

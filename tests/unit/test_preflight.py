@@ -194,3 +194,17 @@ async def test_the_remedy_of_a_persisted_management_nic_is_a_command_that_clears
     assert level == "fail" and f"`nicpassctl forget {eno1}`" in remedy
     await sim.engine.forget(eno1)
     assert f"management-passthrough-{eno1}" not in findings(sim)
+
+
+async def test_the_remedy_of_a_drift_is_a_command_that_clears_it(sim):
+    """A persisted binding changed with --runtime shows as drift; `nicpassctl forget ADDRESS`,
+    the remedy `check` gives, clears the finding."""
+    nic = "0000:3b:00.1"
+    await sim.engine.bind(nic, "vfio-pci")
+    await sim.engine.unbind(nic, persist=False)  # held against its persisted state until reboot
+    await sim.engine.reconcile()
+    level, message, remedy = findings(sim)[f"drift-{nic}"]
+    assert level == "warn" and f"`nicpassctl forget {nic}`" in remedy, (level, message, remedy)
+    await sim.engine.forget(nic)
+    await sim.engine.reconcile()
+    assert f"drift-{nic}" not in findings(sim)
