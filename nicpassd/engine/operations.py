@@ -63,11 +63,9 @@ class Operations:
         if self._journal_depth:
             yield None
             return
-        if devices is not None:
-            pass
-        elif before is not None and not any(function.virtfns for function in before.values()):
+        if devices is None and before is not None and not any(function.virtfns for function in before.values()):
             devices = {address: DeviceBefore(function) for address, function in before.items()}
-        else:
+        elif devices is None:
             devices = self.before_of(addresses)
         try:
             entry = await self.journal.record(kind, devices, target=target, vm_uuid=vm_uuid)
@@ -292,35 +290,33 @@ class Operations:
             return await vf_count.apply_vf_count(self, address, count, driver, vf_drivers, vf_settings)
 
     async def set_vf_settings_each(self, pf: str, changes: dict[int, tuple[VfChange, VfSettings]]
-                                   ) -> dict[int, NicpassError]:
-        """Several VFs of one PF ({index: (change, current)}), each all or nothing, under one
-        undo-journal entry (the reconciler's way after the VFs were re-created); the failures by index."""
+                                   ) -> dict[int, VfSettings | NicpassError]:
+        """VF settings through the PF's driver, read back (``nicpassd.engine.vf_settings``): several
+        VFs of one PF ({index: (change, current)}), each all or nothing, under one undo-journal
+        entry holding what they change as it was. {index: the settings after, or the error}."""
+        results: dict[int, VfSettings | NicpassError] = {index: current for index, (_, current) in changes.items()}
         todo = {index: (change, current) for index, (change, current) in changes.items()
                 if vf_settings.differences(current, change).asked()}
         if not todo:
-            return {}
+            return results
         undo = {index: vf_settings.undo_of(current, vf_settings.differences(current, change)).asked()
                 for index, (change, current) in todo.items()}
         devices = {pf: DeviceBefore(self.host.binding(pf), vf_settings=undo)}
-        errors: dict[int, NicpassError] = {}
         async with self.journaled("vf-settings", [pf], target={"vfs": sorted(todo)}, devices=devices):
             for index, (change, current) in todo.items():
                 try:
-                    await vf_settings.apply(self, pf, index, change, current)
+                    results[index] = await vf_settings.apply(self, pf, index, change, current)
                 except NicpassError as exc:
-                    errors[index] = exc
-        return errors
+                    results[index] = exc
+        return results
 
     async def set_vf_settings(self, pf: str, index: int, change: VfChange, current: VfSettings) -> VfSettings:
-        """VF settings through the PF's driver, read back (``nicpassd.engine.vf_settings``);
-        journaled with the settings it changes as they were (nothing when nothing differs)."""
-        todo = vf_settings.differences(current, change)
-        if not todo.asked():
-            return current
-        undo = {name: value for name, value in vf_settings.undo_of(current, todo).asked().items()}
-        devices = {pf: DeviceBefore(self.host.binding(pf), vf_settings={index: undo})}
-        async with self.journaled("vf-settings", [pf], target={"vf": index, **todo.asked()}, devices=devices):
-            return await vf_settings.apply(self, pf, index, change, current)
+        """``set_vf_settings_each`` of one VF: the settings after (``current`` itself when nothing
+        differed), or its error raised."""
+        result = (await self.set_vf_settings_each(pf, {index: (change, current)}))[index]
+        if isinstance(result, NicpassError):
+            raise result
+        return result
 
     async def reprobe(self, address: str) -> None:
         """Unbind a function from its driver and probe it again (a VF's driver takes a new

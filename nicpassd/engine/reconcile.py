@@ -341,8 +341,9 @@ class Reconciler:
                     else:
                         changes[step.count] = (VfChange(**dict(step.settings)), current)
                 by_index = {step.count: step.address for step in batch}
-                failed = await ops.set_vf_settings_each(first.pf, changes)
-                errors.update({by_index[index]: error for index, error in failed.items()})
+                results = await ops.set_vf_settings_each(first.pf, changes)
+                errors.update({by_index[index]: result for index, result in results.items()
+                               if isinstance(result, NicpassError)})
             elif first.action is Action.VFS:
                 view.refuse_if_vf_leased(first.address, "change the VFs of")
                 claims = await ops.set_vf_count(first.address, first.count, first.driver,  # journaled
