@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action=_VersionAction, help="print the client version and exit")
     parser.add_argument("-j", "--json", action="store_true", default=False, help="print JSON for scripts")
+    parser.add_argument("-q", "--quiet", action="store_true", default=False,
+                        help="print nothing on success (errors still go to stderr; the exit code says it all)")
     parser.add_argument("--bus-address", metavar="ADDR", default=None,
                         help="D-Bus address of the system bus (default: $DBUS_SYSTEM_BUS_ADDRESS or the "
                              "standard socket)")
@@ -265,6 +267,12 @@ def main(argv: Sequence[str] | None = None, client_factory: ClientFactory | None
     import asyncio
 
     try:
+        if args.quiet and not args.json:
+            import contextlib
+            import io
+
+            with contextlib.redirect_stdout(io.StringIO()):  # the results; stderr keeps every failure
+                return asyncio.run(run(args, client_factory))
         return asyncio.run(run(args, client_factory))
     except KeyboardInterrupt:
         _report("interrupted")

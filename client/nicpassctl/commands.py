@@ -114,10 +114,7 @@ async def cmd_show(client, args) -> ExitCode:
         props = None  # no device object for it (e.g. not exported): Explain alone
     vfs = None
     if props is not None and int(props.get("NumVfs", 0) or 0) > 0:
-        objects = await client.managed_objects()
-        vfs = sorted((interfaces[DEVICE_IFACE] for interfaces in objects.values()
-                      if DEVICE_IFACE in interfaces and interfaces[DEVICE_IFACE].get("PhysicalFunction") == address),
-                     key=lambda vf: render._addr_key(vf.get("Address", "")))
+        vfs = await _vfs_of(client, address)
     if args.json:
         emit_json(render.show_json(props, explain, vfs))
     else:
@@ -210,13 +207,15 @@ async def cmd_vfs(client, args) -> ExitCode:
         options["force"] = True
     if getattr(args, "stable_macs", None) is not None:
         options["stable_macs"] = args.stable_macs
-    persisted_on = await _persisted_vf_driver(client, args.device) if not args.runtime else ""
+    address, persisted_on = await _pf_and_persisted_vf_driver(client, args.device)
     await client.manager("SetVfCount", "sua{sv}", [args.device, args.count], options=options, mutate=True)
     # Persisting a count without --vfio also persists "VFs on their host driver": say what that dropped.
-    dropped = persisted_on if persisted_on and not args.vfio else ""
+    dropped = persisted_on if persisted_on and not args.vfio and not args.runtime else ""
+    created = await _vfs_of(client, address) if args.count and address else []
     if args.json:
         emit_json({"device": args.device, "count": args.count, "persist": not args.runtime,
-                   "driver": options.get("driver"), "dropped_vf_driver": dropped or None})
+                   "driver": options.get("driver"), "dropped_vf_driver": dropped or None,
+                   "vfs": [vf.get("Address") for vf in created]})
     else:
         where = " on vfio-pci" if args.vfio else ""
         how = "persisted" if not args.runtime else "runtime only"
@@ -224,16 +223,27 @@ async def cmd_vfs(client, args) -> ExitCode:
             how += (f"; its VFs are no longer persisted on {dropped}: after a reboot they come up on their host "
                     f"driver (add --vfio to keep them on {dropped})")
         out(f"{args.device}: {args.count} VFs{where} ({how})")
+        for vf in created:  # every device the change made
+            out(f"  {vf.get('Address')}: {vf.get('Driver') or 'no driver'}")
     return ExitCode.OK
 
 
-async def _persisted_vf_driver(client, device: str) -> str:
-    """The driver a PF's VFs are persisted on ("" when none, or when the daemon does not say)."""
+async def _pf_and_persisted_vf_driver(client, device: str) -> tuple[str, str]:
+    """The PF's address and the driver its VFs are persisted on (each "" when the daemon does not say)."""
     try:
         (explained,) = await client.manager("Explain", "s", [device])
-        return str(await client.get(device_path(explained.get("address", device)), DEVICE_IFACE, "DesiredVfDriver") or "")
+        address = str(explained.get("address", ""))
+        return address, str(await client.get(device_path(address or device), DEVICE_IFACE, "DesiredVfDriver") or "")
     except DaemonError:  # not found and the like: SetVfCount says it, typed
-        return ""
+        return "", ""
+
+
+async def _vfs_of(client, pf: str) -> list[dict[str, Any]]:
+    """The PF's VFs as the daemon shows them now (it read them in before answering this)."""
+    objects = await client.managed_objects()
+    return sorted((interfaces[DEVICE_IFACE] for interfaces in objects.values()
+                   if DEVICE_IFACE in interfaces and interfaces[DEVICE_IFACE].get("PhysicalFunction") == pf),
+                  key=lambda vf: render._addr_key(vf.get("Address", "")))
 
 
 # nicpassctl vf's words -> (SetVfSettings key, D-Bus type, parser)

@@ -217,7 +217,10 @@ def test_mutations_name_every_device_they_changed_and_what_persistence_they_drop
     assert result.stdout.splitlines()[1] == "0000:af:00.1: given back to its host driver with the IOMMU group of af:00.0"
     assert (driver(daemon, "0000:af:00.0"), driver(daemon, "0000:af:00.1")) == ("e1000e", "xhci_hcd")
 
-    assert nicpassctl(private_bus, "vfs", "enp59s0f0", "2", "--vfio").returncode == 0
+    result = nicpassctl(private_bus, "vfs", "enp59s0f0", "2", "--vfio")
+    assert result.returncode == 0, result
+    assert result.stdout.splitlines() == ["enp59s0f0: 2 VFs on vfio-pci (persisted)",
+                                          "  0000:3b:02.0: vfio-pci", "  0000:3b:02.1: vfio-pci"]  # what it made
     assert listing(private_bus)["0000:3b:00.0"]["desired_vf_driver"] == "vfio-pci"
     assert "vfs=2@vfio-pci" in nicpassctl(private_bus, "list").stdout
     result = nicpassctl(private_bus, "vfs", "enp59s0f0", "2")

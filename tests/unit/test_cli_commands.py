@@ -287,13 +287,14 @@ def test_version(h, capsys):
 
 def test_vfs(h, capsys):
     assert h.run("vfs", "enp59s0f0", "4") == 0
-    explain, get, m = h.calls
+    explain, get, m, objects = h.calls
     assert (explain.member, get.member, get.body) == ("Explain", "Get", [DEV_IFACE, "DesiredVfDriver"])
+    assert objects.member == "GetManagedObjects"  # after the change: the VFs it made
     assert (m.member, m.signature) == ("SetVfCount", "sua{sv}")
     assert m.body[:2] == ["enp59s0f0", 4] and unwrap_opts(m.body[2]) == {"persist": True}
     assert m.body[2]["persist"].signature == "b"
     assert m.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION
-    assert capsys.readouterr().out == "enp59s0f0: 4 VFs (persisted)\n"
+    assert capsys.readouterr().out == "enp59s0f0: 4 VFs (persisted)\n  0000:3b:02.0: vfio-pci\n"
 
 
 def test_vfs_says_what_persistence_it_dropped(capsys):
@@ -306,14 +307,14 @@ def test_vfs_says_what_persistence_it_dropped(capsys):
     assert Harness(responder).run("vfs", "enp59s0f0", "2") == 0
     assert capsys.readouterr().out == (
         "enp59s0f0: 2 VFs (persisted; its VFs are no longer persisted on vfio-pci: after a reboot they come up "
-        "on their host driver (add --vfio to keep them on vfio-pci))\n")
+        "on their host driver (add --vfio to keep them on vfio-pci))\n  0000:3b:02.0: vfio-pci\n")
     assert Harness(responder).run("vfs", "enp59s0f0", "2", "--vfio") == 0
-    assert capsys.readouterr().out == "enp59s0f0: 2 VFs on vfio-pci (persisted)\n"
+    assert capsys.readouterr().out == "enp59s0f0: 2 VFs on vfio-pci (persisted)\n  0000:3b:02.0: vfio-pci\n"
 
 
 def test_vfs_runtime_vfio(h, capsys):
     assert h.run("--no-ask-password", "vfs", "--runtime", "--vfio", "3b:00.0", "0") == 0
-    (m,) = h.calls  # --runtime persists nothing: nothing to read first
+    (m,) = [call for call in h.calls if call.member == "SetVfCount"]
     assert unwrap_opts(m.body[2]) == {"persist": False, "driver": "vfio-pci"}
     assert m.body[2]["driver"].signature == "s"
     assert not m.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION
@@ -582,3 +583,13 @@ def test_json_errors_for_every_command(argv, code, capsys):
                                         "message": captured.err.removeprefix("nicpassctl: ").strip()}
     assert Harness(fail_with(NP + "NotFound", "gone")).run(*[a for a in argv if a != "--json"]) == code
     assert capsys.readouterr().out == ""  # without --json, stdout stays empty
+
+
+def test_quiet_prints_nothing_on_success_and_still_says_why_it_failed(capsys):
+    """Issue 20: -q for scripts that want the exit code only."""
+    assert Harness().run("-q", "bind", "x") == 0
+    assert capsys.readouterr() == ("", "")
+    h = Harness(fail_with(NP + "Protected", "0000:01:00.0 is protected: it carries the default route."))
+    assert h.run("-q", "bind", "0000:01:00.0") == 3
+    cap = capsys.readouterr()
+    assert cap.out == "" and "is protected" in cap.err
