@@ -80,7 +80,7 @@ def test_with_heal_off_it_is_reported_remembered_and_nothing_undone(g):
                    for reason in guard[MGMT]["reasons"]), guard[MGMT]
         assert guard[MGMT]["last_violation"]["outcome"].startswith("not healed: [guard] heal is off")
         check = g.ctl("check")
-        assert check.returncode == 1 and f"guard-taken-{MGMT}" in check.stdout, check.stdout
+        assert check.returncode == 8 and f"guard-taken-{MGMT}" in check.stdout, check.stdout  # 8: a finding failed
         assert g.ctl("bind", MGMT, "--driver", "vfio-pci").returncode == 3  # still refused
         assert g.ctl("unbind", MGMT).returncode == 0  # giving it back is not
         mgmt_back(g)
@@ -124,7 +124,7 @@ def test_captured_before_nicpassd_started_check_names_it(g):
         fn = g.fn(MGMT)
         assert fn["driver"] == "vfio-pci", fn
         check = g.ctl("check")
-        assert check.returncode == 1, check.stdout
+        assert check.returncode == 8, check.stdout  # 8: a finding failed
         assert f"{MGMT}" in check.stdout and "was the host's management path and is taken" in check.stdout
     finally:
         g.sh("systemctl disable e2e-capture-mgmt.service; rm -f /etc/systemd/system/e2e-capture-mgmt.service; "
