@@ -18,24 +18,34 @@ VM, UUID = "e2e-vm1", "3f1a6c0e-5b2d-4e8f-9a61-7c2d0e4b9a10"
 VIRSH = ["virsh", "-q", "-c", "qemu:///system"]
 
 
-def domain_xml(bdf: str) -> str:
+def pci_address(bdf: str) -> str:
+    """A libvirt <address> attribute list of a PCI address."""
     domain, bus, rest = bdf.split(":")
     slot, function = rest.split(".")
+    return f"domain='0x{domain}' bus='0x{bus}' slot='0x{slot}' function='0x{function}'"
+
+
+def domain_of(name: str, uuid: str, devices: str) -> str:
+    """A minimal nested-QEMU domain (started paused in the tests) with these devices."""
     return f"""<domain type='qemu'>
-  <name>{VM}</name>
-  <uuid>{UUID}</uuid>
+  <name>{name}</name>
+  <uuid>{uuid}</uuid>
   <memory unit='MiB'>64</memory>
   <vcpu>1</vcpu>
   <os><type arch='x86_64' machine='q35'>hvm</type></os>
   <devices>
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <hostdev mode='subsystem' type='pci' managed='no'>
-      <source><address domain='0x{domain}' bus='0x{bus}' slot='0x{slot}' function='0x{function}'/></source>
-    </hostdev>
-    <memballoon model='none'/>
+{devices}    <memballoon model='none'/>
   </devices>
 </domain>
 """
+
+
+def domain_xml(bdf: str) -> str:
+    return domain_of(VM, UUID, f"""    <hostdev mode='subsystem' type='pci' managed='no'>
+      <source><address {pci_address(bdf)}/></source>
+    </hostdev>
+""")
 
 
 def leases(g) -> list[dict]:
@@ -106,10 +116,7 @@ def test_virsh_attach_device_live_of_the_management_nic_is_healed(g):
     from .conftest import MGMT, SESSION_NOTES
     from .test_guard_heal import mgmt_back, violations
 
-    xml = domain_xml(IGB).replace("""    <hostdev mode='subsystem' type='pci' managed='no'>
-      <source><address domain='0x0000' bus='0x02' slot='0x00' function='0x0'/></source>
-    </hostdev>
-""", "")
+    xml = domain_of(VM, UUID, "")
     assert "hostdev" not in xml
     g.vm.write_file("/tmp/e2e-vm1.xml", xml)
     g.vm.write_file("/tmp/e2e-mgmt-hostdev.xml", HOSTDEV)

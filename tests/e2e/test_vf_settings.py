@@ -91,25 +91,14 @@ VM_MAC = "52:54:00:6e:00:01"
 
 
 def interface_domain(vf: str) -> str:
-    domain, bus, rest = vf.split(":")
-    slot, function = rest.split(".")
-    return f"""<domain type='qemu'>
-  <name>{DOMAIN}</name>
-  <uuid>{DOMAIN_UUID}</uuid>
-  <memory unit='MiB'>64</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='q35'>hvm</type></os>
-  <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <interface type='hostdev' managed='no'>
+    from .test_libvirt import domain_of, pci_address
+
+    return domain_of(DOMAIN, DOMAIN_UUID, f"""    <interface type='hostdev' managed='no'>
       <mac address='{VM_MAC}'/>
-      <source><address type='pci' domain='0x{domain}' bus='0x{bus}' slot='0x{slot}' function='0x{function}'/></source>
+      <source><address type='pci' {pci_address(vf)}/></source>
       <vlan><tag id='42'/></vlan>
     </interface>
-    <memballoon model='none'/>
-  </devices>
-</domain>
-"""
+""")
 
 
 def test_a_libvirt_interface_hostdev_carries_its_mac_and_vlan_and_gets_the_vf_s_own_back(g):

@@ -112,15 +112,7 @@ async def test_the_management_nic_persisted_for_passthrough_fails(sim):
 
 
 # ------------------------------------------------------------------------- per device
-SHARED = """
-[[functions]]
-address = "0000:02:00.0"
-vendor = "8086"
-device = "10d3"
-driver = "e1000e"
-netdev = "enp2s0"
-iommu_group = 7
-
+SHARED = NIC + """
 [[functions]]
 address = "0000:03:00.0"
 vendor = "8086"

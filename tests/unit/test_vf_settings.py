@@ -18,6 +18,22 @@ IGB = "0000:01:00.1"  # igb, eno2; VFs on igbvf
 MLX = "0000:5e:00.0"  # mlx5_core
 
 
+LONE_IGB = """
+[[functions]]
+address = "0000:02:00.0"
+vendor = "8086"
+device = "10c9"
+class = "0x020000"
+driver = "igb"
+netdev = "enp2s0"
+carrier = true
+iommu_group = 1
+sriov_totalvfs = 7
+vf_device = "10ca"
+vf_driver = "igbvf"
+"""  # an igb PF of its own, up: its VFs on igbvf
+
+
 async def with_vfs(sim, pf: str, count: int) -> list[str]:
     """VFs created as an admin's `echo N > sriov_numvfs` would (not persisted, not held)."""
     sim.kernel.write(sim.dir(pf) / "sriov_numvfs", str(count))
@@ -231,20 +247,7 @@ async def test_a_mac_for_a_vf_of_a_pf_that_is_down_is_set_and_the_vf_left_alone(
     """igb serves a probing VF's mailbox only while the PF is up ("PF still in reset state. Is the
     PF interface up?"): a reprobe would only give the VF another random MAC. The MAC is set in
     the PF's driver, the VF is not reprobed, and the log says what takes it."""
-    sim = make_sim("""
-[[functions]]
-address = "0000:02:00.0"
-vendor = "8086"
-device = "10c9"
-class = "0x020000"
-driver = "igb"
-netdev = "enp2s0"
-carrier = false
-iommu_group = 1
-sriov_totalvfs = 7
-vf_device = "10ca"
-vf_driver = "igbvf"
-""")
+    sim = make_sim(LONE_IGB.replace("carrier = true", "carrier = false"))
     vfs = await with_vfs(sim, "0000:02:00.0", 1)
     await sim.engine.set_vf_settings(vfs[0], {"mac": "02:00:00:00:00:61"})
     assert kernel_settings(sim, "enp2s0")[0].mac == "02:00:00:00:00:61"
@@ -311,20 +314,7 @@ async def test_stable_macs_are_the_vfs_own_macs_from_their_first_probe(sim):
     assert not [call for call in sim.writer.writes if call[1] == "unbind"]
 
 
-LONE_IGB = """
-[[functions]]
-address = "0000:02:00.0"
-vendor = "8086"
-device = "10c9"
-class = "0x020000"
-driver = "igb"
-netdev = "enp2s0"
-carrier = true
-iommu_group = 1
-sriov_totalvfs = 7
-vf_device = "10ca"
-vf_driver = "igbvf"
-"""
+
 
 
 async def test_a_setting_the_driver_refuses_at_creation_leaves_the_vfs_and_is_reported(make_sim):

@@ -303,6 +303,31 @@ def vf_settings_shown(wire, interface: str) -> bool:
         (vf.mac, vf.vlan, vf.trust) == tuple(vf_wanted(vf.index).values()) for vf in shown)
 
 
+def bare_vf_settings(wire, interface: str) -> None:
+    """The bare loop: read the PF's VFs once, then every wanted setting, one RTM_SETLINK each."""
+    for vf in wire.parse_link(wire.exchange(wire.encode_get(interface), timeout=5)):
+        for _setting, attribute in wire.vf_attributes(vf.index, wire.VfChange(**vf_wanted(vf.index)), vf):
+            wire.check_ack(wire.exchange(wire.encode_set(interface, attribute), timeout=5))
+
+
+def persist_vf_settings() -> None:
+    """Untimed setup: 7 VFs and their settings persisted through nicpassctl."""
+    run("nicpassctl", "vfs", PF, str(COUNT))
+    for index in range(COUNT):
+        settings = vf_wanted(index)
+        run("nicpassctl", "vf", f"{PF}:{index}", "mac", str(settings["mac"]), "vlan", str(settings["vlan"]),
+            "trust", "on")
+
+
+def wait_for(ok, failure: str) -> None:
+    """Poll tightly (a timed wait), up to 60 s."""
+    deadline = time.monotonic() + 60
+    while not ok():
+        if time.monotonic() > deadline:
+            raise Failed(failure)
+        time.sleep(0.01)
+
+
 def bench_vf_settings(rounds: int) -> dict[str, list[float]]:
     """7 VFs created again out of band (what a PF reset or its driver's reload does: every VF
     setting gone) with 3 settings each persisted: from `echo 0; echo 7 > sriov_numvfs` to every
@@ -318,20 +343,12 @@ def bench_vf_settings(rounds: int) -> dict[str, list[float]]:
         start = time.perf_counter()
         write(PCI / PF / "sriov_numvfs", "0")
         write(PCI / PF / "sriov_numvfs", str(COUNT))
-        shown = wire.parse_link(wire.exchange(wire.encode_get(interface), timeout=5))
-        for vf in shown:
-            change = wire.VfChange(**vf_wanted(vf.index))
-            for _setting, attribute in wire.vf_attributes(vf.index, change, vf):
-                wire.check_ack(wire.exchange(wire.encode_set(interface, attribute), timeout=5))
+        bare_vf_settings(wire, interface)
         samples["bare"].append(time.perf_counter() - start)
         expect("bare: the VF settings shown", lambda: vf_settings_shown(wire, interface))
 
         clean()
-        run("nicpassctl", "vfs", PF, str(COUNT))
-        for index in range(COUNT):
-            settings = vf_wanted(index)
-            run("nicpassctl", "vf", f"{PF}:{index}", "mac", str(settings["mac"]), "vlan", str(settings["vlan"]),
-                "trust", "on")
+        persist_vf_settings()
         expect("nicpassd: the VF settings shown", lambda: vf_settings_shown(wire, interface))
         quiesce()
         start = time.perf_counter()
@@ -339,11 +356,8 @@ def bench_vf_settings(rounds: int) -> dict[str, list[float]]:
         # what it has to do is the settings (its VF count step, if it planned one, finds 7 and skips).
         write(PCI / PF / "sriov_numvfs", "0")
         write(PCI / PF / "sriov_numvfs", str(COUNT))
-        deadline = time.monotonic() + 60
-        while not vf_settings_shown(wire, interface):
-            if time.monotonic() > deadline:
-                raise Failed("nicpassd did not put the VF settings back on the re-created VFs")
-            time.sleep(0.01)
+        wait_for(lambda: vf_settings_shown(wire, interface), "nicpassd did not put the VF settings back on the "
+                 "re-created VFs")
         samples["nicpassd"].append(time.perf_counter() - start)
     clean()
     return samples
@@ -370,10 +384,7 @@ def bench_vf_settings_at_creation(rounds: int) -> dict[str, list[float]]:
         write(PCI / PF / "sriov_numvfs", "0")
         write(PCI / PF / "sriov_drivers_autoprobe", "0")
         write(PCI / PF / "sriov_numvfs", str(COUNT))
-        shown = wire.parse_link(wire.exchange(wire.encode_get(interface), timeout=5))
-        for vf in shown:
-            for _setting, attribute in wire.vf_attributes(vf.index, wire.VfChange(**vf_wanted(vf.index)), vf):
-                wire.check_ack(wire.exchange(wire.encode_set(interface, attribute), timeout=5))
+        bare_vf_settings(wire, interface)
         write(PCI / PF / "sriov_drivers_autoprobe", "1")
         for vf in vfs():
             write("/sys/bus/pci/drivers_probe", vf)
@@ -381,20 +392,13 @@ def bench_vf_settings_at_creation(rounds: int) -> dict[str, list[float]]:
         samples["bare"].append(time.perf_counter() - start)
 
         clean()
-        run("nicpassctl", "vfs", PF, str(COUNT))
-        for index in range(COUNT):
-            settings = vf_wanted(index)
-            run("nicpassctl", "vf", f"{PF}:{index}", "mac", str(settings["mac"]), "vlan", str(settings["vlan"]),
-                "trust", "on")
+        persist_vf_settings()
         expect("nicpassd: 7 VFs on igbvf with their settings", lambda: vfs_probed_with_settings(wire, interface))
         quiesce()
         start = time.perf_counter()
         write(PCI / PF / "sriov_numvfs", "0")  # nicpassd creates the persisted 7 again
-        deadline = time.monotonic() + 60
-        while not vfs_probed_with_settings(wire, interface):
-            if time.monotonic() > deadline:
-                raise Failed("nicpassd did not create the VFs again with their settings")
-            time.sleep(0.01)
+        wait_for(lambda: vfs_probed_with_settings(wire, interface),
+                 "nicpassd did not create the VFs again with their settings")
         samples["nicpassd"].append(time.perf_counter() - start)
     clean()
     return samples
