@@ -182,6 +182,22 @@ class Engine:
         else:
             loop.call_soon(self._after_events)
 
+    async def quiesce(self) -> None:
+        """Wait until every event delivered so far is handled: its refresh done (also one spaced
+        after a slow refresh, which waits in real time), and the heals and reconcile runs it
+        caused finished (tests, benchmarks, shutdown)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            for _ in range(3):  # queued deliveries and call_soon refreshes run first
+                await asyncio.sleep(0)
+            if self._spaced is not None:
+                await asyncio.sleep(max(0.0, self._spaced.when() - loop.time()))
+                continue
+            await self.sentinel.idle()
+            await self.reconciler.idle()
+            if self._spaced is None and not self.sentinel.busy and not self.reconciler.busy:
+                return
+
     def _urgent(self, event: UEvent) -> bool:
         return event.subsystem == "pci" and (event.sys_name in self.view.protected.entries
                                              or event.sys_name in self.view.leases.holder())

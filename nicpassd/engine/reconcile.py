@@ -122,6 +122,10 @@ class Reconciler:
             except Exception:  # noqa: BLE001 - a bug must not kill the event path
                 log.exception("automatic reconcile failed")
 
+    @property
+    def busy(self) -> bool:
+        return self._task is not None and not self._task.done()
+
     async def idle(self) -> None:
         """Wait until no automatic run is pending (tests, benchmarks)."""
         while self._task is not None and not self._task.done():

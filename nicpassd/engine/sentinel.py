@@ -285,6 +285,10 @@ class Sentinel:
         if not task.cancelled() and task.exception() is not None:
             log.error("guard: healing failed unexpectedly", exc_info=task.exception())
 
+    @property
+    def busy(self) -> bool:
+        return bool(self._tasks)
+
     async def idle(self) -> None:
         """Wait for every heal in progress (tests, shutdown)."""
         while self._tasks:

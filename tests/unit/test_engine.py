@@ -30,11 +30,6 @@ VM_A, VM_B = "6f1c2d3e-0000-4000-8000-00000000000a", "6f1c2d3e-0000-4000-8000-00
 NUMVFS = "sriov_numvfs"
 
 
-async def settle() -> None:
-    """Let queued uevents reach the engine (they are delivered with call_soon_threadsafe)."""
-    for _ in range(5):
-        await asyncio.sleep(0)
-
 
 def numvfs_writes(sim) -> list[str]:
     return [data for parent, attr, data in sim.writer.writes if attr == NUMVFS]
@@ -452,7 +447,7 @@ async def test_check_reports_drift_from_the_persisted_driver(sim):
     for relative, data in [(f"bus/pci/devices/{NIC}/driver_override", "\n"),
                            ("bus/pci/drivers/vfio-pci/unbind", NIC), ("bus/pci/drivers_probe", NIC)]:
         sim.kernel.write(sim.paths.sys / relative, data)  # someone else gave it back
-    await settle()
+    await sim.engine.quiesce()
     finding = findings(sim)[f"drift-{NIC}"]
     assert finding.level == "warn" and "persisted on vfio-pci, bound to e1000e" in finding.message
 
@@ -471,7 +466,7 @@ async def test_check_fails_when_the_persisted_identity_changed(sim):
 async def test_check_warns_about_a_persisted_device_that_is_absent(sim):
     await sim.engine.bind(NIC, "vfio-pci")
     sim.kernel.unplug(NIC)
-    await settle()
+    await sim.engine.quiesce()
     assert findings(sim)[f"missing-{NIC}"].level == "warn"
 
 
@@ -505,14 +500,14 @@ async def test_inventory_listener_sees_vfs_come_and_go(sim):
     deltas = []
     sim.engine.inventory_listeners.append(deltas.append)
     await sim.engine.set_vf_count(PF, 2, persist=False)
-    await settle()
+    await sim.engine.quiesce()
     added = [view.address for delta in deltas for view in delta.added]
     assert sorted(added) == VFS[:2]
     pf_changes = [fields for delta in deltas for view, fields in delta.changed if view.address == PF]
     assert pf_changes and pf_changes[-1]["num_vfs"] == 2
     deltas.clear()
     await sim.engine.set_vf_count(PF, 0, persist=False)
-    await settle()
+    await sim.engine.quiesce()
     assert sorted(address for delta in deltas for address in delta.removed) == VFS[:2]
 
 
@@ -520,7 +515,7 @@ async def test_uevents_refresh_the_inventory_after_unplug(sim):
     deltas = []
     sim.engine.inventory_listeners.append(deltas.append)
     sim.kernel.unplug(NIC)  # no engine call: only the uevents tell it
-    await settle()
+    await sim.engine.quiesce()
     assert NIC not in sim.engine.views
     assert len(deltas) == 1 and NIC in deltas[0].removed  # the burst became one refresh
 
@@ -588,13 +583,17 @@ async def test_a_slow_event_refresh_spaces_the_next_one_of_the_burst(sim):
         passes.append(loop.time())
         return real()
 
+    async def next_turns():  # what the loop does at once, without waiting out a spacing
+        for _ in range(5):
+            await asyncio.sleep(0)
+
     sim.engine.view.refresh_changed = slow_refresh
     sim.engine.on_uevent(UEvent("bind", "pci", NIC, "vfio-pci"))  # the first: at once
-    await settle()
+    await next_turns()
     assert len(passes) == 1
     sim.kernel.write(sim.dir(NIC) / "driver_override", "pci-stub\n")
     sim.engine.on_uevent(UEvent("unbind", "pci", NIC, "e1000e"))  # the same burst: waits ~30 ms
-    await settle()
+    await next_turns()
     assert len(passes) == 1
     await asyncio.sleep(0.1)
     assert len(passes) == 2 and passes[1] - passes[0] >= 0.03
@@ -602,7 +601,7 @@ async def test_a_slow_event_refresh_spaces_the_next_one_of_the_burst(sim):
     # A protected function's event is read at once, whatever the spacing: the sentinel heals on it.
     sim.engine.on_uevent(UEvent("bind", "pci", NIC, "vfio-pci"))  # spaced again
     sim.engine.on_uevent(UEvent("unbind", "pci", ENO1, "igb"))
-    await settle()
+    await next_turns()
     assert len(passes) == 3
     await asyncio.sleep(0.1)
     assert len(passes) == 3  # the spaced one was folded into it

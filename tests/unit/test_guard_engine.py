@@ -3,7 +3,6 @@ IOMMU group mates of leased devices, and the protected set following the network
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import pytest
@@ -48,10 +47,6 @@ gateway = "192.0.2.1"
 """
 
 
-async def settle() -> None:
-    for _ in range(5):
-        await asyncio.sleep(0)
-
 
 async def test_force_overrides_a_group_mate_and_is_logged_with_the_caller(make_sim, caplog):
     sim = make_sim(SHARED_GROUP)
@@ -87,7 +82,7 @@ async def test_the_pf_of_a_management_vf_is_not_overridable(make_sim):
     await sim.engine.set_vf_count("eno2", 2, force=True)
     vf = sim.vfs(B)[1]
     sim.kernel.set_routes([Route(dev="eno2v1", dst="default", gateway="192.0.2.1")])
-    await settle()
+    await sim.engine.quiesce()
     with pytest.raises(Protected, match=f"even with force.*PF of protected VF {vf}"):
         await sim.engine.set_vf_count("eno2", 0, force=True)
     assert sim.numvfs(B) == 2
@@ -99,6 +94,7 @@ async def test_group_option_binds_the_unprotected_mates_and_prepare_then_passes(
     assert sim.driver(USB) == "xhci_hcd"  # never bound silently
     await sim.engine.bind("af:00.0", "vfio-pci", group=True)
     assert (sim.driver(NIC), sim.driver(USB)) == ("vfio-pci", "vfio-pci")
+    await sim.engine.quiesce()
     assert sim.engine.explain(NIC).group_viable is True
     await sim.engine.prepare("vm", VM, ["af:00.0"])
     # A host driver on the mate would take DMA ownership of the group the VM uses.
@@ -118,7 +114,7 @@ async def test_moving_the_default_route_moves_the_protection_in_one_event(sim):
     assert ENO1 in sim.engine.protected and NIC not in sim.engine.protected
     sim.events.clear()
     sim.kernel.set_routes([Route(dev="enp175s0f0", dst="default", gateway="192.0.2.1")])
-    await settle()
+    await sim.engine.quiesce()
     assert sim.event_tuples() == [("change", "route", "")]
     protected = sim.engine.protected
     assert protected.reasons(NIC) == ("IPv4 default route 0.0.0.0/0 via 192.0.2.1: enp175s0f0",)
@@ -127,6 +123,7 @@ async def test_moving_the_default_route_moves_the_protection_in_one_event(sim):
     assert sim.engine.views[NIC].protected and not sim.engine.views[ENO1].protected
     await sim.engine.bind("eno2", "vfio-pci")  # free now
     assert sim.driver(ENO2) == "vfio-pci"
+    await sim.engine.quiesce()
     # eno1 is now br0's only live slave: the last way in to br0's address.
     assert "last way into the host" in sim.engine.protected.reasons(ENO1)[0]
     with pytest.raises(Protected, match="last way into the host .*br0 → bond0 → eno1"):

@@ -4,7 +4,6 @@ when the path really moves, survives a restart, and is released only by an admin
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
@@ -17,10 +16,6 @@ from nicpassd.sim.topology import Route
 ENO1, ENO2, NIC = "0000:01:00.0", "0000:01:00.1", "0000:af:00.0"
 VM = "6f1c2d3e-0000-4000-8000-00000000000a"
 
-
-async def settle() -> None:
-    for _ in range(5):
-        await asyncio.sleep(0)
 
 
 def take_by_hand(sim, address: str, driver: str = "igb", *, override: str = "") -> None:
@@ -36,7 +31,7 @@ def take_by_hand(sim, address: str, driver: str = "igb", *, override: str = "") 
 async def test_the_management_nic_unbound_by_hand_stays_protected_with_why(sim):
     assert "IPv4 default route 0.0.0.0/0 via 192.0.2.1: br0 → bond0 → eno1" in sim.engine.protected.reasons(ENO1)
     take_by_hand(sim, ENO1)
-    await settle()
+    await sim.engine.quiesce()
     assert sim.driver(ENO1) == "" and "eno1" not in sim.netdevs()
     reasons = sim.engine.protected.reasons(ENO1)
     remembered = [r for r in reasons if r.startswith("was the management path until ")]
@@ -57,7 +52,7 @@ async def test_the_management_nic_unbound_by_hand_stays_protected_with_why(sim):
 
 async def test_taken_the_driverctl_way_it_is_held_as_on_vfio_pci(sim):
     take_by_hand(sim, ENO1, override="vfio-pci")
-    await settle()
+    await sim.engine.quiesce()
     assert sim.driver(ENO1) == "vfio-pci"
     assert any(r.endswith("; it is on vfio-pci") for r in sim.engine.protected.reasons(ENO1))
 
@@ -65,7 +60,7 @@ async def test_taken_the_driverctl_way_it_is_held_as_on_vfio_pci(sim):
 async def test_a_source_that_moves_takes_the_protection_along_in_one_event(sim):
     """The default route moves to another NIC: eno1 and eno2 are healthy and off the path: free."""
     sim.kernel.set_routes([Route(dev="enp175s0f0", dst="default", gateway="192.0.2.1")])
-    await settle()
+    await sim.engine.quiesce()
     assert ENO1 not in sim.engine.view.memory.entries and ENO1 not in sim.engine.view.memory.held
     assert NIC in sim.engine.view.memory.entries
 
@@ -89,7 +84,7 @@ async def test_only_an_admin_releases_a_remembered_device(sim):
     with pytest.raises(NotFound):
         await sim.engine.release_protection(NIC)
     take_by_hand(sim, ENO1)
-    await settle()
+    await sim.engine.quiesce()
     await sim.engine.release_protection("eno1")  # its interface name, gone from the kernel, still names it
     assert ENO1 not in sim.engine.view.memory.entries
     # What is left is what the live host says: a group mate of eno2, overridable with force.
@@ -145,7 +140,7 @@ def test_remembered_round_trips(tmp_path):
 
 async def test_a_taken_management_nic_can_be_given_back_by_hand(sim):
     take_by_hand(sim, ENO1, override="vfio-pci")
-    await settle()
+    await sim.engine.quiesce()
     await sim.engine.unbind(ENO1)  # back to its host driver: the guard does not stand in the way
     assert (sim.driver(ENO1), sim.override(ENO1)) == ("igb", "")
     with pytest.raises(Protected):
@@ -156,10 +151,10 @@ async def test_check_s_remedy_for_a_taken_management_nic_clears_it(sim):
     """Issue 20: the remedy `check` gives (`nicpassctl unbind ADDRESS`) is a command that works:
     run, and the failure is gone."""
     take_by_hand(sim, ENO1)
-    await settle()
+    await sim.engine.quiesce()
     finding = next(f for f in sim.engine.check() if f.id == f"guard-taken-{ENO1}")
     assert finding.level.value == "fail" and f"`nicpassctl unbind {ENO1}`" in finding.remedy
     await sim.engine.unbind(ENO1)
-    await settle()
+    await sim.engine.quiesce()
     assert sim.driver(ENO1) == "igb"
     assert f"guard-taken-{ENO1}" not in {f.id for f in sim.engine.check()}

@@ -21,10 +21,6 @@ ENO1, NIC, PF2 = "0000:01:00.0", "0000:af:00.0", "0000:3b:00.1"
 UPLINK = "198.51.100.1"
 
 
-async def settle() -> None:
-    for _ in range(5):
-        await asyncio.sleep(0)
-
 
 def reasons(sim, address: str) -> tuple[str, ...]:
     return sim.engine.protected.reasons(address)
@@ -34,12 +30,12 @@ async def test_a_default_route_in_a_policy_routing_table_is_followed(sim):
     sim.kernel.set_routes([*sim.kernel.topology.routes,
                            Route(dev="enp175s0f0", dst="default", gateway=UPLINK, table=100)],
                           rules=[Rule(priority=1000, table=100, source="198.51.100.0/24")])
-    await settle()
+    await sim.engine.quiesce()
     assert reasons(sim, NIC)[0] == ("IPv4 default route 0.0.0.0/0 via 198.51.100.1 in table 100 (ip rule 1000: "
                                     "from 198.51.100.0/24): enp175s0f0")
     assert HostRoute(4, "0.0.0.0/0", "enp175s0f0", UPLINK, 100) not in sysfs.read_proc_routes(sim.paths)
     sim.kernel.set_routes(list(sim.kernel.topology.routes), rules=[])  # the rule goes: table 100 is unused
-    await settle()
+    await sim.engine.quiesce()
     assert NIC not in sim.engine.protected
 
 
@@ -47,13 +43,13 @@ async def test_every_next_hop_of_an_ecmp_default_route_is_protected(sim):
     ecmp = Route(dst="default", nexthops=(Hop(dev="br0", gateway="192.0.2.1"),
                                           Hop(dev="enp175s0f0", gateway=UPLINK)))
     sim.kernel.set_routes([ecmp])
-    await settle()
+    await sim.engine.quiesce()
     assert reasons(sim, NIC)[0] == "IPv4 default route 0.0.0.0/0 via 198.51.100.1: enp175s0f0"
     assert "IPv4 default route 0.0.0.0/0 via 192.0.2.1: br0 → bond0 → eno1" in reasons(sim, ENO1)
     proc = sysfs.read_proc_routes(sim.paths)
     assert [r.dev for r in proc if r.is_default] == ["br0"]  # procfs shows only the first hop
     sim.kernel.set_routes([Route(dev="br0", dst="default", gateway="192.0.2.1")])
-    await settle()
+    await sim.engine.quiesce()
     assert NIC not in sim.engine.protected  # the second hop went: the protection follows
 
 
@@ -61,7 +57,7 @@ async def test_a_route_through_a_nexthop_object_or_group_is_followed(sim):
     sim.kernel.set_routes([Route(dst="default", nexthop=3)],
                           nexthops=[Nexthop(id=1, dev="enp175s0f0", gateway=UPLINK),
                                     Nexthop(id=2, dev="br0", gateway="192.0.2.1"), Nexthop(id=3, group=(1, 2))])
-    await settle()
+    await sim.engine.quiesce()
     assert reasons(sim, NIC)[0] == "IPv4 default route 0.0.0.0/0 via 198.51.100.1: enp175s0f0"
     assert ENO1 in sim.engine.protected
 

@@ -21,10 +21,6 @@ REPO = Path(__file__).resolve().parents[2]
 ENO1, NIC = "0000:01:00.0", "0000:af:00.0"
 
 
-async def settle() -> None:
-    for _ in range(5):
-        await asyncio.sleep(0)
-
 
 def with_uplink(sim, **rules) -> None:
     """A second network on the plain NIC: 198.51.100.0/24 on enp175s0f0, the default stays on br0."""
@@ -34,17 +30,17 @@ def with_uplink(sim, **rules) -> None:
 async def test_an_ssh_session_protects_the_interface_it_arrives_on_until_it_closes(sim):
     with_uplink(sim)
     sim.kernel.set_sessions([Session(local="198.51.100.10", port=22, peer="198.51.100.7")])
-    await settle()
+    await sim.engine.quiesce()
     assert sim.engine.protected.reasons(NIC)[0] == "SSH session from 198.51.100.7: enp175s0f0"
     assert not sim.engine.protected.entries[NIC].overridable
     sim.kernel.set_sessions([])  # the admin logs out
-    await settle()
+    await sim.engine.quiesce()
     assert NIC not in sim.engine.protected
 
 
 async def test_a_session_over_the_default_route_names_the_whole_chain(sim):
     sim.kernel.set_sessions([Session(local="192.0.2.10", port=8006, peer="203.0.113.9")])
-    await settle()
+    await sim.engine.quiesce()
     assert "Proxmox web UI session from 203.0.113.9: br0 → bond0 → eno1" in sim.engine.protected.reasons(ENO1)
 
 
@@ -52,7 +48,7 @@ async def test_other_ports_and_loopback_peers_do_not_count(sim):
     with_uplink(sim)
     sim.kernel.set_sessions([Session(local="198.51.100.10", port=3306, peer="198.51.100.7"),
                              Session(local="127.0.0.1", port=22, peer="127.0.0.1")])
-    await settle()
+    await sim.engine.quiesce()
     assert NIC not in sim.engine.protected
 
 
@@ -63,7 +59,7 @@ async def test_the_answer_follows_policy_routing(sim):
                            Route(dev="enp175s0f0", dst="default", gateway="198.51.100.1", table=100)],
                           rules=[Rule(priority=100, table=100, source="192.0.2.10/32")])
     sim.kernel.set_sessions([Session(local="192.0.2.10", port=22, peer="203.0.113.9")])
-    await settle()
+    await sim.engine.quiesce()
     assert any(r.startswith("SSH session from 203.0.113.9: enp175s0f0") for r in sim.engine.protected.reasons(NIC))
 
 
@@ -71,13 +67,13 @@ async def test_sessions_can_be_switched_off_or_given_other_ports(make_sim):
     off = make_sim(config=Config(guard=GuardSettings(sessions=False), daemon=DaemonSettings(bind_verify_timeout=0.5)))
     with_uplink(off)
     off.kernel.set_sessions([Session(local="198.51.100.10", port=22, peer="198.51.100.7")])
-    await settle()
+    await off.engine.quiesce()
     assert NIC not in off.engine.protected
     other = make_sim(config=Config(guard=GuardSettings(session_ports=(2222,)),
                                    daemon=DaemonSettings(bind_verify_timeout=0.5)))
     with_uplink(other)
     other.kernel.set_sessions([Session(local="198.51.100.10", port=2222, peer="198.51.100.7")])
-    await settle()
+    await other.engine.quiesce()
     assert other.engine.protected.reasons(NIC) == ("TCP port 2222 session from 198.51.100.7: enp175s0f0",)
 
 

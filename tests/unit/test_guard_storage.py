@@ -24,10 +24,6 @@ NFS = Mount(fstype="nfs4", source="198.51.100.50:/export/vz", target="/var/lib/v
             options="rw,vers=4.2,rsize=1048576,proto=tcp,clientaddr=198.51.100.10,addr=198.51.100.50")
 
 
-async def settle() -> None:
-    for _ in range(5):
-        await asyncio.sleep(0)
-
 
 def storage_network(sim) -> None:
     sim.kernel.set_routes([*sim.kernel.topology.routes, Route(dev="enp175s0f0", dst="198.51.100.0/24")])
@@ -36,10 +32,10 @@ def storage_network(sim) -> None:
 async def test_an_nfs_mount_protects_the_nic_that_reaches_its_server_until_it_is_unmounted(sim):
     storage_network(sim)
     sim.kernel.set_mounts([NFS])
-    await settle()
+    await sim.engine.quiesce()
     assert sim.engine.protected.reasons(NIC) == ("NFS server 198.51.100.50 of /var/lib/vz: enp175s0f0",)
     sim.kernel.set_mounts([])
-    await settle()
+    await sim.engine.quiesce()
     assert NIC not in sim.engine.protected
 
 
@@ -47,7 +43,7 @@ async def test_storage_can_be_switched_off(make_sim):
     sim = make_sim(config=Config(guard=GuardSettings(storage=False), daemon=DaemonSettings(bind_verify_timeout=0.5)))
     storage_network(sim)
     sim.kernel.set_mounts([NFS])
-    await settle()
+    await sim.engine.quiesce()
     assert NIC not in sim.engine.protected
 
 

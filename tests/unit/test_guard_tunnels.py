@@ -5,7 +5,6 @@ the protection away within one event; [guard] tunnels = false switches it off.""
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import struct
 
@@ -69,10 +68,6 @@ dst = "default"
 """
 
 
-async def settle() -> None:
-    for _ in range(5):
-        await asyncio.sleep(0)
-
 
 async def test_a_management_route_over_wireguard_protects_its_underlay_until_it_is_deleted(make_sim):
     sim = make_sim(HOST)
@@ -80,7 +75,7 @@ async def test_a_management_route_over_wireguard_protects_its_underlay_until_it_
                                                     "underlay to 203.0.113.5)")
     assert OTHER not in sim.engine.protected
     sim.kernel.delete_link("wg0")
-    await settle()
+    await sim.engine.quiesce()
     assert NIC not in sim.engine.protected
 
 

@@ -28,13 +28,6 @@ NIC, USB, ENO1 = "0000:af:00.0", "0000:af:00.1", "0000:01:00.0"
 VM_A = "6f1c2d3e-0000-4000-8000-00000000000a"
 
 
-async def settle(sim, rounds: int = 3) -> None:
-    """Let queued uevents in, and every automatic reconcile they cause finish."""
-    for _ in range(rounds):
-        for _ in range(10):
-            await asyncio.sleep(0)
-        await sim.engine.reconciler.idle()
-
 
 def want(sim, address: str, **fields) -> None:
     """Persist a desire for ``address`` as the engine would record it, without applying it."""
@@ -187,7 +180,7 @@ async def test_a_vf_count_change_is_refused_while_a_vf_is_leased(sim):
 async def test_an_absent_persisted_device_is_reported(sim):
     want(sim, NIC, driver="vfio-pci")
     sim.kernel.unplug(NIC)
-    await settle(sim)
+    await sim.engine.quiesce()
     assert await reconcile_rows(sim.engine) == [(NIC, "check", f"NotFound: persisted device {NIC} is not present")]
 
 
@@ -195,13 +188,13 @@ async def test_an_absent_persisted_device_is_reported(sim):
 async def test_hot_replug_recreates_and_binds_the_vfs_from_the_add_event(sim):
     auto(sim)
     await sim.engine.set_vf_count(PF, 8, driver="vfio-pci")
-    await settle(sim)
+    await sim.engine.quiesce()
     sim.kernel.unplug(PF)
-    await settle(sim)
+    await sim.engine.quiesce()
     assert PF not in sim.engine.views
     sim.events.clear()
     sim.kernel.plug(spec_of(sim, PF))
-    await settle(sim)
+    await sim.engine.quiesce()
     assert sim.numvfs(PF) == 8 and {sim.driver(vf) for vf in sim.vfs(PF)} == {"vfio-pci"}
     assert not [e for e in sim.events if e.action == "bind" and e.driver == "iavf"]
     assert all(sim.engine.views[vf].driver == "vfio-pci" for vf in sim.vfs(PF))
@@ -210,12 +203,12 @@ async def test_hot_replug_recreates_and_binds_the_vfs_from_the_add_event(sim):
 async def test_a_storm_of_events_is_one_run(sim):
     auto(sim)
     await sim.engine.set_vf_count(PF, 16, driver="vfio-pci")
-    await settle(sim)
+    await sim.engine.quiesce()
     sim.kernel.unplug(PF)
-    await settle(sim)
+    await sim.engine.quiesce()
     before = sim.engine.reconciler.runs
     sim.kernel.plug(spec_of(sim, PF))  # then 16 VF adds, binds, a change...: ~35 uevents
-    await settle(sim)
+    await sim.engine.quiesce()
     assert sim.numvfs(PF) == 16
     assert sim.engine.reconciler.runs - before <= 2  # the one that applied, the one its uevents queued
 
@@ -228,7 +221,7 @@ async def test_runs_wait_for_an_api_change_in_progress(sim):
         for _ in range(20):
             await asyncio.sleep(0)
         assert sim.writer.calls == []
-    await settle(sim)
+    await sim.engine.quiesce()
     assert sim.driver(NIC) == "vfio-pci"
 
 
@@ -236,15 +229,15 @@ async def test_a_runtime_change_is_not_undone_until_the_device_is_replugged(sim)
     auto(sim)
     await sim.engine.bind(NIC, "vfio-pci")
     await sim.engine.unbind(NIC, persist=False)  # back to e1000e for now, vfio-pci stays persisted
-    await settle(sim)
+    await sim.engine.quiesce()
     assert sim.driver(NIC) == "e1000e" and sim.engine.store.get(NIC).driver == "vfio-pci"
     [(address, action, result)] = await reconcile_rows(sim.engine)  # not even on demand
     assert (address, action) == (NIC, "check") and result.startswith("skipped: ") and "--runtime" in result
     assert sim.driver(NIC) == "e1000e"
     sim.kernel.unplug(NIC)
-    await settle(sim)
+    await sim.engine.quiesce()
     sim.kernel.plug(spec_of(sim, NIC))
-    await settle(sim)
+    await sim.engine.quiesce()
     assert sim.driver(NIC) == "vfio-pci"  # a new device instance: the runtime change ended with the old
 
 
@@ -253,12 +246,12 @@ async def test_a_failed_step_is_not_retried_by_every_event(sim):
     want(sim, NIC, driver="vfio-pci")
     sim.kernel.fail_binds_silently(NIC)  # once: the restore to e1000e works
     sim.engine.reconciler.poke()
-    await settle(sim)
+    await sim.engine.quiesce()
     assert sim.driver(NIC) == "e1000e"
     assert "not retried automatically" in sim.engine.views[NIC].drift
     sim.writer.clear()
     await sim.engine.set_vf_count(MLX, 2, persist=False)  # unrelated uevents
-    await settle(sim)
+    await sim.engine.quiesce()
     assert not [w for w in sim.writer.writes if NIC in w]  # it would have worked this time: not tried
     assert await reconcile_rows(sim.engine) == [(NIC, "bind", "ok")]  # explicit: retried
 
@@ -273,7 +266,7 @@ async def test_the_reconciler_stops_fighting_another_agent(sim):
                 sim.kernel.write(sim.paths.sys / relative, data)
             except OSError:
                 pass
-        await settle(sim)
+        await sim.engine.quiesce()
     assert sim.driver(NIC) == "e1000e"
     assert "something else keeps changing it" in sim.engine.views[NIC].drift
     assert (await reconcile_rows(sim.engine)) == [(NIC, "bind", "ok")]  # on demand it applies again
@@ -371,7 +364,7 @@ async def test_recovery_rolls_back_an_interrupted_vf_count_change(make_sim):
     engine.journal.begin("vf-count", {PF: DeviceBefore(before, ["iavf"] * 4)}, target={"num_vfs": 8})
     sim.kernel.write(sim.dir(PF) / "sriov_numvfs", "0")  # ... and the daemon died here
     sim.kernel.write(sim.dir(PF) / "sriov_drivers_autoprobe", "0")
-    await settle(sim)
+    await sim.engine.quiesce()
     lines = await recover(engine.view, engine.ops)
     assert len(lines) == 1 and lines[0].startswith("rolled back vf-count of 0000:3b:00.0")
     assert sim.vfs(PF) == VFS and [sim.driver(vf) for vf in VFS] == ["iavf"] * 4 and sim.autoprobe(PF) == "1"

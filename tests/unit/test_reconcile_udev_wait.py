@@ -35,12 +35,6 @@ def persist_on_vfio(sim, address: str) -> None:
                                       driver="vfio-pci"))
 
 
-async def settle(sim) -> None:
-    for _ in range(3):
-        for _ in range(10):
-            await asyncio.sleep(0)
-        await sim.engine.reconciler.idle()
-
 
 async def test_a_device_udev_has_not_processed_waits_for_its_add(sim):
     udev_running(sim, processed_all_but=NIC)
@@ -53,7 +47,7 @@ async def test_a_device_udev_has_not_processed_waits_for_its_add(sim):
 
     (sim.paths.udev_data / f"+pci:{NIC}").touch()  # udev ran its rules, and says so
     sim.engine.on_uevent(UEvent("add", "pci", NIC))
-    await settle(sim)
+    await sim.engine.quiesce()
     assert (sim.driver(NIC), sim.override(NIC)) == ("vfio-pci", "vfio-pci")
     assert NIC not in sim.engine.reconciler.notes
 
@@ -70,7 +64,7 @@ async def test_after_udev_wait_the_desire_is_applied_anyway(sim, monkeypatch, ca
             await asyncio.sleep(0.05)
             if sim.driver(NIC) == "vfio-pci":
                 break
-        await settle(sim)
+        await sim.engine.quiesce()
     assert sim.driver(NIC) == "vfio-pci"
     assert f"udev has not processed {NIC}" in caplog.text
 

@@ -8,7 +8,6 @@ anyway right after that write (its probe had matched before).
 
 from __future__ import annotations
 
-import asyncio
 
 from nicpassd.engine.store import DeviceDesire, identity_of
 from nicpassd.host.model import PciFunction
@@ -16,12 +15,6 @@ from nicpassd.host.model import PciFunction
 PF = "0000:3b:00.0"
 VFS = ["0000:3b:02.0", "0000:3b:02.1", "0000:3b:02.2"]
 
-
-async def settle(sim, rounds: int = 3) -> None:
-    for _ in range(rounds):
-        for _ in range(10):
-            await asyncio.sleep(0)
-        await sim.engine.reconciler.idle()
 
 
 def persist_vf1_on_vfio(sim) -> None:
@@ -56,7 +49,7 @@ async def test_boot_reconcile_creates_the_vfs_with_autoprobe_off_and_binds_the_p
     sim.kernel.faults.probe_after_numvfs[PF] = 1  # armed: would bite if autoprobe stayed on
     sim.engine.reconciler.auto = True
     await sim.engine.reconciler.run(explicit=False)  # the boot run
-    await settle(sim)
+    await sim.engine.quiesce()
     assert sim.vfs(PF) == VFS
     assert (sim.driver(VFS[1]), sim.override(VFS[1])) == ("vfio-pci", "vfio-pci")
     assert sim.driver(VFS[0]) == "iavf" and sim.driver(VFS[2]) == "iavf"

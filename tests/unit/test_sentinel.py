@@ -21,13 +21,6 @@ VM = "6f1c2d3e-0000-4000-8000-00000000000a"
 DEVICES = "sys/bus/pci/devices"
 
 
-async def settle(sim) -> None:
-    for _ in range(3):
-        for _ in range(10):
-            await asyncio.sleep(0)
-        await sim.engine.sentinel.idle()
-        await sim.engine.reconciler.idle()
-
 
 def shell_user(sim, address: str) -> None:
     """modprobe vfio-pci; echo vfio-pci > driver_override; echo A > driver/unbind; echo A > drivers_probe"""
@@ -80,7 +73,7 @@ async def test_the_management_nic_taken_out_of_band_is_found_and_healed(watched,
     sim.engine.sentinel.listeners.append(seen.append)
     caplog.set_level(logging.INFO)
     WRITERS[writer](sim, ENO1)
-    await settle(sim)
+    await sim.engine.quiesce()
     assert (sim.driver(ENO1), sim.override(ENO1)) == ("igb", "")  # back on its host driver
     assert "eno1" in sim.netdevs()
     assert [v.outcome for v in seen][0] == "detected"
@@ -101,7 +94,7 @@ async def test_with_heal_off_it_is_reported_and_nothing_is_undone(watched, write
     seen = []
     sim.engine.sentinel.listeners.append(seen.append)
     WRITERS[writer](sim, ENO1)
-    await settle(sim)
+    await sim.engine.quiesce()
     expected = "" if writer == "unbind only" else "vfio-pci"
     assert sim.driver(ENO1) == expected
     assert [v.outcome.split(":")[0] for v in seen] == ["detected", "not healed"]
@@ -112,7 +105,7 @@ async def test_with_heal_off_it_is_reported_and_nothing_is_undone(watched, write
 async def test_a_device_that_is_not_protected_is_left_alone(watched):
     sim = watched()
     driverctl(sim, NIC)
-    await settle(sim)
+    await sim.engine.quiesce()
     assert sim.driver(NIC) == "vfio-pci" and sim.engine.sentinel.count == 0
 
 
@@ -127,7 +120,7 @@ async def test_a_device_persisted_for_vfio_pci_is_never_fought(watched):
     seen = []
     sim.engine.sentinel.listeners.append(seen.append)
     shell_user(sim, ENO1)
-    await settle(sim)
+    await sim.engine.quiesce()
     assert sim.driver(ENO1) == "vfio-pci"
     assert seen[-1].outcome == "not healed: persisted for vfio-pci by an admin"
 
@@ -147,7 +140,7 @@ async def test_the_culprit_is_the_process_holding_the_vfio_group(watched, tmp_pa
         seen = []
         sim.engine.sentinel.listeners.append(seen.append)
         libvirt(sim, ENO1)
-        await settle(sim)
+        await sim.engine.quiesce()
         assert seen[0].culprit_pid == qemu.pid and seen[0].guest == "web01"
         assert seen[0].culprit == f"{sys.executable.rsplit('/', 1)[-1]} (pid {qemu.pid}, guest web01)"
     finally:
@@ -165,7 +158,7 @@ async def test_someone_else_rebinding_a_leased_device_breaks_its_lease(watched):
     sim.kernel.write(sim.dir(vf) / "driver_override", "\n")
     sim.kernel.write(sim.dir(vf) / "driver" / "unbind", vf)
     sim.kernel.write(sim.paths.drivers_probe, vf)
-    await settle(sim)
+    await sim.engine.quiesce()
     assert sim.engine.leases.of_vm(VM)[0].state == BROKEN and states[-1] == BROKEN
     assert sim.engine.sentinel.last[vf].kind == "lease"
     await sim.engine.release(VM)  # a broken lease still ends
@@ -180,7 +173,7 @@ async def test_something_that_keeps_taking_it_is_healed_a_bounded_number_of_time
     sim.engine.sentinel.listeners.append(seen.append)
     for _ in range(sentinel.FIGHT_LIMIT + 1):
         careless_admin(sim, ENO1)
-        await settle(sim)
+        await sim.engine.quiesce()
     assert seen[-1].outcome.startswith("not healed: taken 5 times in 60 s")
     assert sim.driver(ENO1) == ""
 
@@ -243,7 +236,7 @@ async def test_the_culprit_is_the_libvirt_domain_whose_live_xml_holds_it(watched
     seen = []
     sim.engine.sentinel.listeners.append(seen.append)
     libvirt(sim, ENO1)
-    await settle(sim)
+    await sim.engine.quiesce()
     assert (seen[0].culprit, seen[0].guest) == ("libvirt domain web02", "web02")
 
 
@@ -264,7 +257,7 @@ async def test_given_back_by_someone_else_before_the_heal_is_reported_as_such(wa
         for _ in range(10):
             await asyncio.sleep(0)
         sim.engine.refresh_changed()
-    await settle(sim)
+    await sim.engine.quiesce()
     assert sim.driver(ENO1) == "igb"
     assert [v.outcome for v in seen] == ["detected", "back on igb before nicpassd healed it (given back by someone else)"]
     assert sim.engine.explain(ENO1).last_violation.endswith(seen[-1].outcome)

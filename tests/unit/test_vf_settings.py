@@ -4,7 +4,6 @@ by the reconciler, held with --runtime, refused by the guard."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
@@ -42,11 +41,6 @@ async def with_vfs(sim, pf: str, count: int) -> list[str]:
     return sim.vfs(pf)
 
 
-async def settle() -> None:
-    """Let queued kernel events reach the engine (delivered with call_soon_threadsafe)."""
-    for _ in range(5):
-        await asyncio.sleep(0)
-
 
 def kernel_settings(sim, interface: str) -> dict[int, object]:
     """What `ip link show PF` would list, read straight from the simulated kernel."""
@@ -70,6 +64,7 @@ async def test_settings_are_written_read_back_and_persisted_by_vf_index(sim):
     await sim.engine.set_vf_settings(f"{PF}:1", {"max_tx_rate": 1000})  # PF:index, merged with the rest
     assert persisted(sim, PF)["1"] == {"mac": "02:aa:bb:cc:dd:01", "vlan": 10, "qos": 3, "trust": True,
                                        "spoofchk": False, "max_tx_rate": 1000}
+    await sim.engine.quiesce()
     assert sim.engine.view.snapshot.vf_settings_of(vfs[1]).max_tx_rate == 1000
 
 
@@ -182,7 +177,7 @@ async def test_persisted_settings_come_back_after_a_reboot_and_runtime_ones_are_
     request = vf_netlink.encode_set("enp59s0f0", vf_netlink.vf_attributes(
         0, vf_netlink.VfChange(trust=False), shown[0])[0][1])
     vf_netlink.check_ack(sim.kernel.netlink(request))
-    await settle()  # the kernel's RTM_NEWLINK of the PF reaches the engine
+    await sim.engine.quiesce()  # the kernel's RTM_NEWLINK of the PF reaches the engine
     outcomes = await sim.engine.reconcile()
     assert [(o.address, o.action.value, o.result.value) for o in outcomes] == [(vfs[0], "vf", "ok")]
     assert kernel_settings(sim, "enp59s0f0")[0].trust is True
@@ -204,16 +199,12 @@ async def test_a_change_behind_nicpassd_s_back_is_put_back_by_the_automatic_run(
     await sim.engine.set_vf_settings(vfs[0], {"trust": True})
     sim.engine.reconciler.auto = True
     sim.engine.reconciler.poke()  # whatever earlier events asked for, done first
-    await sim.engine.reconciler.idle()
+    await sim.engine.quiesce()
     current = kernel_settings(sim, "enp59s0f0")[0]
     request = vf_netlink.encode_set("enp59s0f0", vf_netlink.vf_attributes(0, vf_netlink.VfChange(trust=False),
                                                                           current)[0][1])
     vf_netlink.check_ack(sim.kernel.netlink(request))
-    for _ in range(50):
-        await settle()
-        await sim.engine.reconciler.idle()
-        if kernel_settings(sim, "enp59s0f0")[0].trust:
-            break
+    await sim.engine.quiesce()
     assert kernel_settings(sim, "enp59s0f0")[0].trust is True
 
 
@@ -268,7 +259,7 @@ async def test_a_lease_records_the_vf_s_settings_and_release_puts_exactly_those_
     for change in (vf_netlink.VfChange(mac="52:54:00:aa:bb:cc"), vf_netlink.VfChange(vlan=42)):
         for _setting, attribute in vf_netlink.vf_attributes(0, change, kernel_settings(sim, "enp59s0f0")[0]):
             vf_netlink.check_ack(sim.kernel.netlink(vf_netlink.encode_set("enp59s0f0", attribute)))
-    await settle()
+    await sim.engine.quiesce()
     await sim.engine.reconcile()  # the reconciler leaves a leased VF alone
     assert kernel_settings(sim, "enp59s0f0")[0].mac == "52:54:00:aa:bb:cc"
     await sim.engine.release(uuid)
@@ -403,7 +394,7 @@ async def test_the_settings_of_one_pf_s_vfs_are_one_batch_and_each_vf_succeeds_o
         current = kernel_settings(sim, "enp2s0")[index]
         attribute = vf_netlink.vf_attributes(index, vf_netlink.VfChange(trust=False), current)[0][1]
         vf_netlink.check_ack(sim.kernel.netlink(vf_netlink.encode_set("enp2s0", attribute)))
-    await settle()  # the kernel's RTM_NEWLINKs of the PF reach the engine
+    await sim.engine.quiesce()  # the kernel's RTM_NEWLINKs of the PF reach the engine
     entries = []
     record = engine.journal.record
 
