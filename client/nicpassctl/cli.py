@@ -34,6 +34,8 @@ EXAMPLES = {
                "nicpassctl forget 3b:02.0 --restore"],
     "reconcile": ["nicpassctl reconcile --plan", "nicpassctl reconcile"],
     "guard": ["nicpassctl guard", "nicpassctl guard --release 0000:01:00.0"],
+    "import": ["nicpassctl import                 # what would be adopted; changes nothing",
+               "nicpassctl import --apply         # then remove the lines it lists"],
     "leases": ["nicpassctl leases", "nicpassctl --json leases"],
     "release": ["nicpassctl release 6f1c2a8e-0000-4000-8000-000000000001"],
     "activate": ["nicpassctl activate 6f1c2a8e-0000-4000-8000-000000000001 --pid 4242"],
@@ -179,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", action="store_true",
                    help="only say what it would do and what it would not apply; change nothing (exit 1 if a "
                         "desire would not be applied)")
+    p = command("import", "adopt what driverctl, vfio-pci.ids=, systemd-networkd [SR-IOV] and udev sriov_numvfs "
+                          "rules do at boot: shows each line as a nicpassd desire, guard-checked, and what to "
+                          "remove from the old tool (exit 1 if something would be refused or, with --apply, failed)")
+    p.add_argument("--apply", action="store_true",
+                   help="persist what can be adopted (the kernel changes only where it differs); the old "
+                        "configuration is left for you to remove")
     p = command("guard", "the protected set (never handed to a VM) with reasons")
     p.add_argument("--release", metavar="DEVICE", default=None,
                    help="forget a device remembered as the management path that the kernel no longer shows "

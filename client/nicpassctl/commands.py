@@ -60,6 +60,7 @@ def action_for(args: Any) -> Action:
         "unbind": (f"give {dev} back to its host driver", MANAGE),
         "forget": (f"forget the persisted state of {dev}", MANAGE),
         "reconcile": ("apply the persisted desired state", MANAGE),
+        "import": ("adopt the boot configuration of other tools", MANAGE if getattr(args, "apply", False) else None),
         "prepare": (f"prepare devices for VM {getattr(args, 'vm_name', '')}", LEASE),
         "release": (f"release the devices of VM {getattr(args, 'vm_uuid', '')}", LEASE),
         "activate": (f"activate the lease of VM {getattr(args, 'vm_uuid', '')}", LEASE),
@@ -147,6 +148,18 @@ async def cmd_reconcile(client, args) -> ExitCode:
     else:
         out(render.reconcile_text(rows, planned=args.plan))
     return ExitCode.FAILED if render.reconcile_failed(rows) else ExitCode.OK
+
+
+async def cmd_import(client, args) -> ExitCode:
+    if args.apply:
+        (rows,) = await client.manager("Import", "a{sv}", [], options={}, mutate=True)
+    else:
+        (rows,) = await client.manager("PlanImport")
+    if args.json:
+        emit_json(render.import_json(rows))
+    else:
+        out(render.import_text(rows, applied=args.apply))
+    return ExitCode.FAILED if render.import_failed(rows) else ExitCode.OK
 
 
 async def cmd_guard(client, args) -> ExitCode:
@@ -594,6 +607,6 @@ async def cmd_monitor(client, args) -> ExitCode:
 
 COMMANDS = {
     "list": cmd_list, "show": cmd_show, "check": cmd_check, "vfs": cmd_vfs, "vf": cmd_vf, "bind": cmd_bind,
-    "unbind": cmd_unbind, "forget": cmd_forget, "reconcile": cmd_reconcile, "guard": cmd_guard, "leases": cmd_leases,
+    "unbind": cmd_unbind, "forget": cmd_forget, "reconcile": cmd_reconcile, "import": cmd_import, "guard": cmd_guard, "leases": cmd_leases,
     "prepare": cmd_prepare, "activate": cmd_activate, "release": cmd_release, "monitor": cmd_monitor, "version": cmd_version,
 }

@@ -336,6 +336,42 @@ def reconcile_text(rows: list[list[Any]], *, planned: bool = False) -> str:
     return f"{body}\n\n{summary}"
 
 
+def import_json(rows: Iterable[list[Any]]) -> list[dict[str, Any]]:
+    return [{"source": r[0], "device": r[1] or None, "action": r[2], "target": r[3], "status": r[4],
+             "remove": r[5] or None} for r in rows]
+
+
+def import_failed(rows: Iterable[list[Any]]) -> bool:
+    """Something the old tools do that nicpassd would refuse, or that failed to apply."""
+    return any(r[4].startswith(("refused", "failed")) for r in rows)
+
+
+def import_text(rows: list[list[Any]], *, applied: bool) -> str:
+    if not rows:
+        return ("Nothing to import: no driverctl override, vfio-pci.ids=, networkd SR-IOV setting or udev "
+                "sriov_numvfs rule found.")
+    body = table(["SOURCE", "DEVICE", "ACTION", "TARGET", "STATUS"],
+                 [[r[0], r[1] or "-", r[2], r[3], r[4]] for r in rows])
+    # What is adopted is kept by nicpassd now; a line the guard refuses captures a device the
+    # host needs at every boot: both go.
+    removals = list(dict.fromkeys(r[5] for r in rows if r[5] and r[4].startswith(
+        ("adopted", "already persisted", "refused") if applied else ("adopt", "already persisted", "refused"))))
+    adopted = sum(1 for r in rows if r[4].startswith("adopted" if applied else "adopt"))
+    if applied:
+        summary = f"{adopted} adopted (persisted by nicpassd)"
+        then = "Both tools now hold the same state. Remove from the old configuration:"
+    else:
+        summary = f"{adopted} to adopt; nothing was changed (`nicpassctl import --apply` persists them)"
+        then = "Once adopted, remove from the old configuration:"
+    refused = sum(1 for r in rows if r[4].startswith(("refused", "failed")))
+    if refused:
+        summary += f"; {refused} refused or failed (STATUS says why)"
+    text = f"{body}\n\n{summary}."
+    if removals:
+        text += f"\n{then}\n" + "\n".join(f"  - {removal}" for removal in removals)
+    return text
+
+
 def check_json(findings: Iterable[list[Any]]) -> list[dict[str, str]]:
     return [{"id": f[0], "level": f[1], "message": f[2], "remedy": f[3]} for f in findings]
 

@@ -25,7 +25,7 @@ import time
 from dataclasses import replace
 from typing import Callable, Iterable
 
-from nicpassd.engine import checks, vf_settings
+from nicpassd.engine import adopt, checks, vf_settings
 from nicpassd.engine.config import Config
 from nicpassd.engine.hostview import HostView, InventoryDelta
 from nicpassd.engine.journal import Journal
@@ -249,6 +249,39 @@ class Engine:
         """What ``reconcile`` would do now, and what it would not apply and why; writes nothing."""
         async with self.ops.lock:
             return self.reconciler.preview()
+
+    async def plan_import(self) -> list[adopt.Adoption]:
+        """What other tools (driverctl, vfio-pci.ids=, networkd, udev rules) make of the NICs at
+        boot, as nicpassd desires, guard-checked; writes nothing."""
+        async with self.ops.lock:
+            self.view.refresh_changed()
+            return adopt.plan(self.view)
+
+    async def adopt(self, *, caller: str = "") -> list[adopt.Adoption]:
+        """``plan_import``, and each adoptable row persisted through the mutation it stands for
+        (guard-checked, journaled; the kernel changes only where it differs). Each row succeeds
+        or fails on its own: the rows with what was done ("adopted: ...", "failed: ...")."""
+        done = []
+        for row in await self.plan_import():
+            self.read_in_marked()  # what the rows before did
+            row = adopt.restate(self.view, row)
+            if not row.adoptable:
+                done.append(row)
+                continue
+            try:
+                if row.action == adopt.VFS:
+                    await self.set_vf_count(row.device, int(row.target), caller=caller)
+                elif row.action == adopt.VF:
+                    await self.set_vf_settings(f"{row.device}:{row.index}", row.values, caller=caller)
+                else:
+                    await self.bind(row.device, row.target, caller=caller)
+            except NicpassError as exc:
+                done.append(replace(row, status=f"failed: {exc.name}: {exc}"))
+                continue
+            done.append(replace(row, status="adopted" + row.status.removeprefix(adopt.ADOPT)))
+            log.info("imported from %s: %s %s %s", row.source, row.action, row.device, row.target,
+                     extra={"device": row.device, "action": "import"})
+        return done
 
     async def set_vf_count(self, device: str, count: int, *, persist: bool = True, driver: str = "",
                            force: bool = False, caller: str = "", stable_macs: bool | None = None) -> None:

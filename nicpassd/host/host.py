@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from nicpassd.errors import KernelError
-from nicpassd.host import kernelio, modprobe, platform, procfs, sysfs, vf_netlink
+from nicpassd.host import kernelio, legacy, modprobe, platform, procfs, sysfs, vf_netlink
 from nicpassd.host.model import HostSnapshot, PciFunction, VfSettings
 from nicpassd.host.vf_netlink import VfChange
 from nicpassd.host.writer import (BatchFailure, BatchWrite, KernelWriter, describe_oserror, run_blocking,
@@ -161,9 +161,16 @@ class Host:
 
     def modprobe_config(self) -> list[tuple[str, int, str]]:
         """Every line of modprobe.d (/etc, /run, /usr/lib, /lib): what modules get at load time."""
-        return modprobe.read_modprobe_config([self.paths.under(d) for d in
-                                            ("/etc/modprobe.d", "/run/modprobe.d", "/usr/lib/modprobe.d",
-                                             "/lib/modprobe.d")])
+        return modprobe.read_modprobe_config(self.paths)
+
+    def driverctl_overrides(self) -> list[legacy.DriverctlOverride]:
+        return legacy.read_driverctl(self.paths)
+
+    def networkd_units(self) -> list[legacy.NetworkdUnit]:
+        return legacy.read_networkd(self.paths)
+
+    def udev_numvfs_rules(self) -> list[legacy.UdevNumVfsRule]:
+        return legacy.read_udev_numvfs(self.paths)
 
     def read_platform(self) -> platform.Platform:
         """What the preflight check reads about CPU, IOMMU, vfio and the boot loader."""

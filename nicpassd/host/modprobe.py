@@ -4,15 +4,20 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
+
+from nicpassd.paths import HostPaths
+
+DIRECTORIES = ("/etc/modprobe.d", "/run/modprobe.d", "/usr/lib/modprobe.d", "/lib/modprobe.d")
 
 
-def read_modprobe_config(directories: list[Path]) -> list[tuple[str, int, str]]:
-    """(file, line number, line) of every modprobe.d configuration line, continuation lines
-    joined, comments and blank lines skipped; files in modprobe's order (by name, /etc first)."""
+def read_modprobe_config(paths: HostPaths) -> list[tuple[str, int, str]]:
+    """(file as the admin sees it, line number, line) of every modprobe.d configuration line,
+    continuation lines joined, comments and blank lines skipped; files in modprobe's order (by
+    name, /etc first)."""
     seen: set[str] = set()
     lines: list[tuple[str, int, str]] = []
-    for directory in directories:
+    for shown in DIRECTORIES:
+        directory = paths.under(shown)
         try:
             names = sorted(name for name in os.listdir(directory) if name.endswith(".conf"))
         except OSError:
@@ -35,5 +40,5 @@ def read_modprobe_config(directories: list[Path]) -> list[tuple[str, int, str]]:
                     continue
                 line, pending = (pending + line).strip(), ""
                 if line:
-                    lines.append((os.fspath(directory / name), start, line))
+                    lines.append((f"{shown}/{name}", start, line))
     return lines

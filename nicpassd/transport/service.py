@@ -540,6 +540,28 @@ class ManagerInterface(ServiceInterface):
 
     @method()
     @dbus_errors
+    async def PlanImport(self) -> "a(ssssss)":
+        """What other tools were told to do with the NICs at boot — driverctl overrides,
+        ``vfio-pci.ids=`` (kernel command line, modprobe.d), systemd-networkd ``[SR-IOV]`` and
+        ``SR-IOVVirtualFunctions=``, udev rules writing ``sriov_numvfs`` — as nicpassd desires:
+        (source, device, action, target, status, what to remove from the old tool) per line and
+        device. status "adopt: ..." for what ``Import`` persists, "already persisted",
+        "refused: ..." (the guard), "skipped: ...". A read: no authorization."""
+        return [list(row.row) for row in await self.engine.plan_import()]
+
+    @method()
+    @dbus_errors
+    @authorized(ACTION_MANAGE)
+    async def Import(self, options: "a{sv}") -> "a(ssssss)":
+        """``PlanImport``'s adoptable rows persisted (and applied where the kernel differs), each
+        on its own: the same rows, status "adopted: ..." or "failed: ErrorName: ...". Nothing of
+        the old tools is changed: the rows say what to remove."""
+        _known_options(options, ())
+        sender, _ = caller()
+        return [list(row.row) for row in await self.engine.adopt(caller=sender)]
+
+    @method()
+    @dbus_errors
     async def Check(self) -> "a(ssss)":
         self.engine.catch_up()
         return [[f.id, f.level.value, f.message, f.remedy] for f in self.engine.check()]

@@ -271,3 +271,36 @@ def test_a_locale_without_the_arrows_still_reads_every_chain(private_bus, daemon
         assert "Traceback" not in result.stderr, result.stderr
         assert result.returncode == (0 if argv == ["guard"] else 3), result
         assert "br0 -> bond0 -> eno2" in result.stdout + result.stderr
+
+
+def test_import_shows_the_plan_then_adopts_and_lists_what_to_remove(private_bus, daemon):
+    """Issue 20, item 6: `import` on a host with driverctl and a modprobe.d recipe that also takes
+    the management NICs: the plan changes nothing and exits 1 (something would be refused);
+    `--apply` persists what can be adopted, names the lines to remove, and leaves the rest."""
+    (daemon.root / "etc/driverctl.d").mkdir(parents=True)
+    (daemon.root / "etc/driverctl.d/pci-0000:af:00.0").write_text("vfio-pci\n")
+    (daemon.root / "etc/modprobe.d").mkdir(parents=True, exist_ok=True)
+    (daemon.root / "etc/modprobe.d/vfio.conf").write_text("options vfio-pci ids=8086:1521\n")
+    result = nicpassctl(private_bus, "import")
+    assert result.returncode == 1, result
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["SOURCE", "DEVICE", "ACTION", "TARGET", "STATUS"]
+    assert any(line.startswith("/etc/driverctl.d/pci-0000:af:00.0") and "adopt: persisted and bound now (on e1000e)"
+               in line for line in lines), result.stdout
+    assert any(line.startswith("/etc/modprobe.d/vfio.conf:1") and "0000:01:00.0" in line and "refused:" in line
+               for line in lines), result.stdout
+    assert "1 to adopt; nothing was changed" in result.stdout and "2 refused or failed" in result.stdout
+    assert driver(daemon, "0000:af:00.0") == "e1000e"
+
+    result = nicpassctl(private_bus, "--json", "import", "--apply")
+    assert result.returncode == 1, result  # the refused lines still stand
+    rows = {(row["source"], row["device"]): row for row in json.loads(result.stdout)}
+    adopted = rows[("/etc/driverctl.d/pci-0000:af:00.0", "0000:af:00.0")]
+    assert adopted["status"] == "adopted: persisted and bound now (on e1000e)"
+    assert adopted["remove"].startswith("rm /etc/driverctl.d/pci-0000:af:00.0")
+    assert rows[("/etc/modprobe.d/vfio.conf:1", "0000:01:00.0")]["status"].startswith("refused:")
+    assert driver(daemon, "0000:af:00.0") == "vfio-pci" and driver(daemon, "0000:01:00.0") == "igb"
+    assert listing(private_bus)["0000:af:00.0"]["desired_driver"] == "vfio-pci"
+    result = nicpassctl(private_bus, "import", "--apply")
+    assert "already persisted" in result.stdout and "Remove from the old configuration:" in result.stdout
+    assert "  - rm /etc/driverctl.d/pci-0000:af:00.0" in result.stdout, result.stdout

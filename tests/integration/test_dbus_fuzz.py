@@ -163,6 +163,7 @@ PLAUSIBLE = {
     "Activate": st.tuples(st.sampled_from(UUIDS[:3]), good_options("missing_ok")),
     "Release": st.tuples(st.sampled_from(UUIDS[:3]), st.just({})),
     "ReleaseProtection": st.tuples(GOOD_DEVICES, st.just({})),
+    "Import": st.tuples(st.just({})),
     "SetVfSettings": st.tuples(
         st.one_of(GOOD_DEVICES, st.sampled_from(["0000:3b:00.0:0", "enp59s0f0:1", "0000:5e:00.0:9"])),
         st.dictionaries(st.sampled_from(["mac", "vlan", "qos", "trust", "spoofchk", "link_state", "max_tx_rate"]),
@@ -334,7 +335,8 @@ def test_fuzz_as_root_with_polkit_authorizing(fuzzed, polkit):
     assert any("InvalidArgument" in outcome for outcome in outcomes), fuzzed.answers
 
 
-READS = {"Explain", "Check", "CheckDevices", "GetProtected", "ListLeases", "GetViolations", "PlanReconcile"}  # no authorization asked
+READS = {"Explain", "Check", "CheckDevices", "GetProtected", "ListLeases", "GetViolations", "PlanReconcile",
+         "PlanImport"}  # no authorization asked
 
 
 def test_fuzz_refused_by_polkit_changes_nothing(fuzzed, polkit):

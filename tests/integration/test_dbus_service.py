@@ -183,10 +183,11 @@ MUTATIONS = [
     ("Prepare", "ssasa{sv}", "vm", "uuid-x", "1", "3b:00.1", "0"),
     ("Release", "sa{sv}", "uuid-x", "0"),
     ("ReleaseProtection", "sa{sv}", "01:00.0", "0"),
+    ("Import", "a{sv}", "0"),
 ]
 READS = [
     ("Check", ""), ("Explain", "s", "3b:00.0"), ("GetProtected", ""), ("ListLeases", ""), ("GetViolations", ""),
-    ("PlanReconcile", ""), ("CheckDevices", "as", "0"),
+    ("PlanReconcile", ""), ("CheckDevices", "as", "0"), ("PlanImport", ""),
 ]
 
 
