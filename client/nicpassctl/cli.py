@@ -31,6 +31,7 @@ EXAMPLES = {
              "nicpassctl bind --group af:00.0 --runtime  # with its IOMMU group mates, until reboot"],
     "unbind": ["nicpassctl unbind 3b:02.0", "nicpassctl unbind --group af:00.0"],
     "forget": ["nicpassctl forget 0000:3b:02.0            # also a device that is gone",
+               "nicpassctl forget 3c:fd:fe:a0:00:00       # a card taken out, by the MAC check shows",
                "nicpassctl forget 3b:02.0 --restore"],
     "reconcile": ["nicpassctl reconcile --plan", "nicpassctl reconcile"],
     "guard": ["nicpassctl guard", "nicpassctl guard --release 0000:01:00.0"],
@@ -173,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group", action="store_true",
                    help="also give back its IOMMU group mates (what bind --group took)")
     p = command("forget", "drop the persisted desired state of a device", devices=True)
-    p.add_argument("device", metavar="DEVICE", help=DEVICE_HELP + ", or the address of a device that is gone")
+    p.add_argument("device", metavar="DEVICE", help=DEVICE_HELP + "; for a device that is gone, also the "
+                   "permanent MAC or PCIe serial it was recorded with (`nicpassctl check` shows them)")
     p.add_argument("--restore", action="store_true", help="also give it back to its host driver now")
     p = command("reconcile", "apply the persisted desired state now; lists each step and what was not applied "
                              "(exit 1 if a step failed or was refused; devices left alone on purpose, such as "

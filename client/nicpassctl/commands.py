@@ -221,23 +221,37 @@ async def cmd_vfs(client, args) -> ExitCode:
     if getattr(args, "stable_macs", None) is not None:
         options["stable_macs"] = args.stable_macs
     address, persisted_on = await _pf_and_persisted_vf_driver(client, args.device)
+    before = await _vfs_of(client, address) if address else []
     await client.manager("SetVfCount", "sua{sv}", [args.device, args.count], options=options, mutate=True)
     # Persisting a count without --vfio also persists "VFs on their host driver": say what that dropped.
     dropped = persisted_on if persisted_on and not args.vfio and not args.runtime else ""
-    created = await _vfs_of(client, address) if args.count and address else []
+    now = await _vfs_of(client, address) if address else []
+    removed = [vf for vf in before if vf.get("Address") not in {each.get("Address") for each in now}]
     if args.json:
         emit_json({"device": args.device, "count": args.count, "persist": not args.runtime,
                    "driver": options.get("driver"), "dropped_vf_driver": dropped or None,
-                   "vfs": [vf.get("Address") for vf in created]})
-    else:
-        where = " on vfio-pci" if args.vfio else ""
-        how = "persisted" if not args.runtime else "runtime only"
-        if dropped:
-            how += (f"; its VFs are no longer persisted on {dropped}: after a reboot they come up on their host "
-                    f"driver (add --vfio to keep them on {dropped})")
-        out(f"{args.device}: {args.count} VFs{where} ({how})")
-        for vf in created:  # every device the change made
-            out(f"  {vf.get('Address')}: {vf.get('Driver') or 'no driver'}")
+                   "vfs": [vf.get("Address") for vf in now], "removed": [vf.get("Address") for vf in removed],
+                   "persisted_per_vf": {vf.get("Address"): vf.get("DesiredDriver") for vf in now
+                                        if vf.get("DesiredDriver") and not args.vfio}})
+        return ExitCode.OK
+    where = " on vfio-pci" if args.vfio else ""
+    how = "persisted" if not args.runtime else "runtime only"
+    if dropped:
+        how += (f"; its VFs are no longer persisted on {dropped}: after a reboot they come up on their host "
+                f"driver (add --vfio to keep them on {dropped})")
+    out(f"{args.device}: {args.count} VFs{where} ({how})")
+    for vf in now:  # every device the change left, and why a VF is where it is
+        line = f"  {vf.get('Address')}: {vf.get('Driver') or 'no driver'}"
+        if vf.get("DesiredDriver") and not args.vfio:
+            line += (f" (persisted on {vf.get('DesiredDriver')} for this VF; `nicpassctl unbind {vf.get('Address')}` "
+                     "gives it back to its host driver for good)")
+        out(line)
+    for vf in removed:
+        line = f"  {vf.get('Address')}: removed"
+        if vf.get("DesiredDriver"):
+            line += (f" (its own persisted {vf.get('DesiredDriver')} stays for when the count brings it back; "
+                     f"`nicpassctl forget {vf.get('Address')}` drops it)")
+        out(line)
     return ExitCode.OK
 
 

@@ -266,6 +266,11 @@ def vf_table(pf: str, vfs: list[dict[str, Any]]) -> list[str]:
     return [f"VFs of {pf}"] + ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
 
 
+# Explain's keys that the Device block shows under its own name
+EXPLAIN_IN_DEVICE = ("protected", "reasons", "driver", "desired_driver", "persisted", "interfaces", "iommu_group",
+                     "leased_to", "drift")
+
+
 def show_text(props: dict[str, Any] | None, explain: dict[str, Any], vfs: list[dict[str, Any]] | None = None) -> str:
     address = explain.get("address") or (props or {}).get("Address", "?")
     verdict = explain.get("verdict") or (
@@ -286,8 +291,10 @@ def show_text(props: dict[str, Any] | None, explain: dict[str, Any], vfs: list[d
                           else fmt_value(value)))
         lines += [""] + _block("Device", pairs)
     pairs = []
+    # What the Device block already shows is not said twice; Explain adds the verdict's parts.
+    shown = set(EXPLAIN_IN_DEVICE) if props is not None else set()
     for key, value in explain_record(explain).items():
-        if key in ("address", "verdict"):
+        if key in ("address", "verdict") or key in shown:
             continue
         if key == "group_members":
             text = "\n".join(f"{m['address']} ({m['driver'] or 'no driver'})" for m in value) or "-"

@@ -89,9 +89,16 @@ def check(view: HostView, config: Config) -> list[Finding]:
             level = Level.FAIL if device_view.drift.startswith("identity") else Level.WARN
             findings.append(Finding(f"drift-{address}", level, f"{address}: {device_view.drift}",
                                     f"re-apply with nicpassctl, or drop it with `nicpassctl forget {address}`"))
-    for address in sorted(view.store.state.devices):
+    for address, desire in sorted(view.store.state.devices.items()):
         if address not in snapshot.functions:
-            findings.append(Finding(f"missing-{address}", Level.WARN, f"persisted device {address} is not present",
+            identity = desire.identity
+            known = [f"{identity.vendor_id}:{identity.device_id}"]
+            if identity.physfn:
+                known.append(f"VF {identity.vf_index} of {identity.physfn}")
+            known += [f"MAC {identity.permanent_mac}"] if identity.permanent_mac else []
+            known += [f"serial {identity.serial}"] if identity.serial else []
+            findings.append(Finding(f"missing-{address}", Level.WARN,
+                                    f"persisted device {address} ({', '.join(known)}) is not present",
                                     f"`nicpassctl forget {address}` if the card was removed for good"))
     return findings
 
@@ -119,8 +126,8 @@ def boot_capture(view: HostView) -> list[Finding]:
         entry = view.memory.entries[address]
         return f"{address} ({', '.join(entry.interfaces)})" if entry.interfaces else address
 
-    remedy = ("remove it, and pass devices through one by one with `nicpassctl bind DEVICE` (persisted and "
-              "applied per device at boot, before the host driver, never by model)")
+    per_device = ("pass the other devices through one by one (`nicpassctl import --apply` persists those it "
+                  "captures, each applied at boot before its host driver, never by model)")
     findings = []
     for word in view.snapshot.cmdline.split():
         key, _, value = word.partition("=")
@@ -128,7 +135,8 @@ def boot_capture(view: HostView) -> list[Finding]:
             for address in captured(value):
                 findings.append(Finding(f"boot-capture-cmdline-{address}", Level.FAIL,
                                         f"the kernel command line's {word} captures {name(address)}, a device of the "
-                                        "host's management path, at every boot", remedy))
+                                        "host's management path, at every boot",
+                                        f"{per_device}; then {preflight.cmdline_remedy(view.host.read_platform(), remove=word)}"))
     drivers: dict[str, list[str]] = {}
     for address, (_, driver) in sorted(devices.items()):
         if driver:
@@ -142,20 +150,23 @@ def boot_capture(view: HostView) -> list[Finding]:
                     for address in captured(option.removeprefix("ids=")):
                         findings.append(Finding(f"boot-capture-modprobe-{address}", Level.FAIL,
                                                 f"{where}: '{line}' captures {name(address)}, a device of the host's "
-                                                "management path, whenever vfio-pci loads", remedy))
+                                                "management path, whenever vfio-pci loads",
+                                                f"{per_device}; then remove the line from {file} and run "
+                                                "`update-initramfs -u`"))
         elif len(words) >= 2 and words[0] in ("blacklist", "install") and _module(words[1]) in drivers:
             what = "keeps its driver from loading" if words[0] == "blacklist" else "replaces the loading of its driver"
             for address in drivers[_module(words[1])]:
                 findings.append(Finding(f"boot-capture-{words[0]}-{address}", Level.FAIL,
                                         f"{where}: '{line}' {what} ({words[1]}): {name(address)}, of the host's "
-                                        "management path, comes up without it", f"remove the line from {file}"))
+                                        "management path, comes up without it",
+                                        f"remove the line from {file} and run `update-initramfs -u`"))
         elif len(words) >= 3 and words[0] == "softdep" and _module(words[1]) in drivers and \
                 "vfio_pci" in {_module(w) for w in words[2:]}:
             for address in drivers[_module(words[1])]:
                 findings.append(Finding(f"boot-capture-softdep-{address}", Level.WARN,
                                         f"{where}: '{line}' loads vfio-pci before {words[1]}, the driver of "
                                         f"{name(address)} (management path): with any vfio-pci ids= of its model, "
-                                        "vfio-pci takes it", remedy))
+                                        "vfio-pci takes it", f"remove the line from {file} and run `update-initramfs -u`"))
     return findings
 
 

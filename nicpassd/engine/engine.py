@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from dataclasses import replace
 from typing import Callable, Iterable
 
 from nicpassd.engine import adopt, checks, vf_settings
+from nicpassd.engine.plan import vf_claims
 from nicpassd.engine.config import Config
 from nicpassd.engine.hostview import HostView, InventoryDelta
 from nicpassd.engine.journal import Journal
@@ -49,6 +51,9 @@ from nicpassd.stopwatch import lap
 __all__ = ["Engine", "InventoryDelta"]
 
 log = logging.getLogger(__name__)
+# A recorded identity, as `forget` accepts it: a PF's permanent MAC, a card's PCIe serial number
+MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+SERIAL = re.compile(r"[0-9a-f]{2}(-[0-9a-f]{2}){7}")
 # An event-driven refresh that took longer than this (a real kernel, a slow CPU, a large host)
 # makes the next one of the same burst wait as long as it took: the loop spends at most about
 # half its time re-reading on events, and a burst (7 VFs binding: a dozen events) is read in a
@@ -316,8 +321,13 @@ class Engine:
             before_drivers = [self.host.driver_of(vf) for vf in before.virtfns]
             lap("guard")
             extra = {} if stable_macs is None else {"stable_macs": stable_macs}
-            await self.ops.set_vf_count(address, count, driver, None,
-                                        self._new_vf_settings(address, count, extra))
+            # VFs persisted one by one on a passthrough driver come back on it when the count
+            # creates them again: in this call, as the reconciler would do it at boot, so that
+            # the answer (and `nicpassctl vfs`, which lists each VF's driver) is already true.
+            claimed = {} if driver == VFIO else dict(vf_claims(self.store.state.devices, address, count))
+            claims = await self.ops.set_vf_count(address, count, driver, claimed,
+                                                 self._new_vf_settings(address, count, extra))
+            await self._bind_claimed(claims)
             try:
                 await self._commit([address], persist, num_vfs=count, vf_driver=driver if count else "", **extra)
             except NotPersisted as exc:
@@ -327,6 +337,17 @@ class Engine:
                      "" if persist else " (runtime only)", extra={"device": address, "action": "vfs"})
             view.mark([address, *before.virtfns, *self.host.present(address).virtfns])  # read after the answer
         self.reconciler.poke()
+
+    async def _bind_claimed(self, claims: dict[str, str]) -> None:
+        """The verified binds of the VFs a count change created for their persisted passthrough
+        driver. A failure leaves the count as it is: the reconcile run poked after says why."""
+        by_driver: dict[str, list[str]] = {}
+        for vf, driver in claims.items():
+            by_driver.setdefault(driver, []).append(vf)
+        for driver, vfs in by_driver.items():
+            for vf, error in (await self.ops.bind_each(vfs, driver)).items():
+                log.warning("%s (persisted on %s) was created but not bound: %s", vf, driver, error,
+                            extra={"device": vf, "action": "vfs"})
 
     async def bind(self, device: str, driver: str, *, persist: bool = True, force: bool = False,
                    group: bool = False, caller: str = "") -> None:
@@ -515,9 +536,28 @@ class Engine:
         return after
 
     def _absent_desire(self, device: str) -> str:
-        """The address of a persisted desire for ``device`` (a PCI address) whose device is gone."""
-        address = full_address(device.strip().lower())
-        return address if self.store.get(address) is not None and address not in self.view.snapshot.functions else ""
+        """The address of a persisted desire whose device is gone, named by its PCI address or by
+        the identity it was recorded with: the PF's permanent MAC, or the card's PCIe serial (a
+        card moved to another slot, or taken out, is known by those, not by an address)."""
+        wanted = device.strip().lower()
+        address = full_address(wanted)
+        if self.store.get(address) is not None and address not in self.view.snapshot.functions:
+            return address
+        if not (MAC.fullmatch(wanted) or SERIAL.fullmatch(wanted)):
+            return ""
+        matches = sorted(key for key, desire in self.store.state.devices.items()
+                         if wanted in (desire.identity.permanent_mac.lower(), desire.identity.serial.lower()))
+        if len(matches) > 1:
+            raise InvalidArgument(f"{len(matches)} persisted devices were recorded with {device}: "
+                                  f"{', '.join(matches)}", "forget them one by one, by address")
+        if matches and matches[0] in self.view.snapshot.functions:
+            raise InvalidArgument(f"{device} is the recorded identity of {self.view.label(matches[0])}, which is "
+                                  "present", f"forget it by its address: nicpassctl forget {matches[0]}")
+        if not matches:
+            raise NotFound(f"no persisted device was recorded with {device}",
+                           "`nicpassctl check` lists the persisted devices that are not present, with their MAC "
+                           "and serial")
+        return matches[0]
 
     def _new_vf_settings(self, address: str, count: int, changes: dict[str, object]) -> dict[int, VfChange]:
         """The persisted settings (stable MACs included) of the VFs a count change creates: written
@@ -558,9 +598,10 @@ class Engine:
     async def forget(self, device: str, *, restore: bool = False) -> None:
         try:
             address = self.view.resolve(device)
-        except NotFound:
+        except (NotFound, InvalidArgument):
             # A card taken out for good, or a VF not created: its persisted state can still go
-            # (what `check` says to do about a persisted device that is not present).
+            # (what `check` says to do about a persisted device that is not present), also by
+            # the identity it was recorded with.
             address = self._absent_desire(device)
             if not address:
                 raise

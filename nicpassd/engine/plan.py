@@ -99,7 +99,7 @@ def desired_driver(snapshot: HostSnapshot, desires: dict[str, DeviceDesire], add
     return "", ""
 
 
-def _vf_claims(desires: dict[str, DeviceDesire], pf: str, count: int) -> tuple[tuple[int, str], ...]:
+def vf_claims(desires: dict[str, DeviceDesire], pf: str, count: int) -> tuple[tuple[int, str], ...]:
     """(index, driver) of the VF desires of ``pf`` on a passthrough driver among its first ``count``."""
     return tuple(sorted((desire.identity.vf_index, desire.driver) for desire in desires.values()
                         if desire.identity.physfn == pf and desire.driver in PASSTHROUGH_DRIVERS
@@ -166,7 +166,7 @@ def make_plan(snapshot: HostSnapshot, desires: dict[str, DeviceDesire], protecte
             refuse(address, Action.VFS, "Busy", f"cannot {action}: a VF is leased to VM {vm}")
         else:
             where = f" on {desire.vf_driver}" if desire.vf_driver and desire.num_vfs else ""
-            vf_drivers = () if desire.vf_driver in PASSTHROUGH_DRIVERS else _vf_claims(desires, address, desire.num_vfs)
+            vf_drivers = () if desire.vf_driver in PASSTHROUGH_DRIVERS else vf_claims(desires, address, desire.num_vfs)
             if vf_drivers:
                 where += " (" + ", ".join(f"VF {index} on {driver}" for index, driver in vf_drivers) + ")"
             settings = tuple((index, tuple(wanted.items())) for index, wanted in sorted(desired_settings(

@@ -304,3 +304,29 @@ def test_import_shows_the_plan_then_adopts_and_lists_what_to_remove(private_bus,
     result = nicpassctl(private_bus, "import", "--apply")
     assert "already persisted" in result.stdout and "Remove from the old configuration:" in result.stdout
     assert "  - rm /etc/driverctl.d/pci-0000:af:00.0" in result.stdout, result.stdout
+
+
+def test_vfs_names_the_vfs_it_removed_and_a_vf_that_comes_back_on_its_own_persisted_driver(private_bus, daemon):
+    """Issue 20: after `vfs PF 1` (it had 3 VFs, one persisted on vfio-pci) `check` warned about the
+    persisted VF with a remedy that failed, and raising the count again silently put that VF back
+    on vfio-pci. Now `vfs` names what it removed and why a VF lands where it does."""
+    assert nicpassctl(private_bus, "vfs", "enp59s0f1", "3").returncode == 0
+    vf1 = sorted(a for a, e in listing(private_bus).items() if e["physical_function"] == "0000:3b:00.1")[1]
+    assert nicpassctl(private_bus, "bind", vf1).returncode == 0  # persisted on vfio-pci, this VF alone
+    result = nicpassctl(private_bus, "vfs", "enp59s0f1", "1")
+    assert result.returncode == 0, result
+    lines = result.stdout.splitlines()
+    assert lines[0] == "enp59s0f1: 1 VFs (persisted)" and lines[1].endswith(": iavf"), result.stdout
+    assert lines[2] == (f"  {vf1}: removed (its own persisted vfio-pci stays for when the count brings it back; "
+                        f"`nicpassctl forget {vf1}` drops it)"), result.stdout
+    assert len(lines) == 4 and lines[3].endswith(": removed"), result.stdout
+
+    result = nicpassctl(private_bus, "--json", "vfs", "enp59s0f1", "3")
+    assert result.returncode == 0, result
+    answer = json.loads(result.stdout)
+    assert answer["persisted_per_vf"] == {vf1: "vfio-pci"} and answer["removed"] == []
+    assert driver(daemon, vf1) == "vfio-pci"  # bound in the call itself, not behind the answer's back
+    result = nicpassctl(private_bus, "vfs", "enp59s0f1", "1")
+    assert nicpassctl(private_bus, "forget", vf1).returncode == 0  # the remedy the line named
+    result = nicpassctl(private_bus, "vfs", "enp59s0f1", "3")
+    assert "persisted on" not in result.stdout and driver(daemon, vf1) == "iavf", result.stdout

@@ -287,9 +287,10 @@ def test_version(h, capsys):
 
 def test_vfs(h, capsys):
     assert h.run("vfs", "enp59s0f0", "4") == 0
-    explain, get, m, objects = h.calls
+    explain, get, before, m, after = h.calls
     assert (explain.member, get.member, get.body) == ("Explain", "Get", [DEV_IFACE, "DesiredVfDriver"])
-    assert objects.member == "GetManagedObjects"  # after the change: the VFs it made
+    # the VFs before and after the change: what it made and what it removed
+    assert before.member == after.member == "GetManagedObjects"
     assert (m.member, m.signature) == ("SetVfCount", "sua{sv}")
     assert m.body[:2] == ["enp59s0f0", 4] and unwrap_opts(m.body[2]) == {"persist": True}
     assert m.body[2]["persist"].signature == "b"

@@ -130,6 +130,8 @@ def test_show_text_has_every_property_and_explain():
         assert render.snake(key).replace("_", " ") in text
     assert "0000:3b:00.1 (no driver)" in text and "0000:3b:00.0 (i40e)" in text
     assert "group viable" in text
+    labels = [line.strip().split("  ")[0] for line in text.splitlines() if line.startswith("  ") and line[2] != " "]
+    assert len(labels) == len(set(labels)), labels  # issue 20: show repeated nine fields in Device and Explain
 
 
 def test_show_text_without_device_object():

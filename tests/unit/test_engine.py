@@ -652,3 +652,29 @@ async def test_forget_works_on_a_persisted_device_that_is_gone(sim):
     assert not any(gone in f.message for f in sim.engine.check())
     with pytest.raises(NotFound, match="no NIC function at 0000:3b:02.3"):
         await sim.engine.forget("0000:3b:02.3")  # neither present nor persisted
+
+
+async def test_forget_by_the_identity_a_gone_card_was_recorded_with(sim):
+    """Issue 20: a card taken out (or moved to another slot) is known to its admin by its MAC or
+    its serial, which `check` now prints beside the address; `forget` takes either."""
+    await sim.engine.set_vf_count(PF, 2)
+    await sim.engine.set_vf_count(PF2, 2)
+    sim.kernel.unplug(PF)
+    sim.kernel.unplug(PF2)
+    await sim.engine.quiesce()
+    missing = {f.id: f.message for f in sim.engine.check()}
+    assert missing[f"missing-{PF}"] == (f"persisted device {PF} (8086:1572, MAC 3c:fd:fe:a0:00:00, serial "
+                                        "3c-fd-fe-ff-ff-a0-00-00) is not present")
+    with pytest.raises(InvalidArgument, match=f"2 persisted devices were recorded with 3c-fd-fe-ff-ff-a0-00-00: "
+                                              f"{PF}, {PF2}"):
+        await sim.engine.forget("3c-fd-fe-ff-ff-a0-00-00")  # the card's two ports share its serial
+    await sim.engine.forget("3C:FD:FE:A0:00:00")
+    assert sim.engine.store.get(PF) is None and sim.engine.store.get(PF2) is not None
+    await sim.engine.forget("3c-fd-fe-ff-ff-a0-00-00")  # now one left
+    assert sim.engine.store.get(PF2) is None
+    with pytest.raises(NotFound):
+        await sim.engine.forget("3c:fd:fe:a0:00:00")  # forgotten: nothing has it any more
+    await sim.engine.set_vf_count(MLX, 1)
+    with pytest.raises(InvalidArgument, match=f"b8-ce-f6-03-00-00-00-10 is the recorded identity of {MLX} "
+                                              ".*which is present"):
+        await sim.engine.forget("b8-ce-f6-03-00-00-00-10")

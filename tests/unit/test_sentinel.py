@@ -211,12 +211,30 @@ async def test_check_fails_on_what_would_capture_the_management_nic_at_boot(watc
         findings[f"boot-capture-modprobe-{ENO1}"].message
     assert findings[f"boot-capture-blacklist-{ENO1}"].level == "fail"
     assert findings[f"boot-capture-softdep-{ENO1}"].level == "warn"
-    assert "nicpassctl bind DEVICE" in findings[f"boot-capture-modprobe-{ENO1}"].remedy
-    # the same ids on the kernel command line
+    assert findings[f"boot-capture-modprobe-{ENO1}"].remedy == (
+        "pass the other devices through one by one (`nicpassctl import --apply` persists those it captures, each "
+        "applied at boot before its host driver, never by model); then remove the line from "
+        "/etc/modprobe.d/vfio.conf and run `update-initramfs -u`")
+    # The remedies, carried out as they read, clear their findings (issue 20: remedies that work).
+    vfio_conf = (modprobe_d / "vfio.conf").read_text().splitlines()
+    (modprobe_d / "vfio.conf").write_text("\n".join(line for line in vfio_conf if not line.startswith("options")))
+    assert {f.id.rsplit("-", 1)[0] for f in sim.engine.check() if f.id.startswith("boot-capture")} == {
+        "boot-capture-blacklist", "boot-capture-softdep"}  # eno1's and eno2's
+    (modprobe_d / "vfio.conf").write_text("# from a passthrough how-to\n")
+    (modprobe_d / "blacklist-nic.conf").write_text("")
+    assert not [f for f in sim.engine.check() if f.id.startswith("boot-capture")]
+    # the same ids on the kernel command line: the remedy names this host's boot loader file
     (sim.paths.root / "proc" / "cmdline").write_text("BOOT_IMAGE=/vmlinuz intel_iommu=on vfio_pci.ids=8086:1521\n")
     sim.engine.refresh()
-    assert findings_level(sim, f"boot-capture-cmdline-{ENO1}") == "fail"
+    cmdline = next(f for f in sim.engine.check() if f.id == f"boot-capture-cmdline-{ENO1}")
+    assert cmdline.level == "fail" and cmdline.remedy.endswith(
+        "then remove vfio_pci.ids=8086:1521 in GRUB_CMDLINE_LINUX_DEFAULT of /etc/default/grub, run `update-grub`, "
+        "then reboot")
     assert not [f for f in sim.engine.check() if f.id.startswith("boot-capture") and NIC in f.id]
+    # ... and once the boot loader's new command line is in force, the finding is gone
+    (sim.paths.root / "proc" / "cmdline").write_text("BOOT_IMAGE=/vmlinuz intel_iommu=on\n")
+    sim.engine.refresh()
+    assert not [f for f in sim.engine.check() if f.id.startswith("boot-capture")]
 
 
 def findings_level(sim, finding_id: str) -> str:
