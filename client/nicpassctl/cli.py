@@ -79,7 +79,16 @@ def _seconds(text: str) -> float:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, with a did-you-mean for a mistyped command (`nicpassctl lsit`)."""
+    """argparse, with a did-you-mean for a mistyped command (`nicpassctl lsit`) and unique
+    prefixes of commands (``_Commands``)."""
+
+    def _check_value(self, action, value):
+        if isinstance(action, _Commands):
+            name, ambiguous = action.expand(value)
+            if ambiguous:
+                self.error(f"argument COMMAND: {value!r} is ambiguous: it may be {', '.join(ambiguous)}")
+            value = name
+        return super()._check_value(action, value)
 
     def error(self, message: str):
         if "invalid choice:" in message:
@@ -92,6 +101,22 @@ class _Parser(argparse.ArgumentParser):
             if close:
                 message = f"{message.split(' (choose from', 1)[0]}; did you mean {close[0]!r}?"
         super().error(message)
+
+
+class _Commands(argparse._SubParsersAction):
+    """A command may be shortened to any prefix that names one command only, as `ip` and `nmcli`
+    allow (`nicpassctl li`, `nicpassctl rec --plan`); an exact name wins (`vf`, not `vfs`)."""
+
+    def expand(self, name: str) -> tuple[str, list[str]]:
+        """(the command ``name`` stands for, or ``name`` itself; the candidates when ambiguous)."""
+        if name in self._name_parser_map or not name:
+            return name, []
+        matches = sorted(choice for choice in self._name_parser_map if choice.startswith(name))
+        return (matches[0], []) if len(matches) == 1 else (name, matches)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        name, *rest = values
+        super().__call__(parser, namespace, [self.expand(name)[0], *rest], option_string)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how long to wait for nicpassd (default: 25 s for queries, 300 s for changes)")
     parser.add_argument("--no-ask-password", dest="interactive", action="store_false", default=True,
                         help="do not let polkit ask for a password for changes")
+    parser.register("action", "parsers", _Commands)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, help_text: str, *, devices: bool = False) -> argparse.ArgumentParser:

@@ -139,6 +139,15 @@ def test_a_mistyped_command_gets_a_did_you_mean_and_json_has_a_short_option(caps
     assert cli.build_parser().parse_args(["show", "-j", "eno1"]).json is True
 
 
+def test_a_command_may_be_any_prefix_that_names_one_command_only(capsys):
+    """Issue 20: unambiguous prefixes, as `ip li` and `nmcli dev` take them."""
+    assert (parse(["li"]).command, parse(["rec", "--plan"]).plan, parse(["imp", "--apply"]).command) == (
+        "list", True, "import")
+    assert parse(["vf", "3b:02.0", "trust", "on"]).command == "vf"  # an exact name wins over `vfs`
+    assert cli.main(["re"]) == 2
+    assert "'re' is ambiguous: it may be reconcile, release" in capsys.readouterr().err
+
+
 def test_help_has_examples_and_names_devices_only_where_they_are_taken(capsys):
     """Issue 20: examples in the help; the DEVICE footer only on commands that take a device;
     every positional argument described."""
