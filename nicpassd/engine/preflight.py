@@ -141,6 +141,12 @@ def device_findings(view: HostView, address: str, fp: FunctionPlatform, platform
         findings.append(Finding("reset", Level.OK, f"reset: {', '.join(methods)}"))
     if function.physfn:
         findings.append(Finding("sriov", Level.OK, f"a VF of {view.label(function.physfn)}"))
+    elif function.total_vfs and fp.vf_memory is False:
+        findings.append(Finding("sriov", Level.WARN, f"SR-IOV capable (up to {function.total_vfs} VFs), but the "
+                                "kernel could not place the VFs' memory (every IOV BAR is unassigned): creating VFs "
+                                "fails with \"not enough MMIO resources for SR-IOV\"",
+                                "enable \"Above 4G decoding\" and SR-IOV in the system firmware, or let the kernel "
+                                "re-place the bridges' windows: " + cmdline_remedy(platform, add="pci=realloc")))
     elif function.total_vfs:
         findings.append(Finding("sriov", Level.OK, f"SR-IOV capable: up to {function.total_vfs} VFs "
                                 f"({function.num_vfs} now)"))

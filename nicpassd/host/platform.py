@@ -65,6 +65,9 @@ class FunctionPlatform:
 
     reset_methods: tuple[str, ...]  # flr, pm, bus, ...; () when the kernel can reset it no way
     sriov_capability: bool | None  # in config space, whatever the kernel made of it; None: unreadable
+    # Whether the kernel placed the VFs' memory (any IOV BAR of `resource` assigned); None: the
+    # kernel shows no IOV BARs (not a PF, or built without SR-IOV). World-readable, no capability.
+    vf_memory: bool | None = None
 
 
 def _read(path: "os.PathLike[str]") -> str:
@@ -152,4 +155,15 @@ def read_function_platform(paths: HostPaths, address: str) -> FunctionPlatform:
     methods = _read(directory / "reset_method").split()
     if not methods and (directory / "reset").exists() and not (directory / "reset_method").exists():
         methods = ["unknown"]  # a kernel before 5.15: it can reset the function, it does not say how
-    return FunctionPlatform(tuple(methods), has_sriov_capability(directory / "config"))
+    return FunctionPlatform(tuple(methods), has_sriov_capability(directory / "config"),
+                            _vf_memory(_read(directory / "resource"), (directory / "sriov_totalvfs").exists()))
+
+
+def _vf_memory(resource: str, physfn: bool) -> bool | None:
+    """Lines 7-12 of ``resource`` are the IOV BARs (after the six BARs and the ROM): an assigned
+    one has non-zero flags; the kernel resets (all zero) an optional BAR it could not place, and
+    sriov_enable() then fails with ENOMEM."""
+    lines = resource.splitlines()
+    if not physfn or len(lines) < 13:
+        return None
+    return any(int(line.split()[2], 16) for line in lines[7:13] if len(line.split()) == 3)

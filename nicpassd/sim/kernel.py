@@ -265,6 +265,7 @@ class SimKernel:
         for name, value in attrs.items():
             (directory / name).write_text(value + "\n")
         (directory / "config").write_bytes(_config_space(spec))
+        (directory / "resource").write_text(_resources(spec, address))
         (directory / "subsystem").symlink_to("../../../bus/pci")
         (self.paths.pci_devices / address).symlink_to(f"../../../{PCI_ROOT}/{address}")
         if device.group >= 0:
@@ -935,6 +936,8 @@ class SimKernel:
             return
         if pf.numvfs:
             raise _oserror(errno.EBUSY, f"{pf.numvfs} VFs already enabled. Disable before enabling {count} VFs")
+        if pf.spec.vf_bars_unassigned:  # sriov_enable(): no IOV BAR has a parent resource
+            raise _oserror(errno.ENOMEM, "not enough MMIO resources for SR-IOV")
         self._enable_vfs(pf, count)
 
     # ------------------------------------------------------------ test helpers
@@ -990,6 +993,20 @@ def _le_hex(address: ipaddress.IPv4Address) -> str:
 def _vf_mac(address: str) -> str:
     digits = address.replace(":", "").replace(".", "")[-8:].rjust(8, "0")
     return "02:" + ":".join(digits[i:i + 2] for i in range(0, 8, 2)) + ":01"
+
+
+def _resources(spec: Function, address: str) -> str:
+    """``resource`` as resource_show() prints it for a function (not a bridge): 13 lines, the six
+    BARs, the ROM, then the six IOV BARs; "start end flags", all zero for a BAR that is absent or
+    that the kernel could not place. A 128 KiB memory BAR 0 and, for a PF, a VF BAR 7 of 16 KiB
+    per VF, at addresses derived from the function's address."""
+    lines = [(0, 0, 0)] * 13
+    base = 0xF0000000 + (int(address.replace(":", "").replace(".", "")[-6:], 16) << 12) % 0x0F000000
+    lines[0] = (base, base + 0x1FFFF, 0x40200)  # IORESOURCE_MEM | IORESOURCE_SIZEALIGN
+    if spec.sriov_totalvfs and not spec.vf_bars_unassigned:
+        vf_base = 0x380000000000 + base * 0x100
+        lines[7] = (vf_base, vf_base + 0x4000 * spec.sriov_totalvfs - 1, 0x140204)  # MEM_64 | prefetch
+    return "".join(f"0x{start:016x} 0x{end:016x} 0x{flags:016x}\n" for start, end, flags in lines)
 
 
 def _config_space(spec: Function) -> bytes:

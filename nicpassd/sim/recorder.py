@@ -177,6 +177,7 @@ class _Recorder:
         fields["reset_method"] = " ".join(m for m in machine.reset_methods if m != "unknown") or (
             "flr" if machine.reset_methods else "")  # a kernel before 5.15: resettable, the method unknown
         fields["sriov_disabled"] = bool(machine.sriov_capability) and not total
+        fields["vf_bars_unassigned"] = machine.vf_memory is False
         return Function.model_validate(fields)
 
     def _netdev_dir(self, base: Path) -> Path | None:

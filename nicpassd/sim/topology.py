@@ -54,6 +54,10 @@ class Function(_Strict):
     # SR-IOV capability in config space, but no VFs for the kernel (off in the firmware, or VF
     # BARs it could not place): no sriov_* attributes. Only with sriov_totalvfs = 0.
     sriov_disabled: bool = False
+    # VFs the kernel shows, but whose memory (the IOV BARs) it could not place at boot: every IOV
+    # BAR line of `resource` is zero and enabling VFs fails with ENOMEM ("not enough MMIO
+    # resources for SR-IOV"). Only with sriov_totalvfs > 0.
+    vf_bars_unassigned: bool = False
     reset_method: str = "flr bus"  # the kernel's reset_method ("" = it cannot reset the function)
     disks: tuple[str, ...] = ()  # block devices behind this (storage) function: "sda", "nvme0n1"
 
@@ -97,6 +101,8 @@ class Function(_Strict):
             raise ValueError(f"{self.address}: sriov_totalvfs needs vf_device")
         if self.sriov_totalvfs < 0 or self.vf_stride < 1 or self.vf_offset < 1:
             raise ValueError(f"{self.address}: sriov_totalvfs, vf_offset and vf_stride must be positive")
+        if self.vf_bars_unassigned and not self.sriov_totalvfs:
+            raise ValueError(f"{self.address}: vf_bars_unassigned is about the VFs' memory: it needs sriov_totalvfs")
         if self.sriov_disabled and self.sriov_totalvfs:
             raise ValueError(f"{self.address}: sriov_disabled means the kernel shows no VFs: sriov_totalvfs must be 0")
         return self

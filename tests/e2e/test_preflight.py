@@ -52,6 +52,10 @@ def test_check_agrees_with_the_guest_kernel_and_with_virt_host_validate(g):
     assert host["vfio"]["level"] == "ok", host["vfio"]
     devices = {device["address"]: {f["id"]: f for f in device["findings"]} for device in report["devices"]}
     assert devices[IGB]["sriov"]["level"] == "ok" and "SR-IOV capable: up to 7 VFs" in devices[IGB]["sriov"]["message"]
+    # The VFs' memory as the kernel placed it: `resource` has 13 lines, the IOV BARs last (7-12),
+    # at least one of them assigned (flags not zero): what the simulator models.
+    resource = g.run(["cat", f"/sys/bus/pci/devices/{IGB}/resource"]).check().stdout.splitlines()
+    assert len(resource) == 13 and any(int(line.split()[2], 16) for line in resource[7:13]), resource
     shown = []
     for address, found in devices.items():
         methods = g.run(f"cat /sys/bus/pci/devices/{address}/reset_method 2>/dev/null || true").stdout.split()

@@ -156,6 +156,37 @@ async def test_a_group_shared_across_slots_a_bus_reset_a_card_without_reset_and_
     assert found["0000:04:00.0"]["function"] == ("ok", "0000:04:00.0 (enp4s0) on ixgbe, 8086:1563", "")
 
 
+UNPLACED = NIC + """
+[[functions]]
+address = "0000:05:00.0"
+vendor = "8086"
+device = "1521"
+driver = "igb"
+netdev = "enp5s0"
+sriov_totalvfs = 7
+vf_device = "1520"
+vf_driver = "igbvf"
+vf_bars_unassigned = true
+"""
+
+
+async def test_vfs_whose_memory_the_kernel_could_not_place_are_a_warning_and_the_kernel_refuses_them(make_sim):
+    """Issue 15: "capable but disabled" that needs no capability to see: the VFs' IOV BARs in the
+    world-readable `resource` are all unassigned (the kernel's 'BAR 7: failed to assign' at boot),
+    so sriov_totalvfs says 7 and enabling them fails with ENOMEM."""
+    from nicpassd.errors import KernelError
+
+    sim = make_sim(host(functions=UNPLACED))
+    level, message, remedy = device_findings(sim, "enp5s0")["0000:05:00.0"]["sriov"]
+    assert level == "warn" and message.startswith("SR-IOV capable (up to 7 VFs), but the kernel could not place the "
+                                                  "VFs' memory")
+    assert remedy.endswith("add pci=realloc in GRUB_CMDLINE_LINUX_DEFAULT of /etc/default/grub, run `update-grub`, "
+                           "then reboot")
+    with pytest.raises(KernelError, match="not enough MMIO resources for SR-IOV"):
+        await sim.engine.set_vf_count("enp5s0", 2)
+    assert sim.numvfs("0000:05:00.0") == 0
+
+
 async def test_the_default_host_s_devices(sim):
     found = device_findings(sim, "enp59s0f0", "af:00.0", "eno1")
     assert found["0000:3b:00.0"]["sriov"] == ("ok", "SR-IOV capable: up to 64 VFs (0 now)", "")
