@@ -139,6 +139,14 @@ async def serve(args, paths: HostPaths, config) -> int:
         from nicpassd.host.netlink import RtnlEvents
 
         events = UdevEvents(loop, engine.on_uevent)
+        # The kernel's own PCI uevents, before udev's rules ran (under a hypervisor udev takes
+        # 100+ ms per event): only the sentinel's first look at a management device taken by
+        # someone else, whose outage lasts until the heal (the inventory waits for udev's).
+        try:
+            first_events = UdevEvents(loop, engine.on_kernel_event, source="kernel", subsystems=("pci",))
+        except Exception as exc:  # noqa: BLE001 - pyudev's own errors; udev's events still come
+            log.warning("cannot read the kernel's own uevents (%s); a heal waits for udev's", exc)
+            first_events = None
         # Routes, addresses and links move the protected set: netlink pushes each change; so does
         # sock_diag for a closed session (the admin's way in).
         routing = RtnlEvents(loop, engine.on_uevent)
@@ -193,6 +201,8 @@ async def serve(args, paths: HostPaths, config) -> int:
         watchdog.cancel()
     if events is not None:
         events.close()
+        if first_events is not None:
+            first_events.close()
         routing.close()
         if closed_sessions is not None:
             closed_sessions.close()

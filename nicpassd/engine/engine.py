@@ -170,6 +170,7 @@ class Engine:
         what the events name), then one reconcile run if any event was relevant to it."""
         self.view.note(event)
         self.reconciler.note(event)
+        self.sentinel.on_event(event)
         loop = asyncio.get_running_loop()
         if self._urgent(event) and self._spaced is not None:
             # A protected or leased function changed driver: the sentinel must see it now, not
@@ -186,6 +187,12 @@ class Engine:
             self._spaced = loop.call_later(wait, self._after_events)
         else:
             loop.call_soon(self._after_events)
+
+    def on_kernel_event(self, event: UEvent) -> None:
+        """A kernel uevent as the kernel sent it, before udev's rules ran (and before the same
+        event comes again through ``on_uevent``): only the sentinel looks at it, so that a heal
+        does not wait for udev."""
+        self.sentinel.on_event(event)
 
     async def quiesce(self) -> None:
         """Wait until every event delivered so far is handled: its refresh done (also one spaced
@@ -209,9 +216,10 @@ class Engine:
 
     def _after_events(self) -> None:
         self._spaced = None
-        if self.reconciler.auto and self.ops.lock.locked():
-            # A change is being applied: its own events would cost a refresh per trickle of them.
-            # The reconcile run queued behind it takes them all in at once, under the lock.
+        if self.reconciler.auto and (self.ops.lock.locked() or self.sentinel.busy):
+            # A change is being applied, or a heal is about to be: its own events would cost a
+            # refresh per trickle of them, and a heal must not wait for one. The reconcile run
+            # queued behind it takes them all in at once, under the lock.
             self.reconciler.poke()
             return
         if self.view.refresh_pending:

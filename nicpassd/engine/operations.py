@@ -130,7 +130,8 @@ class Operations:
             await self.host.load_driver(VFIO)
             lap("modprobe")
         try:
-            await self.host.set_driver_override(address, override)
+            if before.driver_override != override:  # a write takes the device lock: none when it is so already
+                await self.host.set_driver_override(address, override)
             if before.driver and not satisfies(before.driver, driver):
                 await self.host.unbind(address, before.driver)
             if not self.host.driver_of(address):

@@ -37,6 +37,7 @@ from nicpassd.engine.hostview import HostView
 from nicpassd.engine.leases import BROKEN, Lease
 from nicpassd.engine.operations import Operations
 from nicpassd.errors import NicpassError
+from nicpassd.host.events import UEvent
 from nicpassd.host.kernelio import PASSTHROUGH_DRIVERS, VFIO
 from nicpassd.host.model import PciFunction
 
@@ -94,6 +95,29 @@ class Sentinel:
         view.listeners.append(lambda _delta: self.look())
 
     # --------------------------------------------------------------- detection
+    def on_event(self, event: UEvent) -> None:
+        """The first kernel event of someone else's change to a management device (its unbind,
+        or its bind to another driver), acted on at once: the device's binding is two reads, and
+        the heal starts before the refresh the event also causes (routing, sessions, the guard,
+        the D-Bus properties) — its latency is the management network's outage. ``look`` then
+        finds the violation already known."""
+        if event.subsystem != "pci" or event.action not in ("unbind", "bind"):
+            return
+        address = event.sys_name
+        entry = self.view.memory.entries.get(address)
+        function = self.view.snapshot.functions.get(address)
+        if (entry is None or not entry.driver or function is None or address in self.active
+                or address in self._in_heal or address not in self.view.protected):
+            return
+        if event.action == "bind" and event.driver == entry.driver:
+            return
+        # The driver link only: driver_override's read takes the device lock, which the kernel
+        # may still hold right after an unbind's uevent; the heal reads it under nicpassd's lock.
+        driver = self.view.host.driver_of(address)
+        if driver == entry.driver:
+            return
+        self._found(self._violation(address, entry, replace(function, driver=driver)))
+
     def look(self) -> None:
         """Compare what is protected or leased with what the kernel shows (after every publish)."""
         snapshot, memory = self.view.snapshot, self.view.memory

@@ -26,7 +26,8 @@ OVERFLOW = UEvent("overflow", "", "")
 
 
 class UdevEvents:
-    def __init__(self, loop: asyncio.AbstractEventLoop, callback: UEventCallback, *, source: str = "udev") -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, callback: UEventCallback, *, source: str = "udev",
+                 subsystems: tuple[str, ...] = SUBSYSTEMS) -> None:
         import pyudev  # imported here: the simulator and the tests of other layers do not need it
 
         self.loop = loop
@@ -34,7 +35,7 @@ class UdevEvents:
         # udev re-sends kernel events once its rules ran; wait for those (TuneD does the same).
         self.wait_initialized = source == "udev"
         self.monitor = pyudev.Monitor.from_netlink(pyudev.Context(), source=source)
-        for subsystem in SUBSYSTEMS:
+        for subsystem in subsystems:
             self.monitor.filter_by(subsystem)
         try:
             self.monitor.set_receive_buffer_size(RECEIVE_BUFFER)

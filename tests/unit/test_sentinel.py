@@ -279,3 +279,20 @@ async def test_given_back_by_someone_else_before_the_heal_is_reported_as_such(wa
     assert sim.driver(ENO1) == "igb"
     assert [v.outcome for v in seen] == ["detected", "back on igb before nicpassd healed it (given back by someone else)"]
     assert sim.engine.explain(ENO1).last_violation.endswith(seen[-1].outcome)
+
+
+async def test_the_heal_starts_at_the_first_event_before_the_refresh_it_causes(watched):
+    """Issue 13: the heal's latency is the management network's outage. The unbind's uevent
+    starts the heal at once; the refresh it also causes (routing, sessions, the guard, the D-Bus
+    properties: tens of ms on a real kernel) waits until the heal has written."""
+    sim = watched()
+    sim.engine.reconciler.auto = True  # as in the daemon
+    order: list[str] = []
+    refresh = sim.engine.view.refresh_changed
+    sim.engine.view.refresh_changed = lambda: order.append("refresh") or refresh()
+    write = sim.writer.write
+    sim.writer.write = lambda path, data: order.append(f"write {path.name}") or write(path, data)
+    sim.kernel.write(sim.paths.pci_drivers / "igb" / "unbind", ENO1)  # a careless admin
+    await sim.engine.quiesce()
+    assert sim.driver(ENO1) == "igb"
+    assert order[0] == "write drivers_probe" and "refresh" in order, order
