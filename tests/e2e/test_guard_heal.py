@@ -9,6 +9,7 @@ import time
 import pytest
 
 from .conftest import E1000E, MGMT, SESSION_NOTES
+from nicpassd.engine.sentinel import FIGHT_LIMIT
 
 pytestmark = pytest.mark.e2e
 
@@ -165,14 +166,18 @@ def test_heal_time_beside_the_kernels_own_bind(g):
     bare, healed = [], []
     g.sh("systemctl stop nicpassd")
     try:
-        for _ in range(3):
+        for _ in range(5):
             bare.append(float(g.run(["python3", "/tmp/heal_timing.py", MGMT, "bare"]).check().stdout))
             time.sleep(1)
     finally:
         g.sh("systemctl start nicpassd")
         g.wait_daemon()
     mgmt_back(g)
-    for _ in range(3):
+    # One heal first, not counted: a daemon that just started pays its first-use costs (lazy
+    # imports, the first D-Bus signal) once; a running host's daemon has long paid them.
+    g.run(["python3", "/tmp/heal_timing.py", MGMT, "heal"]).check()
+    mgmt_back(g)
+    for _ in range(FIGHT_LIMIT - 1):  # with the first, as many heals as a minute allows (the fight limit)
         healed.append(float(g.run(["python3", "/tmp/heal_timing.py", MGMT, "heal"]).check().stdout))
         mgmt_back(g)
     assert all(value > 0 for value in (*bare, *healed)), (bare, healed)

@@ -296,3 +296,29 @@ async def test_the_heal_starts_at_the_first_event_before_the_refresh_it_causes(w
     await sim.engine.quiesce()
     assert sim.driver(ENO1) == "igb"
     assert order[0] == "write drivers_probe" and "refresh" in order, order
+
+
+async def test_a_heal_is_journaled_while_the_kernel_writes(watched):
+    """Issue 13: healing is journaled for crash recovery; its entry is written beside the kernel
+    writes (either crash order leaves the device healed, or taken and healed at the next start)
+    and dropped once the device is back."""
+    sim = watched()
+    journal = sim.engine.ops.journal
+    seen: list[tuple[str, object]] = []
+    record, finish = journal.record, journal.finish
+
+    async def recording(kind, devices, **options):
+        entry = await record(kind, devices, **options)
+        seen.append(("record", (entry.kind, entry.target, list(entry.devices))))
+        return entry
+
+    async def finishing(entry):
+        seen.append(("finish", entry.id in journal.entries))
+        await finish(entry)
+
+    journal.record, journal.finish = recording, finishing
+    sim.kernel.write(sim.paths.pci_drivers / "igb" / "unbind", ENO1)
+    await sim.engine.quiesce()
+    assert sim.driver(ENO1) == "igb" and not journal.entries
+    assert [what for what, _ in seen] == ["record", "finish"] and seen[1][1] is True
+    assert seen[0][1] == ("bind", {"driver": ""}, [ENO1])
