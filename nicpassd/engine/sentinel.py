@@ -92,13 +92,12 @@ class Sentinel:
         self._tasks: set[asyncio.Task] = set()
         self._breaking: set[str] = set()  # lease ids being marked broken
         self._in_heal: set[str] = set()  # devices nicpassd is giving back right now: their heal settles them
-        self._unreported: dict[str, Violation] = {}  # found, heal started, "detected" not reported yet
         view.listeners.append(lambda _delta: self.look())
 
     # --------------------------------------------------------------- detection
     def on_event(self, event: UEvent) -> None:
         """The first kernel event of someone else's change to a management device (its unbind,
-        or its bind to another driver), acted on at once: the device's binding is two reads, and
+        or its bind to another driver), acted on at once: its driver link is one read, and
         the heal starts before the refresh the event also causes (routing, sessions, the guard,
         the D-Bus properties) — its latency is the management network's outage. ``look`` then
         finds the violation already known."""
@@ -167,17 +166,14 @@ class Sentinel:
     def _found(self, violation: Violation) -> None:
         self.count += 1
         self.active[violation.address] = violation
-        if violation.kind == "management" and self._config().guard.heal and self.healing:
-            # The heal's first steps (the lock, the journal's write in a worker) before the report
-            # (the crit line, the D-Bus signal): the outage lasts until the heal, not the report.
-            self._unreported[violation.address] = violation
-            self._spawn(self._heal(violation.address))
-            asyncio.get_running_loop().call_soon(self._report_found, violation.address)
-            return
         self._report(violation)
-        if violation.kind == "management" and not self._config().guard.heal:
+        if violation.kind != "management":
+            return
+        if not self._config().guard.heal:
             self._settle(violation, "not healed: [guard] heal is off; give it back with "
                                     f"`nicpassctl unbind {violation.address}`")
+        elif self.healing:
+            self._spawn(self._heal(violation.address))
 
     def _look_at_leases(self) -> None:
         snapshot = self.view.snapshot
@@ -235,14 +231,7 @@ class Sentinel:
                 "culprit": violation.culprit, "culprit_pid": violation.culprit_pid, "guest": violation.guest,
                 "reasons": "; ".join(violation.reasons), "outcome": violation.outcome}
 
-    def _report_found(self, address: str) -> None:
-        """The report of a violation whose heal started first (once: ``_settle`` may have sent it)."""
-        violation = self._unreported.pop(address, None)
-        if violation is not None:
-            self._report(violation)
-
     def _settle(self, violation: Violation, outcome: str) -> None:
-        self._report_found(violation.address)  # "detected" always goes out before the outcome
         done = replace(violation, outcome=outcome)
         if violation.address in self.active:
             self.active[violation.address] = done
