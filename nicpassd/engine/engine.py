@@ -349,12 +349,9 @@ class Engine:
     async def _bind_claimed(self, claims: dict[str, str]) -> None:
         """The verified binds of the VFs a count change created for their persisted passthrough
         driver. A failure leaves the count as it is: the reconcile run poked after says why."""
-        by_driver: dict[str, list[str]] = {}
-        for vf, driver in claims.items():
-            by_driver.setdefault(driver, []).append(vf)
-        for driver, vfs in by_driver.items():
-            for vf, error in (await self.ops.bind_each(vfs, driver)).items():
-                log.warning("%s (persisted on %s) was created but not bound: %s", vf, driver, error,
+        for vf, error in (await self.ops.bind_claims(claims)).items():
+            if error is not None:
+                log.warning("%s (persisted on %s) was created but not bound: %s", vf, claims[vf], error,
                             extra={"device": vf, "action": "vfs"})
 
     async def bind(self, device: str, driver: str, *, persist: bool = True, force: bool = False,

@@ -170,6 +170,26 @@ class Operations:
                 raise exc.with_note(await self.restore_binding(address, before)) from exc
             raise
 
+    async def bind_claims(self, claims: dict[str, str],
+                          admit: Callable[[str, str], None] | None = None) -> dict[str, NicpassError | None]:
+        """The verified binds of the VFs a count change created for a passthrough driver ({VF:
+        driver}, what ``set_vf_count`` returns), one batch per driver; ``admit(vf, driver)`` may
+        refuse one (the guard: a refusal fails its batch). {VF: None when bound, else the error}."""
+        by_driver: dict[str, list[str]] = {}
+        for vf, driver in claims.items():
+            by_driver.setdefault(driver, []).append(vf)
+        outcomes: dict[str, NicpassError | None] = {}
+        for driver, vfs in by_driver.items():
+            try:
+                for vf in vfs:
+                    if admit is not None:
+                        admit(vf, driver)
+                errors: dict[str, NicpassError] = await self.bind_each(vfs, driver)
+            except NicpassError as exc:
+                errors = {vf: exc for vf in vfs}
+            outcomes.update({vf: errors.get(vf) for vf in vfs})
+        return outcomes
+
     async def bind_all(self, addresses: list[str], driver: str) -> None:
         """``bind`` for many functions (a PF's VFs): raises the first failure, after restoring
         every function that failed."""

@@ -392,18 +392,7 @@ class Reconciler:
     async def _bind_claims(self, claims: dict[str, str], failed_now: dict[str, str], *,
                            explicit: bool) -> list[StepOutcome]:
         """The verified binds of the VFs a ``vfs`` step created for a passthrough driver."""
-        by_driver: dict[str, list[str]] = {}
-        for vf, driver in claims.items():
-            by_driver.setdefault(driver, []).append(vf)
-        outcomes = []
-        for driver, vfs in by_driver.items():
-            try:
-                for vf in vfs:
-                    self.view.guard_check(vf, f"bind {vf} to {driver}")
-                errors = await self.ops.bind_each(vfs, driver)  # journaled
-            except NicpassError as exc:
-                errors = {vf: exc for vf in vfs}
-            for vf in vfs:
-                step = Step(vf, Action.BIND, f"no driver → {driver}", driver=driver)
-                outcomes.append(self._record(step, errors.get(vf), failed_now, explicit=explicit))
-        return outcomes
+        errors = await self.ops.bind_claims(  # journaled
+            claims, lambda vf, driver: self.view.guard_check(vf, f"bind {vf} to {driver}"))
+        return [self._record(Step(vf, Action.BIND, f"no driver → {claims[vf]}", driver=claims[vf]), error,
+                             failed_now, explicit=explicit) for vf, error in errors.items()]
