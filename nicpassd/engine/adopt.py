@@ -18,6 +18,7 @@ from nicpassd.engine import preflight
 from nicpassd.engine.hostview import HostView
 from nicpassd.errors import NicpassError
 from nicpassd.host.kernelio import PASSTHROUGH_DRIVERS, VFIO
+from nicpassd.host import legacy
 from nicpassd.host.legacy import NetworkdUnit
 
 ADOPT = "adopt"  # the plan's status of a row the apply will persist
@@ -97,29 +98,17 @@ def _driverctl(view: HostView) -> list[Adoption]:
 
 def _vfio_ids(view: HostView) -> list[Adoption]:
     rows = []
-    for word in view.snapshot.cmdline.split():
-        key, _, value = word.partition("=")
-        if key.replace("-", "_") == "vfio_pci.ids":
-            remedy = preflight.cmdline_remedy(view.host.read_platform(), remove=word)
-            rows += _captured(view, value, f"kernel command line ({word})", remedy)
-    for file, number, line in view.host.modprobe_config():
-        words = line.split()
-        if len(words) >= 3 and words[0] == "options" and words[1].replace("-", "_") == "vfio_pci":
-            for option in words[2:]:
-                if option.startswith("ids="):
-                    rows += _captured(view, option.removeprefix("ids="), f"{file}:{number}",
-                                      f"remove '{line}' from {file}, then `update-initramfs -u`")
-    return rows
-
-
-def _captured(view: HostView, ids_text: str, source: str, remove: str) -> list[Adoption]:
-    """One bind row per present function the ids name (vendor:device, as vfio-pci matches them)."""
-    ids = {":".join(item.lower().split(":")[:2]) for item in ids_text.split(",") if item}
-    rows = [Adoption(source, address, BIND, VFIO, _bind_status(view, address, VFIO), remove)
-            for address, function in sorted(view.snapshot.functions.items())
-            if f"{function.vendor_id}:{function.device_id}".lower() in ids]
-    if not rows:
-        rows.append(Adoption(source, "", BIND, VFIO, f"skipped: no function present has the ids {ids_text}", remove))
+    for given in legacy.vfio_pci_ids(view.snapshot.cmdline, view.host.modprobe_config()):
+        if given.file:
+            source, remove = given.source, f"remove '{given.text}' from {given.file}, then `update-initramfs -u`"
+        else:
+            source = f"kernel command line ({given.text})"
+            remove = preflight.cmdline_remedy(view.host.read_platform(), remove=given.text)
+        captured = [Adoption(source, address, BIND, VFIO, _bind_status(view, address, VFIO), remove)
+                    for address, function in sorted(view.snapshot.functions.items())
+                    if f"{function.vendor_id}:{function.device_id}".lower() in given.ids]
+        rows += captured or [Adoption(source, "", BIND, VFIO, "skipped: no function present has the ids "
+                                      f"{','.join(sorted(given.ids))}", remove)]
     return rows
 
 

@@ -10,6 +10,7 @@ from nicpassd.engine import preflight
 from nicpassd.engine.config import Config
 from nicpassd.engine.hostview import HostView
 from nicpassd.engine.results import Explanation, Finding, GroupMember, Level
+from nicpassd.host import legacy
 from nicpassd.host.kernelio import PASSTHROUGH_DRIVERS
 
 RISKY_CMDLINE = {
@@ -118,8 +119,7 @@ def boot_capture(view: HostView) -> list[Finding]:
     if not devices:
         return []
 
-    def captured(ids_text: str) -> list[str]:
-        ids = {":".join(item.lower().split(":")[:2]) for item in ids_text.split(",") if item}
+    def captured(ids: frozenset[str]) -> list[str]:
         return [address for address, (pci_id, _) in sorted(devices.items()) if pci_id in ids]
 
     def name(address: str) -> str:
@@ -129,31 +129,28 @@ def boot_capture(view: HostView) -> list[Finding]:
     per_device = ("pass the other devices through one by one (`nicpassctl import --apply` persists those it "
                   "captures, each applied at boot before its host driver, never by model)")
     findings = []
-    for word in view.snapshot.cmdline.split():
-        key, _, value = word.partition("=")
-        if _module(key) == "vfio_pci.ids":
-            for address in captured(value):
+    modprobe_lines = view.host.modprobe_config()
+    for given in legacy.vfio_pci_ids(view.snapshot.cmdline, modprobe_lines):
+        for address in captured(given.ids):
+            if given.file:
+                findings.append(Finding(f"boot-capture-modprobe-{address}", Level.FAIL,
+                                        f"{given.source}: '{given.text}' captures {name(address)}, a device of the "
+                                        "host's management path, whenever vfio-pci loads",
+                                        f"{per_device}; then remove the line from {given.file} and run "
+                                        "`update-initramfs -u`"))
+            else:
+                remove = preflight.cmdline_remedy(view.host.read_platform(), remove=given.text)
                 findings.append(Finding(f"boot-capture-cmdline-{address}", Level.FAIL,
-                                        f"the kernel command line's {word} captures {name(address)}, a device of the "
-                                        "host's management path, at every boot",
-                                        f"{per_device}; then {preflight.cmdline_remedy(view.host.read_platform(), remove=word)}"))
+                                        f"the kernel command line's {given.text} captures {name(address)}, a device "
+                                        "of the host's management path, at every boot", f"{per_device}; then {remove}"))
     drivers: dict[str, list[str]] = {}
     for address, (_, driver) in sorted(devices.items()):
         if driver:
             drivers.setdefault(_module(driver), []).append(address)
-    for file, line_number, line in view.host.modprobe_config():
+    for file, line_number, line in modprobe_lines:
         words = line.split()
         where = f"{file}:{line_number}"
-        if len(words) >= 3 and words[0] == "options" and _module(words[1]) == "vfio_pci":
-            for option in words[2:]:
-                if option.startswith("ids="):
-                    for address in captured(option.removeprefix("ids=")):
-                        findings.append(Finding(f"boot-capture-modprobe-{address}", Level.FAIL,
-                                                f"{where}: '{line}' captures {name(address)}, a device of the host's "
-                                                "management path, whenever vfio-pci loads",
-                                                f"{per_device}; then remove the line from {file} and run "
-                                                "`update-initramfs -u`"))
-        elif len(words) >= 2 and words[0] in ("blacklist", "install") and _module(words[1]) in drivers:
+        if len(words) >= 2 and words[0] in ("blacklist", "install") and _module(words[1]) in drivers:
             what = "keeps its driver from loading" if words[0] == "blacklist" else "replaces the loading of its driver"
             for address in drivers[_module(words[1])]:
                 findings.append(Finding(f"boot-capture-{words[0]}-{address}", Level.FAIL,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from dataclasses import replace
 from typing import Callable, Iterable
@@ -51,9 +50,6 @@ from nicpassd.stopwatch import lap
 __all__ = ["Engine", "InventoryDelta"]
 
 log = logging.getLogger(__name__)
-# A recorded identity, as `forget` accepts it: a PF's permanent MAC, a card's PCIe serial number
-MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
-SERIAL = re.compile(r"[0-9a-f]{2}(-[0-9a-f]{2}){7}")
 # An event-driven refresh that took longer than this (a real kernel, a slow CPU, a large host)
 # makes the next one of the same burst wait as long as it took: the loop spends at most about
 # half its time re-reading on events, and a burst (7 VFs binding: a dozen events) is read in a
@@ -548,7 +544,7 @@ class Engine:
         address = full_address(wanted)
         if self.store.get(address) is not None and address not in self.view.snapshot.functions:
             return address
-        if not (MAC.fullmatch(wanted) or SERIAL.fullmatch(wanted)):
+        if not (kernelio.MAC.fullmatch(wanted) or kernelio.SERIAL.fullmatch(wanted)):
             return ""
         matches = sorted(key for key, desire in self.store.state.devices.items()
                          if wanted in (desire.identity.permanent_mac.lower(), desire.identity.serial.lower()))

@@ -129,7 +129,7 @@ class VfDesire(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    mac: str | None = Field(None, pattern=r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+    mac: str | None = Field(None, pattern=rf"^{kernelio.MAC_TEXT}$")
     vlan: int | None = Field(None, ge=0, le=4095)
     qos: int | None = Field(None, ge=0, le=7)
     vlan_proto: Literal["802.1Q", "802.1ad"] | None = None

@@ -37,7 +37,6 @@ MARKER_DIR = "var/lib/nicpassd/early-binding.d"  # the udev rule's TEST (see _sy
 VF_MARKER = "vfs"
 VERSION = 1
 HEX_ID = re.compile(r"[0-9a-f]{4}")
-SERIAL = re.compile(r"(?:[0-9a-f]{2}-){7}[0-9a-f]{2}")
 ENTRY_KEYS = {"driver", "vendor", "device", "subsystem_vendor", "subsystem_device", "serial"}
 
 
@@ -147,7 +146,7 @@ def _list_problem(data: object) -> str:
             for key in ("vendor", "device", "subsystem_vendor", "subsystem_device"):
                 if entry.get(key) and not HEX_ID.fullmatch(entry[key]):
                     return f"{where}.{key}: {entry[key]!r} is not four hex digits"
-            if entry.get("serial") and not SERIAL.fullmatch(entry["serial"]):
+            if entry.get("serial") and not kernelio.SERIAL.fullmatch(entry["serial"]):
                 return f"{where}.serial: {entry['serial']!r} is not a PCIe serial (xx-xx-xx-xx-xx-xx-xx-xx)"
     return ""
 

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from nicpassd.errors import KernelError
-from nicpassd.host import kernelio, legacy, modprobe, platform, procfs, sysfs, vf_netlink
+from nicpassd.host import kernelio, legacy, platform, procfs, sysfs, vf_netlink
 from nicpassd.host.model import HostSnapshot, PciFunction, VfSettings
 from nicpassd.host.vf_netlink import VfChange
 from nicpassd.host.writer import (BatchFailure, BatchWrite, KernelWriter, describe_oserror, run_blocking,
@@ -161,7 +161,7 @@ class Host:
 
     def modprobe_config(self) -> list[tuple[str, int, str]]:
         """Every line of modprobe.d (/etc, /run, /usr/lib, /lib): what modules get at load time."""
-        return modprobe.read_modprobe_config(self.paths)
+        return legacy.read_modprobe_config(self.paths)
 
     def driverctl_overrides(self) -> list[legacy.DriverctlOverride]:
         return legacy.read_driverctl(self.paths)

@@ -20,6 +20,9 @@ DRIVER_MODULES = {"vfio-pci": "vfio_pci", "pci-stub": "pci_stub"}
 # A PCI function's full address as the kernel names it (use with fullmatch): the one grammar every
 # file nicpassd reads and every name a caller gives is checked against.
 PCI_ADDRESS = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
+MAC_TEXT = r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}"  # as sysfs shows a netdev's address
+MAC = re.compile(MAC_TEXT)
+SERIAL = re.compile(r"(?:[0-9a-f]{2}-){7}[0-9a-f]{2}")  # a PCIe Device Serial Number, as read_serial gives it
 
 
 def write_sysfs(path: "os.PathLike[str] | str", data: str) -> None:

@@ -1,7 +1,7 @@
-"""What other tools were told to do with NICs at boot, read (never written) for ``nicpassctl
-import``: driverctl's overrides, systemd-networkd's SR-IOV settings, and udev rules that write
-``sriov_numvfs``. (The kernel command line and modprobe.d are read elsewhere: the guard reads
-them too.)"""
+"""What other tools were told to do with devices at boot, read (never written): modprobe.d (what
+modules get at load time: the guard's boot-capture check reads it too), ``vfio-pci.ids=`` wherever
+it is given, and for ``nicpassctl import`` driverctl's overrides, systemd-networkd's SR-IOV
+settings and udev rules that write ``sriov_numvfs``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 from nicpassd.paths import HostPaths
 
+MODPROBE_DIRS = ("/etc/modprobe.d", "/run/modprobe.d", "/usr/lib/modprobe.d", "/lib/modprobe.d")
 DRIVERCTL_DIR = "/etc/driverctl.d"
 # networkd and udev: a file in /etc hides one of the same name further down (their own rule).
 NETWORKD_DIRS = ("/etc/systemd/network", "/run/systemd/network", "/usr/lib/systemd/network", "/lib/systemd/network")
@@ -73,6 +74,60 @@ def _ordered_files(paths: HostPaths, directories: tuple[str, ...], suffixes: tup
             if name.endswith(suffixes) and name not in chosen:
                 chosen[name] = (f"{directory}/{name}", paths.under(directory) / name)
     return [chosen[name] for name in sorted(chosen)]
+
+
+def read_modprobe_config(paths: HostPaths) -> list[tuple[str, int, str]]:
+    """(file as the admin sees it, line number, line) of every modprobe.d configuration line,
+    continuation lines joined, comments and blank lines skipped; files in modprobe's order (by
+    name, /etc first)."""
+    lines: list[tuple[str, int, str]] = []
+    for shown, path in _ordered_files(paths, MODPROBE_DIRS, (".conf",)):
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        pending, start = "", 0
+        for number, raw in enumerate(text.splitlines(), 1):
+            line = raw.split("#", 1)[0].rstrip()
+            if not pending:
+                start = number
+            if line.endswith("\\"):
+                pending += line[:-1] + " "
+                continue
+            line, pending = (pending + line).strip(), ""
+            if line:
+                lines.append((shown, start, line))
+    return lines
+
+
+@dataclass(frozen=True)
+class VfioIds:
+    """One place that tells vfio-pci to take devices by model, at every load of the module."""
+
+    source: str  # "kernel command line", or "FILE:LINE" of modprobe.d
+    text: str  # the word (vfio-pci.ids=...) or the whole modprobe.d line
+    ids: frozenset[str]  # "vendor:device", as vfio-pci matches them (subsystem ids ignored)
+    file: str = ""  # modprobe.d: the file
+
+
+def vfio_pci_ids(cmdline: str, modprobe_lines: list[tuple[str, int, str]]) -> list[VfioIds]:
+    """``vfio-pci.ids=`` on the kernel command line (the kernel treats - and _ alike) and
+    ``options vfio-pci ids=`` in modprobe.d."""
+    def ids_of(text: str) -> frozenset[str]:
+        return frozenset(":".join(item.lower().split(":")[:2]) for item in text.split(",") if item)
+
+    found = []
+    for word in cmdline.split():
+        key, _, value = word.partition("=")
+        if key.replace("-", "_") == "vfio_pci.ids":
+            found.append(VfioIds("kernel command line", word, ids_of(value)))
+    for file, number, line in modprobe_lines:
+        words = line.split()
+        if len(words) >= 3 and words[0] == "options" and words[1].replace("-", "_") == "vfio_pci":
+            for option in words[2:]:
+                if option.startswith("ids="):
+                    found.append(VfioIds(f"{file}:{number}", line, ids_of(option.removeprefix("ids=")), file))
+    return found
 
 
 def read_driverctl(paths: HostPaths) -> list[DriverctlOverride]:
