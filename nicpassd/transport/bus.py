@@ -121,12 +121,19 @@ class NicpassBus(MessageBus):
     def _emit_interface_added(self, path, interface) -> None:
         if self._disconnected or path == self.object_manager_path:
             return
-        from dbus_fast.service import ServiceInterface
 
         def send(iface, result, _user_data, error) -> None:
             self.send(Message.new_signal(
                 path=self.object_manager_path, interface=OBJECT_MANAGER, member="InterfacesAdded",
                 signature="oa{sa{sv}}", body=[path, {iface.name: result or {}}]))
+
+        all_properties = getattr(interface, "all_properties", None)
+        if all_properties is not None:
+            # A hot-added PF brings dozens of VFs at once: the properties built directly, not
+            # each getter called through dbus-fast's property machinery (half the export's cost).
+            send(interface, all_properties(), None, None)
+            return
+        from dbus_fast.service import ServiceInterface
 
         ServiceInterface._get_all_property_values(interface, send)
 

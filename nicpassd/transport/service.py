@@ -209,6 +209,10 @@ class DeviceInterface(ServiceInterface):
         super().__init__(DEVICE_IFACE)
         self.view = view
 
+    def all_properties(self) -> dict[str, Variant]:
+        """GetAll's answer, built directly (``NicpassBus`` announces a new object with it)."""
+        return device_properties(self.view)
+
     def update(self, view: DeviceView, changed: dict[str, object]) -> None:
         self.view = view
         payload = {PROPERTY_NAMES[name]: _dbus_value(name, value) for name, value in changed.items()
