@@ -14,7 +14,7 @@ careless admin or the first step of libvirt's detach does). Measured:
 
 Goal: detection on the first event; heal within the bare rebind + 50 ms. The daemon is observed
 only through public interfaces (its uevent subscription and the sentinel's listeners); an error
-it logs fails the bench.
+it logs fails the bench (exit 1; exit 2 when the goal is missed: bench/benchlib.py).
 
     .venv/bin/python bench/bench_heal.py [--rounds 20] [--json]
 """
@@ -35,6 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchlib import DaemonErrors, verdict  # noqa: E402
 from nicpassd.engine.config import Config, DaemonSettings  # noqa: E402
 from nicpassd.engine.engine import Engine  # noqa: E402
 from nicpassd.host.events import on_loop  # noqa: E402
@@ -44,16 +45,6 @@ from nicpassd.sim.kernel import SimKernel  # noqa: E402
 from nicpassd.sim.topology import load_topology  # noqa: E402
 
 ENO1 = "0000:01:00.0"
-
-
-class ErrorRecorder(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.errors: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.levelno < logging.CRITICAL:  # the violation itself is reported at crit: expected
-            self.errors.append(f"{record.name}: {record.getMessage()}")
 
 
 def bare_rebind(kernel: SimKernel, paths: HostPaths) -> float:
@@ -67,7 +58,7 @@ def bare_rebind(kernel: SimKernel, paths: HostPaths) -> float:
 
 
 async def run(rounds: int) -> dict:
-    recorder = ErrorRecorder()
+    recorder = DaemonErrors(expected_levels=(logging.CRITICAL,))  # the violation's own report
     logging.getLogger().addHandler(recorder)
     root = Path(tempfile.mkdtemp(prefix="bench-heal-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
     try:
@@ -134,10 +125,7 @@ def main() -> int:
         print(f"  unbind → healed (igb bound, eno1 back)                  median {result['heal_ms']:6.2f} ms")
         print(f"  heal - bare rebind: {result['heal_over_bare_ms']:.2f} ms (goal ≤ {result['goal_ms']:.0f} ms: "
               f"{'met' if result['heal_over_bare_ms'] <= result['goal_ms'] else 'NOT met'})")
-    if result["errors"]:
-        print(f"FAILED: {len(result['errors'])} error(s): {result['errors'][:5]}", file=sys.stderr)
-        return 1
-    return 0 if result["heal_over_bare_ms"] <= result["goal_ms"] else 1
+    return verdict(result["errors"], result["heal_over_bare_ms"] <= result["goal_ms"])
 
 
 if __name__ == "__main__":
