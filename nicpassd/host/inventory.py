@@ -140,7 +140,9 @@ class Inventory:
         self._dirty_net.clear()
         self._network_changed = self._devices_changed = False
 
-        # Interfaces first: a net event dirties the PCI function under the interface.
+        # Interfaces first: a net event dirties the PCI function under the interface (its netdevs
+        # and driver link only, unless something else named it: ``sysfs.reread_interfaces``).
+        full = set(dirty_pci)  # read whole (what can change): named by pci events or marked
         links = dict(previous.links)
         if dirty_net:
             todo = set(dirty_net)
@@ -187,19 +189,26 @@ class Inventory:
 
         pending = set(dirty_pci)
         seen: set[str] = set()
+        light: set[str] = set()  # read for a net event only (reread_interfaces)
         while pending:
             address = pending.pop()
-            if address in seen:
+            if address in seen and not (address in full and address in light):
                 continue
             seen.add(address)
+            light.discard(address)
             old = functions.get(address)
             # While a function stays, its identity (ids, class, PF, group, serial) stays: only what
             # can change is read again. A function that came or went is read in full.
             known = old if old is not None and address not in replugged else None
-            function = sysfs.read_function(self.paths, address, known=known)
+            if known is not None and address not in full:
+                function = sysfs.reread_interfaces(self.paths, address, known)
+                light.add(address)
+            else:
+                function = sysfs.read_function(self.paths, address, known=known)
             fresh_functions[address] = function
             if old is not None and old.physfn and (known is None or function is None):
                 pending.add(old.physfn)  # its PF lost or changed a virtfnN link
+                full.add(old.physfn)
             if function is None:  # gone
                 self._classes.pop(address, None)
                 if address in group_of:
@@ -208,6 +217,7 @@ class Inventory:
             self._classes[address] = function.class_code
             if function.physfn and known is None:
                 pending.add(function.physfn)  # a VF that came: its PF has a new virtfnN link
+                full.add(function.physfn)
             if address in group_of and group_of[address] != function.iommu_group:
                 reread_group(group_of[address])  # it left that group
             if function.iommu_group >= 0:

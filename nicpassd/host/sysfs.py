@@ -154,6 +154,24 @@ def _reread_function(paths: HostPaths, address: str, known: PciFunction) -> PciF
     )
 
 
+def reread_interfaces(paths: HostPaths, address: str, known: PciFunction) -> PciFunction | None:
+    """What a network event can change of a function that stays: its netdevs (and the permanent
+    MAC the first shows) and its driver link. Not driver_override: in Linux 6.1 reading it takes
+    the device's lock, which a driver's remove holds for as long as it runs (the unbind of a NIC:
+    tens of ms, under a hypervisor more), and the interface's removal is announced at its start. A
+    refresh for that event would stall the daemon on the lock until the unbind is over, and the
+    unbind's own uevent (the sentinel's) behind it. An override is read with the pci events."""
+    base = f"{_devices_root(paths)}/{address}"
+    try:
+        entries = os.listdir(base)
+    except OSError:
+        return None
+    present = set(entries)
+    interfaces, permanent_mac = _netdevs(base, entries, present)
+    return dataclasses.replace(known, driver=_readlink_name(f"{base}/driver") if "driver" in present else "",
+                               interfaces=interfaces, permanent_mac=permanent_mac)
+
+
 def _netdevs(base: str, entries: list[str], present: set[str]) -> tuple[tuple[str, ...], str]:
     """The function's netdevs — <fn>/net/<name>, or for virtio-net <fn>/virtioN/net/<name> (the
     netdev hangs off the virtio device on the function) — and the permanent MAC of the first one

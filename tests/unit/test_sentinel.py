@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
 from nicpassd.engine.config import Config, DaemonSettings, GuardSettings
 from nicpassd.engine.leases import BROKEN
+from nicpassd.host.events import UEvent
 
 ENO1, ENO2, NIC, PF2 = "0000:01:00.0", "0000:01:00.1", "0000:af:00.0", "0000:3b:00.1"
 VM = "6f1c2d3e-0000-4000-8000-00000000000a"
@@ -322,3 +326,41 @@ async def test_a_heal_is_journaled_while_the_kernel_writes(watched):
     assert sim.driver(ENO1) == "igb" and not journal.entries
     assert [what for what, _ in seen] == ["record", "finish"] and seen[1][1] is True
     assert seen[0][1] == ("bind", {"driver": ""}, [ENO1])
+
+
+async def test_a_refresh_for_network_events_does_not_wait_for_the_device_lock(watched):
+    """Issue 13, found in the guest: a driver's remove announces the interface's removal (and its
+    routes') at its start, and holds the device's lock to its end. The refresh those netlink events
+    caused read driver_override, which in Linux 6.1 waits for that lock: the daemon stalled for the
+    whole unbind (~70 ms under TCG), and the heal behind it. A network event now re-reads a
+    function's netdevs and driver link only. Here the override is a FIFO, whose read blocks like
+    the kernel's; a thread lets any reader through, and says so."""
+    sim = watched()
+    override = sim.dir(ENO1) / "driver_override"
+    override.unlink()
+    os.mkfifo(override)
+    readers: list[bool] = []
+    stop = threading.Event()
+
+    def let_readers_through() -> None:
+        while not stop.is_set():
+            try:
+                fd = os.open(override, os.O_WRONLY | os.O_NONBLOCK)  # opens only while a reader waits
+            except OSError:
+                time.sleep(0.001)
+                continue
+            readers.append(True)
+            os.close(fd)  # the reader sees end of file: no override
+
+    thread = threading.Thread(target=let_readers_through, daemon=True)
+    thread.start()
+    try:
+        sim.engine.on_uevent(UEvent("change", "route", "eno1"))  # RTM_DELLINK, the routes' removals
+        await sim.engine.quiesce()
+        assert readers == []
+        sim.engine.on_uevent(UEvent("change", "pci", ENO1))  # the control: a pci event reads it
+        await sim.engine.quiesce()
+        assert readers
+    finally:
+        stop.set()
+        thread.join()
