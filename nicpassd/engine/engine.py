@@ -55,6 +55,12 @@ log = logging.getLogger(__name__)
 # half its time re-reading on events, and a burst (7 VFs binding: a dozen events) is read in a
 # few passes, not one per event. The first event after a quiet spell is read at once.
 FREE_REFRESH = 0.010
+# A routing or link change of a management interface is read this much later: a driver's remove
+# announces the interface's removal (and its routes') at its start, and a refresh then (routing
+# dumps, sock_diag: 35-85 ms in the e2e guest) would hold the loop when the unbind's own uevent
+# comes, 50-90 ms later there, and the heal of the management NIC behind it. The refresh waits;
+# a pci event of a protected function cuts the wait short.
+MANAGEMENT_SETTLE = 0.1
 # How stale an answer to a read about protection may be (what changes without an event: TCP
 # sessions). Mutations always read what they decide on.
 CATCH_UP_WINDOW = 0.1
@@ -179,6 +185,8 @@ class Engine:
             return
         self.view.refresh_pending = True
         wait = self._next_event_refresh - loop.time()
+        if event.subsystem == "route" and self._management_interface(event.sys_name):
+            wait = max(wait, MANAGEMENT_SETTLE)
         if wait > 0 and not self._urgent(event):
             self._spaced = loop.call_later(wait, self._after_events)
         else:
@@ -205,6 +213,11 @@ class Engine:
             await self.reconciler.idle()
             if self._spaced is None and not self.sentinel.busy and not self.reconciler.busy:
                 return
+
+    def _management_interface(self, name: str) -> bool:
+        functions = self.view.snapshot.functions
+        return bool(name) and any(name in functions[address].interfaces for address in self.view.protected.entries
+                                  if address in functions)
 
     def _urgent(self, event: UEvent) -> bool:
         return event.subsystem == "pci" and (event.sys_name in self.view.protected.entries

@@ -364,3 +364,23 @@ async def test_a_refresh_for_network_events_does_not_wait_for_the_device_lock(wa
     finally:
         stop.set()
         thread.join()
+
+
+async def test_a_network_event_of_the_management_nic_does_not_put_a_refresh_before_the_heal(watched):
+    """Issue 13, found in the guest: the interface's removal and its routes' (netlink) come at the
+    start of a driver's remove; a refresh run for them at once (35-85 ms there) held the loop when
+    the unbind's uevent came, and the heal waited for it. Such a refresh now waits a moment, and
+    the unbind's uevent goes first."""
+    sim = watched()
+    sim.engine.reconciler.auto = True  # as in the daemon
+    order: list[str] = []
+    refresh = sim.engine.view.refresh_changed
+    sim.engine.view.refresh_changed = lambda: order.append("refresh") or refresh()
+    write = sim.writer.write
+    sim.writer.write = lambda path, data: order.append(f"write {path.name}") or write(path, data)
+    sim.engine.on_uevent(UEvent("change", "route", "eno1"))  # the remove has begun
+    await asyncio.sleep(0)
+    sim.kernel.write(sim.paths.pci_drivers / "igb" / "unbind", ENO1)  # ... and ends
+    await sim.engine.quiesce()
+    assert sim.driver(ENO1) == "igb"
+    assert order[0] == "write drivers_probe" and "refresh" in order, order
