@@ -384,3 +384,18 @@ async def test_a_network_event_of_the_management_nic_does_not_put_a_refresh_befo
     await sim.engine.quiesce()
     assert sim.driver(ENO1) == "igb"
     assert order[0] == "write drivers_probe" and "refresh" in order, order
+
+
+async def test_the_heal_writes_before_the_violation_is_reported(watched):
+    """Issue 13: the report (a structured journal entry, a D-Bus signal: ~10 ms under TCG) goes
+    out while the kernel probes, not before the heal's first write; "detected" still comes
+    before the outcome."""
+    sim = watched()
+    order: list[str] = []
+    sim.engine.sentinel.listeners.append(lambda violation: order.append(violation.outcome.split(":")[0]))
+    write = sim.writer.write
+    sim.writer.write = lambda path, data: order.append(f"write {path.name}") or write(path, data)
+    careless_admin(sim, ENO1)
+    await sim.engine.quiesce()
+    assert sim.driver(ENO1) == "igb"
+    assert order == ["write drivers_probe", "detected", "healed"], order
