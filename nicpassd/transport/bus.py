@@ -133,8 +133,6 @@ class NicpassBus(MessageBus):
             # each getter called through dbus-fast's property machinery (half the export's cost).
             send(interface, all_properties(), None, None)
             return
-        from dbus_fast.service import ServiceInterface
-
         ServiceInterface._get_all_property_values(interface, send)
 
     def _emit_interface_removed(self, path, removed_interfaces) -> None:

@@ -86,11 +86,12 @@ async def test_managed_objects_answer_kept_between_changes_is_never_stale(servic
 
 
 async def test_set_vf_count_creates_vf_objects_and_signals(service, client):
-    added, changed = [], []
+    added, changed, announced = [], [], {}
 
     def on_message(message: Message) -> None:
         if message.member == "InterfacesAdded":
             added.append((message.path, message.body[0]))
+            announced[message.body[0]] = message.body[1]
         elif message.member == "PropertiesChanged" and message.path == device_path("0000:3b:00.0"):
             changed.append(message.body[1])
 
@@ -110,6 +111,12 @@ async def test_set_vf_count_creates_vf_objects_and_signals(service, client):
     vf_paths = {path for _, path in added}
     assert {device_path(f"0000:3b:02.{i}") for i in range(4)} <= vf_paths
     assert all(path == MANAGER_PATH for path, _ in added)  # ObjectManager signals come from the manager
+    # A new object is announced with its properties built directly (not through dbus-fast's
+    # getters): the same names and types as the object's own GetAll.
+    answers = await get_all_of_every_device(client, sorted(vf_paths))
+    for path in vf_paths:
+        assert {name: value.signature for name, value in announced[path][DEVICE_IFACE].items()} == {
+            name: value.signature for name, value in answers[path][DEVICE_IFACE].items()}
     assert any(change.get("NumVfs") == Variant("u", 4) for change in changed)
     objects = await managed_objects(client)
     vf = objects[device_path("0000:3b:02.0")][DEVICE_IFACE]
