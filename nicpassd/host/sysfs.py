@@ -125,22 +125,17 @@ def read_function(paths: HostPaths, address: str, *, known: PciFunction | None =
 
 def _reread_function(paths: HostPaths, address: str, known: PciFunction) -> PciFunction | None:
     """``read_function`` of what can change: driver, override, netdevs, VFs, SR-IOV settings."""
-    base = f"{_devices_root(paths)}/{address}"
-    try:
-        entries = os.listdir(base)
-    except OSError:
+    found = _reread_listing(paths, address, known)
+    if found is None:
         return None
-    present = set(entries)
-    interfaces, permanent_mac = _netdevs(base, entries, present)
+    function, base, entries, present = found
     override = _read_str(f"{base}/driver_override")
     sriov_capable = "sriov_totalvfs" in present
     virtfns = sorted((entry for entry in entries if entry.startswith("virtfn")),
                      key=lambda name: int(name.removeprefix("virtfn")))
     return dataclasses.replace(
-        known,
-        driver=_readlink_name(f"{base}/driver") if "driver" in present else "",
+        function,
         driver_override="" if override == "(null)" else override,
-        interfaces=interfaces,
         virtfns=tuple(_readlink_name(f"{base}/{name}") for name in virtfns),
         # A PF driver may lower the VFs it supports when it binds (pci_sriov_set_totalvfs).
         total_vfs=_int_or(_read_str(f"{base}/sriov_totalvfs")) if sriov_capable else 0,
@@ -150,7 +145,6 @@ def _reread_function(paths: HostPaths, address: str, known: PciFunction) -> PciF
         num_vfs=len(virtfns),
         sriov_capable=sriov_capable,
         autoprobe=_read_str(f"{base}/sriov_drivers_autoprobe", "1") != "0" if sriov_capable else known.autoprobe,
-        permanent_mac=permanent_mac,
     )
 
 
@@ -161,15 +155,23 @@ def reread_interfaces(paths: HostPaths, address: str, known: PciFunction) -> Pci
     tens of ms, under a hypervisor more), and the interface's removal is announced at its start. A
     refresh for that event would stall the daemon on the lock until the unbind is over, and the
     unbind's own uevent (the sentinel's) behind it. An override is read with the pci events."""
+    found = _reread_listing(paths, address, known)
+    return found[0] if found is not None else None
+
+
+def _reread_listing(paths: HostPaths, address: str,
+                    known: PciFunction) -> tuple[PciFunction, str, list[str], set[str]] | None:
+    """``known`` with its driver link and netdevs read again, and the directory they came from."""
     base = f"{_devices_root(paths)}/{address}"
     try:
         entries = os.listdir(base)
-    except OSError:
+    except OSError:  # gone
         return None
     present = set(entries)
     interfaces, permanent_mac = _netdevs(base, entries, present)
-    return dataclasses.replace(known, driver=_readlink_name(f"{base}/driver") if "driver" in present else "",
-                               interfaces=interfaces, permanent_mac=permanent_mac)
+    function = dataclasses.replace(known, driver=_readlink_name(f"{base}/driver") if "driver" in present else "",
+                                   interfaces=interfaces, permanent_mac=permanent_mac)
+    return function, base, entries, present
 
 
 def _netdevs(base: str, entries: list[str], present: set[str]) -> tuple[tuple[str, ...], str]:

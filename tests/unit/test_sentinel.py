@@ -57,6 +57,16 @@ def careless_admin(sim, address: str) -> None:
     sim.kernel.write(sim.dir(address) / "driver" / "unbind", f"{address}\n")
 
 
+def record_refreshes_and_writes(sim) -> list[str]:
+    """The engine's event refreshes and the kernel writes, in the order they happen."""
+    order: list[str] = []
+    refresh = sim.engine.view.refresh_changed
+    sim.engine.view.refresh_changed = lambda: order.append("refresh") or refresh()
+    write = sim.writer.write
+    sim.writer.write = lambda path, data: order.append(f"write {path.name}") or write(path, data)
+    return order
+
+
 WRITERS = {"shell": shell_user, "libvirt": libvirt, "driverctl": driverctl, "unbind only": careless_admin}
 
 
@@ -291,11 +301,7 @@ async def test_the_heal_starts_at_the_first_event_before_the_refresh_it_causes(w
     properties: tens of ms on a real kernel) waits until the heal has written."""
     sim = watched()
     sim.engine.reconciler.auto = True  # as in the daemon
-    order: list[str] = []
-    refresh = sim.engine.view.refresh_changed
-    sim.engine.view.refresh_changed = lambda: order.append("refresh") or refresh()
-    write = sim.writer.write
-    sim.writer.write = lambda path, data: order.append(f"write {path.name}") or write(path, data)
+    order = record_refreshes_and_writes(sim)
     sim.kernel.write(sim.paths.pci_drivers / "igb" / "unbind", ENO1)  # a careless admin
     await sim.engine.quiesce()
     assert sim.driver(ENO1) == "igb"
@@ -373,11 +379,7 @@ async def test_a_network_event_of_the_management_nic_does_not_put_a_refresh_befo
     the unbind's uevent goes first."""
     sim = watched()
     sim.engine.reconciler.auto = True  # as in the daemon
-    order: list[str] = []
-    refresh = sim.engine.view.refresh_changed
-    sim.engine.view.refresh_changed = lambda: order.append("refresh") or refresh()
-    write = sim.writer.write
-    sim.writer.write = lambda path, data: order.append(f"write {path.name}") or write(path, data)
+    order = record_refreshes_and_writes(sim)
     sim.engine.on_uevent(UEvent("change", "route", "eno1"))  # the remove has begun
     await asyncio.sleep(0)
     sim.kernel.write(sim.paths.pci_drivers / "igb" / "unbind", ENO1)  # ... and ends
