@@ -1,5 +1,5 @@
 import sys
 
-from nicpassd.daemon import main
+from nicpassd.start import main
 
 sys.exit(main())

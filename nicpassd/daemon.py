@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from nicpassd import __version__
+from nicpassd.arguments import parse_args
 from nicpassd.engine.config import ConfigError, load_config
 from nicpassd.engine.engine import Engine
 from nicpassd.engine.store import StateStoreError
@@ -26,31 +27,14 @@ log = logging.getLogger("nicpassd")
 EXIT_CONFIG = 78  # EX_CONFIG: systemd shows it as a configuration problem
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="nicpassd", description="NIC passthrough daemon")
-    parser.add_argument("--version", action="version", version=f"nicpassd {__version__}")
-    parser.add_argument("--simulate", nargs="?", const="", metavar="TOPOLOGY",
-                        help="run against a simulated kernel (built-in default host, or a topology file)")
-    parser.add_argument("--root", type=Path, default=None,
-                        help=f"root directory for every path (default: ${ROOT_ENV} or /); with --simulate an "
-                             "existing DIR keeps its etc/ and var/lib/ (a simulated reboot)")
-    parser.add_argument("--bus-address", default=os.environ.get("DBUS_SYSTEM_BUS_ADDRESS"),
-                        help="D-Bus address of the system bus (default: $DBUS_SYSTEM_BUS_ADDRESS or the system bus)")
-    parser.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
-    parser.add_argument("--keep-kernel", action="store_true",
-                        help="with --simulate and --root: run the simulated kernel as a process of its own that "
-                             "outlives the daemon (started if none serves DIR yet, else attached to), so that "
-                             "restarting the daemon — or killing it — is not a reboot")
-    parser.add_argument("--check-config", nargs="?", const="", metavar="FILE",
-                        help="check the configuration (default: etc/nicpassd/nicpassd.toml under --root), print "
-                             "each problem with its key and line, and exit: 0 when it is good, 78 when not")
-    parser.add_argument("--record-topology", metavar="FILE",
-                        help="read this host's sysfs (under --root) into a topology file ('-' for stdout) and exit")
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    """The daemon without the early VFs of ``nicpassd.start`` (which the ``nicpassd`` command runs)."""
+    return run_parsed(parse_args(argv), [])
+
+
+def run_parsed(args: argparse.Namespace, early: list[str]) -> int:
+    """``early``: what ``nicpassd.host.early_vfs`` did before this module was imported, logged once
+    logging is set up."""
     if args.check_config is not None:
         return check_config(Path(args.check_config) if args.check_config else
                             HostPaths(args.root or Path(os.environ.get(ROOT_ENV, "/"))).config_file)
@@ -59,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return record_to(HostPaths(args.root or Path(os.environ.get(ROOT_ENV, "/"))), args.record_topology)
     try:
-        return asyncio.run(run(args))
+        return asyncio.run(run(args, early))
     except KeyboardInterrupt:
         return 130
 
@@ -79,7 +63,7 @@ def check_config(path: Path) -> int:
     return 0
 
 
-async def run(args: argparse.Namespace) -> int:
+async def run(args: argparse.Namespace, early: list[str]) -> int:
     temporary_root = None
     root = args.root or Path(os.environ.get(ROOT_ENV, "/"))
     if args.simulate is not None and args.root is None:
@@ -92,6 +76,8 @@ async def run(args: argparse.Namespace) -> int:
         print(f"nicpassd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     setup_logging(args.log_level or config.daemon.log_level)
+    for line in early:
+        log.info("VFs at start, before the engine: %s", line)
     try:
         return await serve(args, paths, config)
     finally:
@@ -120,6 +106,10 @@ async def serve(args, paths: HostPaths, config) -> int:
             return EXIT_CONFIG
         kernel = writer = _simulated_kernel(args, paths, topology)
         log.info("simulating %s under %s", topology.description or "a host", paths.root)
+        from nicpassd.host.early_vfs import create_persisted_vfs
+
+        for line in create_persisted_vfs(paths.root, kernel):  # as nicpassd.start does on a real host
+            log.info("VFs at start, before the engine: %s", line)
     else:
         writer = SysfsWriter()
     host = Host(paths, writer, write_timeout=config.daemon.write_timeout)

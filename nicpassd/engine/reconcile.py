@@ -35,12 +35,12 @@ from typing import Callable
 from nicpassd.host import early_binding
 from nicpassd.engine.hostview import HostView
 from nicpassd.engine.operations import Operations
-from nicpassd.engine.plan import Plan, Step, find_moves, make_plan
+from nicpassd.engine.plan import Plan, Step, find_moves, make_plan, vf_claims
 from nicpassd.engine.results import SKIPPED, Action, StepOutcome
 from nicpassd.engine.store import DeviceDesire, RuntimeHolds, identity_of
 from nicpassd.errors import NicpassError, NotFound
 from nicpassd.host.events import UEvent
-from nicpassd.host.kernelio import PASSTHROUGH_DRIVERS
+from nicpassd.host.kernelio import PASSTHROUGH_DRIVERS, VFIO
 from nicpassd.host.vf_netlink import VfChange
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,15 @@ FIGHT_WINDOW = 60.0
 UDEV_WAIT = 60.0
 RELEVANT = {"pci": ("add", "remove", "bind", "unbind", "change", "move"), "net": ("add", "remove", "move"),
             "": ("overflow",)}  # uevents were lost: anything may have happened
+
+
+def _count_only(desires: dict[str, DeviceDesire], desire: DeviceDesire) -> bool:
+    """A PF whose VFs need nothing but their count and one driver for all: what
+    ``nicpassd.host.early_vfs`` creates before the daemon has started (the list's ``vf_counts``).
+    VF settings and single VFs on another driver are written while the VFs have no driver yet,
+    which only the engine does."""
+    return (bool(desire.num_vfs) and desire.vf_driver in ("", VFIO) and not desire.vf_settings
+            and not desire.stable_macs and not vf_claims(desires, desire.address, desire.num_vfs or 0))
 
 
 class Reconciler:
@@ -269,6 +278,7 @@ class Reconciler:
         snapshot, protected = view.snapshot, view.protected
         devices: dict[str, dict[str, str]] = {}
         vf_drivers: dict[str, dict[str, str]] = {}
+        vf_counts: dict[str, dict[str, str]] = {}
         for address, desire in view.store.state.devices.items():
             if address in protected:
                 continue
@@ -284,9 +294,14 @@ class Reconciler:
                 vf_drivers[address] = early_binding.identity_entry(
                     desire.vf_driver, identity.vendor_id, identity.device_id, identity.subsystem_vendor_id,
                     identity.subsystem_device_id, identity.serial)
+            if _count_only(view.store.state.devices, desire):
+                vf_counts[address] = early_binding.vf_count_entry(
+                    desire.num_vfs, desire.vf_driver, identity.vendor_id, identity.device_id,
+                    identity.subsystem_vendor_id, identity.subsystem_device_id, identity.serial)
         try:
-            if await asyncio.to_thread(early_binding.write_list, view.host.paths.root, devices, vf_drivers):
-                log.info("early-binding list updated: %d function(s), VFs of %d PF(s)", len(devices), len(vf_drivers))
+            if await asyncio.to_thread(early_binding.write_list, view.host.paths.root, devices, vf_drivers, vf_counts):
+                log.info("early-binding list updated: %d function(s), VFs of %d PF(s), VF counts of %d PF(s)",
+                         len(devices), len(vf_drivers), len(vf_counts))
         except OSError as exc:
             log.error("cannot write the early-binding list: %s", exc)
 

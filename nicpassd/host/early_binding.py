@@ -14,10 +14,14 @@ So a desire that became dangerous is not applied early either. The helper checks
 again (vendor, device, subsystem ids, PCIe serial when the list has one) and does nothing for a
 device that does not match, or that is not listed.
 
-Standard library only, imports nothing of nicpassd but the crash-safe file writer and the host
-layer's stdlib-only kernel reads and writes (``nicpassd.host.kernelio``: the same serial parser
-and sysfs writer as the daemon): udev runs it early at boot (python3 -I starts in ~20 ms;
-importing the daemon's stack would take 300 ms).
+The list also carries the VF counts that ``nicpassd.host.early_vfs`` creates first thing when the
+daemon starts (``vf_counts``: only for PFs whose VFs need nothing but a count and, for all of them,
+one driver; the daemon's reconcile does the rest).
+
+Standard library only, imports nothing of nicpassd but the host layer's stdlib-only kernel reads
+and writes (``nicpassd.host.kernelio``: the same serial parser and sysfs writer as the daemon)
+and, for the daemon's writes of the list, the crash-safe file writer: udev runs it early at boot
+(python3 -I starts in ~20 ms; importing the daemon's stack would take 300 ms).
 """
 
 from __future__ import annotations
@@ -26,18 +30,32 @@ import json
 import os
 import re
 import sys
-from pathlib import Path
-from typing import Protocol
 
-from nicpassd.atomicfile import atomic_write
 from nicpassd.host import kernelio
 
+# Paths are plain strings here, and nothing is imported that the boot path does not use: this
+# module runs before anything else at boot (udev's helper, ``nicpassd.start``), where under a
+# hypervisor pathlib, typing and logging cost 0.25 s to import (measured in the e2e guest).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import Protocol
+
+    StrPath = str | os.PathLike[str]
+else:
+    Protocol = object
+
 LIST_FILE = "var/lib/nicpassd/early-binding.json"
-MARKER_DIR = "var/lib/nicpassd/early-binding.d"  # the udev rule's TEST (see _sync_markers)
+MARKER_DIR = "var/lib/nicpassd/early-binding.d"
+PCI_DEVICES = "sys/bus/pci/devices"  # the udev rule's TEST (see _sync_markers)
 VF_MARKER = "vfs"
 VERSION = 1
 HEX_ID = re.compile(r"[0-9a-f]{4}")
 ENTRY_KEYS = {"driver", "vendor", "device", "subsystem_vendor", "subsystem_device", "serial"}
+SECTIONS = ("devices", "vf_drivers", "vf_counts")
+# The drivers a vf_counts entry may name for its VFs: "" (the VFs' host driver, as the kernel's
+# autoprobe gives it) or vfio-pci (the engine's SetVfCount with driver vfio-pci).
+VF_COUNT_DRIVERS = ("", kernelio.VFIO)
 
 
 class BadList(ValueError):
@@ -45,7 +63,7 @@ class BadList(ValueError):
 
 
 class Kernel(Protocol):
-    def write(self, path: Path, data: str) -> None: ...
+    def write(self, path: StrPath, data: str) -> None: ...
 
     def load_module(self, name: str) -> None: ...
 
@@ -53,17 +71,17 @@ class Kernel(Protocol):
 class SysfsKernel:
     """The real write boundary: plain sysfs writes, modprobe."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: StrPath) -> None:
         self.root = root
 
-    def write(self, path: Path, data: str) -> None:
+    def write(self, path: StrPath, data: str) -> None:
         kernelio.write_sysfs(path, data)
 
     def load_module(self, name: str) -> None:
         module = kernelio.DRIVER_MODULES.get(name, name)
-        if (self.root / "sys/module" / module).is_dir() or (self.root / "sys/bus/pci/drivers" / name).is_dir():
+        if os.path.isdir(_join(self.root, "sys/module", module)) or os.path.isdir(_join(self.root, "sys/bus/pci/drivers", name)):
             return
-        if self.root != Path("/"):
+        if not _is_slash(self.root):
             return  # a test root: never load a module into the machine running the test
         kernelio.load_module(name)
 
@@ -75,19 +93,30 @@ def identity_entry(driver: str, vendor: str, device: str, subsystem_vendor: str 
             "subsystem_device": subsystem_device, "serial": serial}
 
 
-def write_list(root: Path, devices: dict[str, dict[str, str]], vf_drivers: dict[str, dict[str, str]]) -> bool:
+def vf_count_entry(count: int, driver: str, vendor: str, device: str, subsystem_vendor: str = "",
+                   subsystem_device: str = "", serial: str = "") -> dict[str, str]:
+    """A PF's persisted VF count and its VFs' driver, with the PF's identity."""
+    return {**identity_entry(driver, vendor, device, subsystem_vendor, subsystem_device, serial), "count": str(count)}
+
+
+def write_list(root: StrPath, devices: dict[str, dict[str, str]], vf_drivers: dict[str, dict[str, str]],
+               vf_counts: dict[str, dict[str, str]] | None = None) -> bool:
     """Atomically replace the list and bring the markers in line; returns False when the list
     already said exactly this."""
-    path = root / LIST_FILE
-    payload = json.dumps({"version": VERSION, "devices": devices, "vf_drivers": vf_drivers},
-                         indent=2, sort_keys=True).encode()
+    from pathlib import Path
+
+    from nicpassd.atomicfile import atomic_write
+
+    path = Path(root) / LIST_FILE
+    payload = json.dumps({"version": VERSION, "devices": devices, "vf_drivers": vf_drivers,
+                          "vf_counts": vf_counts or {}}, indent=2, sort_keys=True).encode()
     try:
         changed = path.read_bytes() != payload
     except OSError:
         changed = True
     if changed:
         atomic_write(path, payload, mode=0o644, prefix=".early-binding-")
-    _sync_markers(root / MARKER_DIR, set(devices) | ({VF_MARKER} if vf_drivers else set()))
+    _sync_markers(Path(root) / MARKER_DIR, set(devices) | ({VF_MARKER} if vf_drivers else set()))
     return changed
 
 
@@ -105,13 +134,14 @@ def _sync_markers(directory: Path, wanted: set[str]) -> None:
         (directory / name).touch(mode=0o644)
 
 
-def read_list(root: Path) -> dict:
+def read_list(root: StrPath) -> dict:
     """The list, checked field by field ({} when there is none). ``BadList`` names the file and the
     field: a list that is not exactly what the daemon writes (a hand edit, a torn or foreign file)
     binds nothing early, rather than writing whatever it says into a driver_override at boot."""
-    path = root / LIST_FILE
+    path = _join(root, LIST_FILE)
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        with open(path, "rb") as handle:
+            data = json.loads(handle.read().decode("utf-8"))
     except FileNotFoundError:
         return {}
     except (OSError, UnicodeDecodeError, ValueError) as exc:
@@ -126,23 +156,30 @@ def read_list(root: Path) -> dict:
 def _list_problem(data: object) -> str:
     if not isinstance(data, dict) or data.get("version") != VERSION:
         return f"not a version {VERSION} early-binding list"
-    unknown = set(data) - {"version", "devices", "vf_drivers"}
+    unknown = set(data) - {"version", *SECTIONS}
     if unknown:
         return f"unknown key(s) {', '.join(sorted(map(str, unknown)))}"
-    for section in ("devices", "vf_drivers"):
+    for section in SECTIONS:
         entries = data.get(section, {})
         if not isinstance(entries, dict):
             return f"{section} is not an object"
+        keys, drivers = ENTRY_KEYS, kernelio.PASSTHROUGH_DRIVERS
+        if section == "vf_counts":
+            keys, drivers = ENTRY_KEYS | {"count"}, VF_COUNT_DRIVERS
         for address, entry in entries.items():
             where = f"{section}.{address!r}"
             if not kernelio.PCI_ADDRESS.fullmatch(address):
                 return f"{where}: not a PCI address (DDDD:BB:SS.F)"
-            if not isinstance(entry, dict) or not set(entry) <= ENTRY_KEYS or "driver" not in entry:
-                return f"{where}: not an entry of {', '.join(sorted(ENTRY_KEYS))}"
+            required = {"driver", *(keys - ENTRY_KEYS)}
+            if not isinstance(entry, dict) or not required <= set(entry) <= keys:
+                return f"{where}: not an entry of {', '.join(sorted(keys))}"
             if not all(isinstance(value, str) for value in entry.values()):
                 return f"{where}: every field is a string"
-            if entry["driver"] not in kernelio.PASSTHROUGH_DRIVERS:
-                return f"{where}.driver: {entry['driver']!r} is not one of {', '.join(kernelio.PASSTHROUGH_DRIVERS)}"
+            if entry["driver"] not in drivers:
+                return f"{where}.driver: {entry['driver']!r} is not one of {', '.join(map(repr, drivers))}"
+            count = entry.get("count", "1")
+            if not (count.isascii() and count.isdigit() and int(count) > 0):
+                return f"{where}.count: {entry['count']!r} is not a VF count above 0"
             for key in ("vendor", "device", "subsystem_vendor", "subsystem_device"):
                 if entry.get(key) and not HEX_ID.fullmatch(entry[key]):
                     return f"{where}.{key}: {entry[key]!r} is not four hex digits"
@@ -152,74 +189,74 @@ def _list_problem(data: object) -> str:
 
 
 # ----------------------------------------------------------------------------- the helper
-def _hex(path: Path) -> str:
+def _hex(path: StrPath) -> str:
     return kernelio.hex_id(path)
 
 
-def _mismatch(entry: dict[str, str], device_dir: Path, *, vf: bool = False) -> str:
+def mismatch(entry: dict[str, str], device_dir: StrPath, *, vf: bool = False) -> str:
     checks = [("vendor", "vendor"), ("device", "device")] if not vf else [("vendor", "vendor")]
     checks += [("subsystem_vendor", "subsystem_vendor"), ("subsystem_device", "subsystem_device")]
     for key, attr in checks:
         wanted = entry.get(key, "")
-        if wanted and _hex(device_dir / attr) != wanted:
-            return f"{attr} is {_hex(device_dir / attr)}, persisted {wanted}"
+        if wanted and _hex(_join(device_dir, attr)) != wanted:
+            return f"{attr} is {_hex(_join(device_dir, attr))}, persisted {wanted}"
     if entry.get("serial") and not vf:
-        serial = kernelio.read_serial(device_dir / "config")
+        serial = kernelio.read_serial(_join(device_dir, "config"))
         if serial and serial != entry["serial"]:
             return f"serial is {serial}, persisted {entry['serial']}"
     return ""
 
 
-def override_for(root: Path, name: str, listing: dict) -> tuple[str, str]:
+def override_for(root: StrPath, name: str, listing: dict) -> tuple[str, str]:
     """(driver to put in driver_override or "", why) for PCI function ``name``."""
-    device_dir = root / "sys/bus/pci/devices" / name
+    device_dir = _join(root, PCI_DEVICES, name)
     entry = (listing.get("devices") or {}).get(name)
     if entry is not None:
-        problem = _mismatch(entry, device_dir)
+        problem = mismatch(entry, device_dir)
         return ("", f"identity changed ({problem})") if problem else (entry["driver"], "persisted")
-    physfn = kernelio.link_name(device_dir / "physfn")
+    physfn = kernelio.link_name(_join(device_dir, "physfn"))
     if not physfn:
         return "", "not listed"
     entry = (listing.get("vf_drivers") or {}).get(physfn)
     if entry is None:
         return "", "not listed"
-    problem = _mismatch(entry, root / "sys/bus/pci/devices" / physfn)
+    problem = mismatch(entry, _join(root, PCI_DEVICES, physfn))
     if problem:
         return "", f"its PF {physfn} changed ({problem})"
     return entry["driver"], f"VF of {physfn}"
 
 
-def apply(root: Path, name: str, kernel: Kernel) -> str:
+def apply(root: StrPath, name: str, kernel: Kernel) -> str:
     """Set the override of ``name`` if listed; returns the driver set ("" = nothing done)."""
     driver, why = override_for(root, name, read_list(root))
     if not driver:
         if why != "not listed":
             _journal(root, f"{name}: persisted for passthrough but left alone: {why}")
         return ""
-    device_dir = root / "sys/bus/pci/devices" / name
+    device_dir = _join(root, PCI_DEVICES, name)
     kernel.load_module(driver)
-    kernel.write(device_dir / "driver_override", driver + "\n")
+    kernel.write(_join(device_dir, "driver_override"), driver + "\n")
     done = [f"driver_override {driver} ({why})"]
     current = _driver_of(device_dir)
     if current and current != driver:  # udev lost the race with an already-loaded host driver
         try:
-            kernel.write(root / "sys/bus/pci/drivers" / current / "unbind", name)
+            kernel.write(_join(root, "sys/bus/pci/drivers", current, "unbind"), name)
             done.append(f"unbound from {current}")
         except OSError:
             if _driver_of(device_dir) == current:
                 raise
             # unbound meanwhile by someone else: nicpassd, if it started during coldplug
     if not _driver_of(device_dir):
-        kernel.write(root / "sys/bus/pci/drivers_probe", name)
+        kernel.write(_join(root, "sys/bus/pci/drivers_probe"), name)
         done.append("probed")
     _journal(root, f"{name}: {', '.join(done)}; now on {_driver_of(device_dir) or 'no driver'}")
     return driver
 
 
-def _journal(root: Path, message: str) -> None:
+def _journal(root: StrPath, message: str) -> None:
     """What the helper did, in the system log (udev keeps a program's stderr only at debug
     level): the admin's answer to "who put my NIC on vfio-pci at boot?". Not for a test root."""
-    if root != Path("/"):
+    if not _is_slash(root):
         return
     import syslog
 
@@ -227,15 +264,23 @@ def _journal(root: Path, message: str) -> None:
     syslog.syslog(syslog.LOG_INFO, message)
 
 
-def _driver_of(device_dir: Path) -> str:
-    return kernelio.link_name(device_dir / "driver")
+def _driver_of(device_dir: str) -> str:
+    return kernelio.link_name(_join(device_dir, "driver"))
 
 
-def rule_matches(root: Path, name: str) -> bool:
+def _join(*parts: StrPath) -> str:
+    return os.path.join(*map(os.fspath, parts))
+
+
+def _is_slash(root: StrPath) -> bool:
+    return os.path.realpath(root) == "/"
+
+
+def rule_matches(root: StrPath, name: str) -> bool:
     """packaging/udev/90-nicpassd.rules' TESTs: would udev start the helper for ``name``?"""
-    markers = root / MARKER_DIR
-    return (markers / name).exists() or (
-        (root / "sys/bus/pci/devices" / name / "physfn").exists() and (markers / VF_MARKER).exists())
+    markers = _join(root, MARKER_DIR)
+    return os.path.exists(_join(markers, name)) or (
+        os.path.exists(_join(root, PCI_DEVICES, name, "physfn")) and os.path.exists(_join(markers, VF_MARKER)))
 
 
 def udev_rule(kernel, address: str) -> None:
@@ -251,9 +296,9 @@ def udev_rule(kernel, address: str) -> None:
 def main(argv: list[str] | None = None, kernel: Kernel | None = None) -> int:
     """nicpassd-udev-override [--root DIR] KERNEL_NAME; prints NICPASSD_OVERRIDE=... for IMPORT{program}."""
     args = list(sys.argv[1:] if argv is None else argv)
-    root = Path(os.environ.get("NICPASSD_ROOT", "/"))
+    root = os.environ.get("NICPASSD_ROOT", "/")
     if len(args) == 3 and args[0] == "--root":
-        root, args = Path(args[1]), args[2:]
+        root, args = args[1], args[2:]
     if len(args) != 1 or not kernelio.PCI_ADDRESS.fullmatch(args[0]):
         print("usage: nicpassd-udev-override [--root DIR] PCI_ADDRESS (DDDD:BB:SS.F)", file=sys.stderr)
         return 2

@@ -803,8 +803,9 @@ class SimKernel:
     def _device_with_netdev(self, name: str) -> SimDevice | None:
         return next((device for device in self._devices.values() if device.netdev and device.netdev == name), None)
 
-    def write(self, path: Path, data: str) -> None:
+    def write(self, path: "Path | str", data: str) -> None:
         """Serve one write(2) to a sysfs attribute, like the kernel would."""
+        path = Path(path)  # the stdlib-only boot path (nicpassd/host/early_binding.py) passes strings
         with self._operation():
             try:
                 self._write(path, data)

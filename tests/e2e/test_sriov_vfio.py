@@ -73,3 +73,23 @@ def test_new_vfs_straight_to_vfio(g):
     assert len(vfs) == 3
     assert all(state["functions"][v]["driver"] == "vfio-pci" for v in vfs), state["functions"]
     assert all(r["ok"] for r in g.vfio_open(*vfs)), g.vfio_open(*vfs)
+
+
+def test_persisted_vfs_are_on_vfio_pci_before_the_daemon_has_imported_its_stack(g):
+    """What a reboot leaves (no VFs, no overrides) and the daemon started: the `nicpassd` command
+    creates the persisted VFs and binds them with the standard library alone, before it imports
+    the daemon (nicpassd/host/early_vfs.py); the daemon then finds nothing left to do."""
+    assert g.ctl("vfs", IGB, "3", "--vfio").returncode == 0
+    vfs = g.fn(IGB)["virtfns"]
+    g.sh("systemctl stop nicpassd")
+    g.sh("".join(f"echo > /sys/bus/pci/devices/{vf}/driver_override; " for vf in vfs)
+         + f"echo 0 > /sys/bus/pci/devices/{IGB}/sriov_numvfs; "
+         f"echo 1 > /sys/bus/pci/devices/{IGB}/sriov_drivers_autoprobe; udevadm settle")
+    cursor = g.run("journalctl -u nicpassd -n 0 --show-cursor --no-pager").check().stdout.split("cursor: ")[-1].strip()
+    g.sh("systemctl start nicpassd")  # returns at READY=1
+    journal = g.run(["journalctl", "-u", "nicpassd", "--no-pager", "-o", "cat", f"--after-cursor={cursor}"]).stdout
+    assert f"VFs at start, before the engine: {IGB}: 3 VFs created on vfio-pci" in journal, journal
+    assert "boot reconcile" not in journal, journal
+    state = g.state()["functions"]
+    assert state[IGB]["virtfns"] == vfs and all(state[vf]["driver"] == "vfio-pci" for vf in vfs), state
+    assert all(r["ok"] for r in g.vfio_open(*vfs))

@@ -198,7 +198,7 @@ async def test_the_helper_tolerates_nicpassd_unbinding_the_device_first(make_sim
 
     class RacedKernel:
         def write(self, path, data):
-            if path.name == "unbind":
+            if os.path.basename(path) == "unbind":
                 sim.kernel.write(path, data)  # nicpassd got there first ...
             sim.kernel.write(path, data)  # ... so the helper's own unbind fails (ENODEV)
 
@@ -218,7 +218,7 @@ async def test_what_the_helper_did_goes_to_the_system_log(make_sim, monkeypatch)
     await sim.engine.unbind(NIC, persist=False)
     early_binding.apply(sim.paths.root, NIC, sim.kernel)
     assert logged == []
-    early_binding._journal(early_binding.Path("/"), f"{NIC}: driver_override vfio-pci (persisted)")
+    early_binding._journal("/", f"{NIC}: driver_override vfio-pci (persisted)")
     assert logged == [(syslog.LOG_INFO, f"{NIC}: driver_override vfio-pci (persisted)")]
 
 
