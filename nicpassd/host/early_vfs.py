@@ -63,8 +63,11 @@ def create_persisted_vfs(root: StrPath, kernel: Kernel) -> list[str]:
         return [f"no VFs created early: {exc}; the daemon reads its state files itself"]
     lines = []
     for pf, entry in sorted(counts.items()):
-        why_not = _why_not(root, pf, entry, held, remembered)
-        lines.append(f"{pf}: {why_not or _create(root, kernel, pf, int(entry['count']), entry['driver'])}")
+        try:
+            why_not = _why_not(root, pf, entry, held, remembered)
+            lines.append(f"{pf}: {why_not or _create(root, kernel, pf, int(entry['count']), entry['driver'])}")
+        except Exception as exc:  # noqa: BLE001 - nothing here may keep the daemon from starting
+            lines.append(f"{pf}: not created early ({exc!r}); the daemon's reconcile takes it over")
     return lines
 
 
@@ -129,8 +132,9 @@ def _create(root: StrPath, kernel: Kernel, pf: str, count: int, driver: str) -> 
             astray = [vf for vf in vfs if kernelio.link_name(_join(root, PCI_DEVICES, vf, "driver")) != driver]
             if astray:
                 raise EarlyFailure(f"{', '.join(astray)} not on {driver} after the probe")
-    except (OSError, EarlyFailure) as exc:
-        what = f"the kernel said: {exc.strerror or exc}" if isinstance(exc, OSError) else str(exc)
+    except Exception as exc:  # noqa: BLE001 - undone whatever went wrong (an OSError is the kernel's answer)
+        what = f"the kernel said: {exc.strerror or exc}" if isinstance(exc, OSError) else \
+            str(exc) if isinstance(exc, EarlyFailure) else repr(exc)
         return f"not created early ({what}); {_undo(root, kernel, device_dir, autoprobe)}; the daemon tries again"
     return f"{count} VFs created" + (f" on {driver}" if driver else "")
 
@@ -141,15 +145,15 @@ def _undo(root: StrPath, kernel: Kernel, device_dir: str, autoprobe: str) -> str
     for vf in _virtfns(device_dir):
         try:
             kernel.write(_join(root, PCI_DEVICES, vf, "driver_override"), "\n")
-        except OSError:
-            pass  # gone with sriov_numvfs 0 below
+        except Exception:  # noqa: BLE001 - the VF goes with sriov_numvfs 0 below
+            pass
     try:
         if kernelio.read_text(_join(device_dir, "sriov_numvfs")) != "0":
             kernel.write(_join(device_dir, "sriov_numvfs"), "0")
         if autoprobe and kernelio.read_text(_join(device_dir, "sriov_drivers_autoprobe")) != autoprobe:
             kernel.write(_join(device_dir, "sriov_drivers_autoprobe"), autoprobe)
-    except OSError as exc:
-        problems.append(exc.strerror or str(exc))
+    except Exception as exc:  # noqa: BLE001 - said, and read back below
+        problems.append(exc.strerror or str(exc) if isinstance(exc, OSError) else repr(exc))
     now = kernelio.read_text(_join(device_dir, "sriov_numvfs"))
     if problems or now != "0":
         return f"undoing it failed ({'; '.join(problems) or f'sriov_numvfs reads {now}'})"

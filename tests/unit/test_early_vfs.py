@@ -199,6 +199,29 @@ async def test_a_vf_that_does_not_bind_undoes_them_all(make_sim, reboot, attach_
     assert [after.driver(vf) for vf in after.vfs(PF)] == ["vfio-pci"] * 3
 
 
+async def test_no_failure_keeps_the_daemon_from_starting(make_sim, reboot):
+    """A boundary that raises what the kernel never would: undone, said, and the start goes on."""
+    sim = await persisted(make_sim)
+    after = reboot(sim)
+
+    class Surprising:
+        def write(self, path, data):
+            if str(path).endswith("driver_override"):
+                raise ValueError("surprise")
+            after.kernel.write(path, data)
+
+        def load_module(self, name):
+            after.kernel.load_module(name)
+
+    assert create_persisted_vfs(after.paths.root, Surprising()) == [
+        f"{PF}: not created early (ValueError('surprise')); undone; the daemon tries again"]
+    assert (after.numvfs(PF), after.autoprobe(PF)) == (0, "1")
+    (after.paths.root / early_binding.LIST_FILE).unlink()
+    (after.paths.root / early_binding.LIST_FILE).mkdir()
+    lines = create_persisted_vfs(after.paths.root, after.writer)
+    assert len(lines) == 1 and lines[0].startswith("no VFs created early: ") and after.writer.calls == []
+
+
 # ------------------------------------------------------------------------ the nicpassd command
 @pytest.mark.parametrize(("argv", "root"), [
     ([], "/"), (["--root", "/x"], "/x"), (["--root=/x", "--log-level", "debug"], "/x"),
