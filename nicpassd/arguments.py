@@ -32,5 +32,3 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--record-topology", metavar="FILE",
                         help="read this host's sysfs (under --root) into a topology file ('-' for stdout) and exit")
     return parser.parse_args(argv)
-
-

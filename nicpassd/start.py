@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         early = create_persisted_vfs(root, SysfsKernel(root))
         if early:
-            early.append(f"{(time.perf_counter() - started) * 1000:.0f} ms, "
+            early.append(f"took {(time.perf_counter() - started) * 1000:.0f} ms, "
                          f"done {process_age():.2f} s after the process started")
     from nicpassd.arguments import parse_args
     from nicpassd.daemon import run_parsed

@@ -55,11 +55,11 @@ RELEVANT = {"pci": ("add", "remove", "bind", "unbind", "change", "move"), "net":
 
 
 def _count_only(desires: dict[str, DeviceDesire], desire: DeviceDesire) -> bool:
-    """A PF whose VFs need nothing but their count and one driver for all: what
+    """A PF on its host driver whose VFs need nothing but their count and one driver for all: what
     ``nicpassd.host.early_vfs`` creates before the daemon has started (the list's ``vf_counts``).
     VF settings and single VFs on another driver are written while the VFs have no driver yet,
     which only the engine does."""
-    return (bool(desire.num_vfs) and desire.vf_driver in ("", VFIO) and not desire.vf_settings
+    return (bool(desire.num_vfs) and not desire.driver and desire.vf_driver in ("", VFIO) and not desire.vf_settings
             and not desire.stable_macs and not vf_claims(desires, desire.address, desire.num_vfs or 0))
 
 
