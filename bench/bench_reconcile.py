@@ -10,6 +10,11 @@ Two runs on two fresh, identical simulated hosts (same topology, same simulator)
 - bare: a plain loop doing only the minimal writes of the same change (``sriov_drivers_autoprobe``
   0, ``sriov_numvfs`` 64, then per VF ``driver_override`` and ``drivers_probe``), no reads, no checks.
 
+This is the engine's own boot path. At a real boot the ``nicpassd`` command creates VFs that need
+nothing but a count before the engine starts (nicpassd/host/early_vfs.py, from the early-binding
+list, which this fresh root does not have); the engine's path is what PFs with VF settings or single
+VFs on another driver take, and what the early pass leaves to it.
+
 "Converged" is when the boot reconcile returns: every VF count read back, every VF verified on
 vfio-pci. The daemon then reads the 1,024 new VFs into its inventory (views, D-Bus objects) in the
 run their uevents queued: reported too ("with its inventory"). Reports wall times and daemon/bare
