@@ -255,3 +255,16 @@ def test_the_boot_path_imports_nothing_it_does_not_use():
     assert "nicpassd.host.early_vfs" in imported  # the check sees what is imported
     assert imported & {"argparse", "pathlib", "typing", "logging", "dataclasses", "tempfile", "inspect",
                        "nicpassd.paths", "nicpassd.atomicfile", "nicpassd.daemon"} == set()
+
+
+async def test_a_pf_persisted_on_a_driver_of_its_own_is_not_a_count_only_pf(sim):
+    """Its VFs depend on what that driver does with SR-IOV: the engine's to judge, not a shell loop's."""
+    from nicpassd.engine.store import DeviceDesire, identity_of
+
+    snapshot = sim.engine.snapshot
+    sim.engine.store.put(DeviceDesire(address=PF, identity=identity_of(snapshot.functions[PF], snapshot),
+                                      driver="vfio-pci", num_vfs=2))
+    sim.engine.store.put(DeviceDesire(address=PF2, identity=identity_of(snapshot.functions[PF2], snapshot),
+                                      num_vfs=2))
+    await sim.engine.reconcile()
+    assert set(early_binding.read_list(sim.paths.root)["vf_counts"]) == {PF2}
