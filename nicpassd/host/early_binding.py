@@ -46,8 +46,8 @@ else:
     Protocol = object
 
 LIST_FILE = "var/lib/nicpassd/early-binding.json"
-MARKER_DIR = "var/lib/nicpassd/early-binding.d"
-PCI_DEVICES = "sys/bus/pci/devices"  # the udev rule's TEST (see _sync_markers)
+MARKER_DIR = "var/lib/nicpassd/early-binding.d"  # the udev rule's TEST (see _sync_markers)
+PCI_DEVICES = "sys/bus/pci/devices"
 VF_MARKER = "vfs"
 VERSION = 1
 HEX_ID = re.compile(r"[0-9a-f]{4}")
@@ -79,7 +79,8 @@ class SysfsKernel:
 
     def load_module(self, name: str) -> None:
         module = kernelio.DRIVER_MODULES.get(name, name)
-        if os.path.isdir(_join(self.root, "sys/module", module)) or os.path.isdir(_join(self.root, "sys/bus/pci/drivers", name)):
+        if os.path.isdir(_join(self.root, "sys/module", module)) \
+                or os.path.isdir(_join(self.root, "sys/bus/pci/drivers", name)):
             return
         if not _is_slash(self.root):
             return  # a test root: never load a module into the machine running the test
