@@ -122,18 +122,19 @@ class Operations:
         async with self.journaled("bind", [address], target={"driver": driver}, before={address: before}):
             await self._bind(address, before, driver, restore_on_failure=restore_on_failure)
 
-    async def give_back(self, address: str) -> None:
+    async def give_back(self, address: str) -> str:
         """The sentinel's heal: a device taken from the host back on its host driver. Its undo-journal
         entry is written while the kernel writes, not before them: either order of a crash leaves a
         consistent device — healed if the writes came first; taken, with an entry rolling it back to
         taken, if the entry did — and the heal at the next start gives a taken device back. The
-        entry's two fsyncs are not added to the management network's outage."""
+        entry's two fsyncs are not added to the management network's outage. Returns the host
+        driver it verified (read again later, it may already be another writer's next step)."""
         before = self.host.binding(address)
         record = asyncio.ensure_future(self.journal.record("bind", {address: DeviceBefore(before)},
                                                            target={"driver": ""}))
         self._journal_depth = 1
         try:
-            await self._bind(address, before, "", restore_on_failure=False)
+            driver = await self._bind(address, before, "", restore_on_failure=False)
         finally:
             self._journal_depth = 0
             try:
@@ -142,11 +143,13 @@ class Operations:
                 log.warning("the heal of %s was not journaled: %s", address, exc)
             else:
                 await self.journal.finish(entry)
+        return driver
 
-    async def _bind(self, address: str, before: PciFunction, driver: str, *, restore_on_failure: bool) -> None:
+    async def _bind(self, address: str, before: PciFunction, driver: str, *, restore_on_failure: bool) -> str:
+        """The bind sequence, verified; returns the driver the verification saw."""
         override = driver if driver in PASSTHROUGH_DRIVERS else ""
         if before.driver and satisfies(before.driver, driver) and before.driver_override == override:
-            return
+            return before.driver
         if driver == VFIO:
             await self.host.load_driver(VFIO)
             lap("modprobe")
@@ -159,12 +162,13 @@ class Operations:
                 await self.host.probe(address)
             lap("writes")
             try:
-                await self._verify_driver(address, driver)
+                bound = await self._verify_driver(address, driver)
                 lap("verify")
             except KernelError:
                 if not await self._another_driver_appeared(address, before.driver, driver):
                     raise
-                await self._rebind_once(address, driver, override)
+                bound = await self._rebind_once(address, driver, override)
+            return bound
         except NicpassError as exc:
             if restore_on_failure:
                 raise exc.with_note(await self.restore_binding(address, before)) from exc
@@ -267,15 +271,16 @@ class Operations:
         return KernelError(f"{address} did not bind to {driver or 'its host driver'}: the kernel shows {found} after "
                            "drivers_probe", "check the kernel log (journalctl -k) for the probe failure")
 
-    async def _verify_driver(self, address: str, driver: str) -> None:
-        """Wait for the ``driver`` link to show ``driver`` (one readlink per look)."""
+    async def _verify_driver(self, address: str, driver: str) -> str:
+        """Wait for the ``driver`` link to show ``driver`` (one readlink per look); returns what it showed."""
         deadline = time.monotonic() + self.config.daemon.bind_verify_timeout
         interval = 0.002
-        while not satisfies(self.host.driver_of(address), driver):
+        while not satisfies(seen := self.host.driver_of(address), driver):
             if time.monotonic() >= deadline:
                 raise self._not_bound(address, driver)
             await asyncio.sleep(interval)
             interval = min(interval * 2, 0.1)
+        return seen
 
     async def _another_driver_appeared(self, address: str, before: str, driver: str) -> bool:
         """After a failed verify: is the function on a driver it was not on before and that was
@@ -290,7 +295,7 @@ class Operations:
             seen = now
         return bool(seen) and seen != before and not satisfies(seen, driver)
 
-    async def _rebind_once(self, address: str, driver: str, override: str) -> None:
+    async def _rebind_once(self, address: str, driver: str, override: str) -> str:
         """The bind sequence once more, from the driver that appeared (the override stays)."""
         current = self.host.driver_of(address)
         log.info("%s was bound to %s by the kernel meanwhile; binding it to %s again", address, current,
@@ -300,7 +305,7 @@ class Operations:
             await self.host.unbind(address, current)
         if not self.host.driver_of(address):
             await self.host.probe(address)
-        await self._verify_driver(address, driver)
+        return await self._verify_driver(address, driver)
 
     async def restore_binding(self, address: str, before: PciFunction) -> str:
         """Best effort back to ``before``'s driver and driver_override; says what it did."""

@@ -289,8 +289,9 @@ class Sentinel:
             # Refreshes while it binds (events) see the device back: the heal, not look(), settles it.
             self._in_heal.add(address)
             try:
-                await ops.give_back(address)  # journaled; blocks in a worker
-                outcome = f"healed: back on {host.driver_of(address)}"
+                # What the heal verified: read again after the journal's writes, the link may already
+                # show the next step of the writer it answered (libvirt's probe of vfio-pci).
+                outcome = f"healed: back on {await ops.give_back(address)}"  # journaled; blocks in a worker
                 if violation.interfaces:
                     outcome += await self._netdev_back(address, violation.interfaces)
             except NicpassError as exc:

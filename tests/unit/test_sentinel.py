@@ -401,3 +401,23 @@ async def test_the_heal_writes_before_the_violation_is_reported(watched):
     await sim.engine.quiesce()
     assert sim.driver(ENO1) == "igb"
     assert order == ["write drivers_probe", "detected", "healed"], order
+
+
+async def test_the_outcome_names_the_driver_the_heal_verified_not_the_writer_s_next_step(watched):
+    """libvirt goes on after the unbind the heal answered: by the time the heal's journal entry is
+    written the link may show its next step. The outcome is what the heal saw bound."""
+    sim = watched()
+    seen = []
+    sim.engine.sentinel.listeners.append(seen.append)
+    give_back = sim.engine.ops.give_back
+
+    async def then_taken_again(address):
+        driver = await give_back(address)
+        sim.kernel.write(sim.paths.pci_drivers / "igb" / "unbind", address)  # the writer's next step
+        return driver
+
+    sim.engine.ops.give_back = then_taken_again
+    libvirt(sim, ENO1)
+    await sim.engine.quiesce()
+    healed = [v.outcome for v in seen if v.outcome.startswith("healed")]
+    assert healed and healed[0].startswith("healed: back on igb"), [v.outcome for v in seen]
