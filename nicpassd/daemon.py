@@ -76,8 +76,7 @@ async def run(args: argparse.Namespace, early: list[str]) -> int:
         print(f"nicpassd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     setup_logging(args.log_level or config.daemon.log_level)
-    for line in early:
-        log.info("VFs at start, before the engine: %s", line)
+    _log_early(early)
     try:
         return await serve(args, paths, config)
     finally:
@@ -108,8 +107,7 @@ async def serve(args, paths: HostPaths, config) -> int:
         log.info("simulating %s under %s", topology.description or "a host", paths.root)
         from nicpassd.host.early_vfs import create_persisted_vfs
 
-        for line in create_persisted_vfs(paths.root, kernel):  # as nicpassd.start does on a real host
-            log.info("VFs at start, before the engine: %s", line)
+        _log_early(create_persisted_vfs(paths.root, kernel))  # as nicpassd.start does on a real host
     else:
         writer = SysfsWriter()
     host = Host(paths, writer, write_timeout=config.daemon.write_timeout)
@@ -204,6 +202,11 @@ async def serve(args, paths: HostPaths, config) -> int:
     bus.disconnect()
     log.info("nicpassd stopped")
     return 0
+
+
+def _log_early(lines: list[str]) -> None:
+    for line in lines:
+        log.info("VFs at start, before the engine: %s", line)
 
 
 def _simulated_kernel(args, paths: HostPaths, topology):

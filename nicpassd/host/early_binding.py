@@ -79,8 +79,8 @@ class SysfsKernel:
 
     def load_module(self, name: str) -> None:
         module = kernelio.DRIVER_MODULES.get(name, name)
-        if os.path.isdir(_join(self.root, "sys/module", module)) \
-                or os.path.isdir(_join(self.root, "sys/bus/pci/drivers", name)):
+        if os.path.isdir(join_path(self.root, "sys/module", module)) \
+                or os.path.isdir(join_path(self.root, "sys/bus/pci/drivers", name)):
             return
         if not _is_slash(self.root):
             return  # a test root: never load a module into the machine running the test
@@ -139,7 +139,7 @@ def read_list(root: StrPath) -> dict:
     """The list, checked field by field ({} when there is none). ``BadList`` names the file and the
     field: a list that is not exactly what the daemon writes (a hand edit, a torn or foreign file)
     binds nothing early, rather than writing whatever it says into a driver_override at boot."""
-    path = _join(root, LIST_FILE)
+    path = join_path(root, LIST_FILE)
     try:
         with open(path, "rb") as handle:
             data = json.loads(handle.read().decode("utf-8"))
@@ -199,10 +199,10 @@ def mismatch(entry: dict[str, str], device_dir: StrPath, *, vf: bool = False) ->
     checks += [("subsystem_vendor", "subsystem_vendor"), ("subsystem_device", "subsystem_device")]
     for key, attr in checks:
         wanted = entry.get(key, "")
-        if wanted and _hex(_join(device_dir, attr)) != wanted:
-            return f"{attr} is {_hex(_join(device_dir, attr))}, persisted {wanted}"
+        if wanted and _hex(join_path(device_dir, attr)) != wanted:
+            return f"{attr} is {_hex(join_path(device_dir, attr))}, persisted {wanted}"
     if entry.get("serial") and not vf:
-        serial = kernelio.read_serial(_join(device_dir, "config"))
+        serial = kernelio.read_serial(join_path(device_dir, "config"))
         if serial and serial != entry["serial"]:
             return f"serial is {serial}, persisted {entry['serial']}"
     return ""
@@ -210,18 +210,18 @@ def mismatch(entry: dict[str, str], device_dir: StrPath, *, vf: bool = False) ->
 
 def override_for(root: StrPath, name: str, listing: dict) -> tuple[str, str]:
     """(driver to put in driver_override or "", why) for PCI function ``name``."""
-    device_dir = _join(root, PCI_DEVICES, name)
+    device_dir = join_path(root, PCI_DEVICES, name)
     entry = (listing.get("devices") or {}).get(name)
     if entry is not None:
         problem = mismatch(entry, device_dir)
         return ("", f"identity changed ({problem})") if problem else (entry["driver"], "persisted")
-    physfn = kernelio.link_name(_join(device_dir, "physfn"))
+    physfn = kernelio.link_name(join_path(device_dir, "physfn"))
     if not physfn:
         return "", "not listed"
     entry = (listing.get("vf_drivers") or {}).get(physfn)
     if entry is None:
         return "", "not listed"
-    problem = mismatch(entry, _join(root, PCI_DEVICES, physfn))
+    problem = mismatch(entry, join_path(root, PCI_DEVICES, physfn))
     if problem:
         return "", f"its PF {physfn} changed ({problem})"
     return entry["driver"], f"VF of {physfn}"
@@ -234,21 +234,21 @@ def apply(root: StrPath, name: str, kernel: Kernel) -> str:
         if why != "not listed":
             _journal(root, f"{name}: persisted for passthrough but left alone: {why}")
         return ""
-    device_dir = _join(root, PCI_DEVICES, name)
+    device_dir = join_path(root, PCI_DEVICES, name)
     kernel.load_module(driver)
-    kernel.write(_join(device_dir, "driver_override"), driver + "\n")
+    kernel.write(join_path(device_dir, "driver_override"), driver + "\n")
     done = [f"driver_override {driver} ({why})"]
     current = _driver_of(device_dir)
     if current and current != driver:  # udev lost the race with an already-loaded host driver
         try:
-            kernel.write(_join(root, "sys/bus/pci/drivers", current, "unbind"), name)
+            kernel.write(join_path(root, "sys/bus/pci/drivers", current, "unbind"), name)
             done.append(f"unbound from {current}")
         except OSError:
             if _driver_of(device_dir) == current:
                 raise
             # unbound meanwhile by someone else: nicpassd, if it started during coldplug
     if not _driver_of(device_dir):
-        kernel.write(_join(root, "sys/bus/pci/drivers_probe"), name)
+        kernel.write(join_path(root, "sys/bus/pci/drivers_probe"), name)
         done.append("probed")
     _journal(root, f"{name}: {', '.join(done)}; now on {_driver_of(device_dir) or 'no driver'}")
     return driver
@@ -266,10 +266,11 @@ def _journal(root: StrPath, message: str) -> None:
 
 
 def _driver_of(device_dir: str) -> str:
-    return kernelio.link_name(_join(device_dir, "driver"))
+    return kernelio.link_name(join_path(device_dir, "driver"))
 
 
-def _join(*parts: StrPath) -> str:
+def join_path(*parts: StrPath) -> str:
+    """os.path.join of str and PathLike parts (this module's paths are strings, see above)."""
     return os.path.join(*map(os.fspath, parts))
 
 
@@ -279,9 +280,9 @@ def _is_slash(root: StrPath) -> bool:
 
 def rule_matches(root: StrPath, name: str) -> bool:
     """packaging/udev/90-nicpassd.rules' TESTs: would udev start the helper for ``name``?"""
-    markers = _join(root, MARKER_DIR)
-    return os.path.exists(_join(markers, name)) or (
-        os.path.exists(_join(root, PCI_DEVICES, name, "physfn")) and os.path.exists(_join(markers, VF_MARKER)))
+    markers = join_path(root, MARKER_DIR)
+    return os.path.exists(join_path(markers, name)) or (
+        os.path.exists(join_path(root, PCI_DEVICES, name, "physfn")) and os.path.exists(join_path(markers, VF_MARKER)))
 
 
 def udev_rule(kernel, address: str) -> None:

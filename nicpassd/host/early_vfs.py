@@ -27,14 +27,13 @@ import json
 import os
 import time
 
-from nicpassd.host import kernelio
-from nicpassd.host.early_binding import BadList, mismatch, read_list
+from nicpassd.host import kernelio, procfs
+from nicpassd.host.early_binding import PCI_DEVICES, BadList, join_path, mismatch, read_list
 
 TYPE_CHECKING = False  # as in early_binding: no typing or pathlib import on the boot path
 if TYPE_CHECKING:
     from nicpassd.host.early_binding import Kernel, StrPath
 
-PCI_DEVICES = "sys/bus/pci/devices"
 UNDO_JOURNAL = "run/nicpassd/journal.json"
 RUNTIME_HOLDS = "run/nicpassd/runtime.json"
 GUARD_MEMORY = "var/lib/nicpassd/guard.json"
@@ -53,11 +52,11 @@ def create_persisted_vfs(root: StrPath, kernel: Kernel) -> list[str]:
     if not counts:
         return []
     try:
-        if _entries(_join(root, UNDO_JOURNAL), "entries"):
+        if _entries(join_path(root, UNDO_JOURNAL), "entries"):
             return ["no VFs created early: the undo journal holds an operation a crash interrupted; "
                     "the daemon rolls it back first"]
-        held = _entries(_join(root, RUNTIME_HOLDS), "holds")
-        remembered = {entry.get("address") for entry in _entries(_join(root, GUARD_MEMORY), "entries")
+        held = _entries(join_path(root, RUNTIME_HOLDS), "holds")
+        remembered = {entry.get("address") for entry in _entries(join_path(root, GUARD_MEMORY), "entries")
                       if isinstance(entry, dict)}
     except (OSError, ValueError, TypeError) as exc:
         return [f"no VFs created early: {exc}; the daemon reads its state files itself"]
@@ -86,7 +85,7 @@ def _entries(path: str, key: str):
 
 
 def _why_not(root: StrPath, pf: str, entry: dict[str, str], held, remembered: set) -> str:
-    device_dir = _join(root, PCI_DEVICES, pf)
+    device_dir = join_path(root, PCI_DEVICES, pf)
     if not os.path.isdir(device_dir):
         return "left to the daemon: not present"
     if pf in held:
@@ -96,12 +95,12 @@ def _why_not(root: StrPath, pf: str, entry: dict[str, str], held, remembered: se
     problem = mismatch(entry, device_dir)
     if problem:
         return f"left to the daemon: identity changed ({problem})"
-    if not kernelio.link_name(_join(device_dir, "driver")):
+    if not kernelio.link_name(join_path(device_dir, "driver")):
         return "left to the daemon: its driver has not bound it yet"
-    present = kernelio.read_text(_join(device_dir, "sriov_numvfs"))
+    present = kernelio.read_text(join_path(device_dir, "sriov_numvfs"))
     if present != "0":
         return f"left to the daemon: it has {present or 'an unreadable number of'} VFs"
-    total = kernelio.read_text(_join(device_dir, "sriov_totalvfs"))
+    total = kernelio.read_text(join_path(device_dir, "sriov_totalvfs"))
     if not total.isdigit() or int(entry["count"]) > int(total):
         return f"left to the daemon: {entry['count']} VFs persisted, sriov_totalvfs is {total or 'unreadable'}"
     routed = _routed(root, device_dir)
@@ -111,25 +110,25 @@ def _why_not(root: StrPath, pf: str, entry: dict[str, str], held, remembered: se
 
 
 def _create(root: StrPath, kernel: Kernel, pf: str, count: int, driver: str) -> str:
-    device_dir = _join(root, PCI_DEVICES, pf)
-    autoprobe = kernelio.read_text(_join(device_dir, "sriov_drivers_autoprobe"))
+    device_dir = join_path(root, PCI_DEVICES, pf)
+    autoprobe = kernelio.read_text(join_path(device_dir, "sriov_drivers_autoprobe"))
     wanted_autoprobe = "0" if driver else "1"  # as the engine leaves it (vf_count.apply_vf_count)
     try:
         if driver:
             kernel.load_module(driver)
         if autoprobe != wanted_autoprobe:
-            kernel.write(_join(device_dir, "sriov_drivers_autoprobe"), wanted_autoprobe)
-        kernel.write(_join(device_dir, "sriov_numvfs"), str(count))
+            kernel.write(join_path(device_dir, "sriov_drivers_autoprobe"), wanted_autoprobe)
+        kernel.write(join_path(device_dir, "sriov_numvfs"), str(count))
         vfs = _virtfns(device_dir)
         if len(vfs) != count:
             raise EarlyFailure(f"sriov_numvfs {count} gave {len(vfs)} VFs")
         if driver:
             for vf in vfs:
-                kernel.write(_join(root, PCI_DEVICES, vf, "driver_override"), driver + "\n")
+                kernel.write(join_path(root, PCI_DEVICES, vf, "driver_override"), driver + "\n")
             for vf in vfs:
-                if not kernelio.link_name(_join(root, PCI_DEVICES, vf, "driver")):
-                    kernel.write(_join(root, "sys/bus/pci/drivers_probe"), vf)
-            astray = [vf for vf in vfs if kernelio.link_name(_join(root, PCI_DEVICES, vf, "driver")) != driver]
+                if not kernelio.link_name(join_path(root, PCI_DEVICES, vf, "driver")):
+                    kernel.write(join_path(root, "sys/bus/pci/drivers_probe"), vf)
+            astray = [vf for vf in vfs if kernelio.link_name(join_path(root, PCI_DEVICES, vf, "driver")) != driver]
             if astray:
                 raise EarlyFailure(f"{', '.join(astray)} not on {driver} after the probe")
     except Exception as exc:  # noqa: BLE001 - undone whatever went wrong (an OSError is the kernel's answer)
@@ -144,17 +143,17 @@ def _undo(root: StrPath, kernel: Kernel, device_dir: str, autoprobe: str) -> str
     problems = []
     for vf in _virtfns(device_dir):
         try:
-            kernel.write(_join(root, PCI_DEVICES, vf, "driver_override"), "\n")
+            kernel.write(join_path(root, PCI_DEVICES, vf, "driver_override"), "\n")
         except Exception:  # noqa: BLE001 - the VF goes with sriov_numvfs 0 below
             pass
     try:
-        if kernelio.read_text(_join(device_dir, "sriov_numvfs")) != "0":
-            kernel.write(_join(device_dir, "sriov_numvfs"), "0")
-        if autoprobe and kernelio.read_text(_join(device_dir, "sriov_drivers_autoprobe")) != autoprobe:
-            kernel.write(_join(device_dir, "sriov_drivers_autoprobe"), autoprobe)
+        if kernelio.read_text(join_path(device_dir, "sriov_numvfs")) != "0":
+            kernel.write(join_path(device_dir, "sriov_numvfs"), "0")
+        if autoprobe and kernelio.read_text(join_path(device_dir, "sriov_drivers_autoprobe")) != autoprobe:
+            kernel.write(join_path(device_dir, "sriov_drivers_autoprobe"), autoprobe)
     except Exception as exc:  # noqa: BLE001 - said, and read back below
         problems.append(exc.strerror or str(exc) if isinstance(exc, OSError) else repr(exc))
-    now = kernelio.read_text(_join(device_dir, "sriov_numvfs"))
+    now = kernelio.read_text(join_path(device_dir, "sriov_numvfs"))
     if problems or now != "0":
         return f"undoing it failed ({'; '.join(problems) or f'sriov_numvfs reads {now}'})"
     return "undone"
@@ -165,30 +164,31 @@ def _virtfns(device_dir: str) -> list[str]:
         names = [name for name in os.listdir(device_dir) if name.startswith("virtfn")]
     except OSError:
         return []
-    return [kernelio.link_name(_join(device_dir, name)) for name in sorted(names, key=lambda name: int(name[6:]))]
+    return [kernelio.link_name(join_path(device_dir, name)) for name in sorted(names, key=lambda name: int(name[6:]))]
 
 
 def _routed(root: StrPath, device_dir: str) -> list[str]:
     """The PF's interfaces, and the bonds, bridges and VLANs above them, that carry a route other
     than IPv6's link-local and multicast ones (which every interface that is up has)."""
     try:
-        chain = set(os.listdir(_join(device_dir, "net")))
+        chain = set(os.listdir(join_path(device_dir, "net")))
     except OSError:
         return []
     todo = list(chain)
     while todo:
         try:
-            uppers = {name[6:] for name in os.listdir(_join(root, "sys/class/net", todo.pop())) if name.startswith("upper_")}
+            names = os.listdir(join_path(root, "sys/class/net", todo.pop()))
+            uppers = {name[6:] for name in names if name.startswith("upper_")}
         except OSError:
             continue
         todo.extend(uppers - chain)
         chain |= uppers
     routed = set()
-    for line in _lines(_join(root, "proc/net/route"))[1:]:
+    for line in _lines(join_path(root, "proc/net/route"))[1:]:
         fields = line.split()
         if fields and fields[0] in chain:
             routed.add(fields[0])
-    for line in _lines(_join(root, "proc/net/ipv6_route")):
+    for line in _lines(join_path(root, "proc/net/ipv6_route")):
         fields = line.split()
         if len(fields) == 10 and fields[9] in chain and not fields[0].startswith(("fe80", "ff")):
             routed.add(fields[9])
@@ -204,14 +204,6 @@ def _lines(path: str) -> list[str]:
 
 
 def process_age() -> float:
-    """Seconds since this process started (its ``stat`` start time, in clock ticks since boot)."""
-    try:
-        with open("/proc/self/stat", encoding="ascii") as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-        return time.monotonic() - int(fields[19]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
-def _join(*parts: StrPath) -> str:
-    return os.path.join(*map(os.fspath, parts))
+    """Seconds since this process started (0.0 when /proc cannot say)."""
+    ticks = procfs.process_start_time(os.getpid())
+    return time.monotonic() - ticks / os.sysconf("SC_CLK_TCK") if ticks else 0.0

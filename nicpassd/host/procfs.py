@@ -7,7 +7,10 @@ process), so /proc is never moved by the root; a pidfile is a file of the host a
 from __future__ import annotations
 
 import os
-from pathlib import Path
+
+TYPE_CHECKING = False  # no pathlib at import: nicpassd.start reads its own start time before the daemon's imports
+if TYPE_CHECKING:
+    from pathlib import Path
 
 PROC = "/proc"
 PID_MAX = 2**22  # the kernel's upper bound of pid_max
