@@ -259,16 +259,58 @@ def _responsive(vm: Guest) -> bool:
 
 def _recover(vm: Guest, scenario: str) -> None:
     """A guest that stopped answering (seen once in ~10 runs: TCG stops delivering one vCPU's
-    timer interrupts, the kernel logs RCU stalls) is hard-reset, so that one wedged scenario does
+    timer interrupts, the kernel logs RCU stalls; and, before nicpassd held VFIO groups, journald
+    blocked behind a vfio-pci unbind waiting for a paused domain) is hard-reset, so that one wedged scenario does
     not fail every scenario after it. The scenario it happened in has failed already; the reset
     and the kernel's last words go into the summary."""
     serial = vm.serial_log.read_text(errors="replace").splitlines() if vm.serial_log.exists() else []
     stalls = [line for line in serial if "rcu" in line and "stall" in line]
+    words = _last_words(vm, scenario, len(serial))
     t0 = time.monotonic()
     vm.qmp("system_reset")
     vm.wait_ready(600, t0, "reset")
     SESSION_NOTES.append(f"guest wedged before {scenario} (agent silent; {len(stalls)} RCU stall reports, last: "
-                         f"{stalls[-1].strip() if stalls else 'none'}); hard reset took {time.monotonic() - t0:.0f}s")
+                         f"{stalls[-1].strip() if stalls else 'none'}); hard reset took {time.monotonic() - t0:.0f}s; "
+                         f"before it: {words}")
+
+
+def _last_words(vm: Guest, scenario: str, seen: int) -> str:
+    """Where a silent guest is, for the summary (CI shows nothing else of a wedge): the vCPUs'
+    instruction pointers from QEMU, then the kernel's own account on the serial console (sysrq:
+    loglevel 9, blocked tasks, every CPU's backtrace; the kernel runs with sysrq_always_enabled).
+    The whole of it is kept in the run folder."""
+    parts = []
+    try:
+        parts.append(f"status {vm.qmp('query-status').get('status')}")
+        registers = vm.qmp("human-monitor-command", {"command-line": "info registers -a"})
+        parts.append("RIP " + " ".join(line.split()[0] for line in registers.splitlines() if line.startswith("RIP=")))
+        for key in ("9", "w", "l"):
+            vm.qmp("send-key", {"keys": [{"type": "qcode", "data": "alt"}, {"type": "qcode", "data": "sysrq"},
+                                         {"type": "qcode", "data": key}]})
+            time.sleep(2)
+    except (GuestError, OSError, TimeoutError) as exc:
+        parts.append(f"QMP: {exc}")
+    deadline = time.monotonic() + 30  # the console may print it well after the kernel logged it
+    while True:
+        serial = vm.serial_log.read_text(errors="replace").splitlines() if vm.serial_log.exists() else []
+        if time.monotonic() > deadline or any("NMI backtrace" in line for line in serial[seen:]):
+            break
+        time.sleep(1)
+    told = serial[seen:]
+    (vm.run_dir / f"wedge-{scenario}-{int(time.time())}.txt").write_text("\n".join([*parts, *serial[-300:]]) + "\n")
+    # each blocked task or CPU and the first frames of its stack: what a reader needs to name the hang
+    keep, frames = [], 0
+    for raw in told:
+        line = raw.split("] ", 1)[-1].strip()
+        if line.startswith(("task:", "RIP:")) or "blocked for" in line or "NMI backtrace" in line:
+            keep.append(line)
+            frames = 8
+        elif frames and line and not line.startswith(("?", "<", "Call Trace", "R", "Code:")):
+            keep.append(line)
+            frames -= 1
+    quiet = [line.split("] ", 1)[-1].strip() for line in serial[max(0, seen - 8):seen]]
+    told = " / ".join(keep[:60]) or "nothing"
+    return "; ".join(parts) + f" | serial before the wedge: {' / '.join(quiet)} | sysrq: {told}"
 
 
 @pytest.fixture

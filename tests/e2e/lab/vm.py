@@ -38,7 +38,8 @@ IMAGES = CACHE / "images"
 MGMT_MAC = "52:54:00:00:00:01"
 IGB_MAC = "52:54:00:00:01:01"
 E1000E_MAC = "52:54:00:00:02:01"
-KERNEL_ARGS = "console=ttyS0,115200 root=/dev/vda rw intel_iommu=on iommu=pt panic=-1"
+# sysrq_always_enabled: a wedged guest is asked where it is (conftest._last_words)
+KERNEL_ARGS = "console=ttyS0,115200 root=/dev/vda rw intel_iommu=on iommu=pt panic=-1 sysrq_always_enabled"
 GUEST_ENV = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
              "HOME=/root", "LANG=C.UTF-8", "TERM=dumb"]
 PR_SET_PDEATHSIG = 1
