@@ -150,6 +150,16 @@ class Operations:
         override = driver if driver in PASSTHROUGH_DRIVERS else ""
         if before.driver and satisfies(before.driver, driver) and before.driver_override == override:
             return before.driver
+        # Off vfio-pci: the device's VFIO group is held from the first write to the last, so that
+        # a VM holding the device is refused before anything changes and none opens it meanwhile.
+        leaving = [address] if before.driver == VFIO and not satisfies(VFIO, driver) else []
+        with self.host.vfio_latched(leaving) as busy:
+            if busy:
+                raise busy[address]
+            return await self._bind_sequence(address, before, driver, override, restore_on_failure=restore_on_failure)
+
+    async def _bind_sequence(self, address: str, before: PciFunction, driver: str, override: str, *,
+                             restore_on_failure: bool) -> str:
         if driver == VFIO:
             await self.host.load_driver(VFIO)
             lap("modprobe")
@@ -223,6 +233,17 @@ class Operations:
         override = driver if driver in PASSTHROUGH_DRIVERS else ""
         todo = [address for address, before in befores.items()
                 if not (before.driver and satisfies(before.driver, driver) and before.driver_override == override)]
+        errors: dict[str, NicpassError] = {}
+        if not todo:
+            return errors
+        leaving = [a for a in todo if befores[a].driver == VFIO and not satisfies(VFIO, driver)]
+        with self.host.vfio_latched(leaving) as busy:  # see _bind
+            todo = [a for a in todo if a not in busy]
+            errors = await self._bind_batch_writes(befores, todo, driver, override)
+        return {**errors, **busy}
+
+    async def _bind_batch_writes(self, befores: dict[str, PciFunction], todo: list[str], driver: str,
+                                 override: str) -> dict[str, NicpassError]:
         errors: dict[str, NicpassError] = {}
         if not todo:
             return errors

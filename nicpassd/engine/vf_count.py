@@ -51,9 +51,16 @@ async def apply_vf_count(ops: Operations, address: str, count: int, driver: str,
     the new VFs have no driver yet (docs/kernel-rules.md §16: a VF's driver reads its MAC when
     it probes), then the VFs probe."""
     host = ops.host
-    vf_drivers = vf_drivers or {}
     before = host.present(address)
     previous_drivers = [host.driver_of(vf) for vf in before.virtfns]
+    vf_drivers = vf_drivers or {}
+    # Every count change removes the VFs there are: one on vfio-pci that a VM holds refuses the
+    # change before anything is written (nicpassd.host.vfio_latch); the removal holds them all.
+    removing = [vf for vf, vf_driver in zip(before.virtfns, previous_drivers) if vf_driver == VFIO]
+    removing = removing if before.num_vfs != count else []
+    with host.vfio_latched(removing) as busy:
+        if busy:
+            raise next(iter(busy.values()))
     want_autoprobe = driver != VFIO
     claims: dict[str, str] = {}
     creating = bool(count) and before.num_vfs != count
@@ -70,7 +77,10 @@ async def apply_vf_count(ops: Operations, address: str, count: int, driver: str,
                 await host.set_autoprobe(address, want_autoprobe)
             lap("modprobe, autoprobe")
             if before.num_vfs:
-                await host.set_num_vfs(address, 0)
+                with host.vfio_latched(removing) as busy:
+                    if busy:
+                        raise next(iter(busy.values()))
+                    await host.set_num_vfs(address, 0)
                 lap("sriov_numvfs 0")
             if count:
                 await host.set_num_vfs(address, count)

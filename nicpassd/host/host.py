@@ -16,8 +16,10 @@ from pathlib import Path
 
 from nicpassd.errors import KernelError
 from nicpassd.host import kernelio, legacy, platform, procfs, sysfs, vf_netlink
+from nicpassd.host.kernelio import VFIO
 from nicpassd.host.model import HostSnapshot, PciFunction, VfSettings
 from nicpassd.host.vf_netlink import VfChange
+from nicpassd.host.vfio_latch import NOBODY, VfioLatches
 from nicpassd.host.writer import (BatchFailure, BatchWrite, KernelWriter, describe_oserror, run_blocking,
                                   write_attribute, write_batch)
 from nicpassd.paths import HostPaths
@@ -42,6 +44,7 @@ class Host:
         self.writer = writer
         self.write_timeout = write_timeout
         self._pci_root = os.fspath(paths.pci_devices)
+        self._latches = VfioLatches(paths, writer, self.vfio_holder)
 
     # ------------------------------------------------------------------- reads
     def snapshot(self) -> HostSnapshot:
@@ -130,6 +133,29 @@ class Host:
             users.append((pid, os.path.basename(argv[0]) if argv else "", procfs.qemu_guest_name(argv)))
         return users
 
+    def vfio_holder(self, address: str, group: int) -> tuple[str, int, str]:
+        """Who holds a device through VFIO, as far as the kernel and libvirt let us see:
+        (who, pid, guest). The process holding its group (readable for root's processes:
+        Proxmox's QEMU), else a running libvirt domain whose live XML holds it (libvirt runs QEMU
+        as another user), else ("unknown writer", 0, "")."""
+        users = self.vfio_users(group)
+        if users:
+            pid, program, guest = users[0]
+            return f"{program or 'a process'} (pid {pid}{f', guest {guest}' if guest else ''})", pid, guest
+        domains = self.libvirt_domains_with(address)
+        if domains:
+            guest, pid = domains[0]
+            return f"libvirt domain {guest}{f' (QEMU pid {pid})' if pid else ''}", pid, guest
+        return NOBODY, 0, ""
+
+    def vfio_latched(self, addresses: "list[str] | tuple[str, ...]"):
+        """Hold the VFIO groups of ``addresses`` around taking them off vfio-pci; yields
+        {address: Busy} of those a VM holds (``nicpassd.host.vfio_latch``)."""
+        return self._latches.held(addresses)
+
+    def vfio_in_use(self, address: str) -> bool:
+        return self._latches.in_use(address)
+
     def libvirt_domains_with(self, address: str) -> list[tuple[str, int]]:
         """(name, QEMU pid or 0) of each running libvirt domain whose live XML holds ``address``
         (/run/libvirt/qemu/NAME.xml, a <domstatus> around the domain; a hot-attached hostdev is in
@@ -185,7 +211,11 @@ class Host:
         await self._write(self.override_write(address, driver))
 
     async def unbind(self, address: str, driver: str) -> None:
-        await self._write(self.unbind_write(address, driver))
+        """Busy, with nothing written, when ``driver`` is vfio-pci and a VM holds the device."""
+        with self.vfio_latched([address] if driver == VFIO else []) as busy:
+            if busy:
+                raise busy[address]
+            await self._write(self.unbind_write(address, driver))
 
     async def probe(self, address: str) -> None:
         await self._write(self.probe_write(address))

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,10 @@ class KernelWriter(Protocol):
     def netlink(self, request: bytes) -> bytes:
         """Send one rtnetlink request (VF settings: nicpassd.host.vf_netlink); return the answer."""
 
+    def hold_vfio_group(self, path: Path) -> Callable[[], None]:
+        """Open a VFIO group (/dev/vfio/N) and return what closes it; raise OSError with the
+        kernel's errno (EBUSY: another process holds it). ``nicpassd.host.vfio_latch``."""
+
 
 class SysfsWriter:
     """The production writer: plain writes to sysfs, modprobe for modules, rtnetlink requests."""
@@ -49,6 +54,10 @@ class SysfsWriter:
         from nicpassd.host.vf_netlink import exchange
 
         return exchange(request, timeout=NETLINK_TIMEOUT)
+
+    def hold_vfio_group(self, path: Path) -> Callable[[], None]:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        return lambda: os.close(fd)
 
 
 NETLINK_TIMEOUT = 30.0  # the RTNL lock can be held that long by a driver; the caller's timeout is shorter

@@ -24,11 +24,12 @@ import logging
 import os
 import shutil
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from nicpassd.host import netlink
+from nicpassd.host import netlink, procfs
 from nicpassd.host import vf_netlink as wire
 from nicpassd.host.events import UEvent, UEventCallback
 from nicpassd.host.model import IfAddress, VfSettings
@@ -39,6 +40,7 @@ from nicpassd.sim.topology import Function, Topology, root_disk
 log = logging.getLogger(__name__)
 
 ALWAYS_AVAILABLE_DRIVERS = ("pci-stub",)
+VFIO_RELEASE_WAIT = 30.0
 LOADABLE_MODULES = {"vfio-pci": "vfio-pci", "vfio_pci": "vfio-pci", "pci-stub": "pci-stub"}
 PCI_ROOT = "devices/pci0000:00"
 
@@ -109,6 +111,7 @@ class SimKernel:
         self._ifindex = 1
         self._late_probes: dict[str, str] = {}  # VF -> host driver (Faults.probe_after_numvfs)
         self._late_enable = ""
+        self._vfio_held: set[str] = set()  # group nodes nicpassd holds (hold_vfio_group)
         self._build()
 
     # ----------------------------------------------------------------- events
@@ -822,6 +825,7 @@ class SimKernel:
         if data == "" and resolved.exists():
             return  # sysfs_kf_write() never calls the store method for a 0-byte write
         target = self._target_of(parts, data)
+        self._wait_for_vfio_users(parts, target)
         self._maybe_hang(target, parts[-1])
         self._maybe_fail(target, parts[-1])
         with self._lock:
@@ -842,6 +846,38 @@ class SimKernel:
         if parts[:3] == ("bus", "pci", "drivers_probe") or (parts[:3] == ("bus", "pci", "drivers") and len(parts) == 5):
             return data.strip()
         return "*"
+
+    def hold_vfio_group(self, path: "Path | str") -> Callable[[], None]:
+        """vfio_group_fops_open(): one opener at a time. EBUSY while a process holds the node open
+        (a test's stand-in QEMU: a real process with the file open) or nicpassd holds it already;
+        ENOENT without a node (the simulator makes none: a test that needs one creates it)."""
+        node = os.fspath(path)
+        if not os.path.exists(node):
+            raise _oserror(errno.ENOENT, node)
+        with self._lock:
+            if node in self._vfio_held or procfs.holders_of(node):
+                raise _oserror(errno.EBUSY, f"{node} is held")
+            self._vfio_held.add(node)
+        return lambda: self._vfio_held.discard(node)
+
+    def _wait_for_vfio_users(self, parts: tuple[str, ...], target: str) -> None:
+        """vfio-pci's remove waits for the device's user to let go (the kernel relays a request to
+        QEMU), the device locked meanwhile: an unbind from vfio-pci, or the removal of VFs one of
+        which is on vfio-pci, blocks while a process holds the group node. The kernel waits for
+        ever; the simulator gives up after VFIO_RELEASE_WAIT."""
+        if parts[:3] == ("bus", "pci", "drivers") and parts[3:] == ("vfio-pci", "unbind"):
+            leaving = [self._devices.get(target)]
+        elif parts[-1] == "sriov_numvfs" and target in self._devices:  # removing VFs unbinds each
+            leaving = [device for device in self._devices.values() if device.physfn == target]
+        else:
+            return
+        nodes = [os.fspath(self.paths.dev_vfio / str(device.group)) for device in leaving
+                 if device is not None and device.driver == "vfio-pci"]
+        deadline = time.monotonic() + VFIO_RELEASE_WAIT
+        while any(os.path.exists(node) and procfs.holders_of(node) for node in nodes):
+            if time.monotonic() > deadline:
+                raise _oserror(errno.EINTR, f"{target}: device is currently in use, blocked until it is released")
+            time.sleep(0.05)
 
     def _maybe_hang(self, target: str, attr: str) -> None:
         for key in ((target, attr), ("*", attr)):

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import base64
 import errno
+import itertools
 import json
 import logging
 import os
@@ -49,7 +50,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from nicpassd.host import vf_netlink
 from nicpassd.host.events import UEvent, UEventCallback
@@ -119,6 +120,12 @@ class RemoteKernel:
         if "errno" in reply:
             raise OSError(reply["errno"], reply["message"])
         return base64.b64decode(reply["answer"])
+
+    def hold_vfio_group(self, path: Path) -> Callable[[], None]:
+        reply = _request(self.path, {"op": "hold_vfio_group", "path": os.fspath(path)})
+        if "errno" in reply:
+            raise OSError(reply["errno"], reply["message"])
+        return lambda: _request(self.path, {"op": "release_vfio_group", "token": reply["token"]})
 
     def subscribe(self, callback: UEventCallback) -> None:
         """Deliver the kernel's uevents to ``callback`` (an asyncio reader on the running loop)."""
@@ -206,6 +213,16 @@ def stop(paths: HostPaths, timeout: float = 10.0) -> bool:
 
 
 # ------------------------------------------------------------------------------- server side
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _peer_pid(sock: socket.socket) -> int:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return struct.unpack("3i", creds)[0]
@@ -221,6 +238,8 @@ class KernelServer(socketserver.ThreadingUnixStreamServer):
         self.subscribers_lock = threading.Lock()
         self.kill_after: int = 0  # SIGKILL the writer after this many more writes (0 = off)
         self.kill_lock = threading.Lock()
+        self.held: dict[str, tuple[int, Callable[[], None]]] = {}  # VFIO group holds: token → (writer pid, release)
+        self.tokens = itertools.count(1)
         path = socket_path(paths)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.unlink(missing_ok=True)
@@ -292,6 +311,20 @@ class Handler(socketserver.StreamRequestHandler):
             if vf_netlink.NLMSGHDR.unpack_from(message)[1] == vf_netlink.RTM_SETLINK:
                 self.count_change(f"its VF setting of {vf_netlink.parse_set(message)[0]}")
             return {"ok": True, "answer": base64.b64encode(answer).decode()}
+        if op == "hold_vfio_group":
+            # The kernel closes a dead process's files: so are the holds of a writer that died.
+            for token, (pid, release) in list(server.held.items()):
+                if not _alive(pid):
+                    del server.held[token]
+                    release()
+            token = str(next(server.tokens))
+            server.held[token] = (_peer_pid(self.connection), kernel.hold_vfio_group(Path(request["path"])))
+            return {"ok": True, "token": token}
+        if op == "release_vfio_group":
+            held = server.held.pop(request["token"], None)
+            if held is not None:
+                held[1]()
+            return {"ok": True}
         if op == "ping":
             return {"ok": True, "pid": os.getpid()}
         if op == "arm_kill":

@@ -9,9 +9,12 @@ Nothing here touches the real /sys: all paths live under a temporary root.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -67,6 +70,9 @@ class RecordingWriter:
             self.calls.append(("netlink", what, interface))
         return self.kernel.netlink(request)
 
+    def hold_vfio_group(self, path: Path):
+        return self.kernel.hold_vfio_group(path)
+
     @property
     def writes(self) -> list[tuple[str, str, str]]:
         """Sysfs writes and VF setting changes (not module loads)."""
@@ -113,6 +119,28 @@ class Sim:
 
     def netdevs(self) -> set[str]:
         return set(os.listdir(self.paths.class_net))
+
+    def group(self, address: str) -> int:
+        return int(os.path.basename(os.readlink(self.dir(address) / "iommu_group")))
+
+    @contextlib.contextmanager
+    def vm_holding(self, address: str, guest: str = "web01"):
+        """A stand-in QEMU: a real process holding the device's VFIO group node open, with
+        libvirt's -name guest=... on its command line. The simulated kernel makes no group nodes:
+        this one is made here. Yields the process; kills it at the end."""
+        node = self.paths.dev_vfio / str(self.group(address))
+        node.parent.mkdir(parents=True, exist_ok=True)
+        node.touch()
+        qemu = subprocess.Popen([sys.executable, "-c", "import sys, time; f = open(sys.argv[1]); print(1, flush=True); "
+                                 "time.sleep(120)", str(node), "-name", f"guest={guest},debug-threads=on"],
+                                stdout=subprocess.PIPE)
+        try:
+            qemu.stdout.readline()
+            yield qemu
+        finally:
+            qemu.kill()
+            qemu.wait()
+            qemu.stdout.close()
 
     def state(self, address: str) -> tuple[str, str, int | None]:
         """(driver, driver_override, sriov_numvfs or None): what the guard must never change."""
