@@ -36,7 +36,7 @@ from nicpassd.engine.guard_memory import Remembered
 from nicpassd.engine.hostview import HostView
 from nicpassd.engine.leases import BROKEN, Lease
 from nicpassd.engine.operations import Operations
-from nicpassd.errors import NicpassError
+from nicpassd.errors import Busy, NicpassError
 from nicpassd.host.events import UEvent
 from nicpassd.host.kernelio import PASSTHROUGH_DRIVERS, VFIO
 from nicpassd.host.model import PciFunction
@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 FIGHT_LIMIT = 5
 FIGHT_WINDOW = 60.0
 DETECTED = "detected"
+WAITING = "not healed yet"  # a VM holds it; healed once it lets go
+RELEASE_POLL = 1.0
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ class Sentinel:
         self._breaking: set[str] = set()  # lease ids being marked broken
         self._in_heal: set[str] = set()  # devices nicpassd is giving back right now: their heal settles them
         self._unreported: dict[str, Violation] = {}  # found, heal started, "detected" not yet reported
+        self._waiters: dict[str, asyncio.Task] = {}  # devices a VM holds: healed when it lets go
         view.listeners.append(lambda _delta: self.look())
 
     # --------------------------------------------------------------- detection
@@ -134,7 +137,8 @@ class Sentinel:
                 self._found(self._violation(address, entry, function))
         for address in [a for a, v in self.active.items() if v.kind == "management" and a not in seen]:
             violation = self.active.pop(address)  # back on its host driver (healed, or given back by someone)
-            if violation.outcome == DETECTED and address not in self._in_heal:
+            waiting = violation.outcome == DETECTED or violation.outcome.startswith(WAITING)
+            if waiting and address not in self._in_heal:
                 # Given back before nicpassd's heal got to it (libvirt reattaching after a failed
                 # hot-attach, an admin's own undo): the report must not stay "detected" for ever.
                 function = snapshot.functions[address]
@@ -149,9 +153,7 @@ class Sentinel:
                          detected=time.time())
 
     def _culprit(self, function: PciFunction, driver: str | None = None) -> tuple[str, int, str]:
-        """Who has it, as far as the kernel and libvirt let us see: the process holding its VFIO
-        group (readable for root's processes: Proxmox's QEMU), else a running libvirt domain whose
-        live XML holds it (libvirt's QEMU runs as another user), else nobody we can name."""
+        """Who has it, as far as the kernel and libvirt let us see (``Host.vfio_holder``)."""
         host = self.view.host
         driver = function.driver if driver is None else driver
         if driver not in PASSTHROUGH_DRIVERS:
@@ -159,15 +161,7 @@ class Sentinel:
             # live XML once QEMU holds it through vfio-pci). Reading every running domain's status
             # XML here cost the heal ~20 ms under TCG; the heal looks again if vfio-pci took it.
             return "unknown writer", 0, ""
-        users = host.vfio_users(function.iommu_group) if driver == VFIO else []
-        if users:
-            pid, program, guest = users[0]
-            return f"{program or 'a process'} (pid {pid}{f', guest {guest}' if guest else ''})", pid, guest
-        domains = host.libvirt_domains_with(function.address)
-        if domains:
-            guest, pid = domains[0]
-            return f"libvirt domain {guest}{f' (QEMU pid {pid})' if pid else ''}", pid, guest
-        return "unknown writer", 0, ""
+        return host.vfio_holder(function.address, function.iommu_group if driver == VFIO else -1)
 
     def _found(self, violation: Violation) -> None:
         self.count += 1
@@ -294,6 +288,14 @@ class Sentinel:
                 outcome = f"healed: back on {await ops.give_back(address)}"  # journaled; blocks in a worker
                 if violation.interfaces:
                     outcome += await self._netdev_back(address, violation.interfaces)
+            except Busy as exc:  # a VM holds it: nothing was written (nicpassd.host.vfio_latch)
+                stamps.pop()
+                self._in_heal.discard(address)
+                if function is not None and not violation.culprit_pid:  # libvirt's status file may be there now
+                    culprit, pid, guest = self._culprit(function, VFIO)
+                    violation = replace(violation, culprit=culprit, culprit_pid=pid, guest=guest)
+                self._wait_for_release(violation, exc)
+                return
             except NicpassError as exc:
                 outcome = f"heal failed: {exc.message}"
             finally:
@@ -301,6 +303,30 @@ class Sentinel:
             self._settle(violation, outcome)
             view.mark([address])
             view.refresh_changed()
+
+    def _wait_for_release(self, violation: Violation, busy: Busy) -> None:
+        """A VM holds the device through VFIO: taking it off vfio-pci now would block in the kernel,
+        the device locked, until the VM lets go (and journald and udevd behind it). Say so, once,
+        then look at its group every ``RELEASE_POLL`` seconds at most (a VFIO close sends no
+        uevent) and heal as soon as nothing holds it: the VM stopped, or the device was detached."""
+        address = violation.address
+        if not violation.outcome.startswith(WAITING):
+            self._settle(violation, f"{WAITING}: {busy.message}; nicpassd gives it back as soon as it is let go "
+                                    f"({busy.remedy})")
+        if address not in self._waiters:
+            self._waiters[address] = asyncio.get_running_loop().create_task(self._heal_when_released(address))
+
+    async def _heal_when_released(self, address: str) -> None:
+        try:
+            delay = 0.05
+            while (violation := self.active.get(address)) is not None and violation.outcome.startswith(WAITING):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RELEASE_POLL)
+                if not self.view.host.vfio_in_use(address):
+                    self._spawn(self._heal(address))
+                    return
+        finally:
+            self._waiters.pop(address, None)
 
     async def _netdev_back(self, address: str, wanted: tuple[str, ...]) -> str:
         deadline = time.monotonic() + max(self._config().daemon.bind_verify_timeout, 1.0)
@@ -335,5 +361,5 @@ class Sentinel:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     def close(self) -> None:
-        for task in list(self._tasks):
+        for task in [*self._tasks, *self._waiters.values()]:
             task.cancel()

@@ -8,6 +8,8 @@ libvirt itself does not bind the VF: only the hook's Prepare can have put it on 
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from .conftest import IGB, REPO
@@ -127,6 +129,12 @@ def test_virsh_attach_device_live_of_the_management_nic_is_healed(g):
         since = g.run(["date", "+%s"]).check().stdout.strip()
         attach = g.run([*VIRSH, "attach-device", VM, "/tmp/e2e-mgmt-hostdev.xml", "--live"], timeout=300)
         hostdevmgr = g.run("head -c 600 /run/libvirt/hostdevmgr/*.xml 2>&1 | tr -s ' \n' ' '").stdout
+        if attach.returncode == 0:
+            # QEMU opened it before the heal got to it: nicpassd must not unbind it under QEMU
+            # (the test below), and gives it back once the domain lets go.
+            held = wait_for_outcome(g, "not healed yet")
+            SESSION_NOTES.append(f"attach-device --live of the management NIC: QEMU opened it first; {held[:200]!r}")
+            g.run([*VIRSH, "destroy", VM], timeout=120).check()
         seconds = mgmt_back(g, timeout=180)
         live = g.run([*VIRSH, "dumpxml", VM]).stdout
         import nicpassd_domain_xml
@@ -141,7 +149,56 @@ def test_virsh_attach_device_live_of_the_management_nic_is_healed(g):
         # reattach unbinds and reprobes): then the last report says so. nicpassd's heal is in the journal.
         assert violation["outcome"].startswith(("healed", "back on virtio-pci before nicpassd healed it")), violation
         healed = g.run(["journalctl", "-u", "nicpassd", "--since", f"@{since}", "--no-pager", "-o", "cat"]).stdout
-        assert f"{MGMT} (" in healed and "healed: back on virtio-pci" in healed, healed[-3000:]
+        assert f"{MGMT} (" in healed, healed[-3000:]
+        assert "healed: back on virtio-pci" in healed or attach.returncode == 0, healed[-3000:]
+    finally:
+        g.run([*VIRSH, "destroy", VM], timeout=120)
+        g.run([*VIRSH, "undefine", VM])
+
+
+def wait_for_outcome(g, prefix: str, timeout: float = 60) -> str:
+    from .conftest import MGMT
+    from .test_guard_heal import violations
+
+    g.wait(lambda _s: violations(g).get(MGMT, {}).get("last_violation", {}).get("outcome", "").startswith(prefix),
+           timeout, 0.5, what=f"the management NIC's violation reported as {prefix!r}")
+    return violations(g)[MGMT]["last_violation"]["outcome"]
+
+
+def test_the_management_nic_a_running_domain_holds_is_not_unbound_under_it(g):
+    """QEMU holds the management NIC through VFIO (attached while the heal was off, then nicpassd
+    restarted with it on). vfio-pci's remove would wait, the device locked, until QEMU let go — for
+    ever, the domain being paused — and journald behind that lock (it reads the device's uevent to
+    tag the kernel's "Relaying device request" line), then everything that logs: the guest went
+    silent. nicpassd writes nothing, names the domain, keeps the host answering, and gives the NIC
+    back once the domain is destroyed."""
+    from .conftest import MGMT, SESSION_NOTES
+    from .test_guard_heal import heal_default, heal_off, mgmt_back, violations
+
+    heal_off(g)
+    g.vm.write_file("/tmp/e2e-vm1.xml", domain_of(VM, UUID, ""))
+    g.vm.write_file("/tmp/e2e-mgmt-hostdev.xml", HOSTDEV)
+    g.run([*VIRSH, "define", "/tmp/e2e-vm1.xml"]).check()
+    try:
+        g.run([*VIRSH, "start", "--paused", VM], timeout=300).check()
+        g.run([*VIRSH, "attach-device", VM, "/tmp/e2e-mgmt-hostdev.xml", "--live"], timeout=300).check()
+        assert g.fn(MGMT)["driver"] == "vfio-pci"
+        heal_default(g)
+        g.run(["systemctl", "restart", "nicpassd"], timeout=120).check()
+        outcome = wait_for_outcome(g, "not healed yet")
+        assert "in use through VFIO" in outcome and VM in outcome, outcome
+        for _ in range(5):  # the host keeps answering, journald keeps logging
+            g.run(["logger", "-t", "e2e-alive", "still logging"], timeout=30).check()
+            g.run("sleep 1", timeout=30)
+        logged = g.run("journalctl -t e2e-alive -b --no-pager -o cat | wc -l", timeout=30).stdout.strip()
+        assert logged == "5", logged
+        assert g.fn(MGMT)["driver"] == "vfio-pci"
+        t0 = time.monotonic()
+        g.run([*VIRSH, "destroy", VM], timeout=120).check()
+        seconds = mgmt_back(g, timeout=120)
+        last = violations(g)[MGMT]["last_violation"]["outcome"]
+        SESSION_NOTES.append(f"management NIC held by a paused domain: {outcome[:160]!r}; back {seconds:.1f}s after "
+                             f"virsh destroy ({time.monotonic() - t0:.1f}s in all): {last[:100]!r}")
     finally:
         g.run([*VIRSH, "destroy", VM], timeout=120)
         g.run([*VIRSH, "undefine", VM])
