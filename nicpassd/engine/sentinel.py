@@ -290,7 +290,6 @@ class Sentinel:
                     outcome += await self._netdev_back(address, violation.interfaces)
             except Busy as exc:  # a VM holds it: nothing was written (nicpassd.host.vfio_latch)
                 stamps.pop()
-                self._in_heal.discard(address)
                 if function is not None and not violation.culprit_pid:  # libvirt's status file may be there now
                     culprit, pid, guest = self._culprit(function, VFIO)
                     violation = replace(violation, culprit=culprit, culprit_pid=pid, guest=guest)
