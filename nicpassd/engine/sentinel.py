@@ -40,6 +40,7 @@ from nicpassd.errors import Busy, NicpassError
 from nicpassd.host.events import UEvent
 from nicpassd.host.kernelio import PASSTHROUGH_DRIVERS, VFIO
 from nicpassd.host.model import PciFunction
+from nicpassd.host.vfio_latch import NOBODY
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ class Sentinel:
             # Unbound, or on another host driver: no VM has it (libvirt puts a device in a domain's
             # live XML once QEMU holds it through vfio-pci). Reading every running domain's status
             # XML here cost the heal ~20 ms under TCG; the heal looks again if vfio-pci took it.
-            return "unknown writer", 0, ""
+            return NOBODY, 0, ""
         return host.vfio_holder(function.address, function.iommu_group if driver == VFIO else -1)
 
     def _found(self, violation: Violation) -> None:
@@ -189,7 +190,7 @@ class Sentinel:
                 continue
             function = snapshot.functions[broken[0]]
             violation = Violation(broken[0], "lease", function.interfaces, (f"leased to VM {lease.vm_name}",), VFIO,
-                                  function.driver, function.driver_override, "unknown writer",
+                                  function.driver, function.driver_override, NOBODY,
                                   vm_uuid=lease.vm_uuid, detected=time.time(),
                                   outcome=f"lease of VM {lease.vm_name} marked broken")
             self.count += 1
@@ -310,8 +311,7 @@ class Sentinel:
         uevent) and heal as soon as nothing holds it: the VM stopped, or the device was detached."""
         address = violation.address
         if not violation.outcome.startswith(WAITING):
-            self._settle(violation, f"{WAITING}: {busy.message}; nicpassd gives it back as soon as it is let go "
-                                    f"({busy.remedy})")
+            self._settle(violation, self._waiting(busy))
         if address not in self._waiters:
             self._waiters[address] = asyncio.get_running_loop().create_task(self._heal_when_released(address))
 
@@ -321,11 +321,28 @@ class Sentinel:
             while (violation := self.active.get(address)) is not None and violation.outcome.startswith(WAITING):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RELEASE_POLL)
-                if not self.view.host.vfio_in_use(address):
+                busy = self.view.host.vfio_busy(address)
+                if busy is None:
                     self._spawn(self._heal(address))
                     return
+                if violation.culprit == NOBODY:
+                    self._name_late(violation, busy)
         finally:
             self._waiters.pop(address, None)
+
+    def _name_late(self, violation: Violation, busy: Busy) -> None:
+        """QEMU opened the device in the middle of libvirt's hot-attach: the status file that names
+        the domain comes a moment later. Once it does, the wait is reported again, naming it."""
+        function = self.view.snapshot.functions.get(violation.address)
+        if function is None:
+            return
+        culprit, pid, guest = self._culprit(function, VFIO)
+        if culprit != NOBODY:
+            self._settle(replace(violation, culprit=culprit, culprit_pid=pid, guest=guest), self._waiting(busy))
+
+    @staticmethod
+    def _waiting(busy: Busy) -> str:
+        return f"{WAITING}: {busy.message}; nicpassd gives it back as soon as it is let go ({busy.remedy})"
 
     async def _netdev_back(self, address: str, wanted: tuple[str, ...]) -> str:
         deadline = time.monotonic() + max(self._config().daemon.bind_verify_timeout, 1.0)

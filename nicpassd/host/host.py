@@ -153,8 +153,9 @@ class Host:
         {address: Busy} of those a VM holds (``nicpassd.host.vfio_latch``)."""
         return self._latches.held(addresses)
 
-    def vfio_in_use(self, address: str) -> bool:
-        return self._latches.in_use(address)
+    def vfio_busy(self, address: str):
+        """Busy naming the VM that holds ``address`` through VFIO now, or None."""
+        return self._latches.busy(address)
 
     def libvirt_domains_with(self, address: str) -> list[tuple[str, int]]:
         """(name, QEMU pid or 0) of each running libvirt domain whose live XML holds ``address``

@@ -75,10 +75,10 @@ class VfioLatches:
                     del self._held[group]
                     entry[1]()
 
-    def in_use(self, address: str) -> bool:
-        """Whether a process holds the device through VFIO now (one open and close of its group)."""
+    def busy(self, address: str) -> Busy | None:
+        """Busy naming who holds the device through VFIO now, or None (one open and close of its group)."""
         with self.held([address]) as busy:
-            return bool(busy)
+            return busy.get(address)
 
     def _take(self, address: str, group: int, busy: dict[str, Busy]) -> Callable[[], None] | None:
         try:

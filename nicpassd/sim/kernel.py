@@ -112,6 +112,7 @@ class SimKernel:
         self._late_probes: dict[str, str] = {}  # VF -> host driver (Faults.probe_after_numvfs)
         self._late_enable = ""
         self._vfio_held: set[str] = set()  # group nodes nicpassd holds (hold_vfio_group)
+        self._vfio_foreign: set[str] = set()  # held by a process nicpassd cannot see into
         self._build()
 
     # ----------------------------------------------------------------- events
@@ -855,10 +856,22 @@ class SimKernel:
         if not os.path.exists(node):
             raise _oserror(errno.ENOENT, node)
         with self._lock:
-            if node in self._vfio_held or procfs.holders_of(node):
+            if self._vfio_group_busy(node):
                 raise _oserror(errno.EBUSY, f"{node} is held")
             self._vfio_held.add(node)
         return lambda: self._vfio_held.discard(node)
+
+    def hold_vfio_group_as_another_user(self, address: str) -> Callable[[], None]:
+        """A process of another user holds the device's group (libvirt's QEMU runs as
+        libvirt-qemu): the kernel knows the group is held, nicpassd cannot read that process's
+        /proc/PID/fd to see by whom. Returns what lets go."""
+        node = os.fspath(self.paths.dev_vfio / str(self._device(address).group))
+        with self._lock:
+            self._vfio_foreign.add(node)
+        return lambda: self._vfio_foreign.discard(node)
+
+    def _vfio_group_busy(self, node: str) -> bool:
+        return node in self._vfio_held or node in self._vfio_foreign or bool(procfs.holders_of(node))
 
     def _wait_for_vfio_users(self, parts: tuple[str, ...], target: str) -> None:
         """vfio-pci's remove waits for the device's user to let go (the kernel relays a request to
@@ -874,7 +887,7 @@ class SimKernel:
         nodes = [os.fspath(self.paths.dev_vfio / str(device.group)) for device in leaving
                  if device is not None and device.driver == "vfio-pci"]
         deadline = time.monotonic() + VFIO_RELEASE_WAIT
-        while any(os.path.exists(node) and procfs.holders_of(node) for node in nodes):
+        while any(os.path.exists(node) and (node in self._vfio_foreign or procfs.holders_of(node)) for node in nodes):
             if time.monotonic() > deadline:
                 raise _oserror(errno.EINTR, f"{target}: device is currently in use, blocked until it is released")
             time.sleep(0.05)

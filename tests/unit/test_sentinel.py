@@ -182,6 +182,40 @@ async def test_a_device_a_vm_holds_is_not_unbound_under_it_and_is_healed_once_it
     assert [v.outcome.split(":")[0] for v in seen] == ["detected", "not healed yet", "healed"]
 
 
+async def test_a_vm_that_could_not_be_named_at_first_is_named_once_libvirt_says_so(watched):
+    """Found in the e2e guest: QEMU opened the device in the middle of libvirt's hot-attach; it
+    runs as another user (its /proc/PID/fd is not ours to read) and libvirt writes the hostdev
+    into the domain's status file only after QEMU's device_add. The wait is reported again, once,
+    naming the domain as soon as the status file does."""
+    sim = watched()
+    seen = []
+    sim.engine.sentinel.listeners.append(seen.append)
+    node = sim.paths.dev_vfio / str(sim.group(ENO1))
+    node.parent.mkdir(parents=True, exist_ok=True)
+    node.touch()
+    release = sim.kernel.hold_vfio_group_as_another_user(ENO1)
+    try:
+        libvirt(sim, ENO1)
+        await sim.engine.quiesce()
+        assert seen[-1].outcome.startswith("not healed yet") and "cannot name" in seen[-1].outcome, seen[-1]
+        status = sim.paths.root / "run" / "libvirt" / "qemu"
+        status.mkdir(parents=True)
+        (status / "web02.xml").write_text(
+            "<domstatus state='running' pid='4242'><domain type='kvm' id='3'><name>web02</name><uuid>" + VM +
+            "</uuid><devices><hostdev mode='subsystem' type='pci' managed='yes'><source>"
+            "<address domain='0x0000' bus='0x01' slot='0x00' function='0x0'/></source></hostdev></devices>"
+            "</domain></domstatus>")
+        await until(lambda: seen[-1].guest == "web02")
+        assert seen[-1].culprit == "libvirt domain web02" and "by libvirt domain web02" in seen[-1].outcome
+        await asyncio.sleep(1.5)  # more looks at the group: named once, not again
+        assert [v.outcome.split(":")[0] for v in seen] == ["detected", "not healed yet", "not healed yet"]
+    finally:
+        release()
+    await until(lambda: sim.driver(ENO1) == "igb")
+    await sim.engine.quiesce()
+    assert seen[-1].outcome.startswith("healed")
+
+
 async def test_a_device_given_back_by_someone_else_while_a_vm_held_it_is_settled(watched):
     """libvirt's own reattach once its domain is gone: the wait ends with what happened."""
     sim = watched()
