@@ -17,7 +17,7 @@ from .exitcodes import ExitCode
 
 EXIT_CODES = """\
 exit codes: 0 success, 1 failed, 2 usage or invalid argument, 3 refused by the guard,
-4 busy (leased), 5 not authorized, 6 nicpassd not reachable, 7 not found, 8 (check) a finding failed."""
+4 busy (leased, or held by a VM), 5 not authorized, 6 nicpassd not reachable, 7 not found, 8 (check) a finding failed."""
 DEVICE_NOTE = "DEVICE is a PCI address (0000:3b:00.0 or 3b:00.0) or a network interface name."
 EPILOG = f"{EXIT_CODES}\n{DEVICE_NOTE}"
 DEVICE_HELP = "a PCI address (0000:3b:00.0 or 3b:00.0) or a network interface name"
