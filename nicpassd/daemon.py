@@ -70,6 +70,10 @@ async def run(args: argparse.Namespace, early: list[str]) -> int:
         temporary_root = Path(tempfile.mkdtemp(prefix="nicpassd-sim-"))
         root = temporary_root
     paths = HostPaths(root)
+    # A reload asked for from here to the reload handler (the start: seconds under emulation) is
+    # done once the daemon is ready; the configuration may change after this read.
+    hups: list[int] = []
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, hups.append, signal.SIGHUP)
     try:
         config = load_config(paths.config_file)
     except ConfigError as exc:
@@ -78,13 +82,13 @@ async def run(args: argparse.Namespace, early: list[str]) -> int:
     setup_logging(args.log_level or config.daemon.log_level)
     _log_early(early)
     try:
-        return await serve(args, paths, config)
+        return await serve(args, paths, config, hups)
     finally:
         if temporary_root is not None:
             shutil.rmtree(temporary_root, ignore_errors=True)
 
 
-async def serve(args, paths: HostPaths, config) -> int:
+async def serve(args, paths: HostPaths, config, hups: list[int]) -> int:
     # The D-Bus layer before the boot reconcile, not after: importing it then would compete for
     # the CPU with udev's work on the new VFs and delay READY, which VMs that autostart wait for
     # (measured in the e2e guest: READY 0.9 s later, devices bound 1 s earlier).
@@ -174,6 +178,9 @@ async def serve(args, paths: HostPaths, config) -> int:
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, reload)
+    if hups:
+        log.info("a reload was asked for during the start: reloading")
+        reload()
     functions = len(engine.views)
     log.info("nicpassd %s ready: %d PCI functions, %d protected", __version__, functions, len(engine.protected.entries))
     notifier.ready(f"managing {functions} PCI functions")

@@ -12,6 +12,7 @@ kernel is built.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 
@@ -23,6 +24,9 @@ LOG_LEVELS = ("debug", "info", "warning", "error")  # --log-level's choices (nic
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A SIGHUP (a reload) before the daemon has read its configuration asks for nothing it will
+    # not do anyway; its default action would end the process. nicpassd.daemon.run takes over.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     arguments = sys.argv[1:] if argv is None else argv
     early: list[str] = []
     root = daemon_root(arguments)

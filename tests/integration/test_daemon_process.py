@@ -70,6 +70,36 @@ def test_sighup_with_a_broken_config_keeps_the_previous_one(private_bus, polkit,
         assert finding["level"] == "ok" and str(config) in finding["message"], finding
 
 
+def test_a_reload_asked_for_during_the_start_neither_kills_nor_is_lost(private_bus, tmp_path):
+    """SIGHUP's default action ends a process: one that came before the reload handler was in
+    place (the boot reconcile; CI once sent a test's SIGHUP in that window) killed the daemon.
+    Before the configuration is read it is moot (ignored from nicpassd.start's first line); after,
+    it is done once the daemon is ready."""
+    root = tmp_path / "host"
+    root.mkdir()
+    log = tmp_path / "daemon.log"
+    env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=private_bus.address)
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "nicpassd", "--simulate", "--root", str(root)],
+                                   stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while not log.read_text() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)  # its first line: it has read its configuration (Python's own start is not ours)
+        while "ready:" not in log.read_text() and process.poll() is None and time.monotonic() < deadline:
+            process.send_signal(signal.SIGHUP)  # all through the rest of the start
+            time.sleep(0.02)
+        assert process.poll() is None, log.read_text()[-2000:]
+        assert "ready:" in log.read_text()
+        while "configuration reloaded" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "a reload was asked for during the start: reloading" in log.read_text()
+        assert "configuration reloaded" in log.read_text()
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
 def reload_and_wait(daemon, said: str) -> None:
     before = daemon.log_text().count(said)
     daemon.process.send_signal(signal.SIGHUP)
