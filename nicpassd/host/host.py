@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from nicpassd.errors import KernelError
+from nicpassd.errors import Busy, KernelError
 from nicpassd.host import kernelio, legacy, platform, procfs, sysfs, vf_netlink
 from nicpassd.host.kernelio import VFIO
 from nicpassd.host.model import HostSnapshot, PciFunction, VfSettings
@@ -153,7 +153,7 @@ class Host:
         {address: Busy} of those a VM holds (``nicpassd.host.vfio_latch``)."""
         return self._latches.held(addresses)
 
-    def vfio_busy(self, address: str):
+    def vfio_busy(self, address: str) -> Busy | None:
         """Busy naming the VM that holds ``address`` through VFIO now, or None."""
         return self._latches.busy(address)
 

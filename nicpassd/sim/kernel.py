@@ -871,7 +871,11 @@ class SimKernel:
         return lambda: self._vfio_foreign.discard(node)
 
     def _vfio_group_busy(self, node: str) -> bool:
-        return node in self._vfio_held or node in self._vfio_foreign or bool(procfs.holders_of(node))
+        return node in self._vfio_held or self._vfio_group_used(node)
+
+    def _vfio_group_used(self, node: str) -> bool:
+        """Held by a VFIO user (a VM): nicpassd's own hold of the group holds no device."""
+        return node in self._vfio_foreign or bool(procfs.holders_of(node))
 
     def _wait_for_vfio_users(self, parts: tuple[str, ...], target: str) -> None:
         """vfio-pci's remove waits for the device's user to let go (the kernel relays a request to
@@ -887,7 +891,7 @@ class SimKernel:
         nodes = [os.fspath(self.paths.dev_vfio / str(device.group)) for device in leaving
                  if device is not None and device.driver == "vfio-pci"]
         deadline = time.monotonic() + VFIO_RELEASE_WAIT
-        while any(os.path.exists(node) and (node in self._vfio_foreign or procfs.holders_of(node)) for node in nodes):
+        while any(os.path.exists(node) and self._vfio_group_used(node) for node in nodes):
             if time.monotonic() > deadline:
                 raise _oserror(errno.EINTR, f"{target}: device is currently in use, blocked until it is released")
             time.sleep(0.05)

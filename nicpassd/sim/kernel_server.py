@@ -52,7 +52,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from nicpassd.host import vf_netlink
+from nicpassd.host import procfs, vf_netlink
 from nicpassd.host.events import UEvent, UEventCallback
 from nicpassd.paths import HostPaths
 
@@ -213,16 +213,6 @@ def stop(paths: HostPaths, timeout: float = 10.0) -> bool:
 
 
 # ------------------------------------------------------------------------------- server side
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _peer_pid(sock: socket.socket) -> int:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return struct.unpack("3i", creds)[0]
@@ -314,7 +304,7 @@ class Handler(socketserver.StreamRequestHandler):
         if op == "hold_vfio_group":
             # The kernel closes a dead process's files: so are the holds of a writer that died.
             for token, (pid, release) in list(server.held.items()):
-                if not _alive(pid):
+                if not procfs.process_start_time(pid):  # the writer is gone
                     del server.held[token]
                     release()
             token = str(next(server.tokens))
