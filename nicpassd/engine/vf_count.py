@@ -54,17 +54,23 @@ async def apply_vf_count(ops: Operations, address: str, count: int, driver: str,
     before = host.present(address)
     previous_drivers = [host.driver_of(vf) for vf in before.virtfns]
     vf_drivers = vf_drivers or {}
-    # Every count change removes the VFs there are: one on vfio-pci that a VM holds refuses the
-    # change before anything is written (nicpassd.host.vfio_latch); the removal holds them all.
-    removing = [vf for vf, vf_driver in zip(before.virtfns, previous_drivers) if vf_driver == VFIO]
-    removing = removing if before.num_vfs != count else []
-    with host.vfio_latched(removing) as busy:
-        if busy:
-            raise next(iter(busy.values()))
     want_autoprobe = driver != VFIO
     claims: dict[str, str] = {}
     creating = bool(count) and before.num_vfs != count
     wants_claims = bool(vf_drivers or vf_settings) and driver != VFIO and creating
+    if before.num_vfs and before.num_vfs != count:
+        # Every count change removes the VFs there are first, and removing a VF unbinds it: one on
+        # vfio-pci that a VM holds refuses the change before anything is written, and the removal
+        # holds the groups of the others (nicpassd.host.vfio_latch).
+        removing = [vf for vf, vf_driver in zip(before.virtfns, previous_drivers) if vf_driver == VFIO]
+        with host.vfio_latched(removing) as busy:
+            if busy:
+                raise next(iter(busy.values()))
+            try:
+                await host.set_num_vfs(address, 0)
+            except NicpassError as exc:
+                raise exc.with_note(await restore_vfs(ops, address, before, previous_drivers)) from exc
+        lap("sriov_numvfs 0")
     try:
         if before.num_vfs != count:
             if driver == VFIO:
@@ -76,12 +82,6 @@ async def apply_vf_count(ops: Operations, address: str, count: int, driver: str,
             if count and before.autoprobe != want_autoprobe:
                 await host.set_autoprobe(address, want_autoprobe)
             lap("modprobe, autoprobe")
-            if before.num_vfs:
-                with host.vfio_latched(removing) as busy:
-                    if busy:
-                        raise next(iter(busy.values()))
-                    await host.set_num_vfs(address, 0)
-                lap("sriov_numvfs 0")
             if count:
                 await host.set_num_vfs(address, count)
                 lap("sriov_numvfs N")
