@@ -2,8 +2,9 @@
 
 Parses arguments, makes the D-Bus calls of one command and prints the result: a table for
 people, JSON with ``--json``. Failures are one sentence on stderr and an exit code from
-:class:`~nicpassctl.exitcodes.ExitCode`. Heavy imports (asyncio, dbus-fast) happen only after
-the command line has parsed, so ``--help``, ``--version`` and usage errors stay fast.
+:class:`~nicpassctl.exitcodes.ExitCode`. The bus client (blocking, jeepney: no event loop to
+start) is imported only after the command line has parsed, so ``--help``, ``--version`` and
+usage errors touch no D-Bus code at all.
 """
 
 from __future__ import annotations
@@ -267,14 +268,14 @@ def _fail(args: argparse.Namespace, err, exc: BaseException) -> int:
     return int(err.code)
 
 
-async def run(args: argparse.Namespace, client_factory: ClientFactory | None = None) -> int:
+def run(args: argparse.Namespace, client_factory: ClientFactory | None = None) -> int:
     """Connect, run the command, map any failure to (sentence on stderr, exit code)."""
     from .commands import COMMANDS, action_for
     from .errors import CliError, StdoutClosed, from_exception
 
     client = (client_factory or _default_client)(args)
     try:
-        await client.connect()
+        client.connect()
     except Exception as exc:  # noqa: BLE001 - every connection failure is reported the same way
         if type(exc).__name__ == "InvalidAddressError" and args.bus_address:
             err = CliError(ExitCode.USAGE, f"invalid --bus-address {args.bus_address!r}: {exc}")
@@ -282,14 +283,14 @@ async def run(args: argparse.Namespace, client_factory: ClientFactory | None = N
             err = from_exception(exc)
         return _fail(args, err, exc)
     try:
-        return int(await COMMANDS[args.command](client, args))
+        return int(COMMANDS[args.command](client, args))
     except StdoutClosed:
         raise
     except Exception as exc:  # noqa: BLE001 - mapped to one sentence; unknown ones become exit 1
         return _fail(args, from_exception(exc, action_for(args)), exc)
     finally:
         try:
-            await client.close()
+            client.close()
         except Exception:  # noqa: BLE001
             pass
 
@@ -300,16 +301,14 @@ def main(argv: Sequence[str] | None = None, client_factory: ClientFactory | None
         args = parser.parse_args(argv)
     except SystemExit as exc:  # usage error (2), --help/--version (0)
         return int(exc.code or 0) if isinstance(exc.code, int) or exc.code is None else ExitCode.USAGE
-    import asyncio
-
     try:
         if args.quiet and not args.json:
             import contextlib
             import io
 
             with contextlib.redirect_stdout(io.StringIO()):  # the results; stderr keeps every failure
-                return asyncio.run(run(args, client_factory))
-        return asyncio.run(run(args, client_factory))
+                return run(args, client_factory)
+        return run(args, client_factory)
     except KeyboardInterrupt:
         _report("interrupted")
         return 130

@@ -1,4 +1,4 @@
-"""One coroutine per command: ``async def cmd_x(client, args) -> ExitCode``.
+"""One function per command: ``def cmd_x(client, args) -> ExitCode``.
 
 ``client`` is a :class:`nicpassctl.connection.Client` (or anything with the same ``call``-style
 methods returning plain data), ``args`` the argparse namespace. Output goes to stdout; failures
@@ -9,7 +9,6 @@ except for multi-device commands, which report each failure themselves.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import re
 import signal
 import sys
@@ -82,8 +81,8 @@ def emit_json(value: Any) -> None:
 
 # ---------------------------------------------------------------- reads
 
-async def fetch_devices(client) -> list[dict[str, Any]]:
-    objects = await client.managed_objects()
+def fetch_devices(client) -> list[dict[str, Any]]:
+    objects = client.managed_objects()
     devices = []
     for path, ifaces in objects.items():
         props = ifaces.get(DEVICE_IFACE)
@@ -95,8 +94,8 @@ async def fetch_devices(client) -> list[dict[str, Any]]:
     return devices
 
 
-async def cmd_list(client, args) -> ExitCode:
-    devices = await fetch_devices(client)
+def cmd_list(client, args) -> ExitCode:
+    devices = fetch_devices(client)
     if args.json:
         emit_json(render.list_json(devices, args.all))
     else:
@@ -104,18 +103,18 @@ async def cmd_list(client, args) -> ExitCode:
     return ExitCode.OK
 
 
-async def cmd_show(client, args) -> ExitCode:
-    (explain,) = await client.manager("Explain", "s", [args.device])
+def cmd_show(client, args) -> ExitCode:
+    (explain,) = client.manager("Explain", "s", [args.device])
     address = explain.get("address") or args.device
     try:
-        props = await client.get_all(device_path(address), DEVICE_IFACE)
+        props = client.get_all(device_path(address), DEVICE_IFACE)
     except DaemonError as err:
         if not err.name.startswith("org.freedesktop.DBus.Error.Unknown"):
             raise
         props = None  # no device object for it (e.g. not exported): Explain alone
     vfs = None
     if props is not None and int(props.get("NumVfs", 0) or 0) > 0:
-        vfs = await _vfs_of(client, address)
+        vfs = _vfs_of(client, address)
     if args.json:
         emit_json(render.show_json(props, explain, vfs))
     else:
@@ -123,12 +122,12 @@ async def cmd_show(client, args) -> ExitCode:
     return ExitCode.OK
 
 
-async def cmd_check(client, args) -> ExitCode:
-    (findings,) = await client.manager("Check")
+def cmd_check(client, args) -> ExitCode:
+    (findings,) = client.manager("Check")
     devices = list(getattr(args, "device", None) or [])
     rows = None
     if devices or getattr(args, "devices", False):
-        (rows,) = await client.manager("CheckDevices", "as", [devices])
+        (rows,) = client.manager("CheckDevices", "as", [devices])
     if args.json:
         host = render.check_json(findings)
         emit_json(host if rows is None else {"host": host, "devices": render.check_devices_json(rows)})
@@ -138,11 +137,11 @@ async def cmd_check(client, args) -> ExitCode:
     return ExitCode.CHECK_FAILED if failed else ExitCode.OK
 
 
-async def cmd_reconcile(client, args) -> ExitCode:
+def cmd_reconcile(client, args) -> ExitCode:
     if args.plan:
-        (rows,) = await client.manager("PlanReconcile")
+        (rows,) = client.manager("PlanReconcile")
     else:
-        (rows,) = await client.manager("Reconcile", mutate=True)
+        (rows,) = client.manager("Reconcile", mutate=True)
     if args.json:
         emit_json(render.reconcile_json(rows))
     else:
@@ -150,11 +149,11 @@ async def cmd_reconcile(client, args) -> ExitCode:
     return ExitCode.FAILED if render.reconcile_failed(rows) else ExitCode.OK
 
 
-async def cmd_import(client, args) -> ExitCode:
+def cmd_import(client, args) -> ExitCode:
     if args.apply:
-        (rows,) = await client.manager("Import", "a{sv}", [], options={}, mutate=True)
+        (rows,) = client.manager("Import", "a{sv}", [], options={}, mutate=True)
     else:
-        (rows,) = await client.manager("PlanImport")
+        (rows,) = client.manager("PlanImport")
     if args.json:
         emit_json(render.import_json(rows))
     else:
@@ -162,17 +161,17 @@ async def cmd_import(client, args) -> ExitCode:
     return ExitCode.FAILED if render.import_failed(rows) else ExitCode.OK
 
 
-async def cmd_guard(client, args) -> ExitCode:
+def cmd_guard(client, args) -> ExitCode:
     release = getattr(args, "release", None)
     if release:
-        await client.manager("ReleaseProtection", "sa{sv}", [release], options={}, mutate=True)
+        client.manager("ReleaseProtection", "sa{sv}", [release], options={}, mutate=True)
         if args.json:
             emit_json({"released": release})
         else:
             out(f"{release}: released from the guard's memory")
         return ExitCode.OK
-    (protected,) = await client.manager("GetProtected")
-    violations = await _violations(client)
+    (protected,) = client.manager("GetProtected")
+    violations = _violations(client)
     if args.json:
         emit_json(render.guard_json(protected, violations))
     else:
@@ -180,9 +179,9 @@ async def cmd_guard(client, args) -> ExitCode:
     return ExitCode.OK
 
 
-async def _violations(client) -> list[dict[str, Any]]:
+def _violations(client) -> list[dict[str, Any]]:
     try:
-        (violations,) = await client.manager("GetViolations")
+        (violations,) = client.manager("GetViolations")
     except DaemonError as err:  # an older daemon without it
         if err.name != "org.freedesktop.DBus.Error.UnknownMethod":
             raise
@@ -190,8 +189,8 @@ async def _violations(client) -> list[dict[str, Any]]:
     return violations
 
 
-async def cmd_leases(client, args) -> ExitCode:
-    (leases,) = await client.manager("ListLeases")
+def cmd_leases(client, args) -> ExitCode:
+    (leases,) = client.manager("ListLeases")
     if args.json:
         emit_json(render.leases_json(leases))
     else:
@@ -199,10 +198,10 @@ async def cmd_leases(client, args) -> ExitCode:
     return ExitCode.OK
 
 
-async def cmd_version(client, args) -> ExitCode:
+def cmd_version(client, args) -> ExitCode:
     from .cli import client_version
 
-    daemon = await client.get(MANAGER_PATH, MANAGER_IFACE, "Version")
+    daemon = client.get(MANAGER_PATH, MANAGER_IFACE, "Version")
     if args.json:
         emit_json({"client": client_version(), "daemon": daemon})
     else:
@@ -212,7 +211,7 @@ async def cmd_version(client, args) -> ExitCode:
 
 # ---------------------------------------------------------------- changes
 
-async def cmd_vfs(client, args) -> ExitCode:
+def cmd_vfs(client, args) -> ExitCode:
     options: dict[str, Any] = {"persist": not args.runtime}
     if args.vfio:
         options["driver"] = "vfio-pci"
@@ -220,12 +219,12 @@ async def cmd_vfs(client, args) -> ExitCode:
         options["force"] = True
     if getattr(args, "stable_macs", None) is not None:
         options["stable_macs"] = args.stable_macs
-    address, persisted_on = await _pf_and_persisted_vf_driver(client, args.device)
-    before = await _vfs_of(client, address) if address else []
-    await client.manager("SetVfCount", "sua{sv}", [args.device, args.count], options=options, mutate=True)
+    address, persisted_on = _pf_and_persisted_vf_driver(client, args.device)
+    before = _vfs_of(client, address) if address else []
+    client.manager("SetVfCount", "sua{sv}", [args.device, args.count], options=options, mutate=True)
     # Persisting a count without --vfio also persists "VFs on their host driver": say what that dropped.
     dropped = persisted_on if persisted_on and not args.vfio and not args.runtime else ""
-    now = await _vfs_of(client, address) if address else []
+    now = _vfs_of(client, address) if address else []
     removed = [vf for vf in before if vf.get("Address") not in {each.get("Address") for each in now}]
     if args.json:
         emit_json({"device": args.device, "count": args.count, "persist": not args.runtime,
@@ -255,19 +254,19 @@ async def cmd_vfs(client, args) -> ExitCode:
     return ExitCode.OK
 
 
-async def _pf_and_persisted_vf_driver(client, device: str) -> tuple[str, str]:
+def _pf_and_persisted_vf_driver(client, device: str) -> tuple[str, str]:
     """The PF's address and the driver its VFs are persisted on (each "" when the daemon does not say)."""
     try:
-        (explained,) = await client.manager("Explain", "s", [device])
+        (explained,) = client.manager("Explain", "s", [device])
         address = str(explained.get("address", ""))
-        return address, str(await client.get(device_path(address or device), DEVICE_IFACE, "DesiredVfDriver") or "")
+        return address, str(client.get(device_path(address or device), DEVICE_IFACE, "DesiredVfDriver") or "")
     except DaemonError:  # not found and the like: SetVfCount says it, typed
         return "", ""
 
 
-async def _vfs_of(client, pf: str) -> list[dict[str, Any]]:
+def _vfs_of(client, pf: str) -> list[dict[str, Any]]:
     """The PF's VFs as the daemon shows them now (it read them in before answering this)."""
-    objects = await client.managed_objects()
+    objects = client.managed_objects()
     return sorted((interfaces[DEVICE_IFACE] for interfaces in objects.values()
                    if DEVICE_IFACE in interfaces and interfaces[DEVICE_IFACE].get("PhysicalFunction") == pf),
                   key=lambda vf: render._addr_key(vf.get("Address", "")))
@@ -283,7 +282,7 @@ VF_WORDS = {
 
 def vf_settings_of(words: list[str]) -> dict[str, Any]:
     """``mac M vlan N trust on`` -> {"mac": Variant, ...}; a usage error (exit 2) naming the bad word."""
-    from dbus_fast import Variant
+    from .connection import Variant
 
     if len(words) % 2:
         raise CliError(ExitCode.USAGE, f"setting {words[-1]!r} has no value (settings come in pairs: SETTING VALUE)")
@@ -308,12 +307,12 @@ def vf_settings_of(words: list[str]) -> dict[str, Any]:
     return settings
 
 
-async def cmd_vf(client, args) -> ExitCode:
+def cmd_vf(client, args) -> ExitCode:
     settings = vf_settings_of(args.settings)
     options: dict[str, Any] = {"persist": not args.runtime}
     if getattr(args, "force", False):
         options["force"] = True
-    (after,) = await client.manager("SetVfSettings", "sa{sv}a{sv}", [args.device, settings], options=options,
+    (after,) = client.manager("SetVfSettings", "sa{sv}a{sv}", [args.device, settings], options=options,
                                     mutate=True)
     if args.json:
         emit_json({"device": args.device, "persist": not args.runtime, "settings": after})
@@ -328,16 +327,16 @@ def _names(sentence: str, device: str) -> bool:
     return re.search(rf"(?<![\w:.-]){re.escape(device)}(?![\w:-]|\.\w)", sentence) is not None
 
 
-async def _each(client, args, call, success, batch=None) -> ExitCode:
+def _each(client, args, call, success, batch=None) -> ExitCode:
     """Run ``call(device)`` for every device; report each failure; exit with the first one's code.
     ``batch(devices)``, when given and there are several devices, does them in one call and
     returns {device: DaemonError or None} (None: an older daemon without it; each is called)."""
-    outcomes = await batch(list(args.device)) if batch is not None and len(args.device) > 1 else None
+    outcomes = batch(list(args.device)) if batch is not None and len(args.device) > 1 else None
     results, first = [], ExitCode.OK
     for device in args.device:
         try:
             if outcomes is None:
-                await call(device)
+                call(device)
             elif outcomes[device] is not None:
                 raise outcomes[device]
         except (CliError, DaemonError) as exc:
@@ -350,8 +349,7 @@ async def _each(client, args, call, success, batch=None) -> ExitCode:
             results.append({"device": device, "ok": False, "exit_code": int(err.code),
                             "error": getattr(exc, "name", None), "message": sentence})
             continue
-        said = success(device)
-        text, record = await said if asyncio.iscoroutine(said) else said
+        text, record = success(device)
         results.append({"device": device, "ok": True, **record})
         if not args.json:
             out(text)
@@ -362,9 +360,9 @@ async def _each(client, args, call, success, batch=None) -> ExitCode:
 
 def _bind_each(client, driver: str, options: dict[str, Any]):
     """BindEach: the devices' kernel work in one batch (one pass of writes, one state write)."""
-    async def batch(devices: list[str]) -> dict[str, DaemonError | None] | None:
+    def batch(devices: list[str]) -> dict[str, DaemonError | None] | None:
         try:
-            (answer,) = await client.manager("BindEach", "assa{sv}", [devices, driver], options=options, mutate=True)
+            (answer,) = client.manager("BindEach", "assa{sv}", [devices, driver], options=options, mutate=True)
         except DaemonError as exc:
             if exc.name == "org.freedesktop.DBus.Error.UnknownMethod":
                 return None  # a daemon from before BindEach: one Bind per device
@@ -376,97 +374,96 @@ def _bind_each(client, driver: str, options: dict[str, Any]):
     return batch
 
 
-async def cmd_bind(client, args) -> ExitCode:
+def cmd_bind(client, args) -> ExitCode:
     persist = not args.runtime
     options: dict[str, Any] = {"persist": persist}
     for flag in ("force", "group"):
         if getattr(args, flag, False):
             options[flag] = True
 
-    async def call(device):
-        await client.manager("Bind", "ssa{sv}", [device, args.driver], options=options, mutate=True)
+    def call(device):
+        client.manager("Bind", "ssa{sv}", [device, args.driver], options=options, mutate=True)
 
     target = args.driver or "its host driver"
     how = "persisted" if persist else "runtime only"
     groups = _Groups(client, args.device)
 
-    async def success(device):
+    def success(device):
         lines, record = [f"{device}: bound to {target} ({how})"], {"driver": args.driver, "persist": persist}
-        group, mates = await groups.of(device)
+        group, mates = groups.of(device)
         if options.get("group"):  # all or nothing: every mate went along
             lines += [f"{mate}: bound to {target} with the IOMMU group of {device} ({how})" for mate, _ in mates]
             record["group_members"] = [mate for mate, _ in mates]
         elif args.driver in PASSTHROUGH:
             blockers = [f"{mate} on {driver}" for mate, driver in mates
-                        if driver and driver not in PASSTHROUGH and mate not in await groups.addresses()]
+                        if driver and driver not in PASSTHROUGH and mate not in groups.addresses()]
             if blockers:  # bound, but a VM cannot have it yet: said now rather than at the VM's start
                 warn(f"note: IOMMU group {group} of {device} is not viable for a VM yet: {', '.join(blockers)}; "
                      f"bind the whole group with `nicpassctl bind --group {device}`")
                 record["group_viable"] = False
         return "\n".join(lines), record
 
-    await groups.ask()
+    groups.ask()
     batch = None if options.get("group") else _bind_each(client, args.driver, options)
-    return await _each(client, args, call, success, batch)
+    return _each(client, args, call, success, batch)
 
 
-async def cmd_unbind(client, args) -> ExitCode:
+def cmd_unbind(client, args) -> ExitCode:
     persist = not args.runtime
     how = "persisted binding forgotten" if persist else "runtime only, persisted binding kept"
     groups = _Groups(client, args.device if args.group else [])
 
-    async def call(device):
+    def call(device):
         if args.group:  # Unbind has no group option: Bind to "" (the host driver) is the same call
-            await client.manager("Bind", "ssa{sv}", [device, ""], options={"persist": persist, "group": True},
+            client.manager("Bind", "ssa{sv}", [device, ""], options={"persist": persist, "group": True},
                                  mutate=True)
         else:
-            await client.manager("Unbind", "sa{sv}", [device], options={"persist": persist}, mutate=True)
+            client.manager("Unbind", "sa{sv}", [device], options={"persist": persist}, mutate=True)
 
-    async def success(device):
+    def success(device):
         lines, record = [f"{device}: given back to its host driver ({how})"], {"persist": persist}
         if args.group:
-            mates = [mate for mate, _ in (await groups.of(device))[1]]
+            mates = [mate for mate, _ in groups.of(device)[1]]
             lines += [f"{mate}: given back to its host driver with the IOMMU group of {device}" for mate in mates]
             record["group_members"] = mates
         return "\n".join(lines), record
 
-    await groups.ask()
+    groups.ask()
     # Unbind is Bind to "" (the host driver) with the same persistence.
     batch = None if args.group else _bind_each(client, "", {"persist": persist})
-    return await _each(client, args, call, success, batch)
+    return _each(client, args, call, success, batch)
 
 
 PASSTHROUGH = ("vfio-pci", "pci-stub")
 
 
 class _Groups:
-    """The IOMMU group of each device of a bind, from Explain, asked alongside the bind: the
-    round trips overlap, and nothing read depends on the order (the mates' drivers are not the
-    bind's to change, except with --group, whose mates all go along)."""
+    """The IOMMU group of each device of a bind, from Explain, asked before the bind and read
+    after it: the round trips overlap, and nothing read depends on the order (the mates' drivers
+    are not the bind's to change, except with --group, whose mates all go along)."""
 
     def __init__(self, client, devices: list[str]) -> None:
-        self.client, self.devices, self.task = client, list(devices), None
+        self.client, self.devices, self.pending, self.answers = client, list(devices), [], None
 
-    async def ask(self) -> None:
-        async def one(device):
-            try:
-                (answer,) = await self.client.manager("Explain", "s", [device])
-                return answer
-            except DaemonError:
-                return None
-        if self.devices:
-            self.task = asyncio.ensure_future(asyncio.gather(*(one(device) for device in self.devices)))
-            await asyncio.sleep(0)  # its calls are sent before the change's
+    def ask(self) -> None:
+        self.pending = [self.client.begin_manager("Explain", "s", [device]) for device in self.devices]
 
-    async def _answers(self) -> dict[str, dict[str, Any] | None]:
-        return dict(zip(self.devices, await self.task)) if self.task is not None else {}
+    def _answers(self) -> dict[str, dict[str, Any] | None]:
+        if self.answers is None:
+            self.answers = {}
+            for device, call in zip(self.devices, self.pending):
+                try:
+                    (self.answers[device],) = call.result()
+                except DaemonError:
+                    self.answers[device] = None
+        return self.answers
 
-    async def addresses(self) -> set[str]:
-        return {answer.get("address", "") for answer in (await self._answers()).values() if answer}
+    def addresses(self) -> set[str]:
+        return {answer.get("address", "") for answer in self._answers().values() if answer}
 
-    async def of(self, device: str) -> tuple[int, list[tuple[str, str]]]:
+    def of(self, device: str) -> tuple[int, list[tuple[str, str]]]:
         """(group number, [(mate, its driver)]) of the device's non-bridge group mates."""
-        explain = (await self._answers()).get(device)
+        explain = self._answers().get(device)
         if not explain:
             return -1, []
         members = render.explain_record(explain).get("group_members", [])
@@ -475,8 +472,8 @@ class _Groups:
             if member["address"] != explain.get("address") and not member["driver"].startswith("pcieport")]
 
 
-async def cmd_forget(client, args) -> ExitCode:
-    await client.manager("Forget", "sa{sv}", [args.device], options={"restore": args.restore}, mutate=True)
+def cmd_forget(client, args) -> ExitCode:
+    client.manager("Forget", "sa{sv}", [args.device], options={"restore": args.restore}, mutate=True)
     if args.json:
         emit_json({"device": args.device, "restore": args.restore})
     else:
@@ -485,8 +482,8 @@ async def cmd_forget(client, args) -> ExitCode:
     return ExitCode.OK
 
 
-async def cmd_prepare(client, args) -> ExitCode:
-    from dbus_fast import Variant
+def cmd_prepare(client, args) -> ExitCode:
+    from .connection import Variant
 
     options: dict[str, Any] = {}
     per_vf = {}
@@ -499,7 +496,7 @@ async def cmd_prepare(client, args) -> ExitCode:
         per_vf[words[0]] = vf_settings_of(words[1:])
     if per_vf:
         options["vf_settings"] = Variant("a{sa{sv}}", per_vf)
-    (lease_id,) = await client.manager("Prepare", "ssasa{sv}", [args.vm_name, args.vm_uuid, args.device],
+    (lease_id,) = client.manager("Prepare", "ssasa{sv}", [args.vm_name, args.vm_uuid, args.device],
                                        options=options, mutate=True)
     if args.json:
         emit_json({"lease_id": lease_id, "vm_name": args.vm_name, "vm_uuid": args.vm_uuid,
@@ -509,8 +506,8 @@ async def cmd_prepare(client, args) -> ExitCode:
     return ExitCode.OK
 
 
-async def cmd_activate(client, args) -> ExitCode:
-    await client.manager("Activate", "sa{sv}", [args.vm_uuid], options={"pid": args.pid} if args.pid else {},
+def cmd_activate(client, args) -> ExitCode:
+    client.manager("Activate", "sa{sv}", [args.vm_uuid], options={"pid": args.pid} if args.pid else {},
                          mutate=True)
     if args.json:
         emit_json({"vm_uuid": args.vm_uuid, "active": True, "pid": args.pid})
@@ -519,10 +516,10 @@ async def cmd_activate(client, args) -> ExitCode:
     return ExitCode.OK
 
 
-async def cmd_release(client, args) -> ExitCode:
-    (leases,) = await client.manager("ListLeases")
+def cmd_release(client, args) -> ExitCode:
+    (leases,) = client.manager("ListLeases")
     mine = [lease for lease in leases if lease.get("vm_uuid") == args.vm_uuid]
-    await client.manager("Release", "sa{sv}", [args.vm_uuid], options={}, mutate=True)  # idempotent
+    client.manager("Release", "sa{sv}", [args.vm_uuid], options={}, mutate=True)  # idempotent
     devices = sorted({device for lease in mine for device in lease.get("devices", [])})
     if args.json:
         emit_json({"vm_uuid": args.vm_uuid, "released": bool(mine), "devices": devices})
@@ -584,39 +581,38 @@ def signal_to_event(path: str, interface: str, member: str, body: list[Any]) -> 
     return None
 
 
-async def cmd_monitor(client, args) -> ExitCode:
-    await client.get(MANAGER_PATH, MANAGER_IFACE, "Version")  # is the daemon there at all? (else exit 6)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+class _Stopped(Exception):
+    """SIGINT or SIGTERM while monitoring: the normal end of ``monitor``."""
+
+
+def _stop(signum, frame) -> None:
+    raise _Stopped()
+
+
+def cmd_monitor(client, args) -> ExitCode:
+    client.get(MANAGER_PATH, MANAGER_IFACE, "Version")  # is the daemon there at all? (else exit 6)
 
     def handler(sender, path, interface, member, body) -> None:
         try:
             event = signal_to_event(path, interface, member, body)
         except (ValueError, TypeError):
             return  # malformed body: not one of ours
-        if event is None or stop.is_set():
-            return
-        try:
+        if event is not None:
             out(render.event_json(event) if args.json else render.event_text(event))
-        except StdoutClosed:
-            stop.set()
 
+    before = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        await client.subscribe(MONITOR_RULES, handler)
-        gone = asyncio.ensure_future(client.wait_for_disconnect())
-        stopped = asyncio.ensure_future(stop.wait())
-        await asyncio.wait([gone, stopped], return_when=asyncio.FIRST_COMPLETED)
-        for task in (gone, stopped):
-            task.cancel()
-        if not stop.is_set():
-            raise CliError(ExitCode.DAEMON_UNREACHABLE,
-                           "lost the connection to the system bus; check that dbus is running and monitor again")
+        client.subscribe(MONITOR_RULES, handler)
+        client.listen()
+    except _Stopped:
+        return ExitCode.OK
+    except (OSError, EOFError):
+        raise CliError(ExitCode.DAEMON_UNREACHABLE,
+                       "lost the connection to the system bus; check that dbus is running and monitor again") from None
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-    return ExitCode.OK
+        for sig, handler_before in before.items():
+            signal.signal(sig, handler_before)
+    raise AssertionError("listen() returns only by raising")
 
 
 COMMANDS = {

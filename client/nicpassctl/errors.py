@@ -163,7 +163,7 @@ def from_exception(exc: BaseException, action: Action = READ) -> CliError:
         detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
         return unreachable(f"cannot reach the system bus: {detail}")
     name = type(exc).__name__
-    if name in ("AuthError", "AuthTimeoutError"):
+    if name == "AuthenticationError":  # jeepney's; the name keeps this module free of D-Bus imports
         return unreachable(f"the system bus refused the connection: {exc}")
     if name == "InvalidAddressError":
         return unreachable(f"invalid bus address: {exc}")

@@ -1,19 +1,27 @@
 """Every command end to end through ``cli.main`` with the real ``Client`` over a fake bus.
 
-The fake bus answers the exact Messages the client builds (they are marshalled, so body and
-signature must agree), which pins the wire contract: members, signatures, options, flags.
+The fake bus answers the exact messages the client sends, and every message crosses the wire
+format both ways between two D-Bus implementations: jeepney (the client's) marshals each call and
+dbus-fast (the daemon's) parses it; dbus-fast marshals each answer and jeepney parses it. Body and
+signature must agree, as on a real bus, which pins the wire contract: members, signatures,
+options, flags.
 """
 
 from __future__ import annotations
 
-import asyncio
+import io
+import itertools
 import json
 import os
 import signal
+from collections import deque
 
 import pytest
 from dbus_fast import Message, MessageFlag, Variant
+from dbus_fast._private.unmarshaller import Unmarshaller
+from jeepney.low_level import Parser
 from nicpassctl import cli
+from nicpassctl.commands import MONITOR_RULES
 from nicpassctl.connection import Client
 
 NP = "org.nicpass.NicPass1.Error."
@@ -75,40 +83,65 @@ class DaemonErr(Exception):
         self.name, self.text = name, text
 
 
+NO_REPLY = object()  # a responder's answer for a daemon that never answers
+
+
 class FakeBus:
-    """Answers method calls through ``responder(msg) -> (signature, body)`` or raises DaemonErr."""
+    """The bus end of the client's connection (``send``/``receive``, as jeepney's blocking one).
+
+    ``responder(msg, bus)`` sees each call as a dbus-fast Message and returns ``(signature, body)``,
+    raises DaemonErr, or returns NO_REPLY. Whatever the responder queues with ``emit`` (a signal)
+    or ``later`` (an action, run when the client reads that far) comes after its answer.
+    """
 
     def __init__(self, responder):
         self.responder = responder
         self.sent: list[Message] = []
-        self.handlers = []
-        self.disconnected = asyncio.get_running_loop().create_future()
+        self.incoming: deque = deque()
+        self.outgoing_serial = itertools.count(1)
+        self._serials = itertools.count(1)
+        self.closed = False
 
-    async def call(self, msg: Message) -> Message:
-        msg.serial = len(self.sent) + 1
-        msg._marshall(False)  # body must match signature, as on a real bus
+    def send(self, message, serial):
+        msg = Unmarshaller(io.BytesIO(message.serialise(serial=serial))).unmarshall()
         self.sent.append(msg)
+        answers, self.incoming = self.incoming, deque()  # what the responder queues comes after its answer
         try:
             result = self.responder(msg, self)
-            if asyncio.iscoroutine(result):
-                result = await result
+            reply = None if result is NO_REPLY else Message.new_method_return(msg, *result)
         except DaemonErr as err:
-            return Message.new_error(msg, err.name, err.text)
-        signature, body = result
-        return Message.new_method_return(msg, signature, body)
-
-    def add_message_handler(self, handler):
-        self.handlers.append(handler)
+            reply = Message.new_error(msg, err.name, err.text)
+        queued, self.incoming = self.incoming, answers
+        if reply is not None:
+            self.emit(reply)
+        self.incoming.extend(queued)
 
     def emit(self, msg: Message):
-        for handler in self.handlers:
-            handler(msg)
+        msg.serial = next(self._serials)
+        parser = Parser()
+        parser.add_data(msg._marshall(False))
+        self.incoming.append(parser.get_next_message())
 
-    async def wait_for_disconnect(self):
-        await self.disconnected
+    def later(self, action):
+        self.incoming.append(action)
 
-    def disconnect(self):
-        pass
+    def receive(self, *, timeout=None):
+        while self.incoming:
+            item = self.incoming.popleft()
+            if callable(item):
+                item()
+                continue
+            return item
+        if timeout is None:
+            raise AssertionError("the client would wait for ever: nothing more will come")
+        raise TimeoutError
+
+    def close(self):
+        self.closed = True
+
+
+def drop_the_connection():
+    raise ConnectionResetError(104, "Connection reset by peer")
 
 
 def default_responder(msg: Message, bus: FakeBus):
@@ -157,8 +190,8 @@ class Harness:
         harness = self
         client = Client(bus_address=args.bus_address, timeout=args.timeout, interactive=args.interactive)
 
-        async def connect():
-            harness.bus = client._bus = FakeBus(harness.responder)
+        def connect():
+            harness.bus = client._conn = FakeBus(harness.responder)
             return client
 
         client.connect = connect
@@ -489,8 +522,8 @@ def test_bad_bus_address_is_usage(capsys):
 
 
 def test_client_timeout(capsys):
-    async def slow(msg, bus):
-        await asyncio.sleep(5)
+    def slow(msg, bus):
+        return NO_REPLY
 
     assert Harness(slow).run("--timeout", "0.05", "bind", "x") == 1
     err = capsys.readouterr().err
@@ -531,11 +564,10 @@ def _monitor_responder(then):
     def responder(msg, bus):
         if msg.member == "AddMatch":
             matches.append(msg.body[0])
-            if len(matches) == 4:
-                loop = asyncio.get_running_loop()
+            if len(matches) == len(MONITOR_RULES):
                 for sig in _signals():
-                    loop.call_soon(bus.emit, sig)
-                loop.call_soon(then, bus)
+                    bus.emit(sig)
+                bus.later(lambda: then(bus))
             return "", []
         return default_responder(msg, bus)
 
@@ -563,7 +595,7 @@ def test_monitor_json(capsys):
 
 
 def test_monitor_bus_lost(capsys):
-    responder, _ = _monitor_responder(lambda bus: bus.disconnected.set_result(None))
+    responder, _ = _monitor_responder(lambda bus: drop_the_connection())
     assert Harness(responder).run("monitor") == 6
     assert "lost the connection to the system bus" in capsys.readouterr().err
 

@@ -125,11 +125,15 @@ def test_connection_failures_are_unreachable(exc):
     assert err.sentence.startswith(UNREACHABLE) and err.sentence.endswith(REMEDY)
 
 
-def test_auth_and_address_errors_from_dbus_fast():
-    from dbus_fast.errors import AuthError, InvalidAddressError
+def test_auth_and_address_errors_of_the_bus_client():
+    from jeepney import AuthenticationError
+    from nicpassctl.connection import InvalidAddressError
 
-    assert from_exception(AuthError("rejected")).code == 6
+    refused = from_exception(AuthenticationError(b"REJECTED EXTERNAL"))
+    assert refused.code == 6 and "refused the connection" in refused.sentence
     assert from_exception(InvalidAddressError("bad")).code == 6
+    # jeepney's own timeout (the bus did not answer the authentication) is an OSError
+    assert from_exception(TimeoutError("Did not authenticate in 5.0 seconds")).code == 6
 
 
 def test_version_skew():
