@@ -120,7 +120,19 @@ class _Commands(argparse._SubParsersAction):
         super().__call__(parser, namespace, [self.expand(name)[0], *rest], option_string)
 
 
+def _translate_once() -> None:
+    """argparse translates ~50 strings while it builds the parser, and gettext looks for its
+    catalogue on disk at every call (4 stat()s each; a missing catalogue is not remembered).
+    The answer cannot change within one command: asked once per string."""
+    translate = getattr(argparse, "_", None)
+    if callable(translate) and not hasattr(translate, "cache_info"):
+        import functools
+
+        argparse._ = functools.lru_cache(maxsize=None)(translate)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    _translate_once()
     parser = _Parser(
         prog="nicpassctl",
         description="Control nicpassd: safe NIC PCI passthrough to virtual machines.",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import signal
 import sys
 import time
 from typing import Any
@@ -590,6 +589,7 @@ def _stop(signum, frame) -> None:
 
 
 def cmd_monitor(client, args) -> ExitCode:
+    import signal
     client.get(MANAGER_PATH, MANAGER_IFACE, "Version")  # is the daemon there at all? (else exit 6)
 
     def handler(sender, path, interface, member, body) -> None:

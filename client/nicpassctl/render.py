@@ -6,7 +6,6 @@ JSON-able value, so it is testable without a daemon.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from typing import Any, Iterable
@@ -39,10 +38,16 @@ def address_from_path(path: str) -> str:
     return seg
 
 
+def _json():
+    import json  # only --json and event output need it: not paid by every command
+
+    return json
+
+
 def dumps(value: Any, *, compact: bool = False) -> str:
     if compact:
-        return json.dumps(value, sort_keys=False, separators=(",", ":"))
-    return json.dumps(value, indent=2, sort_keys=False)
+        return _json().dumps(value, sort_keys=False, separators=(",", ":"))
+    return _json().dumps(value, indent=2, sort_keys=False)
 
 
 # ---------------------------------------------------------------- small formatters
@@ -492,7 +497,7 @@ def _event_value(value: Any) -> str:
         value = ",".join(map(str, value))
     text = str(value)
     if text == "" or any(c.isspace() or c in "\"'=" for c in text):
-        return json.dumps(text, ensure_ascii=False)
+        return _json().dumps(text, ensure_ascii=False)
     return text
 
 
