@@ -14,8 +14,13 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def atomic_write(path: Path, payload: bytes, *, mode: int = 0o600, prefix: str | None = None) -> None:
-    """Temp file, fsync, rename, fsync the directory: the file is old or new, never half."""
+def atomic_write(path: Path, payload: bytes, *, mode: int = 0o600, prefix: str | None = None,
+                 durable: bool = True) -> None:
+    """Temp file, fsync, rename, fsync the directory: the file is old or new, never half.
+
+    ``durable=False`` leaves out the fsyncs: still old or new after the process dies at any
+    point (the rename is atomic), but not after a power loss. For files that describe the
+    running kernel, which a reboot resets anyway (the undo journal in /run)."""
     directory = path.parent
     directory.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(prefix=prefix or f".{path.name}-", dir=directory)
@@ -24,11 +29,14 @@ def atomic_write(path: Path, payload: bytes, *, mode: int = 0o600, prefix: str |
             os.fchmod(handle.fileno(), mode)
             handle.write(payload)
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+    if not durable:
+        return
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dir_fd)

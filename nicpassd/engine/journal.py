@@ -13,9 +13,12 @@ whose lease was written is finished instead), before the boot reconcile runs —
 persisted devices to their desired state. A crash therefore leaves every device in its pre-change
 state or its desired state, never half-way. /run is a tmpfs: after a reboot there is nothing to undo.
 
-Every write is atomic (temp file, fsync, rename, fsync the directory), in a worker thread when
-the daemon runs (``record``/``finish``); ``begin``/``end`` write in the caller's thread (tests,
-tools).
+Every write is atomic (temp file, rename), and made in the caller's thread without fsync: the
+journal must survive the daemon's death, which the rename alone guarantees, not a power loss,
+after which the kernel state it describes is gone too. On the tmpfs of /run such a write is a
+few system calls: 0.4 ms in the e2e guest (TCG), against 2.9 ms for the same write with its
+fsyncs in a worker thread, on a quiet loop; within a bind of 7 VFs, beside the state file's own
+write, the journal's phase went from 42 ms to 8-25 ms (issue 22).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from nicpassd.host import kernelio
-from nicpassd.atomicfile import atomic_write, atomic_write_async, keep_aside, remove_stale_temps
+from nicpassd.atomicfile import atomic_write, keep_aside, remove_stale_temps
 from nicpassd.host.model import PciFunction
 
 log = logging.getLogger(__name__)
@@ -150,25 +153,18 @@ class Journal:
 
     async def record(self, kind: str, devices: dict[str, DeviceBefore], *, target: dict[str, Any] | None = None,
                      vm_uuid: str = "") -> Entry:
-        """``begin``, written by a worker thread; on disk when it returns."""
-        entry = Entry(uuid.uuid4().hex, kind, devices, dict(target or {}), vm_uuid)
-        entries = {**self.entries, entry.id: entry}
-        await atomic_write_async(self.path, self._payload(entries))
-        self.entries = entries
-        return entry
+        """``begin``, for the daemon's coroutines: written when it returns."""
+        return self.begin(kind, devices, target=target, vm_uuid=vm_uuid)
 
     async def finish(self, entry: Entry) -> None:
-        """``end``, written by a worker thread."""
-        if entry.id in self.entries:
-            entries = {key: value for key, value in self.entries.items() if key != entry.id}
-            await atomic_write_async(self.path, self._payload(entries))
-            self.entries = entries
+        """``end``, for the daemon's coroutines."""
+        self.end(entry)
 
     @staticmethod
     def _payload(entries: dict[str, Entry]) -> bytes:
-        return json.dumps({"version": VERSION, "entries": [entry.to_json() for entry in entries.values()]},
-                          indent=1).encode()
+        # One line: json's C encoder (with indent=, json.dumps falls back to its Python one).
+        return json.dumps({"version": VERSION, "entries": [entry.to_json() for entry in entries.values()]}).encode()
 
     def _save(self, entries: dict[str, Entry]) -> None:
-        atomic_write(self.path, self._payload(entries))
+        atomic_write(self.path, self._payload(entries), durable=False)
         self.entries = entries

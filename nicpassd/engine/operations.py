@@ -127,7 +127,7 @@ class Operations:
         entry is written while the kernel writes, not before them: either order of a crash leaves a
         consistent device — healed if the writes came first; taken, with an entry rolling it back to
         taken, if the entry did — and the heal at the next start gives a taken device back. The
-        entry's two fsyncs are not added to the management network's outage. Returns the host
+        entry's write is not added to the management network's outage. Returns the host
         driver it verified (read again later, it may already be another writer's next step)."""
         before = self.host.binding(address)
         record = asyncio.ensure_future(self.journal.record("bind", {address: DeviceBefore(before)},

@@ -99,6 +99,28 @@ def test_atomic_write_leaves_no_temp_files(tmp_path):
     assert os.listdir(tmp_path) == ["state.json"]
 
 
+def test_the_undo_journal_is_replaced_atomically_without_fsync_and_the_state_with_it(tmp_path, monkeypatch):
+    """Issue 22: the journal describes the running kernel, which a power loss resets too, so it
+    needs to survive the daemon's death only (the rename), not a power loss (fsync): written in
+    the caller's thread, a few system calls. The state file, which outlives reboots, is fsynced."""
+    from nicpassd.engine.journal import DeviceBefore, Journal
+    from nicpassd.host.model import PciFunction
+
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(atomicfile.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    journal = Journal(tmp_path / "run")
+    before = PciFunction("0000:3b:02.0", "8086", "10ca", "8086", "0000", "0x020000", driver="igbvf")
+    entry = journal.begin("bind", {"0000:3b:02.0": DeviceBefore(before)})
+    assert synced == []
+    assert Journal(tmp_path / "run").entries.keys() == {entry.id}  # what a restart after a crash reads
+    journal.end(entry)
+    assert synced == [] and Journal(tmp_path / "run").entries == {}
+    assert os.listdir(tmp_path / "run") == ["journal.json"]
+    StateStore(tmp_path / "lib").put(desire(num_vfs=2))
+    assert len(synced) == 2  # the file, then its directory
+
+
 def test_failed_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path, monkeypatch):
     store = StateStore(tmp_path)
     store.put(desire(num_vfs=2))
