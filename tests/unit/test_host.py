@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import threading
 import time
 
@@ -125,6 +126,31 @@ def test_dsn_serial_is_found_behind_other_extended_capabilities(tmp_path):
     assert sysfs.read_serial(tmp_path / "config") == "00-11-22-33-44-55-66-77"
     (tmp_path / "short").write_bytes(bytes(64))  # unprivileged readers see 64 bytes only
     assert sysfs.read_serial(tmp_path / "short") == ""
+
+
+def test_config_space_is_read_a_capability_at_a_time_not_whole(tmp_path, monkeypatch):
+    """Issue 22: the kernel reads config space a dword per access, and under a hypervisor each
+    access traps; the serial of every new function (every VF at its creation, in the daemon and
+    the udev helper) costs one access per capability, not the 1,024 of the whole file."""
+    from nicpassd.host import kernelio
+
+    config = bytearray(4096)
+    config[0x100:0x104] = (0x0001 | (1 << 16) | (0x150 << 20)).to_bytes(4, "little")  # AER -> 0x150
+    config[0x150:0x154] = (0x0010 | (1 << 16) | (0x170 << 20)).to_bytes(4, "little")  # SR-IOV -> 0x170
+    config[0x170:0x174] = (0x0003 | (1 << 16)).to_bytes(4, "little")  # DSN, last
+    config[0x174:0x17C] = (0x0011223344556677).to_bytes(8, "little")
+    (tmp_path / "config").write_bytes(bytes(config))
+    reads = []
+    real_pread = os.pread
+    monkeypatch.setattr(kernelio.os, "pread", lambda fd, n, at: (reads.append((at, n)), real_pread(fd, n, at))[1])
+    assert kernelio.read_serial(tmp_path / "config") == "00-11-22-33-44-55-66-77"
+    assert reads == [(0x100, 4), (0x150, 4), (0x170, 4), (0x174, 8)]
+    reads.clear()
+    assert kernelio.has_sriov_capability(tmp_path / "config") is True
+    assert sum(n for _, n in reads) <= 16
+    (tmp_path / "short").write_bytes(bytes(64))  # what an unprivileged reader gets
+    assert kernelio.has_sriov_capability(tmp_path / "short") is None
+    assert kernelio.read_serial(tmp_path / "missing") == ""
 
 
 def test_snapshot_reads_iommu_cmdline_and_loaded_drivers(ksim):
