@@ -144,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", default=False,
                         help="print nothing on success (errors still go to stderr; the exit code says it all)")
     parser.add_argument("--bus-address", metavar="ADDR", default=None,
-                        help="D-Bus address of the system bus (default: $DBUS_SYSTEM_BUS_ADDRESS or the "
-                             "standard socket)")
+                        help="D-Bus address of the system bus, a unix: one (default: $DBUS_SYSTEM_BUS_ADDRESS or "
+                             "the standard socket)")
     parser.add_argument("--timeout", metavar="SECONDS", type=_seconds, default=None,
                         help="how long to wait for nicpassd (default: 25 s for queries, 300 s for changes)")
     parser.add_argument("--no-ask-password", dest="interactive", action="store_false", default=True,
