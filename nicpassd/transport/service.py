@@ -334,14 +334,10 @@ class ManagerInterface(ServiceInterface):
         await self.authorize(ACTION_FORCE)
         sender, _ = caller()
         try:
-            reply = await self.authorizer.bus.call(Message(
-                destination="org.freedesktop.DBus", path="/org/freedesktop/DBus", interface="org.freedesktop.DBus",
-                member="GetConnectionUnixUser", signature="s", body=[sender]))
-            if reply.message_type == MessageType.METHOD_RETURN:
-                return f"{sender} (uid {reply.body[0]})"
+            uid = await self.authorizer.uid_of(sender)
         except Exception:  # noqa: BLE001 - the name is enough for the log
-            pass
-        return sender
+            uid = None
+        return sender if uid is None else f"{sender} (uid {uid})"
 
     @dbus_property(access=PropertyAccess.READ)
     def Version(self) -> "s":

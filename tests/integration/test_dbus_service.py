@@ -9,7 +9,7 @@ import os
 from dbus_fast import Message, MessageType, Variant
 
 from nicpassd.transport.service import BUS_NAME, DEVICE_IFACE, MANAGER_IFACE, MANAGER_PATH, device_path
-from support.unprivileged import busctl_async
+from support.unprivileged import NOBODY, busctl_async
 
 SPEC_PROPERTIES = {
     "Address": "s", "VendorId": "s", "DeviceId": "s", "SubsystemVendorId": "s", "SubsystemDeviceId": "s",
@@ -167,18 +167,38 @@ async def test_kernel_fault_reaches_the_caller_typed_with_state_restored(service
 
 
 async def test_polkit_is_asked_per_action(service, client, polkit):
-    await call(client, "SetVfCount", "sua{sv}", ["3b:00.0", 1, {}])
-    await call(client, "Prepare", "ssasa{sv}", ["vm1", "uuid-1", ["3b:02.0"], {}])
-    await call(client, "Release", "sa{sv}", ["uuid-1", {}])
-    await call(client, "GetProtected")
-    actions = [check[0] for check in polkit.checks()]
-    assert actions == ["org.nicpass.NicPass1.manage", "org.nicpass.NicPass1.lease", "org.nicpass.NicPass1.lease"]
+    """About a caller other than root, for the action each method needs: manage, lease, none."""
+    polkit.set_allowed_uids([NOBODY])
+    for member, signature, *args in [("SetVfCount", "sua{sv}", "3b:00.0", "1", "0"),
+                                     ("Prepare", "ssasa{sv}", "vm1", "uuid-1", "1", "3b:02.0", "0"),
+                                     ("Release", "sa{sv}", "uuid-1", "0"), ("GetProtected", "")]:
+        result = await busctl_async(service.address, "call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE, member,
+                                    *([signature, *args] if signature else []), nobody=True)
+        assert result.returncode == 0, (member, result.stderr)
+    checks = [(action, uid) for action, uid, _flags, _authorized in polkit.checks()]
+    assert checks == [("org.nicpass.NicPass1.manage", NOBODY), ("org.nicpass.NicPass1.lease", NOBODY),
+                      ("org.nicpass.NicPass1.lease", NOBODY)]
 
 
-async def test_polkit_denial_is_access_denied_and_changes_nothing(service, client, polkit):
-    polkit.set_allowed_uids([])  # even root is refused by this polkit
-    reply = await call(client, "SetVfCount", "sua{sv}", ["3b:00.0", 2, {}])
-    assert reply.error_name == "org.freedesktop.DBus.Error.AccessDenied"
+async def test_root_is_authorized_without_asking_polkit(service, client, polkit):
+    """polkitd authorizes uid 0 for every action before any rule: nicpassd does not ask it about
+    root, so this mock, which would refuse root, is never asked, and root's change is made."""
+    polkit.set_allowed_uids([])
+    reply = await call(client, "SetVfCount", "sua{sv}", ["3b:00.0", 2, {"persist": Variant("b", False)}])
+    assert reply.message_type == MessageType.METHOD_RETURN, reply.body
+    assert sysfs(service, "0000:3b:00.0", "sriov_numvfs") == "2"
+    reply = await call(client, "SetVfCount", "sua{sv}", ["3b:00.0", 0, {"persist": Variant("b", False)}])
+    assert reply.message_type == MessageType.METHOD_RETURN, reply.body
+    assert polkit.checks() == []
+
+
+async def test_polkit_denial_is_access_denied_and_changes_nothing(service, polkit):
+    polkit.set_allowed_uids([])
+    result = await busctl_async(service.address, "call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE, "SetVfCount",
+                                "sua{sv}", "3b:00.0", "2", "0", nobody=True)
+    assert result.returncode != 0 and "Access denied" in result.stderr, result.stderr
+    assert [(action, uid, authorized) for action, uid, _flags, authorized in polkit.checks()] == [
+        ("org.nicpass.NicPass1.manage", NOBODY, False)]
     assert sysfs(service, "0000:3b:00.0", "sriov_numvfs") == "0"
 
 
@@ -255,8 +275,9 @@ async def test_bind_each_answers_per_device_and_binds_in_one_batch(service, clie
     reply = await call(client, "BindEach", "assa{sv}", [[], "vfio-pci", {}])
     assert reply.error_name == "org.nicpass.NicPass1.Error.InvalidArgument"
     polkit.set_allowed_uids([])
-    reply = await call(client, "BindEach", "assa{sv}", [vfs, "vfio-pci", {}])
-    assert reply.error_name == "org.freedesktop.DBus.Error.AccessDenied"
+    result = await busctl_async(service.address, "call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE, "BindEach",
+                                "assa{sv}", str(len(vfs)), *vfs, "vfio-pci", "0", nobody=True)
+    assert result.returncode != 0 and "Access denied" in result.stderr, result.stderr
     assert [driver_of(service, vf) for vf in vfs] == ["iavf"] * 3
 
 

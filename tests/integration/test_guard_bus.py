@@ -14,6 +14,7 @@ from dbus_fast import Message, MessageType, Variant
 
 from nicpassd.sim.topology import Route
 from nicpassd.transport.service import BUS_NAME, MANAGER_IFACE, MANAGER_PATH
+from support.unprivileged import NOBODY, busctl_async
 
 ENO1, ENO2 = "0000:01:00.0", "0000:01:00.1"
 NIC, USB = "0000:af:00.0", "0000:af:00.1"
@@ -108,43 +109,52 @@ async def test_force_asks_polkit_in_addition_and_only_opens_derived_entries(serv
 
     reply = await bind(USB)
     assert reply.error_name == "org.nicpass.NicPass1.Error.Protected" and "override with force" in reply.body[0]
-    polkit.clear()
-    reply = await bind(USB, force=True, persist=False)
-    assert reply.message_type == MessageType.METHOD_RETURN, reply.body
-    assert driver_of(service, USB) == "vfio-pci"
-    assert [check[0] for check in polkit.checks()] == ["org.nicpass.NicPass1.manage", "org.nicpass.NicPass1.force"]
     reply = await bind(NIC, force=True)
     assert reply.error_name == "org.nicpass.NicPass1.Error.Protected" and "even with force" in reply.body[0]
     assert driver_of(service, NIC) == "e1000e"
 
+    # Another user: polkit is asked for force in addition to manage; refused force, nothing changes.
+    polkit.set_allowed_uids([NOBODY])
+    polkit.clear()
+    result = await bind_as_nobody(service, USB, force=True, persist=False)
+    assert result.returncode == 0, result.stderr
+    assert driver_of(service, USB) == "vfio-pci"
+    assert [(action, uid, authorized) for action, uid, _flags, authorized in polkit.checks()] == [
+        ("org.nicpass.NicPass1.manage", NOBODY, True), ("org.nicpass.NicPass1.force", NOBODY, True)]
+    reply = await client.call(Message(  # root, never asked about: the USB controller back
+        destination=BUS_NAME, path=MANAGER_PATH, interface=MANAGER_IFACE, member="Bind", signature="ssa{sv}",
+        body=[USB, "", {"force": Variant("b", True), "persist": Variant("b", False)}]))
+    assert reply.message_type == MessageType.METHOD_RETURN, reply.body
     polkit.set_allowed_uids([])  # no one may force: AccessDenied, nothing changes
-    reply = await bind(USB, force=True)
-    assert reply.error_name == "org.freedesktop.DBus.Error.AccessDenied"
+    result = await bind_as_nobody(service, USB, force=True, persist=False)
+    assert result.returncode != 0 and "Access denied" in result.stderr, result.stderr
+    assert driver_of(service, USB) != "vfio-pci"
+
+
+async def bind_as_nobody(service, device: str, **options: bool):
+    flags = [word for name, value in options.items() for word in (name, "b", "true" if value else "false")]
+    return await busctl_async(service.address, "call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE, "Bind", "ssa{sv}",
+                              device, "vfio-pci", str(len(options)), *flags, nobody=True)
 
 
 async def test_manage_granted_force_denied_is_access_denied_naming_force_and_changes_nothing(
         service, client, polkit):
-    # A polkit rules file that grants `manage` and not `force`: the force flag alone is refused.
+    # A polkit rules file that grants `manage` and not `force` to a user: the force flag alone is refused.
     service.kernel.set_routes([Route(dev="enp175s0f0", dst="default", gateway="192.0.2.1")])
     for _ in range(3):
         await asyncio.sleep(0)
+    polkit.set_allowed_uids([NOBODY])
     polkit.set_action_uids("org.nicpass.NicPass1.force", [])
     polkit.clear()
 
-    def bind(device: str, **options) -> Message:
-        return Message(destination=BUS_NAME, path=MANAGER_PATH, interface=MANAGER_IFACE, member="Bind",
-                       signature="ssa{sv}",
-                       body=[device, "vfio-pci", {name: Variant("b", value) for name, value in options.items()}])
-
-    reply = await client.call(bind(USB, force=True, persist=False))
-    assert reply.error_name == "org.freedesktop.DBus.Error.AccessDenied", reply.body
-    assert "org.nicpass.NicPass1.force" in reply.body[0]
+    result = await bind_as_nobody(service, USB, force=True, persist=False)
+    assert result.returncode != 0 and "Access denied" in result.stderr, result.stderr
     assert driver_of(service, USB) != "vfio-pci"
     assert [(action, authorized) for action, _uid, _flags, authorized in polkit.checks()] == [
         ("org.nicpass.NicPass1.manage", True), ("org.nicpass.NicPass1.force", False)]
 
     # Without force the same caller may still manage an unprotected device.
     free_pf = "0000:3b:00.1"
-    reply = await client.call(bind(free_pf, persist=False))
-    assert reply.message_type == MessageType.METHOD_RETURN, reply.body
+    result = await bind_as_nobody(service, free_pf, persist=False)
+    assert result.returncode == 0, result.stderr
     assert driver_of(service, free_pf) == "vfio-pci"

@@ -260,7 +260,8 @@ async def test_libvirt_lifecycle_prepare_started_release(service, hooks, qemu, p
     ran = await hooks.libvirt("web", "release", "end", WEB)
     assert (ran.returncode, ran.stderr) == (0, "")
     assert holder(service) == {} and driver(service, VF[0]) == "vfio-pci"  # policy "keep"
-    assert {check[0] for check in polkit.checks()} == {"org.nicpass.NicPass1.lease"}
+    # libvirt runs its hooks as root, whom polkit authorizes for every action: it is not asked.
+    assert polkit.checks() == []
 
 
 async def test_libvirt_started_without_a_pidfile_ties_the_lease_to_the_uuid(service, hooks):

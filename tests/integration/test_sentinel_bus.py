@@ -12,6 +12,7 @@ from dbus_fast import Message, MessageType
 
 from nicpassd.transport.service import BUS_NAME, MANAGER_IFACE, MANAGER_PATH
 
+from support.unprivileged import NOBODY, busctl_async
 from test_guard_bus import nicpassctl
 
 pytestmark = pytest.mark.bus
@@ -58,7 +59,15 @@ async def test_a_take_is_signalled_healed_and_shown(service, client):
 async def test_releasing_a_remembered_device_asks_for_force(service, polkit):
     service.kernel.write(service.paths.pci_drivers / "igb" / "unbind", ENO1)  # eno1 taken, heal is not on
     await asyncio.sleep(0.1)
-    code, _out, err = await nicpassctl(service, "guard", "--release", "eno1")
+    polkit.set_allowed_uids([NOBODY])  # another user, granted manage and not force: refused, kept
+    polkit.set_action_uids("org.nicpass.NicPass1.force", [])
+    polkit.clear()
+    result = await busctl_async(service.address, "call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE, "ReleaseProtection",
+                                "sa{sv}", "eno1", "0", nobody=True)
+    assert result.returncode != 0 and "Access denied" in result.stderr, result.stderr
+    assert ("org.nicpass.NicPass1.force", NOBODY, False) in {
+        (action, uid, authorized) for action, uid, _flags, authorized in polkit.checks()}
+    assert ENO1 in service.engine.view.memory.entries
+    code, _out, err = await nicpassctl(service, "guard", "--release", "eno1")  # root: polkit says yes unasked
     assert code == 0, err
-    assert "org.nicpass.NicPass1.force" in {check[0] for check in polkit.checks()}
     assert ENO1 not in service.engine.view.memory.entries
