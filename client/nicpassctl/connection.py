@@ -11,6 +11,8 @@ the client (and its tests) never sees a jeepney type.
 
 from __future__ import annotations
 
+import os
+import time
 from typing import Any, Callable, NamedTuple
 
 from jeepney import DBusAddress, HeaderFields, MessageFlag, MessageType, new_method_call
@@ -101,8 +103,6 @@ def variant_options(options: dict[str, Any]) -> dict[str, Variant]:
 
 def socket_path(address: str | None) -> str:
     """The socket of a D-Bus address; DBUS_SYSTEM_BUS_ADDRESS, then the standard one, by default."""
-    import os
-
     address = address or os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") or SYSTEM_BUS
     try:
         return next(get_connectable_addresses(address))
@@ -172,8 +172,6 @@ class Client:
                           destination=destination).result()
 
     def _reply_to(self, call: Pending) -> list[Any]:
-        import time
-
         timeout = self.timeout or (MUTATE_TIMEOUT if call.mutate else READ_TIMEOUT)
         deadline = time.monotonic() + timeout
         while call.serial not in self._replies:

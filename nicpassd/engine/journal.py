@@ -153,7 +153,8 @@ class Journal:
 
     async def record(self, kind: str, devices: dict[str, DeviceBefore], *, target: dict[str, Any] | None = None,
                      vm_uuid: str = "") -> Entry:
-        """``begin``, for the daemon's coroutines: written when it returns."""
+        """``begin`` as a coroutine: written when it runs. A heal schedules it as a task, so that
+        it runs while the heal's kernel writes wait in their worker thread (``Operations.give_back``)."""
         return self.begin(kind, devices, target=target, vm_uuid=vm_uuid)
 
     async def finish(self, entry: Entry) -> None:
