@@ -7,6 +7,10 @@ the VFs the early-binding list names (``nicpassd.host.early_vfs``) before it imp
 daemon's), then parses its arguments and starts the daemon, which logs what was done and
 reconciles the rest. A simulated host does the same from ``nicpassd.daemon`` once its simulated
 kernel is built.
+
+The installed command (packaging/install) starts Python with ``-S``: site's step (the venv, its
+.pth files, the system's packages) waits until the VFs are created, and is taken here, before the
+daemon's stack is imported.
 """
 
 from __future__ import annotations
@@ -39,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         if early:
             early.append(f"took {(time.perf_counter() - started) * 1000:.0f} ms, "
                          f"done {process_age():.2f} s after the process started")
+    if sys.flags.no_site:  # the installed command (packaging/install): the site step waited until now
+        import site
+
+        site.main()
     from nicpassd.arguments import parse_args
     from nicpassd.daemon import run_parsed
 

@@ -257,6 +257,22 @@ def test_the_boot_path_imports_nothing_it_does_not_use():
                        "nicpassd.paths", "nicpassd.atomicfile", "nicpassd.daemon"} == set()
 
 
+def test_a_start_without_python_s_site_step_takes_it_after_the_early_pass(tmp_path):
+    """The installed command runs ``python3 -S`` (packaging/install): the daemon's stack, found
+    through the site step, is importable once the early pass is over."""
+    import subprocess
+    import sys
+
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    code = (f"import sys; sys.path.append({str(repo)!r}); from nicpassd.start import main; "
+            f"sys.exit(main(['--check-config', {str(tmp_path / 'none.toml')!r}]))")
+    ran = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert ran.stdout.strip() == f"{tmp_path / 'none.toml'}: no such file; nicpassd runs with the defaults"
+
+
 async def test_a_pf_persisted_on_a_driver_of_its_own_is_not_a_count_only_pf(sim):
     """Its VFs depend on what that driver does with SR-IOV: the engine's to judge, not a shell loop's."""
     from nicpassd.engine.store import DeviceDesire, identity_of

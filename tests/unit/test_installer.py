@@ -68,6 +68,16 @@ def test_installer_lays_out_every_file_and_uninstalls_them(tmp_path, wheels):
         script = (root / "usr/lib/nicpassd/venv/bin" / tool).read_text()
         assert script.startswith("#!/usr/lib/nicpassd/venv/bin/python"), script.splitlines()[0]
     assert "\nExecStart=/usr/bin/nicpassd\n" in (root / "usr/lib/systemd/system/nicpassd.service").read_text()
+    # the daemon's command starts Python without its site step, and finds the package on its own
+    daemon_command = root / "usr/lib/nicpassd/venv/bin/nicpassd"
+    assert daemon_command.read_text().splitlines()[0] == "#!/usr/lib/nicpassd/venv/bin/python3 -S"
+    # (its main block left out: the daemon's stack is not in this --no-deps venv)
+    found_main = "import runpy, sys; print(runpy.run_path(sys.argv[1], run_name='check')['main'].__code__.co_filename)"
+    ran = subprocess.run([root / "usr/lib/nicpassd/venv/bin/python3", "-S", "-c", found_main, daemon_command],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=30)
+    assert ran.returncode == 0, ran.stderr
+    [package] = (root / "usr/lib/nicpassd/venv/lib").glob("python3*/site-packages/nicpassd")
+    assert ran.stdout.strip() == str(package / "start.py")
     # the udev helper imports nicpassd: it runs the venv's Python, isolated
     helper = (root / "usr/libexec/nicpassd/nicpassd-udev-override").read_text()
     assert helper.splitlines()[0] == "#!/usr/lib/nicpassd/venv/bin/python3 -I"
