@@ -17,7 +17,7 @@ from nicpassd.engine.guard import ProtectedSet, compute_protected
 from nicpassd.engine.guard_memory import GuardMemory
 from nicpassd.engine.leases import LeaseTable
 from nicpassd.engine.store import StateStore
-from nicpassd.engine.views import DeviceView, build_views, full_address, label, resolve_device
+from nicpassd.engine.views import DeviceView, ViewBuilder, full_address, label, resolve_device
 from nicpassd.errors import Busy, InvalidArgument, NotFound, Protected
 from nicpassd.host.events import UEvent
 from nicpassd.host.host import Host
@@ -45,6 +45,7 @@ class HostView:
         self.snapshot = HostSnapshot()
         self.protected = ProtectedSet()
         self.views: dict[str, DeviceView] = {}
+        self._view_builder = ViewBuilder()
         self.listeners: list[Callable[[InventoryDelta], None]] = []
         # Per device, why the reconciler does not apply its persisted state (shown in Drift).
         self.notes: dict[str, str] = {}
@@ -94,13 +95,13 @@ class HostView:
         """Recompute the guard and the views of the snapshot; announce the differences."""
         self.protected = compute_protected(self.snapshot, self.config.guard, remember=self._remember)
         lap("refresh: guard")
-        views = build_views(self.snapshot, self.protected, self.store, self.leases.holder(), notes=self.notes)
+        views = self._view_builder.build(self.snapshot, self.protected, self.store, self.leases.holder(), self.notes)
         delta = InventoryDelta()
         for address, view in views.items():
             old = self.views.get(address)
             if old is None:
                 delta.added.append(view)
-            elif old != view:
+            elif old is not view and old != view:
                 delta.changed.append((view, old.changed_fields(view)))
         delta.removed = [address for address in self.views if address not in views]
         self.views = views

@@ -130,45 +130,84 @@ def _drift(function: PciFunction, snapshot: HostSnapshot, desire: DeviceDesire |
 def build_views(snapshot: HostSnapshot, protected: ProtectedSet, store: StateStore,
                 leases: dict[str, str], notes: dict[str, str] | None = None) -> dict[str, DeviceView]:
     """``notes``: per device, why the reconciler does not apply its persisted state (added to Drift)."""
-    views: dict[str, DeviceView] = {}
-    notes = notes or {}
-    for address, function in snapshot.functions.items():
-        desire, desired_driver = _desired_driver(function, store)
-        drift = _drift(function, snapshot, desire, desired_driver)
-        if address in notes and not drift.startswith("identity"):
-            drift = f"{drift}; {notes[address]}" if drift else notes[address]
-        shown, wanted = _vf_settings(address, function, snapshot, store)
-        if wanted:
-            differ = [f"{name.replace('_', ' ')} {value}" for name, value in wanted if dict(shown).get(name) != value]
-            if differ:
-                drift = f"{drift}; " if drift else ""
-                drift += f"VF settings persisted and not shown: {', '.join(differ)}"
-        views[address] = DeviceView(
-            address=address,
-            vendor_id=function.vendor_id,
-            device_id=function.device_id,
-            subsystem_vendor_id=function.subsystem_vendor_id,
-            subsystem_device_id=function.subsystem_device_id,
-            class_code=function.class_code,
-            is_network=function.is_network,
-            driver=function.driver,
-            iommu_group=function.iommu_group,
-            interfaces=function.interfaces,
-            physical_function=function.physfn,
-            total_vfs=function.total_vfs,
-            num_vfs=function.num_vfs,
-            protected=address in protected,
-            protection_reasons=protected.reasons(address),
-            leased_to=leases.get(address, ""),
-            persisted=desire is not None,
-            desired_driver=desired_driver,
-            desired_vfs=desire.num_vfs if desire is not None and desire.num_vfs is not None else -1,
-            drift=drift,
-            desired_vf_driver=desire.vf_driver if desire is not None else "",
-            vf_settings=shown,
-            desired_vf_settings=wanted,
-        )
-    return views
+    return ViewBuilder().build(snapshot, protected, store, leases, notes)
+
+
+class ViewBuilder:
+    """``build_views`` that keeps the view of a function whose inputs are what they were at the
+    last build: after a burst of uevents a refresh re-reads a few functions (or 1,000 new VFs
+    once), and every publish would otherwise build every view again (~10 µs each)."""
+
+    def __init__(self) -> None:
+        self._built: dict[str, tuple[tuple, DeviceView]] = {}
+
+    def build(self, snapshot: HostSnapshot, protected: ProtectedSet, store: StateStore,
+              leases: dict[str, str], notes: dict[str, str] | None = None) -> dict[str, DeviceView]:
+        notes = notes or {}
+        built: dict[str, tuple[tuple, DeviceView]] = {}
+        views: dict[str, DeviceView] = {}
+        for address, function in snapshot.functions.items():
+            inputs = _inputs(address, function, snapshot, protected, store, leases, notes)
+            kept = self._built.get(address)
+            # Compared by identity first (tuple equality does): an input that is the same object
+            # costs nothing; an equal one re-read from the kernel is compared field by field.
+            view = kept[1] if kept is not None and kept[0] == inputs else _view(
+                address, function, snapshot, protected, store, leases, notes)
+            built[address] = (inputs, view)
+            views[address] = view
+        self._built = built
+        return views
+
+
+def _inputs(address: str, function: PciFunction, snapshot: HostSnapshot, protected: ProtectedSet,
+            store: StateStore, leases: dict[str, str], notes: dict[str, str]) -> tuple:
+    """Everything ``_view`` reads for ``address``: its function, its PF and the PF's VF settings,
+    its IOMMU group's members (its persisted identity names them), the persisted desires of it and
+    its PF, its protection, lease and note."""
+    physfn = function.physfn
+    members = snapshot.groups.get(function.iommu_group, ()) if function.iommu_group >= 0 else ()
+    return (function, store.get(address), protected.entries.get(address), leases.get(address, ""),
+            notes.get(address), members, tuple(snapshot.functions.get(member) for member in members),
+            (store.get(physfn), snapshot.functions.get(physfn), snapshot.vf_settings.get(physfn)) if physfn else None)
+
+
+def _view(address: str, function: PciFunction, snapshot: HostSnapshot, protected: ProtectedSet,
+          store: StateStore, leases: dict[str, str], notes: dict[str, str]) -> DeviceView:
+    desire, desired_driver = _desired_driver(function, store)
+    drift = _drift(function, snapshot, desire, desired_driver)
+    if address in notes and not drift.startswith("identity"):
+        drift = f"{drift}; {notes[address]}" if drift else notes[address]
+    shown, wanted = _vf_settings(address, function, snapshot, store)
+    if wanted:
+        differ = [f"{name.replace('_', ' ')} {value}" for name, value in wanted if dict(shown).get(name) != value]
+        if differ:
+            drift = f"{drift}; " if drift else ""
+            drift += f"VF settings persisted and not shown: {', '.join(differ)}"
+    return DeviceView(
+        address=address,
+        vendor_id=function.vendor_id,
+        device_id=function.device_id,
+        subsystem_vendor_id=function.subsystem_vendor_id,
+        subsystem_device_id=function.subsystem_device_id,
+        class_code=function.class_code,
+        is_network=function.is_network,
+        driver=function.driver,
+        iommu_group=function.iommu_group,
+        interfaces=function.interfaces,
+        physical_function=function.physfn,
+        total_vfs=function.total_vfs,
+        num_vfs=function.num_vfs,
+        protected=address in protected,
+        protection_reasons=protected.reasons(address),
+        leased_to=leases.get(address, ""),
+        persisted=desire is not None,
+        desired_driver=desired_driver,
+        desired_vfs=desire.num_vfs if desire is not None and desire.num_vfs is not None else -1,
+        drift=drift,
+        desired_vf_driver=desire.vf_driver if desire is not None else "",
+        vf_settings=shown,
+        desired_vf_settings=wanted,
+    )
 
 
 def _vf_settings(address: str, function: PciFunction, snapshot: HostSnapshot,

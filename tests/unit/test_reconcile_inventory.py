@@ -182,3 +182,52 @@ def test_an_event_the_snapshot_already_shows_reads_nothing(ksim):
     inventory.update()
     inventory.note(UEvent("bind", "pci", "0000:99:00.0", "igb"))  # unknown
     assert inventory.dirty
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_views_kept_between_refreshes_equal_views_built_afresh(ksim, tmp_path, seed):
+    """``ViewBuilder`` keeps the view of a function whose inputs did not change: after random
+    kernel changes and random changes of what is persisted, leased, noted and protected, its views
+    are those a build from nothing gives."""
+    from nicpassd.engine.config import GuardSettings
+    from nicpassd.engine.guard import compute_protected
+    from nicpassd.engine.store import DeviceDesire, StateStore, VfDesire, identity_of
+    from nicpassd.engine.views import ViewBuilder, build_views
+
+    rng = random.Random(seed)
+    inventory = Inventory(ksim.paths, vf_settings=vf_reader(ksim))
+    snapshot = inventory.full()
+    ksim.kernel.subscribe(inventory.note)
+    driver = Driver(ksim, rng)
+    store = StateStore(tmp_path / "state")
+    builder = ViewBuilder()
+    leases: dict[str, str] = {}
+    notes: dict[str, str] = {}
+    kept, views = 0, {}
+    for number in range(60):
+        done = driver.step()
+        if done.startswith("unannounced "):
+            inventory.mark([done.split()[1]])
+        snapshot = inventory.update()
+        addresses = sorted(snapshot.functions)
+        address = rng.choice(addresses)
+        function = snapshot.functions[address]
+        change = rng.choice(["persist", "persist", "forget", "lease", "note", "nothing"])
+        if change == "persist":
+            extra = {"num_vfs": rng.randint(0, 4), "vf_driver": rng.choice(["", "vfio-pci"]),
+                     "vf_settings": {"0": VfDesire(mac="02:00:00:00:00:01", vlan=rng.randint(0, 9))}} \
+                if function.sriov_capable else {}
+            store.apply({address: DeviceDesire(address=address, identity=identity_of(function, snapshot),
+                                               driver=rng.choice(["", "vfio-pci"]), **extra)})
+        elif change == "forget":
+            store.apply({address: None})
+        elif change == "lease":
+            leases = {address: f"vm{number}"} if rng.random() < 0.7 else {}
+        elif change == "note":
+            notes = {address: f"not applied: reason {number}"} if rng.random() < 0.7 else {}
+        settings = GuardSettings(management_interfaces=tuple(rng.sample(sorted(snapshot.links), k=1)))
+        protected = compute_protected(snapshot, settings)
+        before, views = views, builder.build(snapshot, protected, store, leases, notes)
+        kept += sum(1 for a, view in views.items() if before.get(a) is view)
+        assert views == build_views(snapshot, protected, store, leases, notes), (number, done, change)
+    assert kept  # the check above compared views that were kept, not only views built again
