@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 import asyncio
 import threading
-from typing import Callable
+from typing import Callable, Mapping
 
 
 @dataclass(frozen=True)
@@ -18,9 +18,42 @@ class UEvent:
     subsystem: str  # pci, net, or "route" for routing/address changes
     sys_name: str  # PCI address or interface name
     driver: str = ""
+    # A PCI "add": the function's ids as its uevent carries them (``pci_identity``), as the sysfs
+    # files vendor, device, subsystem_vendor, subsystem_device and class read. () when not known.
+    pci_identity: tuple[str, ...] = ()
 
 
 UEventCallback = Callable[[UEvent], None]
+
+
+def pci_identity(properties: Mapping[str, str]) -> tuple[str, ...]:
+    """(vendor, device, subsystem vendor, subsystem device, class) from a PCI uevent's properties,
+    as ``nicpassd.host.sysfs.read_function`` shows them ("8086", "154c", ..., "020000"). The kernel
+    sends them with every PCI uevent (pci_uevent(): ``PCI_ID=%04X:%04X``, ``PCI_SUBSYS_ID=%04X:%04X``,
+    ``PCI_CLASS=%04X``), from the same struct pci_dev the sysfs files show. () when one is missing
+    or not what the kernel writes."""
+    try:
+        vendor, device = properties["PCI_ID"].lower().split(":")
+        subsystem_vendor, subsystem_device = properties["PCI_SUBSYS_ID"].lower().split(":")
+        class_code = properties["PCI_CLASS"].lower()
+    except (KeyError, ValueError, AttributeError):
+        return ()
+    ids = (vendor, device, subsystem_vendor, subsystem_device)
+    if not all(len(part) == 4 and _hex(part) for part in ids) or not (len(class_code) <= 6 and _hex(class_code)):
+        return ()
+    return (*ids, class_code.rjust(6, "0"))
+
+
+def pci_uevent_properties(vendor: str, device: str, subsystem_vendor: str, subsystem_device: str,
+                          class_code: str) -> dict[str, str]:
+    """The ids a kernel puts in a PCI function's uevents, formatted as pci_uevent() does (the
+    simulated kernel's events)."""
+    return {"PCI_CLASS": f"{int(class_code, 16):04X}", "PCI_ID": f"{int(vendor, 16):04X}:{int(device, 16):04X}",
+            "PCI_SUBSYS_ID": f"{int(subsystem_vendor, 16):04X}:{int(subsystem_device, 16):04X}"}
+
+
+def _hex(text: str) -> bool:
+    return bool(text) and all(ch in "0123456789abcdef" for ch in text)
 
 
 def on_loop(loop: "asyncio.AbstractEventLoop", callback: UEventCallback) -> UEventCallback:

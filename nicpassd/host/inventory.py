@@ -50,6 +50,8 @@ class Inventory:
         self._network_changed = False
         self._devices_changed = False  # a PCI function came or went (root storage may have moved)
         self._replugged: set[str] = set()  # functions that came or went: their serial is read anew
+        # The ids the "add" of a function that came carried (UEvent.pci_identity): not read again.
+        self._announced: dict[str, tuple[str, ...]] = {}
         self._everything = True  # nothing read yet
 
     # ------------------------------------------------------------------ what changed
@@ -61,6 +63,10 @@ class Inventory:
             if event.action in ("add", "remove"):
                 self._devices_changed = True
                 self._replugged.add(event.sys_name)
+                if event.action == "add" and event.pci_identity:
+                    self._announced[event.sys_name] = event.pci_identity
+                else:
+                    self._announced.pop(event.sys_name, None)
         elif event.subsystem == "net" and event.sys_name:
             self._dirty_net.add(event.sys_name)
             self._network_changed = True
@@ -102,6 +108,7 @@ class Inventory:
     # ----------------------------------------------------------------------- reading
     def full(self) -> HostSnapshot:
         self._replugged.clear()
+        self._announced.clear()
         self._dirty_pci.clear()
         self._dirty_net.clear()
         self._network_changed = self._devices_changed = False
@@ -136,6 +143,7 @@ class Inventory:
         network_changed, devices_changed = self._network_changed, self._devices_changed
         replugged = set(self._replugged)
         self._replugged.clear()
+        announced, self._announced = self._announced, {}
         self._dirty_pci.clear()
         self._dirty_net.clear()
         self._network_changed = self._devices_changed = False
@@ -204,7 +212,8 @@ class Inventory:
                 function = sysfs.reread_interfaces(self.paths, address, known)
                 light.add(address)
             else:
-                function = sysfs.read_function(self.paths, address, known=known)
+                function = sysfs.read_function(self.paths, address, known=known,
+                                               announced=announced.get(address) if known is None else None)
             fresh_functions[address] = function
             if old is not None and old.physfn and (known is None or function is None):
                 pending.add(old.physfn)  # its PF lost or changed a virtfnN link

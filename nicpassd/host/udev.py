@@ -17,7 +17,7 @@ import asyncio
 import errno
 import logging
 
-from nicpassd.host.events import UEvent, UEventCallback
+from nicpassd.host.events import UEvent, UEventCallback, pci_identity
 
 log = logging.getLogger(__name__)
 RECEIVE_BUFFER = 128 * 1024 * 1024  # VF storms emit hundreds of events at once
@@ -62,11 +62,14 @@ class UdevEvents:
             action = device.action or "change"
             if self.wait_initialized and action != "remove" and not device.is_initialized:
                 continue
+            subsystem = device.subsystem or ""
             self.callback(UEvent(
                 action=action,
-                subsystem=device.subsystem or "",
+                subsystem=subsystem,
                 sys_name=device.sys_name,
                 driver=device.driver or "",
+                # A new function's ids come with its event: the inventory need not read them.
+                pci_identity=pci_identity(device.properties) if action == "add" and subsystem == "pci" else (),
             ))
 
     def close(self) -> None:

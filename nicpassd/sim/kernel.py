@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 
 from nicpassd.host import netlink, procfs
 from nicpassd.host import vf_netlink as wire
-from nicpassd.host.events import UEvent, UEventCallback
+from nicpassd.host.events import UEvent, UEventCallback, pci_identity, pci_uevent_properties
 from nicpassd.host.model import IfAddress, VfSettings
 from nicpassd.paths import HostPaths
 from nicpassd.sim import vf_settings as sim_vf_settings
@@ -119,8 +119,9 @@ class SimKernel:
     def subscribe(self, callback: UEventCallback) -> None:
         self._subscribers.append(callback)
 
-    def _emit(self, action: str, subsystem: str, name: str, driver: str = "") -> None:
-        event = UEvent(action, subsystem, name, driver)
+    def _emit(self, action: str, subsystem: str, name: str, driver: str = "",
+              properties: dict[str, str] | None = None) -> None:
+        event = UEvent(action, subsystem, name, driver, pci_identity(properties) if properties else ())
         queued = getattr(self._queue, "events", None)
         if queued is not None:
             queued.append(event)  # raised inside a write: delivered, in order, when it returns
@@ -283,7 +284,8 @@ class SimKernel:
                 kind.write_text("identity\n" if "iommu=pt" in self.topology.cmdline.split() else "DMA-FQ\n")
         self._devices[address] = device
         if emit:
-            self._emit("add", "pci", address)
+            self._emit("add", "pci", address, properties=pci_uevent_properties(
+                spec.vendor, spec.device, spec.subsystem_vendor, spec.subsystem_device, spec.class_code))
 
     def _remove_pci_device(self, device: SimDevice) -> None:
         """pci_stop_and_remove_bus_device(): the driver lets go (its netdev goes, then "unbind"),

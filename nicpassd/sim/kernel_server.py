@@ -159,7 +159,8 @@ class RemoteKernel:
             pending[:] = rest
             for line in lines:
                 item = json.loads(line)
-                callback(UEvent(item["action"], item["subsystem"], item["sys_name"], item.get("driver", "")))
+                callback(UEvent(item["action"], item["subsystem"], item["sys_name"], item.get("driver", ""),
+                                tuple(item.get("pci_identity", ()))))
 
         loop.add_reader(sock.fileno(), readable)
         self._subscription, self._loop = sock, loop
@@ -238,7 +239,7 @@ class KernelServer(socketserver.ThreadingUnixStreamServer):
 
     def broadcast(self, event: UEvent) -> None:
         line = json.dumps({"action": event.action, "subsystem": event.subsystem, "sys_name": event.sys_name,
-                           "driver": event.driver}).encode() + b"\n"
+                           "driver": event.driver, "pci_identity": event.pci_identity}).encode() + b"\n"
         with self.subscribers_lock:
             for sock in list(self.subscribers):
                 try:

@@ -165,6 +165,56 @@ def test_identity_is_read_once_while_the_function_stays(ksim):
     assert inventory.update().functions[nic].subsystem_device_id == "beef"  # a new device: read in full
 
 
+def test_a_new_function_s_ids_come_from_its_add_event(ksim):
+    """The ids of a function that came are those its "add" uevent carried (the kernel's
+    PCI_ID, PCI_SUBSYS_ID and PCI_CLASS), not read from five sysfs files; without them, or for a
+    function that went again, they are read."""
+    from nicpassd.host.events import UEvent, pci_identity
+
+    nic = "0000:af:00.0"
+    inventory = Inventory(ksim.paths)
+    inventory.full()
+    # Behind the inventory's back (no kernel does this: it is how the test sees what is read).
+    (ksim.dir(nic) / "subsystem_device").write_text("0xbeef\n")
+    announced = pci_identity({"PCI_ID": "8086:10D3", "PCI_SUBSYS_ID": "8086:A01F", "PCI_CLASS": "20000"})
+    assert announced == ("8086", "10d3", "8086", "a01f", "020000")
+    inventory.note(UEvent("remove", "pci", nic))
+    inventory.note(UEvent("add", "pci", nic, pci_identity=announced))
+    function = inventory.update().functions[nic]
+    assert (function.vendor_id, function.device_id, function.subsystem_vendor_id, function.subsystem_device_id,
+            function.class_code) == announced
+    inventory.note(UEvent("add", "pci", nic, pci_identity=announced))
+    inventory.note(UEvent("remove", "pci", nic))  # went again before the refresh (and came back unannounced)
+    inventory.note(UEvent("add", "pci", nic))
+    assert inventory.update().functions[nic].subsystem_device_id == "beef"
+
+
+@pytest.mark.parametrize("properties", [
+    {}, {"PCI_ID": "8086:10D3", "PCI_SUBSYS_ID": "8086:A01F"}, {"PCI_ID": "8086", "PCI_SUBSYS_ID": "8086:A01F",
+                                                                 "PCI_CLASS": "20000"},
+    {"PCI_ID": "8086:10D3", "PCI_SUBSYS_ID": "8086:A01F", "PCI_CLASS": "2000000"},
+    {"PCI_ID": "80 6:10D3", "PCI_SUBSYS_ID": "8086:A01F", "PCI_CLASS": "20000"},
+    {"PCI_ID": "8086:10D3x", "PCI_SUBSYS_ID": "8086:A01F", "PCI_CLASS": "20000"}])
+def test_ids_an_event_does_not_carry_as_the_kernel_writes_them_are_read_instead(properties):
+    from nicpassd.host.events import pci_identity
+
+    assert pci_identity(properties) == ()
+
+
+def test_the_simulated_kernel_s_add_events_carry_the_ids_of_its_files(ksim):
+    from nicpassd.host.events import UEvent
+
+    events: list[UEvent] = []
+    ksim.kernel.subscribe(events.append)
+    ksim.kernel.write(ksim.dir(PFS[0]) / "sriov_numvfs", "2")
+    added = [event for event in events if event.action == "add" and event.subsystem == "pci"]
+    assert len(added) == 2
+    for event in added:
+        assert event.pci_identity == tuple(
+            (ksim.dir(event.sys_name) / name).read_text().strip().removeprefix("0x")
+            for name in ("vendor", "device", "subsystem_vendor", "subsystem_device", "class"))
+
+
 def test_an_event_the_snapshot_already_shows_reads_nothing(ksim):
     """A bind or unbind nicpassd read back itself (its own change, under its lock) is not read
     again when udev announces it; any other driver, or an unknown function, is."""
