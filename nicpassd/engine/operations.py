@@ -354,8 +354,11 @@ class Operations:
         """See ``vf_count.apply_vf_count``: returns {VF address: driver} of the VFs it created for
         a passthrough driver, for the caller to bind (verified)."""
         target = {"num_vfs": count, "vf_driver": driver}
-        async with self.journaled("vf-count", [address], target=target):
-            return await vf_count.apply_vf_count(self, address, count, driver, vf_drivers, vf_settings)
+        devices = None if self._journal_depth else self.before_of([address])
+        async with self.journaled("vf-count", [address], target=target, devices=devices):
+            # The PF as the journal holds it is the PF before the change: not read again.
+            before = devices[address].function if devices and address in devices else None
+            return await vf_count.apply_vf_count(self, address, count, driver, vf_drivers, vf_settings, before=before)
 
     async def set_vf_settings_each(self, pf: str, changes: dict[int, tuple[VfChange, VfSettings]]
                                    ) -> dict[int, VfSettings | NicpassError]:

@@ -41,7 +41,8 @@ class Operations(Protocol):
 
 async def apply_vf_count(ops: Operations, address: str, count: int, driver: str,
                          vf_drivers: dict[int, str] | None = None,
-                         vf_settings: dict[int, VfChange] | None = None) -> dict[str, str]:
+                         vf_settings: dict[int, VfChange] | None = None, *,
+                         before: PciFunction | None = None) -> dict[str, str]:
     """Set the VF count. ``driver`` vfio-pci: every VF on it. ``vf_drivers`` {VF index:
     passthrough driver}: single VFs of this PF persisted on vfio-pci/pci-stub while the rest stay
     on the host driver; they are created with the PF's autoprobe off, their driver_override is
@@ -49,14 +50,15 @@ async def apply_vf_count(ops: Operations, address: str, count: int, driver: str,
     drivers_probe for its host driver. Returns {VF address: driver} of those VFs; the caller
     binds them (verified). ``vf_settings`` {VF index: settings}: written through the PF while
     the new VFs have no driver yet (docs/kernel-rules.md §16: a VF's driver reads its MAC when
-    it probes), then the VFs probe."""
+    it probes), then the VFs probe. ``before``: the PF as the caller has just read it."""
     host = ops.host
-    before = host.present(address)
+    before = before or host.present(address)
     previous_drivers = [host.driver_of(vf) for vf in before.virtfns]
     vf_drivers = vf_drivers or {}
     want_autoprobe = driver != VFIO
     claims: dict[str, str] = {}
     creating = bool(count) and before.num_vfs != count
+    created: PciFunction | None = None  # the PF read back with its new VFs
     wants_claims = bool(vf_drivers or vf_settings) and driver != VFIO and creating
     if before.num_vfs and before.num_vfs != count:
         # Every count change removes the VFs there are first, and removing a VF unbinds it: one on
@@ -85,7 +87,7 @@ async def apply_vf_count(ops: Operations, address: str, count: int, driver: str,
             if count:
                 await host.set_num_vfs(address, count)
                 lap("sriov_numvfs N")
-                await _verify_vf_count(ops, address, count)
+                created = await _verify_vf_count(ops, address, count)
                 lap("virtfn links")
         if vf_settings and creating:
             await _settle_new_vfs(ops, address, vf_settings)
@@ -94,7 +96,7 @@ async def apply_vf_count(ops: Operations, address: str, count: int, driver: str,
             claims = await _claim_new_vfs(ops, address, before.autoprobe, vf_drivers)
             lap("claims")
         if driver == VFIO:
-            await ops.bind_all(list(host.present(address).virtfns), VFIO)
+            await ops.bind_all(list((created or host.present(address)).virtfns), VFIO)
         elif count and before.num_vfs != count:
             # New VFs for the host driver: the early-binding udev rule may have put a persisted
             # vfio-pci override on them as they appeared (a --runtime change of a persisted PF).
@@ -152,8 +154,9 @@ async def _claim_new_vfs(ops: Operations, address: str, autoprobe: bool, vf_driv
     return claims
 
 
-async def _verify_vf_count(ops: Operations, address: str, count: int) -> None:
-    """A successful write does not mean N VFs (docs/kernel-rules.md §2): read back, wait for the links."""
+async def _verify_vf_count(ops: Operations, address: str, count: int) -> PciFunction:
+    """A successful write does not mean N VFs (docs/kernel-rules.md §2): read back, wait for the
+    links. Returns the PF as read with them."""
     deadline = time.monotonic() + ops.config.daemon.write_timeout
     interval = 0.005
     while True:
@@ -169,6 +172,7 @@ async def _verify_vf_count(ops: Operations, address: str, count: int) -> None:
     if enabled != count:
         raise KernelError(f"the kernel enabled only {enabled} of {count} VFs on {ops.label(address)}",
                           "check the kernel log (journalctl -k) for the driver's reason")
+    return function
 
 
 async def restore_vfs(ops: Operations, address: str, before: PciFunction, drivers: list[str]) -> str:

@@ -44,6 +44,7 @@ class Host:
         self.writer = writer
         self.write_timeout = write_timeout
         self._pci_root = os.fspath(paths.pci_devices)
+        self._drivers_probe = paths.drivers_probe  # one Path for the 1,000 probes of a boot reconcile
         self._latches = VfioLatches(paths, writer, self.vfio_holder)
 
     # ------------------------------------------------------------------- reads
@@ -236,7 +237,7 @@ class Host:
         return BatchWrite(address, self.paths.pci_drivers / driver / "unbind", address)
 
     def probe_write(self, address: str) -> BatchWrite:
-        return BatchWrite(address, self.paths.drivers_probe, address)
+        return BatchWrite(address, self._drivers_probe, address)
 
     # -------------------------------------------------------------- VF settings
     def read_vf_settings(self, interface: str) -> tuple[VfSettings, ...]:
