@@ -27,6 +27,7 @@ would (``nicpassd.sim.vf_settings``).
 from __future__ import annotations
 
 import errno
+import functools
 import socket
 import struct
 from dataclasses import dataclass, fields
@@ -58,6 +59,7 @@ _U32_PAIR = struct.Struct("=II")
 _VLAN = struct.Struct("=III")
 _RATE = struct.Struct("=III")
 _MAC = struct.Struct("=I32s")
+_U32 = struct.Struct("=I")
 
 
 @dataclass(frozen=True)
@@ -165,38 +167,53 @@ def attribute_list(payload: bytes, offset: int = 0) -> Iterator[tuple[int, bytes
         offset += _align(length)
 
 
-def _setting(value: bytes) -> bool | None:
-    setting = _U32_PAIR.unpack_from(value)[1]
-    return None if setting == UNKNOWN else bool(setting)
+# The bytes each VF attribute read here holds at least (a MAC: its VF index and 32 address bytes).
+_NEEDED = {IFLA_VF_MAC: _MAC.size, IFLA_VF_VLAN: _VLAN.size, IFLA_VF_RATE: _RATE.size, IFLA_VF_SPOOFCHK: 8,
+           IFLA_VF_TRUST: 8, IFLA_VF_RSS_QUERY_EN: 8, IFLA_VF_LINK_STATE: 8}
+
+
+def _setting(value: int) -> bool | None:
+    return None if value == UNKNOWN else bool(value)
 
 
 def parse_vf_info(info: bytes, address_length: int = 6) -> VfSettings:
-    """One IFLA_VF_INFO."""
+    """One IFLA_VF_INFO. Read in place (no slice per attribute): a PF's answer holds one per VF,
+    and a boot with 1,000 VFs reads them all."""
     found: dict[str, object] = {}
     index = -1
-    for kind, value in attribute_list(info):
-        if kind == IFLA_VF_MAC:
-            index, raw = _MAC.unpack_from(value)
-            mac = raw[:address_length]
-            found["mac"] = "" if not any(mac) else mac_text(mac)
+    offset, end = 0, len(info)
+    header = RTATTR.unpack_from
+    while offset + 4 <= end:
+        length, kind = header(info, offset)
+        if length < 4:
+            break
+        kind &= 0x3FFF
+        value = offset + 4
+        if length - 4 < _NEEDED.get(kind, 0) or offset + length > end:
+            pass  # shorter than the kernel sends it: not read past its end
+        elif kind == IFLA_VF_MAC:
+            index = _U32.unpack_from(info, value)[0]
+            mac = info[value + 4:value + 4 + address_length]
+            found["mac"] = mac.hex(":") if any(mac) else ""
         elif kind == IFLA_VF_VLAN:
-            index, found["vlan"], found["qos"] = _VLAN.unpack_from(value)
+            index, found["vlan"], found["qos"] = _VLAN.unpack_from(info, value)
         elif kind == IFLA_VF_VLAN_LIST:
-            for inner_kind, inner in attribute_list(value):
+            for inner_kind, inner in attribute_list(info[value:offset + length]):
                 if inner_kind == IFLA_VF_VLAN_INFO and len(inner) >= 14:
                     proto = struct.unpack_from("!H", inner, 12)[0]
                     found["vlan_proto"] = PROTOCOL_NAMES.get(proto, f"0x{proto:04x}")
         elif kind == IFLA_VF_RATE:
-            index, found["min_tx_rate"], found["max_tx_rate"] = _RATE.unpack_from(value)
+            index, found["min_tx_rate"], found["max_tx_rate"] = _RATE.unpack_from(info, value)
         elif kind == IFLA_VF_SPOOFCHK:
-            found["spoofchk"] = _setting(value)
+            found["spoofchk"] = _setting(_U32_PAIR.unpack_from(info, value)[1])
         elif kind == IFLA_VF_TRUST:
-            found["trust"] = _setting(value)
+            found["trust"] = _setting(_U32_PAIR.unpack_from(info, value)[1])
         elif kind == IFLA_VF_RSS_QUERY_EN:
-            found["rss_query"] = _setting(value)
+            found["rss_query"] = _setting(_U32_PAIR.unpack_from(info, value)[1])
         elif kind == IFLA_VF_LINK_STATE:
-            state = _U32_PAIR.unpack_from(value)[1]
+            state = _U32_PAIR.unpack_from(info, value)[1]
             found["link_state"] = LINK_STATES[state] if state < len(LINK_STATES) else str(state)
+        offset += (length + 3) & ~3
     return VfSettings(index=index, **found)
 
 
@@ -247,26 +264,30 @@ def encode_error(code: int, request: bytes, detail: str = "") -> bytes:
 
 def encode_link(interface: str, mac: str, vfs: list[VfSettings], seq: int = 0) -> bytes:
     """The kernel's RTM_NEWLINK answer for a PF with ``vfs`` (what the simulated kernel says)."""
-    infos = b""
-    for vf in vfs:
-        proto = PROTOCOLS.get(vf.vlan_proto, ETH_P_8021Q)
-        inner = (encode_attribute(IFLA_VF_MAC, _MAC.pack(vf.index, mac_bytes(vf.mac or "00:00:00:00:00:00")))
-                 + encode_attribute(IFLA_VF_VLAN, _VLAN.pack(vf.index, vf.vlan, vf.qos))
-                 + _nested(IFLA_VF_VLAN_LIST, encode_attribute(
-                     IFLA_VF_VLAN_INFO, _VLAN.pack(vf.index, vf.vlan, vf.qos) + struct.pack("!H", proto) + b"\0\0"))
-                 + encode_attribute(IFLA_VF_TX_RATE, _U32_PAIR.pack(vf.index, vf.max_tx_rate))
-                 + encode_attribute(IFLA_VF_RATE, _RATE.pack(vf.index, vf.min_tx_rate, vf.max_tx_rate))
-                 + encode_attribute(IFLA_VF_SPOOFCHK, _U32_PAIR.pack(vf.index, _u32(vf.spoofchk)))
-                 + encode_attribute(IFLA_VF_LINK_STATE, _U32_PAIR.pack(vf.index, LINK_STATES.index(vf.link_state)))
-                 + encode_attribute(IFLA_VF_RSS_QUERY_EN, _U32_PAIR.pack(vf.index, _u32(vf.rss_query)))
-                 + encode_attribute(IFLA_VF_TRUST, _U32_PAIR.pack(vf.index, _u32(vf.trust))))
-        infos += _nested(IFLA_VF_INFO, inner)
     payload = (IFINFOMSG.pack(socket.AF_UNSPEC, 1, 0, 0, 0)
                + encode_attribute(IFLA_IFNAME, interface.encode() + b"\0")
                + encode_attribute(IFLA_ADDRESS, mac_bytes(mac or "00:00:00:00:00:00"))
                + encode_attribute(IFLA_NUM_VF, struct.pack("=I", len(vfs)))
-               + _nested(IFLA_VFINFO_LIST, infos))
+               + _nested(IFLA_VFINFO_LIST, b"".join(_vf_info(vf) for vf in vfs)))
     return encode(RTM_NEWLINK, 0, payload, seq)
+
+
+@functools.lru_cache(maxsize=8192)
+def _vf_info(vf: VfSettings) -> bytes:
+    """One VF's IFLA_VF_INFO, kept while its settings are the same: the simulated kernel answers
+    every read of a PF with all its VFs, where the kernel's C costs next to nothing."""
+    proto = PROTOCOLS.get(vf.vlan_proto, ETH_P_8021Q)
+    inner = (encode_attribute(IFLA_VF_MAC, _MAC.pack(vf.index, mac_bytes(vf.mac or "00:00:00:00:00:00")))
+             + encode_attribute(IFLA_VF_VLAN, _VLAN.pack(vf.index, vf.vlan, vf.qos))
+             + _nested(IFLA_VF_VLAN_LIST, encode_attribute(
+                 IFLA_VF_VLAN_INFO, _VLAN.pack(vf.index, vf.vlan, vf.qos) + struct.pack("!H", proto) + b"\0\0"))
+             + encode_attribute(IFLA_VF_TX_RATE, _U32_PAIR.pack(vf.index, vf.max_tx_rate))
+             + encode_attribute(IFLA_VF_RATE, _RATE.pack(vf.index, vf.min_tx_rate, vf.max_tx_rate))
+             + encode_attribute(IFLA_VF_SPOOFCHK, _U32_PAIR.pack(vf.index, _u32(vf.spoofchk)))
+             + encode_attribute(IFLA_VF_LINK_STATE, _U32_PAIR.pack(vf.index, LINK_STATES.index(vf.link_state)))
+             + encode_attribute(IFLA_VF_RSS_QUERY_EN, _U32_PAIR.pack(vf.index, _u32(vf.rss_query)))
+             + encode_attribute(IFLA_VF_TRUST, _U32_PAIR.pack(vf.index, _u32(vf.trust))))
+    return _nested(IFLA_VF_INFO, inner)
 
 
 def _u32(setting: bool | None) -> int:

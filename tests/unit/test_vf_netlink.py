@@ -23,6 +23,17 @@ def test_a_link_answer_with_every_setting_round_trips():
     assert wire.parse_link(wire.encode_link("enp1s0", "52:54:00:00:00:01", vfs)) == vfs
 
 
+def test_an_attribute_shorter_than_the_kernel_sends_is_not_read_past_its_end():
+    """A VF info is read in place: a truncated attribute is skipped, never read into the next."""
+    trust = wire.encode_attribute(wire.IFLA_VF_TRUST, (4).to_bytes(4, "little") + (1).to_bytes(4, "little"))
+    short_vlan = wire.encode_attribute(wire.IFLA_VF_VLAN, (4).to_bytes(4, "little") + (7).to_bytes(4, "little"))
+    short_mac = wire.encode_attribute(wire.IFLA_VF_MAC, (4).to_bytes(4, "little") + bytes([2, 0, 0, 0, 0, 9]))
+    parsed = wire.parse_vf_info(short_vlan + short_mac + trust)
+    assert parsed == VfSettings(-1, trust=True)
+    cut = trust + wire.encode_attribute(wire.IFLA_VF_RATE, bytes(12))[:-4]  # its length says 16, 12 are there
+    assert wire.parse_vf_info(cut) == VfSettings(-1, trust=True)
+
+
 def test_each_setting_is_its_own_request_in_the_kernel_s_order_and_carries_what_goes_with_it():
     current = VfSettings(3, vlan=100, qos=5, min_tx_rate=10, max_tx_rate=0)
     change = wire.VfChange(trust=True, max_tx_rate=500, mac="02:00:00:00:00:09", qos=1)
