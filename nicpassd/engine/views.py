@@ -146,13 +146,14 @@ class ViewBuilder:
         notes = notes or {}
         built: dict[str, tuple[tuple, DeviceView]] = {}
         views: dict[str, DeviceView] = {}
+        wanted_by_pf: dict[str, dict[int, dict[str, object]]] = {}
         for address, function in snapshot.functions.items():
             inputs = _inputs(address, function, snapshot, protected, store, leases, notes)
             kept = self._built.get(address)
             # Compared by identity first (tuple equality does): an input that is the same object
             # costs nothing; an equal one re-read from the kernel is compared field by field.
             view = kept[1] if kept is not None and kept[0] == inputs else _view(
-                address, function, snapshot, protected, store, leases, notes)
+                address, function, snapshot, protected, store, leases, notes, wanted_by_pf)
             built[address] = (inputs, view)
             views[address] = view
         self._built = built
@@ -172,12 +173,13 @@ def _inputs(address: str, function: PciFunction, snapshot: HostSnapshot, protect
 
 
 def _view(address: str, function: PciFunction, snapshot: HostSnapshot, protected: ProtectedSet,
-          store: StateStore, leases: dict[str, str], notes: dict[str, str]) -> DeviceView:
+          store: StateStore, leases: dict[str, str], notes: dict[str, str],
+          wanted_by_pf: dict[str, dict[int, dict[str, object]]]) -> DeviceView:
     desire, desired_driver = _desired_driver(function, store)
     drift = _drift(function, snapshot, desire, desired_driver)
     if address in notes and not drift.startswith("identity"):
         drift = f"{drift}; {notes[address]}" if drift else notes[address]
-    shown, wanted = _vf_settings(address, function, snapshot, store)
+    shown, wanted = _vf_settings(address, function, snapshot, store, wanted_by_pf)
     if wanted:
         differ = [f"{name.replace('_', ' ')} {value}" for name, value in wanted if dict(shown).get(name) != value]
         if differ:
@@ -210,8 +212,11 @@ def _view(address: str, function: PciFunction, snapshot: HostSnapshot, protected
     )
 
 
-def _vf_settings(address: str, function: PciFunction, snapshot: HostSnapshot,
-                 store: StateStore) -> tuple[tuple[tuple[str, object], ...], tuple[tuple[str, object], ...]]:
+def _vf_settings(address: str, function: PciFunction, snapshot: HostSnapshot, store: StateStore,
+                 wanted_by_pf: dict[str, dict[int, dict[str, object]]]
+                 ) -> tuple[tuple[tuple[str, object], ...], tuple[tuple[str, object], ...]]:
+    """(shown, persisted) settings of a VF. ``wanted_by_pf``: the persisted settings of every VF of
+    a PF, worked out once per build (each VF's view needs its own, and a PF has up to 4,096)."""
     settings = snapshot.vf_settings_of(address)
     shown = () if settings is None else tuple(
         (name, value) for name, value in vars(settings).items() if name != "index" and value is not None)
@@ -219,8 +224,11 @@ def _vf_settings(address: str, function: PciFunction, snapshot: HostSnapshot,
     parent = store.get(function.physfn) if function.physfn else None
     pf = snapshot.functions.get(function.physfn) if function.physfn else None
     if parent is not None and pf is not None and address in pf.virtfns:
-        pf_mac = parent.identity.permanent_mac or pf.permanent_mac
-        desired = desired_settings(parent, pf_mac, len(pf.virtfns)).get(pf.virtfns.index(address))
+        every = wanted_by_pf.get(pf.address)
+        if every is None:
+            every = wanted_by_pf[pf.address] = desired_settings(
+                parent, parent.identity.permanent_mac or pf.permanent_mac, len(pf.virtfns))
+        desired = every.get(pf.virtfns.index(address))
         if desired:
             wanted = tuple(desired.items())
     return shown, wanted

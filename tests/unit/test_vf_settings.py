@@ -408,3 +408,21 @@ async def test_the_settings_of_one_pf_s_vfs_are_one_batch_and_each_vf_succeeds_o
         (vfs[0], "vf", "ok", ""), (vfs[1], "vf", "failed", "NotSupported")]
     assert entries == [("vf-settings", {pf: [0, 1]})]
     assert [vf.trust for vf in kernel_settings(sim, "enp2s0").values()] == [True, False]
+
+
+async def test_the_persisted_settings_of_a_pf_s_vfs_are_worked_out_once_per_view_build(sim, monkeypatch):
+    """Each VF's view shows its persisted settings, out of its PF's: worked out for every VF in
+    turn, a PF with 64 VFs and stable MACs cost 64 x 64 (0.29 s per build of 1,024 VFs)."""
+    from nicpassd.engine import views
+
+    await sim.engine.set_vf_count(PF, 6, stable_macs=True)
+    await sim.engine.set_vf_settings(f"{PF}:2", {"vlan": 12})
+    worked_out = []
+    real = views.desired_settings
+    monkeypatch.setattr(views, "desired_settings", lambda *args: worked_out.append(args[0].address) or real(*args))
+    built = views.build_views(sim.engine.view.snapshot, sim.engine.view.protected, sim.engine.view.store, {}, {})
+    assert worked_out == [PF]
+    assert dict(built[sim.vfs(PF)[2]].desired_vf_settings)["vlan"] == 12
+    assert [dict(built[vf].desired_vf_settings)["mac"] for vf in sim.vfs(PF)] == [
+        views.desired_settings(sim.engine.view.store.get(PF), "3c:fd:fe:a0:00:00", 6)[index]["mac"]
+        for index in range(6)]
