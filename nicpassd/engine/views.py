@@ -9,7 +9,7 @@ from nicpassd.engine.guard import ProtectedSet
 from nicpassd.engine.store import DeviceDesire, StateStore, identity_of
 from nicpassd.engine.vf_settings import desired_settings
 from nicpassd.errors import InvalidArgument, NotFound
-from nicpassd.host.model import HostSnapshot, PciFunction
+from nicpassd.host.model import HostSnapshot, PciFunction, VfSettings
 
 FULL_ADDRESS = re.compile(r"^[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$")
 SHORT_ADDRESS = re.compile(r"^[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$")
@@ -146,14 +146,14 @@ class ViewBuilder:
         notes = notes or {}
         built: dict[str, tuple[tuple, DeviceView]] = {}
         views: dict[str, DeviceView] = {}
-        wanted_by_pf: dict[str, dict[int, dict[str, object]]] = {}
+        families: dict[str, _VfFamily] = {}
         for address, function in snapshot.functions.items():
             inputs = _inputs(address, function, snapshot, protected, store, leases, notes)
             kept = self._built.get(address)
             # Compared by identity first (tuple equality does): an input that is the same object
             # costs nothing; an equal one re-read from the kernel is compared field by field.
             view = kept[1] if kept is not None and kept[0] == inputs else _view(
-                address, function, snapshot, protected, store, leases, notes, wanted_by_pf)
+                address, function, snapshot, protected, store, leases, notes, families)
             built[address] = (inputs, view)
             views[address] = view
         self._built = built
@@ -174,12 +174,12 @@ def _inputs(address: str, function: PciFunction, snapshot: HostSnapshot, protect
 
 def _view(address: str, function: PciFunction, snapshot: HostSnapshot, protected: ProtectedSet,
           store: StateStore, leases: dict[str, str], notes: dict[str, str],
-          wanted_by_pf: dict[str, dict[int, dict[str, object]]]) -> DeviceView:
+          families: dict[str, "_VfFamily"]) -> DeviceView:
     desire, desired_driver = _desired_driver(function, store)
     drift = _drift(function, snapshot, desire, desired_driver)
     if address in notes and not drift.startswith("identity"):
         drift = f"{drift}; {notes[address]}" if drift else notes[address]
-    shown, wanted = _vf_settings(address, function, snapshot, store, wanted_by_pf)
+    shown, wanted = _vf_settings(address, function, snapshot, store, families)
     if wanted:
         differ = [f"{name.replace('_', ' ')} {value}" for name, value in wanted if dict(shown).get(name) != value]
         if differ:
@@ -213,22 +213,42 @@ def _view(address: str, function: PciFunction, snapshot: HostSnapshot, protected
 
 
 def _vf_settings(address: str, function: PciFunction, snapshot: HostSnapshot, store: StateStore,
-                 wanted_by_pf: dict[str, dict[int, dict[str, object]]]
+                 families: dict[str, "_VfFamily"]
                  ) -> tuple[tuple[tuple[str, object], ...], tuple[tuple[str, object], ...]]:
-    """(shown, persisted) settings of a VF. ``wanted_by_pf``: the persisted settings of every VF of
-    a PF, worked out once per build (each VF's view needs its own, and a PF has up to 4,096)."""
-    settings = snapshot.vf_settings_of(address)
+    """(shown, persisted) settings of a VF. ``families``: what the views of one PF's VFs share,
+    worked out once per build (a PF has up to 4,096 VFs)."""
+    pf = snapshot.functions.get(function.physfn) if function.physfn else None
+    if pf is None:
+        return (), ()
+    family = families.get(pf.address)
+    if family is None:
+        family = families[pf.address] = _VfFamily(pf, snapshot, store)
+    index = family.index_of.get(address)
+    if index is None:
+        return (), ()
+    settings = family.shown.get(index)
     shown = () if settings is None else tuple(
         (name, value) for name, value in vars(settings).items() if name != "index" and value is not None)
-    wanted: tuple[tuple[str, object], ...] = ()
-    parent = store.get(function.physfn) if function.physfn else None
-    pf = snapshot.functions.get(function.physfn) if function.physfn else None
-    if parent is not None and pf is not None and address in pf.virtfns:
-        every = wanted_by_pf.get(pf.address)
-        if every is None:
-            every = wanted_by_pf[pf.address] = desired_settings(
-                parent, parent.identity.permanent_mac or pf.permanent_mac, len(pf.virtfns))
-        desired = every.get(pf.virtfns.index(address))
-        if desired:
-            wanted = tuple(desired.items())
-    return shown, wanted
+    desired = family.wanted().get(index)
+    return shown, tuple(desired.items()) if desired else ()
+
+
+class _VfFamily:
+    """A PF's VFs by address, their settings as its driver reports them by index, and those
+    persisted for them (worked out on first use)."""
+
+    def __init__(self, pf: PciFunction, snapshot: HostSnapshot, store: StateStore) -> None:
+        self.pf = pf
+        self.index_of = {vf: index for index, vf in reversed(list(enumerate(pf.virtfns)))}
+        self.shown: dict[int, VfSettings] = {}
+        for settings in snapshot.vf_settings.get(pf.address, ()):
+            self.shown.setdefault(settings.index, settings)
+        self.desire = store.get(pf.address)
+        self._wanted: dict[int, dict[str, object]] | None = None
+
+    def wanted(self) -> dict[int, dict[str, object]]:
+        if self._wanted is None:
+            desire = self.desire
+            self._wanted = {} if desire is None else desired_settings(
+                desire, desire.identity.permanent_mac or self.pf.permanent_mac, len(self.pf.virtfns))
+        return self._wanted
