@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import time
 
 import pytest
 
@@ -48,3 +49,28 @@ def test_preflight_check_sees_the_iommu(g):
     findings = {f["id"]: f for f in g.ctl_json("check")}
     assert findings["iommu"]["level"] == "ok", findings
     assert g.run("ls /sys/class/iommu").check().stdout.strip(), "the guest has no IOMMU"
+
+
+def test_vfs_created_out_of_band_show_the_ids_their_add_uevents_carried(g):
+    """A function that comes is taken in with the ids its "add" uevent carries (PCI_ID,
+    PCI_SUBSYS_ID, PCI_CLASS, parsed by nicpassd), not read from sysfs: they are the files'."""
+    g.run(["sh", "-c", f"echo 2 > /sys/bus/pci/devices/{IGB}/sriov_numvfs"]).check()
+    try:
+        vfs = g.wait(lambda s: len(s["functions"][IGB]["virtfns"]) == 2, what="2 VFs")["functions"][IGB]["virtfns"]
+
+        def listed():
+            return {d["address"]: d for d in g.ctl_json("list") if d["address"] in vfs}
+
+        deadline = time.monotonic() + 60
+        while len(shown := listed()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert set(shown) == set(vfs), shown
+        for vf in vfs:
+            files = {name: g.run(["cat", f"/sys/bus/pci/devices/{vf}/{name}"]).check().stdout.strip().removeprefix("0x")
+                     for name in ("vendor", "device", "subsystem_vendor", "subsystem_device")}
+            ids = {name: shown[vf][f"{name}_id"].lower().removeprefix("0x") for name in files}
+            assert ids == files, vf
+            class_file = g.run(["cat", f"/sys/bus/pci/devices/{vf}/class"]).check().stdout.strip()
+            assert shown[vf]["class_code"].lower().removeprefix("0x") == class_file.removeprefix("0x"), vf
+    finally:
+        g.run(["sh", "-c", f"echo 0 > /sys/bus/pci/devices/{IGB}/sriov_numvfs"])
