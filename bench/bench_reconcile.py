@@ -50,9 +50,11 @@ from benchlib import DaemonErrors, verdict
 from nicpassd.host.early_binding import udev_rule
 from nicpassd.engine.config import Config, DaemonSettings
 from nicpassd.engine.engine import Engine
+from nicpassd.engine.views import build_views
 from nicpassd.engine.recovery import recover
 from nicpassd.engine.store import DeviceDesire, Identity, StateStore
 from nicpassd.host.events import on_loop
+from nicpassd.host import sysfs
 from nicpassd.host.host import Host
 from nicpassd.paths import HostPaths
 from nicpassd.sim.kernel import SimKernel
@@ -171,9 +173,30 @@ async def daemon(args) -> dict[str, float]:
         if failed or wrong or len(vfs) != args.pfs * args.vfs:
             raise NotConverged(f"{len(failed)} steps failed ({failed[:3]}), {len(vfs)} VFs, "
                                f"{len(wrong)} not on vfio-pci or drifting")
-        return {"converged": converged - started, "settled": settled - started}
+        return {"converged": converged - started, "settled": settled - started, **floor(engine, vfs)}
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def floor(engine: Engine, vfs: list[str]) -> dict[str, float]:
+    """What taking the new VFs in costs at the least, timed again after the run on the same
+    kernel state through the same public functions: each VF read once (its ids as its add uevent
+    gave them), every view built, each PF's VF settings read and parsed. The daemon also handles
+    the VFs' uevents, journals, plans and checks; this is the part no design can skip."""
+    snapshot, view = engine.snapshot, engine.view
+    started = time.perf_counter()
+    for vf in vfs:
+        known = snapshot.functions[vf]
+        sysfs.read_function(engine.host.paths, vf, announced=(known.vendor_id, known.device_id,
+                                                               known.subsystem_vendor_id, known.subsystem_device_id,
+                                                               known.class_code))
+    read = time.perf_counter()
+    build_views(snapshot, view.protected, engine.store, engine.leases.holder(), view.notes)
+    built = time.perf_counter()
+    for pf in snapshot.vf_settings:
+        engine.host.read_vf_settings(snapshot.functions[pf].interfaces[0])
+    settings = time.perf_counter()
+    return {"floor_reads": read - started, "floor_views": built - read, "floor_vf_settings": settings - built}
 
 
 def main() -> int:
@@ -194,8 +217,11 @@ def main() -> int:
             except NotConverged as exc:
                 errors.errors.append(f"the boot reconcile did not converge: {exc}")
                 break
+            least = timed["floor_reads"] + timed["floor_views"] + timed["floor_vf_settings"]
             rows.append({"bare_s": bare_s, "daemon_s": timed["converged"], "settled_s": timed["settled"],
-                         "ratio": timed["converged"] / bare_s, "settled_ratio": timed["settled"] / bare_s})
+                         "ratio": timed["converged"] / bare_s, "settled_ratio": timed["settled"] / bare_s,
+                         "floor_s": least, "floor_share": least / bare_s,
+                         **{key: timed[key] for key in ("floor_reads", "floor_views", "floor_vf_settings")}})
     if not rows:
         return verdict(errors.errors, False)
     best_bare = min(r["bare_s"] for r in rows)
@@ -208,6 +234,7 @@ def main() -> int:
         "settled_ratio_median": statistics.median(r["settled_ratio"] for r in rows),
         "settled_ratio_of_best": min(r["settled_s"] for r in rows) / best_bare,
         "goal_ratio": 1.1,  # with the inventory of the new VFs
+        "floor_share_median": statistics.median(r["floor_share"] for r in rows),
     }
     if args.json:
         print(json.dumps(result, indent=2))
@@ -222,6 +249,11 @@ def main() -> int:
               f"{result['ratio_of_best']:.2f}")
         print(f"  + inventory: median ratio {result['settled_ratio_median']:.2f}, best / best "
               f"{result['settled_ratio_of_best']:.2f} (goal ≤ {result['goal_ratio']})")
+        last = rows[-1]
+        print(f"  the least the inventory of {args.pfs * args.vfs} new VFs costs (timed again after the last round): "
+              f"{last['floor_s'] * 1000:.1f} ms = {result['floor_share_median']:.0%} of the bare loop (median) — "
+              f"one read each {last['floor_reads'] * 1000:.1f}, their views {last['floor_views'] * 1000:.1f}, "
+              f"their PFs' VF settings {last['floor_vf_settings'] * 1000:.1f}")
     return verdict(errors.errors, result["settled_ratio_median"] <= result["goal_ratio"])
 
 
