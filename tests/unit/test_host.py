@@ -194,6 +194,63 @@ async def test_run_blocking_times_out_without_blocking_the_loop():
     assert ticks >= 4  # the loop kept running other coroutines while the write hung
 
 
+async def test_a_kernel_write_is_handed_back_to_its_caller_in_one_turn_of_the_loop():
+    """The worker thread's outcome reaches the awaiting coroutine on the loop's next turn (the
+    minimum: a future's waiter is woken by call_soon), not three turns later as through
+    wait_for(shield(...)): under a flood of D-Bus reads a turn is milliseconds."""
+    loop = asyncio.get_running_loop()
+    turns, handed_back = 0, []
+
+    async def count() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    original = loop.call_soon_threadsafe
+
+    def traced(callback, *args, **kwargs):
+        return original(lambda *a: (handed_back.append(turns), callback(*a)), *args, **kwargs)
+
+    counter = asyncio.create_task(count())
+    await asyncio.sleep(0)
+    loop.call_soon_threadsafe = traced
+    try:
+        assert await run_blocking(lambda: 42, timeout=5, what="x") == 42
+        resumed = turns
+    finally:
+        del loop.call_soon_threadsafe
+        counter.cancel()
+    assert len(handed_back) == 1 and resumed - handed_back[0] <= 1
+
+
+async def test_a_batch_that_keeps_moving_is_not_timed_out_and_one_that_stalls_is(ksim):
+    """The write timeout is per write: a batch longer than it in all goes on while each write
+    completes in time; one write that hangs is a Timeout naming it."""
+    from nicpassd.host.writer import BatchWrite, write_batch
+
+    class Slow:
+        def __init__(self, hang_at: int) -> None:
+            self.done, self.hang_at, self.release = 0, hang_at, threading.Event()
+
+        def write(self, path, data) -> None:
+            if self.done == self.hang_at:
+                self.release.wait(2)
+            time.sleep(0.03)
+            self.done += 1
+
+    writes = [BatchWrite(f"0000:00:0{index}.0", ksim.paths.drivers_probe, "x") for index in range(6)]
+    moving = Slow(hang_at=-1)
+    assert await write_batch(moving, writes, timeout=0.1) == {} and moving.done == 6  # 0.18 s in all
+    stalling = Slow(hang_at=2)
+    try:
+        with pytest.raises(Timeout, match="0000:00:02.0 did not complete within 0.1 s"):
+            await write_batch(stalling, writes, timeout=0.1)
+    finally:
+        stalling.release.set()
+        join_hung_writes()
+
+
 async def test_run_blocking_returns_the_result_and_raises_the_error():
     assert await run_blocking(lambda: 42, timeout=1, what="x") == 42
     with pytest.raises(OSError):
