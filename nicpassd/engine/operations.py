@@ -164,12 +164,20 @@ class Operations:
             await self.host.load_driver(VFIO)
             lap("modprobe")
         try:
+            # One worker thread for the sequence, as BindEach's batch: each write handed back to
+            # the event loop separately cost two turns of it, milliseconds each under a flood of
+            # D-Bus reads. A refused write stops the sequence there.
+            host, writes = self.host, []
             if before.driver_override != override:  # a write takes the device lock: none when it is so already
-                await self.host.set_driver_override(address, override)
-            if before.driver and not satisfies(before.driver, driver):
-                await self.host.unbind(address, before.driver)
-            if not self.host.driver_of(address):
-                await self.host.probe(address)
+                writes.append(host.override_write(address, override))
+            unbinding = bool(before.driver) and not satisfies(before.driver, driver)
+            if unbinding:
+                writes.append(host.unbind_write(address, before.driver))
+            if unbinding or not before.driver:
+                writes.append(host.probe_write(address))  # a no-op should a driver have bound it meanwhile
+            failed = await host.write_batch(writes) if writes else {}
+            if address in failed:
+                raise KernelError(failed[address].describe())
             lap("writes")
             try:
                 bound = await self._verify_driver(address, driver)

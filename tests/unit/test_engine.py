@@ -124,6 +124,26 @@ async def test_bind_to_vfio_pci_follows_the_kernel_sequence_and_is_verified(sim)
     assert json.loads(sim.state_json().read_text())["devices"][NIC]["driver"] == "vfio-pci"
 
 
+async def test_a_bind_s_sequence_goes_to_the_kernel_from_one_worker_thread(sim, monkeypatch):
+    """Each write handed back to the event loop on its own cost two turns of it, milliseconds
+    each under a flood of D-Bus reads (bench/bench_load.py): the sequence is one batch, as
+    BindEach's is, and a refused write still stops it there."""
+    threads = []
+    record = sim.writer.write
+    monkeypatch.setattr(sim.writer, "write", lambda path, data: (threads.append(threading.current_thread()),
+                                                                 record(path, data))[1])
+    await sim.engine.bind(NIC, "vfio-pci")
+    assert [call[1] for call in sim.writer.calls[1:]] == ["driver_override", "unbind", "drivers_probe"]
+    assert len(threads) == 3 and threads[0] is threads[1] is threads[2]  # (objects: idents are reused)
+    await sim.engine.unbind(NIC)
+    sim.writer.clear()
+    sim.kernel.faults.write_errors[(NIC, "driver_override")] = (errno.EINVAL, 1)
+    with pytest.raises(KernelError, match=f"driver_override of {NIC}: .*EINVAL"):
+        await sim.engine.bind(NIC, "vfio-pci")
+    assert [call[1] for call in sim.writer.calls if call[0] != "modprobe"][:1] == ["driver_override"]
+    assert "unbind" not in [call[1] for call in sim.writer.calls]
+
+
 async def test_bind_when_already_bound_writes_nothing(sim):
     await sim.engine.bind(NIC, "vfio-pci", persist=False)
     sim.writer.clear()
