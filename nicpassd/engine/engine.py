@@ -258,8 +258,9 @@ class Engine:
     def read_in_marked(self) -> None:
         """Before answering a reader from the kept views: what a change marked (it answers before
         the re-read of what it did, which the reconcile run it pokes does) or events named is
-        read in first, unless a change is being applied."""
-        if self.view.dirty and not self.ops.lock.locked():
+        read in first, unless a change is being applied (an automatic run that has read nothing
+        yet applies nothing: it finds the reader's re-read done)."""
+        if self.view.dirty and (not self.ops.lock.locked() or self.reconciler.not_read_yet):
             self.view.refresh_changed()
 
     # -------------------------------------------------------------------- API

@@ -82,6 +82,9 @@ class Reconciler:
         self._udev_waiting: dict[str, float] = {}  # address -> when a run first found it unprocessed
         self._udev_timer: asyncio.TimerHandle | None = None
         self._udev_gave_up: set[str] = set()
+        # An automatic run holds the lock and has read nothing yet (the yield that lets a change's
+        # answer out first): a reader may read in what is marked (Engine.read_in_marked).
+        self.not_read_yet = False
 
     # ------------------------------------------------------------------ triggers
     def note(self, event: UEvent) -> None:
@@ -213,7 +216,11 @@ class Reconciler:
                 # An API change pokes this run and releases the lock before it returns; its D-Bus
                 # answer goes out from the done-callback of the method's task, queued behind this
                 # task's wake-up. One yield puts the re-read of what the change did after the answer.
-                await asyncio.sleep(0)
+                self.not_read_yet = True
+                try:
+                    await asyncio.sleep(0)
+                finally:
+                    self.not_read_yet = False
             outcomes: list[StepOutcome] = []
             failed_now: dict[str, str] = {}
             plan = Plan()

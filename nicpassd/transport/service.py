@@ -38,8 +38,12 @@ ACTION_LEASE = "org.nicpass.NicPass1.lease"
 ACTION_FORCE = "org.nicpass.NicPass1.force"  # asked in addition when a caller passes force=true
 
 
+DEVICES_PATH = f"{MANAGER_PATH}/devices/"
+PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
+
+
 def device_path(address: str) -> str:
-    return f"{MANAGER_PATH}/devices/{address.replace(':', '_').replace('.', '_')}"
+    return f"{DEVICES_PATH}{address.replace(':', '_').replace('.', '_')}"
 
 
 MAX_ERROR_TEXT = 2000  # a refusal's sentence, over D-Bus and in the log
@@ -633,6 +637,7 @@ class DeviceExporter:
             self._add(view)
         engine.inventory_listeners.append(self.apply)
         bus.add_message_handler(self.answer_managed_objects)
+        bus.add_message_handler(self.read_in_before_properties)
 
     def managed_objects(self) -> dict:
         if self._managed_objects is None:
@@ -649,6 +654,15 @@ class DeviceExporter:
                                      "GetManagedObjects takes no arguments")
         self.engine.read_in_marked()  # a change answered before its re-read: never a stale answer
         return Message.new_method_return(message, "a{oa{sa{sv}}}", [self.managed_objects()])
+
+    def read_in_before_properties(self, message: Message) -> None:
+        """A device's Properties.Get/GetAll is answered by dbus-fast from the view its object
+        holds: what a change marked is read in first, as for GetManagedObjects (a caller's Get
+        right after its Bind must see the DesiredDriver it persisted). Never answers itself."""
+        if (message.interface == PROPERTIES_IFACE and message.message_type == MessageType.METHOD_CALL
+                and message.path.startswith(DEVICES_PATH)):
+            self.engine.read_in_marked()
+        return None
 
     def _add(self, view: DeviceView) -> None:
         interface = DeviceInterface(view)

@@ -135,6 +135,22 @@ async def test_bind_vf_to_vfio_is_verified_and_persisted(service, client):
     assert prop.body[0].value == "vfio-pci"
 
 
+async def test_a_property_read_right_after_a_change_shows_the_change(service, client):
+    """A change answers before the re-read of what it did (the reconcile run it pokes does that);
+    a device's Properties.Get/GetAll read in what it marked first, whether or not that run came.
+    Here it never comes: automatic runs are off."""
+    service.engine.reconciler.auto = False
+    path = device_path("0000:af:00.0")
+    assert (await call(client, "Bind", "ssa{sv}", ["0000:af:00.0", "vfio-pci", {}])).message_type == \
+        MessageType.METHOD_RETURN
+    got = await call(client, "Get", "ss", [DEVICE_IFACE, "DesiredDriver"], path=path,
+                     interface="org.freedesktop.DBus.Properties")
+    assert got.body[0].value == "vfio-pci"
+    assert (await call(client, "Unbind", "sa{sv}", ["0000:af:00.0", {}])).message_type == MessageType.METHOD_RETURN
+    every = await call(client, "GetAll", "s", [DEVICE_IFACE], path=path, interface="org.freedesktop.DBus.Properties")
+    assert (every.body[0]["Driver"].value, every.body[0]["DesiredDriver"].value) == ("e1000e", "")
+
+
 async def test_errors_are_typed(service, client):
     cases = [
         ("SetVfCount", "sua{sv}", ["3b:00.0", 65, {}], "InvalidArgument"),

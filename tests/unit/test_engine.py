@@ -698,3 +698,22 @@ async def test_forget_by_the_identity_a_gone_card_was_recorded_with(sim):
     with pytest.raises(InvalidArgument, match=f"b8-ce-f6-03-00-00-00-10 is the recorded identity of {MLX} "
                                               ".*which is present"):
         await sim.engine.forget("b8-ce-f6-03-00-00-00-10")
+
+
+async def test_a_reader_reads_in_what_a_change_marked_while_the_run_it_poked_has_read_nothing(sim):
+    """The automatic run a change pokes takes the lock, then yields once so that the change's
+    answer goes out first: a reader in that turn reads in what the change marked itself instead
+    of being answered from views the run has not refreshed yet. Under any other change in
+    progress it does not (that change decided on what it read)."""
+    sim.engine.reconciler.auto = True
+    sim.engine.view.mark([NIC])
+    run = asyncio.create_task(sim.engine.reconciler.run(explicit=False))
+    await asyncio.sleep(0)  # the run holds the lock and yields before reading
+    assert sim.engine.ops.lock.locked() and sim.engine.view.dirty
+    sim.engine.read_in_marked()
+    assert not sim.engine.view.dirty
+    await run
+    async with sim.engine.ops.lock:  # a change in progress
+        sim.engine.view.mark([NIC])
+        sim.engine.read_in_marked()
+        assert sim.engine.view.dirty
