@@ -164,20 +164,9 @@ class Operations:
             await self.host.load_driver(VFIO)
             lap("modprobe")
         try:
-            # One worker thread for the sequence, as BindEach's batch: each write handed back to
-            # the event loop separately cost two turns of it, milliseconds each under a flood of
-            # D-Bus reads. A refused write stops the sequence there.
-            host, writes = self.host, []
-            if before.driver_override != override:  # a write takes the device lock: none when it is so already
-                writes.append(host.override_write(address, override))
-            unbinding = bool(before.driver) and not satisfies(before.driver, driver)
-            if unbinding:
-                writes.append(host.unbind_write(address, before.driver))
-            if unbinding or not before.driver:
-                writes.append(host.probe_write(address))  # a no-op should a driver have bound it meanwhile
-            failed = await host.write_batch(writes) if writes else {}
-            if address in failed:
-                raise KernelError(failed[address].describe())
+            # A write takes the device lock: none to driver_override when it is so already.
+            await self._write_sequence(address, before.driver, driver, override,
+                                       write_override=before.driver_override != override)
             lap("writes")
             try:
                 bound = await self._verify_driver(address, driver)
@@ -324,16 +313,30 @@ class Operations:
             seen = now
         return bool(seen) and seen != before and not satisfies(seen, driver)
 
+    async def _write_sequence(self, address: str, current: str, driver: str, override: str, *,
+                              write_override: bool = True) -> None:
+        """driver_override, the unbind from ``current`` when it is not ``driver``, and the probe
+        (when unbound), in one worker thread as BindEach's batch: each write handed back to the
+        event loop on its own cost two turns of it, milliseconds each under a flood of D-Bus
+        reads. A refused write stops the sequence there (KernelError naming it)."""
+        host, writes = self.host, []
+        if write_override:
+            writes.append(host.override_write(address, override))
+        unbinding = bool(current) and not satisfies(current, driver)
+        if unbinding:
+            writes.append(host.unbind_write(address, current))
+        if unbinding or not current:
+            writes.append(host.probe_write(address))  # a no-op should a driver have bound it meanwhile
+        failed = await host.write_batch(writes) if writes else {}
+        if address in failed:
+            raise KernelError(failed[address].describe())
+
     async def _rebind_once(self, address: str, driver: str, override: str) -> str:
         """The bind sequence once more, from the driver that appeared (the override stays)."""
         current = self.host.driver_of(address)
         log.info("%s was bound to %s by the kernel meanwhile; binding it to %s again", address, current,
                  driver or "its host driver", extra={"device": address, "action": "bind"})
-        await self.host.set_driver_override(address, override)
-        if current and not satisfies(current, driver):
-            await self.host.unbind(address, current)
-        if not self.host.driver_of(address):
-            await self.host.probe(address)
+        await self._write_sequence(address, current, driver, override)
         return await self._verify_driver(address, driver)
 
     async def restore_binding(self, address: str, before: PciFunction) -> str:

@@ -44,14 +44,6 @@ def pci_identity(properties: Mapping[str, str]) -> tuple[str, ...]:
     return (*ids, class_code.rjust(6, "0"))
 
 
-def pci_uevent_properties(vendor: str, device: str, subsystem_vendor: str, subsystem_device: str,
-                          class_code: str) -> dict[str, str]:
-    """The ids a kernel puts in a PCI function's uevents, formatted as pci_uevent() does (the
-    simulated kernel's events)."""
-    return {"PCI_CLASS": f"{int(class_code, 16):04X}", "PCI_ID": f"{int(vendor, 16):04X}:{int(device, 16):04X}",
-            "PCI_SUBSYS_ID": f"{int(subsystem_vendor, 16):04X}:{int(subsystem_device, 16):04X}"}
-
-
 def _hex(text: str) -> bool:
     return bool(text) and all(ch in "0123456789abcdef" for ch in text)
 

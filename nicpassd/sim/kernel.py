@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 
 from nicpassd.host import netlink, procfs
 from nicpassd.host import vf_netlink as wire
-from nicpassd.host.events import UEvent, UEventCallback, pci_identity, pci_uevent_properties
+from nicpassd.host.events import UEvent, UEventCallback, pci_identity
 from nicpassd.host.model import IfAddress, VfSettings
 from nicpassd.paths import HostPaths
 from nicpassd.sim import vf_settings as sim_vf_settings
@@ -75,6 +75,14 @@ class SimDevice:
     physfn: str = ""
     vf_index: int = -1
     vf_settings: list[VfSettings] = field(default_factory=list)  # a PF's, held by its driver
+
+
+def _pci_uevent_ids(spec) -> dict[str, str]:
+    """The ids the kernel puts in every uevent of a PCI function, formatted as pci_uevent() does
+    (upper-case hex, the class without leading zeroes)."""
+    return {"PCI_CLASS": f"{int(spec.class_code, 16):04X}",
+            "PCI_ID": f"{int(spec.vendor, 16):04X}:{int(spec.device, 16):04X}",
+            "PCI_SUBSYS_ID": f"{int(spec.subsystem_vendor, 16):04X}:{int(spec.subsystem_device, 16):04X}"}
 
 
 @dataclass
@@ -284,8 +292,7 @@ class SimKernel:
                 kind.write_text("identity\n" if "iommu=pt" in self.topology.cmdline.split() else "DMA-FQ\n")
         self._devices[address] = device
         if emit:
-            self._emit("add", "pci", address, properties=pci_uevent_properties(
-                spec.vendor, spec.device, spec.subsystem_vendor, spec.subsystem_device, spec.class_code))
+            self._emit("add", "pci", address, properties=_pci_uevent_ids(spec))
 
     def _remove_pci_device(self, device: SimDevice) -> None:
         """pci_stop_and_remove_bus_device(): the driver lets go (its netdev goes, then "unbind"),
